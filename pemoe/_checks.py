@@ -1,0 +1,203 @@
+"""Argument validation shared by every implementation of every op.
+
+All checks run before any computation, so a bad call fails the same way whichever
+``implementation=`` was asked for: a ``TypeError`` for wrong dtypes or non-tensors, a
+``ValueError`` for wrong shapes, devices or hyper-parameters. Messages name the argument
+and the expected shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_float_tensor(name: str, t: object, *, ndim: int | None = None, min_ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {_shape(t)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {_shape(t)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_top_k(top_k: int | None, num_experts: int) -> None:
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How the router probabilities of one call are computed (SPEC §1, "Router")."""
+
+    top_k: int | None = None
+    renormalize: bool = False
+
+
+def check_router(
+    router: torch.Tensor | None,
+    *,
+    in_features: int,
+    num_experts: int,
+    router_input: torch.Tensor | None,
+    tokens_shape: tuple[int, ...],
+    in_name: str,
+) -> None:
+    """Router [in, E]; ``router_input`` (sentence routing) broadcastable to tokens_shape + (in,)."""
+    if router is None:
+        if num_experts != 1:
+            raise ValueError(f"router is required when num_experts > 1 (num_experts={num_experts})")
+        if router_input is not None:
+            raise ValueError("router_input was given but router is None")
+        return
+    check_float_tensor("router", router, ndim=2)
+    if router_input is not None:
+        check_float_tensor("router_input", router_input, min_ndim=1)
+        in_features = router_input.shape[-1]
+        lead = tuple(router_input.shape[:-1])
+        if len(lead) > len(tokens_shape):
+            raise ValueError(
+                f"router_input has shape {_shape(router_input)}; expected its leading dims to broadcast "
+                f"to the token dims {list(tokens_shape)}"
+            )
+        if len(lead) == 1 and len(tokens_shape) > 1:  # [B, R] for tokens [B, S, ...]
+            lead = lead + (1,) * (len(tokens_shape) - 1)
+        padded = (1,) * (len(tokens_shape) - len(lead)) + lead
+        for a, b in zip(padded, tokens_shape, strict=True):
+            if a not in (1, b):
+                raise ValueError(
+                    f"router_input has shape {_shape(router_input)}; expected [B, R] for inputs of shape "
+                    f"[B, S, ...] or a shape broadcastable to {list(tokens_shape)} + [R]"
+                )
+        in_name = "router_input"
+    if tuple(router.shape) != (in_features, num_experts):
+        raise ValueError(
+            f"router must have shape [{in_features}, {num_experts}] ([{in_name} width, num_experts]), "
+            f"got {_shape(router)}"
+        )
+
+
+def check_mov(
+    h: torch.Tensor,
+    router: torch.Tensor | None,
+    experts: torch.Tensor,
+    *,
+    top_k: int | None,
+    router_input: torch.Tensor | None,
+    h_name: str = "h",
+    width: int | None = None,
+) -> tuple[int, int, int]:
+    """Validate a MoV call; returns (G, E, D). ``width`` overrides h.shape[-1] (fused linear)."""
+    check_float_tensor(h_name, h, min_ndim=1)
+    check_float_tensor("experts", experts, ndim=3)
+    groups, num_experts, dim = experts.shape
+    if num_experts == 0:
+        raise ValueError(
+            "experts must have at least one expert: got shape with E = 0 ([G, E, D] = " + _shape(experts) + ")"
+        )
+    if groups == 0 or dim == 0:
+        raise ValueError(f"experts must have shape [G, E, D] with G, D >= 1, got {_shape(experts)}")
+    n = h.shape[-1] if width is None else width
+    if groups * dim != n:
+        raise ValueError(
+            f"experts has shape {_shape(experts)} ([G, E, D]), so the {h_name} width must be G*D = "
+            f"{groups * dim}, got {n}"
+        )
+    tokens_shape = tuple(h.shape[:-1])
+    check_router(
+        router,
+        in_features=dim,
+        num_experts=num_experts,
+        router_input=router_input,
+        tokens_shape=tokens_shape,
+        in_name="D",
+    )
+    check_top_k(top_k, num_experts)
+    return groups, num_experts, dim
+
+
+def check_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, weight_name: str = "weight"
+) -> None:
+    """x [..., K], weight [N, K] (torch Linear layout), bias [N]; x and weight share a dtype."""
+    check_float_tensor("x", x, min_ndim=1)
+    check_float_tensor(weight_name, weight, ndim=2)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must have shape [N, K] with K = x.shape[-1] = {x.shape[-1]}, got {_shape(weight)}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"x and {weight_name} must share one dtype (the frozen base runs in the activation dtype), "
+            f"got x {x.dtype} and {weight_name} {weight.dtype}"
+        )
+    if bias is not None:
+        check_float_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [{weight.shape[0]}] ([N]), got {_shape(bias)}")
+
+
+def check_molora(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor | None,
+    *,
+    scale: float,
+    top_k: int | None,
+    router_input: torch.Tensor | None,
+) -> tuple[int, int]:
+    """Validate a MoLoRA call; returns (E, r)."""
+    check_linear(x, weight, bias)
+    n, k = weight.shape
+    check_float_tensor("lora_a", lora_a, ndim=3)
+    check_float_tensor("lora_b", lora_b, ndim=3)
+    num_experts, k_a, rank = lora_a.shape
+    if num_experts == 0:
+        raise ValueError(f"lora_a must have at least one expert: shape [E, K, r] with E >= 1, got {_shape(lora_a)}")
+    if rank == 0:
+        raise ValueError(f"LoRA rank must be >= 1: lora_a has shape [E, K, r] = {_shape(lora_a)} with r = 0")
+    if k_a != k:
+        raise ValueError(
+            f"lora_a must have shape [E, K, r] = [{num_experts}, {k}, {rank}] (K = x width), got {_shape(lora_a)}"
+        )
+    if tuple(lora_b.shape) != (num_experts, rank, n):
+        raise ValueError(
+            f"lora_b must have shape [E, r, N] = [{num_experts}, {rank}, {n}] (E, r from lora_a, N from weight), "
+            f"got {_shape(lora_b)}"
+        )
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python float (alpha / r), got {type(scale).__name__}")
+    check_router(
+        router,
+        in_features=k,
+        num_experts=num_experts,
+        router_input=router_input,
+        tokens_shape=tuple(x.shape[:-1]),
+        in_name="K",
+    )
+    check_top_k(top_k, num_experts)
+    return num_experts, rank

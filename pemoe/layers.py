@@ -1,0 +1,267 @@
+"""Drop-in PyTorch layers for the adapter sites of SPEC §2.
+
+* :class:`MoV` — a MoV site on an activation h [..., G·D] (T5 FFN: G = 1, D = d_ff);
+  :class:`IA3` is its E = 1 form.
+* :class:`MoVLinear` — a frozen ``nn.Linear`` followed by MoV, run as the fused
+  ``mov_linear`` (T5 attention k and v: G = heads, D = d_kv).
+* :class:`MoLoRALinear` — a frozen ``nn.Linear`` plus a soft mixture of LoRA adapters;
+  :class:`LoRALinear` is its E = 1 form (no router).
+
+Adapter parameters (experts, routers, lora_a, lora_b) are kept float32 whatever dtype the
+module is moved to (``.half()``, ``.to(torch.bfloat16)``): the ops cast them to the
+activation dtype where the math allows, and run the router in float32. (A float64 move keeps
+them float64, for precision checks.) The wrapped base layer is frozen at construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pemoe import ops
+
+__all__ = ["MoV", "IA3", "MoVLinear", "MoLoRALinear", "LoRALinear", "ParameterCount", "count_parameters"]
+
+ROUTER_INIT_STD = 0.02
+LORA_A_INIT_STD = 0.02
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class _AdapterModule(nn.Module):
+    """Keeps adapter parameters at float32 (or wider) across dtype moves."""
+
+    _adapter_param_names: tuple[str, ...] = ()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for name in self._adapter_param_names if (p := getattr(self, name)) is not None]
+
+    def num_adapter_parameters(self) -> int:
+        return sum(p.numel() for p in self.adapter_parameters())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for p in self.adapter_parameters():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        return self
+
+
+def _router(in_features: int, num_experts: int, device, generator=None) -> nn.Parameter | None:
+    if num_experts == 1:  # softmax over one expert is 1: (IA)3 / LoRA have no router
+        return None
+    w = torch.empty(in_features, num_experts, dtype=torch.float32, device=device)
+    return nn.Parameter(nn.init.normal_(w, std=ROUTER_INIT_STD, generator=generator))
+
+
+def _freeze(base: nn.Linear) -> nn.Linear:
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+class MoV(_AdapterModule):
+    """MoV site: y = h * einsum('tge,ged->tgd', softmax(h32 @ router), experts).
+
+    experts [G, E, D] float32, init ones (so the site starts as the identity);
+    router [D, E] float32, init normal(0.02), shared by the G groups (None when E = 1).
+    """
+
+    _adapter_param_names = ("experts", "router")
+
+    def __init__(
+        self,
+        num_groups: int,
+        dim: int,
+        num_experts: int = 1,
+        *,
+        top_k: int | None = None,
+        renormalize: bool = False,
+        implementation: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("num_groups", num_groups), ("dim", dim), ("num_experts", num_experts)):
+            _check_positive(name, v)
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.num_groups, self.dim, self.num_experts = num_groups, dim, num_experts
+        self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
+        self.experts = nn.Parameter(torch.ones(num_groups, num_experts, dim, dtype=torch.float32, device=device))
+        self.router = _router(dim, num_experts, device)
+
+    def forward(self, h: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.mov(
+            h,
+            self.router,
+            self.experts,
+            top_k=self.top_k,
+            renormalize=self.renormalize,
+            router_input=router_input,
+            implementation=self.implementation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_groups={self.num_groups}, dim={self.dim}, num_experts={self.num_experts}, "
+            f"top_k={self.top_k}, implementation={self.implementation!r}"
+        )
+
+
+class IA3(MoV):
+    """(IA)3: a learned scaling vector per group, y = h * l (MoV with one expert, no router)."""
+
+    def __init__(self, num_groups: int, dim: int, **kwargs) -> None:
+        super().__init__(num_groups, dim, 1, **kwargs)
+
+
+class MoVLinear(_AdapterModule):
+    """A frozen ``nn.Linear`` [N = G·D, K] followed by a MoV site, run as the fused ``mov_linear``."""
+
+    _adapter_param_names = ("experts", "router")
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_groups: int,
+        num_experts: int = 1,
+        *,
+        top_k: int | None = None,
+        renormalize: bool = False,
+        implementation: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.base = _freeze(base)
+        _check_positive("num_groups", num_groups)
+        if base.out_features % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide base.out_features={base.out_features}")
+        self.site = MoV(
+            num_groups,
+            base.out_features // num_groups,
+            num_experts,
+            top_k=top_k,
+            renormalize=renormalize,
+            implementation=implementation,
+            device=base.weight.device,
+        )
+
+    @property
+    def experts(self) -> nn.Parameter:
+        return self.site.experts
+
+    @property
+    def router(self) -> nn.Parameter | None:
+        return self.site.router
+
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.site
+        return ops.mov_linear(
+            x,
+            self.base.weight,
+            s.router,
+            s.experts,
+            bias=self.base.bias,
+            top_k=s.top_k,
+            renormalize=s.renormalize,
+            router_input=router_input,
+            implementation=s.implementation,
+        )
+
+
+class MoLoRALinear(_AdapterModule):
+    """A frozen ``nn.Linear`` plus a soft mixture of E LoRA adapters of rank r (SPEC §1).
+
+    lora_a [E, K, r] init normal(0.02); lora_b [E, r, N] init zeros (so the layer starts as its
+    base); router [K, E] init normal(0.02), None when E = 1 (LoRA); scale = alpha / r.
+    """
+
+    _adapter_param_names = ("lora_a", "lora_b", "router")
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_experts: int = 1,
+        rank: int = 4,
+        *,
+        alpha: float = 16.0,
+        top_k: int | None = None,
+        renormalize: bool = False,
+        implementation: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.base = _freeze(base)
+        _check_positive("num_experts", num_experts)
+        _check_positive("rank", rank)
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.num_experts, self.rank, self.alpha = num_experts, rank, float(alpha)
+        self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
+        k, n, dev = base.in_features, base.out_features, base.weight.device
+        self.lora_a = nn.Parameter(
+            nn.init.normal_(torch.empty(num_experts, k, rank, dtype=torch.float32, device=dev), std=LORA_A_INIT_STD)
+        )
+        self.lora_b = nn.Parameter(torch.zeros(num_experts, rank, n, dtype=torch.float32, device=dev))
+        self.router = _router(k, num_experts, dev)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.molora_linear(
+            x,
+            self.base.weight,
+            self.lora_a,
+            self.lora_b,
+            self.router,
+            scale=self.scale,
+            bias=self.base.bias,
+            top_k=self.top_k,
+            renormalize=self.renormalize,
+            router_input=router_input,
+            implementation=self.implementation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.base.in_features}, out_features={self.base.out_features}, "
+            f"num_experts={self.num_experts}, rank={self.rank}, alpha={self.alpha:g}, top_k={self.top_k}, "
+            f"implementation={self.implementation!r}"
+        )
+
+
+class LoRALinear(MoLoRALinear):
+    """LoRA: y = base(x) + (alpha / r)·(x A) B — MoLoRA with one expert and no router."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4, **kwargs) -> None:
+        super().__init__(base, 1, rank, **kwargs)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} of {self.total:,} ({self.percent:.4f}%)"
+
+
+def count_parameters(module: nn.Module) -> ParameterCount:
+    """Trainable and total parameter counts (shared parameters counted once)."""
+    params = {id(p): p for p in module.parameters()}.values()
+    return ParameterCount(
+        trainable=sum(p.numel() for p in params if p.requires_grad), total=sum(p.numel() for p in params)
+    )

@@ -1,0 +1,190 @@
+"""Functional API (SPEC §1): ``mov``, ``mov_linear``, ``mov_ffn``, ``molora_linear``.
+
+Every op takes ``implementation=``:
+  * ``"reference"`` — the einsum transcription in :mod:`pemoe.reference` (plain autograd);
+  * ``"torch"`` — reformulated eager ops with a memory-saving ``torch.autograd.Function``
+    (the CPU default; runs on any device);
+  * ``"auto"`` — the best available for the inputs' device; the choice is logged on the
+    ``pemoe`` logger and returned by :func:`resolve_implementation`.
+Arguments are validated the same way for every implementation (see :mod:`pemoe._checks`).
+
+Routing options shared by all ops: ``top_k`` (keep the k most probable experts; no
+renormalisation unless ``renormalize=True``) and ``router_input`` (sentence routing: the
+router reads one vector per sequence, [B, R] for inputs [B, S, ·], instead of the token's
+own activation; ``router`` is then [R, E]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pemoe import _checks, reference
+from pemoe.ops._dispatch import AVAILABLE, resolve_implementation
+from pemoe.ops.molora import MoLoRAFunction
+from pemoe.ops.mov import MoVFunction
+
+__all__ = ["AVAILABLE", "mov", "mov_linear", "mov_ffn", "molora_linear", "resolve_implementation"]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _sentence_probs(router_input, router, tokens_shape, top_k, renormalize):
+    """Sentence-routing probabilities per token [T, E] (autograd flows back to router_input)."""
+    if router_input is None:
+        return None
+    p = reference.sentence_router_probs(router_input, router, tokens_shape, top_k=top_k, renormalize=renormalize)
+    return p.reshape(-1, p.shape[-1])
+
+
+def mov(
+    h: torch.Tensor,
+    router: torch.Tensor | None,
+    experts: torch.Tensor,
+    *,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: torch.Tensor | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Soft mixture of (IA)3 vectors on h [..., G·D]: h * einsum('tge,ged->tgd', softmax(h32 router), experts).
+
+    router [D, E] float32 (None for (IA)3, E = 1); experts [G, E, D] float32. Returns h's shape and dtype.
+    """
+    _checks.check_mov(h, router, experts, top_k=top_k, router_input=router_input)
+    _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input)
+    impl = resolve_implementation("mov", implementation, h.device)
+    if impl == "reference":
+        return reference.mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
+    probs = _sentence_probs(router_input, router, tuple(h.shape[:-1]), top_k, renormalize)
+    y = MoVFunction.apply(_flat(h), None, None, router, experts, probs, top_k, renormalize)
+    return y.reshape(h.shape)
+
+
+def mov_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    router: torch.Tensor | None,
+    experts: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: torch.Tensor | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """mov(x Wᵀ + b): x [..., K], weight [N, K] (frozen), N = G·D. Returns [..., N] in x's dtype."""
+    _checks.check_linear(x, weight, bias)
+    _checks.check_mov(
+        x, router, experts, top_k=top_k, router_input=router_input, h_name="weight output", width=weight.shape[0]
+    )
+    _checks.check_same_device(x=x, weight=weight, bias=bias, router=router, experts=experts, router_input=router_input)
+    impl = resolve_implementation("mov_linear", implementation, x.device)
+    if impl == "reference":
+        return reference.mov_linear(
+            x, weight, router, experts, bias=bias, top_k=top_k, renormalize=renormalize, router_input=router_input
+        )
+    probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    y = MoVFunction.apply(_flat(x), weight, bias, router, experts, probs, top_k, renormalize)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def mov_ffn(
+    x: torch.Tensor,
+    wi_0: torch.Tensor,
+    wo: torch.Tensor,
+    router: torch.Tensor | None,
+    experts: torch.Tensor,
+    *,
+    wi_1: torch.Tensor | None = None,
+    activation: str = "gelu_new",
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: torch.Tensor | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """T5 FFN with MoV on the activation (SPEC §2).
+
+    wi_1 given (v1.1 gated-GELU): (mov(act(x wi_0ᵀ)) * (x wi_1ᵀ)) woᵀ; else (v1.0): mov(act(x wi_0ᵀ)) woᵀ.
+    x [..., M], wi_0/wi_1 [F, M], wo [M, F], router [F, E], experts [1, E, F].
+    """
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
+    _checks.check_linear(x, wi_0, None, weight_name="wi_0")
+    if wi_1 is not None:
+        _checks.check_linear(x, wi_1, None, weight_name="wi_1")
+        if wi_1.shape != wi_0.shape:
+            raise ValueError(f"wi_1 must have wi_0's shape {list(wi_0.shape)} ([F, M]), got {list(wi_1.shape)}")
+    _checks.check_float_tensor("wo", wo, ndim=2)
+    if tuple(wo.shape) != (x.shape[-1], wi_0.shape[0]):
+        raise ValueError(f"wo must have shape [M, F] = [{x.shape[-1]}, {wi_0.shape[0]}], got {list(wo.shape)}")
+    if wo.dtype != x.dtype:
+        raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
+    _checks.check_mov(
+        x, router, experts, top_k=top_k, router_input=router_input, h_name="wi_0 output", width=wi_0.shape[0]
+    )
+    _checks.check_same_device(
+        x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, router_input=router_input
+    )
+    impl = resolve_implementation("mov_ffn", implementation, x.device)
+    if impl == "reference":
+        return reference.mov_ffn(
+            x,
+            wi_0,
+            wo,
+            router,
+            experts,
+            wi_1=wi_1,
+            activation=activation,
+            top_k=top_k,
+            renormalize=renormalize,
+            router_input=router_input,
+        )
+    x2d = _flat(x)
+    a = reference.ACTIVATIONS[activation](F.linear(x2d, wi_0))
+    probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    a = MoVFunction.apply(a, None, None, router, experts, probs, top_k, renormalize)
+    if wi_1 is not None:
+        a = a * F.linear(x2d, wi_1)
+    return F.linear(a, wo).reshape(x.shape)
+
+
+def molora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor | None,
+    *,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: torch.Tensor | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e. x [..., K], weight [N, K] (frozen), lora_a [E, K, r],
+    lora_b [E, r, N], router [K, E] (None for LoRA, E = 1), scale = alpha / r. Returns [..., N]."""
+    _checks.check_molora(x, weight, bias, lora_a, lora_b, router, scale=scale, top_k=top_k, router_input=router_input)
+    _checks.check_same_device(
+        x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, router=router, router_input=router_input
+    )
+    impl = resolve_implementation("molora_linear", implementation, x.device)
+    if impl == "reference":
+        return reference.molora_linear(
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            router,
+            scale=scale,
+            bias=bias,
+            top_k=top_k,
+            renormalize=renormalize,
+            router_input=router_input,
+        )
+    probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    y = MoLoRAFunction.apply(_flat(x), weight, bias, lora_a, lora_b, router, probs, float(scale), top_k, renormalize)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv in the checkout and installs pemoe with its dev extras.
+# On a machine with no torch yet it installs the CPU build of torch 2.13.0 first (from a local
+# wheel where one lies, else from the PyTorch CPU index), never a multi-GB CUDA build.
+# Set PEMOE_TORCH="torch==X" to install another torch (e.g. a CUDA build on a GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ -n "${PEMOE_TORCH:-}" ]; then
+    "${PIP[@]}" "$PEMOE_TORCH"
+  elif ! "${PIP[@]}" "torch==2.13.0+cpu" 2>/dev/null; then
+    "${PIP[@]}" "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+"${PIP[@]}" -e ".[dev]"

@@ -1,0 +1,64 @@
+"""Shared test helpers: input factories and the tolerance rule.
+
+Tolerance rule (SPEC §5, after flash-attention): for an implementation's output or gradient
+``out`` computed from inputs in dtype ``dt``, with ``truth`` the reference computed in float64
+from the same (upcast) inputs and ``ref`` the reference computed eagerly in ``dt``:
+
+    max|out - truth| <= 2 * max|ref - truth| + ATOL[dt] * max(max|truth|, 1)
+
+ATOL is one to two units in the last place of the dtype: an implementation may be at most
+twice as wrong as the plain reference, plus a rounding step at the tensor's scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ATOL = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2**-10,
+    torch.bfloat16: 2**-7,
+}
+
+
+def assert_within_rule(
+    out: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
+    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    out64, ref64, truth64 = out.double(), ref.double(), truth.double()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite values"
+    err = (out64 - truth64).abs().max().item() if out.numel() else 0.0
+    ref_err = (ref64 - truth64).abs().max().item() if out.numel() else 0.0
+    scale = max(truth64.abs().max().item() if out.numel() else 0.0, 1.0)
+    bound = 2 * ref_err + ATOL[dtype] * scale
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e})"
+
+
+def run_with_grads(fn, inputs: dict[str, torch.Tensor], grad_out: torch.Tensor | None = None):
+    """Calls fn(**inputs) on fresh leaf copies; returns (output, {name: grad}) for inputs that require grad."""
+    leaves = {
+        k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+        for k, v in inputs.items()
+    }
+    out = fn(**leaves)
+    if grad_out is None:
+        grad_out = torch.ones_like(out)
+    grads = {}
+    need = [k for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    if need:
+        gs = torch.autograd.grad(out, [leaves[k] for k in need], grad_out.to(out.dtype), allow_unused=True)
+        grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(need, gs, strict=True)}
+    return out.detach(), grads
+
+
+def cast_inputs(inputs: dict, activation_dtype: torch.dtype, adapter_dtype: torch.dtype, activations: tuple[str, ...]):
+    """Activations and frozen weights to activation_dtype; adapter parameters to adapter_dtype."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            dt = activation_dtype if k in activations else adapter_dtype
+            out[k] = v.detach().to(dt).requires_grad_(v.requires_grad)
+        else:
+            out[k] = v
+    return out
