@@ -25,80 +25,74 @@ from pemoe.ops import _router
 from pemoe.reference import compute_dtype
 
 # ------------------------------------------------------------------------------------------
-# Forward / backward pieces on flattened tensors: h [T, G, D], p [T, G, E], experts [G, E, D]
+# Forward / backward pieces on flattened tensors. Layouts: h [T, G, D]; experts [G, E, D];
+# probabilities [G, E, T] (tokens innermost, so softmax over E and the merge are fast
+# batched ops); sentence-routing probs [T, E] come in from outside.
 # ------------------------------------------------------------------------------------------
 
 
-def _merge(p: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """s = einsum('tge,ged->tgd') as one batched matmul over groups; returns a [T, G, D] view."""
-    return torch.bmm(p.transpose(0, 1), experts).transpose(0, 1)
+def _routing_weights(h, router, experts, probs, p_soft, top_k, renormalize):
+    """p [G, E, T] in the compute dtype (None for (IA)3)."""
+    groups, num_experts, _ = experts.shape
+    if probs is not None:
+        return probs.to(compute_dtype(h.dtype)).t().unsqueeze(0).expand(groups, num_experts, h.shape[0])
+    if router is None:
+        return None
+    return _router.select(p_soft, top_k, renormalize, dim=1)
 
 
-def _self_routing_probs(h: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
-    cd = compute_dtype(h.dtype)
-    logits = torch.matmul(h.to(cd), router.to(cd))  # [T, G, E]
-    return _router.softmax_last(logits)
+def _scaling(p, experts, dtype):
+    """s = einsum('get,ged->tgd'): [T, G, D] view in ``dtype`` (the activation dtype).
+
+    For 16-bit activations the merge runs in that dtype (float32 accumulation inside the
+    matmul): s is rounded once, to the precision the product h·s is rounded to anyway.
+    """
+    if p is None:  # (IA)3
+        return experts[:, 0, :].to(dtype)
+    return torch.bmm(p.to(dtype).transpose(1, 2), experts.to(dtype)).transpose(0, 1)
 
 
 def mov_forward(h, router, experts, probs, top_k, renormalize):
-    """Returns (y [T, G, D] in h's dtype, p_soft or None)."""
-    cd = compute_dtype(h.dtype)
-    experts_cd = experts.to(cd)
-    if probs is not None:  # sentence routing: [T, E], shared by all groups
-        p_soft = None
-        p = probs.to(cd).unsqueeze(1).expand(h.shape[0], h.shape[1], probs.shape[-1])
-        scaling = _merge(p, experts_cd)
-    elif router is None:  # (IA)3
-        p_soft = None
-        scaling = experts_cd[:, 0, :]
-    else:
-        p_soft = _self_routing_probs(h, router)
-        scaling = _merge(_router.select(p_soft, top_k, renormalize), experts_cd)
-    if h.dtype == cd:
-        y = h * scaling
-    else:  # multiply in the activation dtype: a mixed-dtype multiply promotes and is ~10x slower
-        y = h * scaling.to(h.dtype)
-    return y, p_soft
+    """Returns (y [T, G, D] in h's dtype, p_soft [G, E, T] float32 or None)."""
+    groups, num_experts, dim = experts.shape
+    p_soft = None
+    if probs is None and router is not None:
+        h_cd = h.to(compute_dtype(h.dtype))
+        # logits[g, e, t] = Σ_d router[d, e] · h[t, g, d], one router shared by the groups
+        logits = torch.bmm(router.to(h_cd.dtype).t().expand(groups, num_experts, dim), h_cd.permute(1, 2, 0))
+        p_soft = torch.softmax(logits, dim=1)
+    p = _routing_weights(h, router, experts, probs, p_soft, top_k, renormalize)
+    return h * _scaling(p, experts, h.dtype), p_soft
 
 
 def mov_backward(dy, h, router, experts, probs, p_soft, top_k, renormalize, needs):
-    """Returns (dh, d_router, d_experts, d_probs); entries not needed are None."""
+    """Returns (dh [T, G, D], d_router [D, E], d_experts [G, E, D], d_probs [T, E]); unneeded ones None."""
     need_h, need_router, need_experts, need_probs = needs
     cd = compute_dtype(h.dtype)
-    experts_cd = experts.to(cd)
     T, G, D = h.shape
-    if probs is not None:
-        p = probs.to(cd).unsqueeze(1).expand(T, G, probs.shape[-1])
-    elif router is None:
-        p = None
-    else:
-        p = _router.select(p_soft, top_k, renormalize)
-    scaling = experts_cd[:, 0, :].expand(T, G, D) if p is None else _merge(p, experts_cd)
+    p = _routing_weights(h, router, experts, probs, p_soft, top_k, renormalize)
+    self_routed = p is not None and probs is None
 
     dh = d_router = d_experts = d_probs = None
-    dy_h = None
-    if need_experts or need_router or need_probs or (need_h and router is not None and probs is None):
-        dy_h = dy.to(cd) * h.to(cd)  # [T, G, D]
-    if need_experts:
-        if p is None:
-            d_experts = dy_h.sum(0).unsqueeze(1)
-        else:
-            d_experts = torch.bmm(p.transpose(0, 1).transpose(1, 2), dy_h.transpose(0, 1))  # [G, E, D]
     dlogits = None
-    if p is not None and dy_h is not None:
-        dp = torch.bmm(dy_h.transpose(0, 1), experts_cd.transpose(1, 2)).transpose(0, 1)  # [T, G, E]
-        if probs is not None:
-            if need_probs:
-                d_probs = dp.sum(1)
-        else:
-            dlogits = _router.probs_backward(dp, p_soft, top_k, renormalize)
-            if need_router:
-                d_router = torch.matmul(h.to(cd).reshape(T * G, D).t(), dlogits.reshape(T * G, dlogits.shape[-1]))
+    if need_experts or need_probs or (p is not None and probs is None and (need_router or need_h)):
+        h_cd = h.to(cd)
+        dy_h = (dy.to(cd) * h_cd).transpose(0, 1)  # [G, T, D], float32 for the adapter gradients
+        if need_experts:
+            d_experts = dy_h.sum(1).unsqueeze(1) if p is None else torch.bmm(p, dy_h)  # [G, E, D]
+        if p is not None and (need_probs or self_routed):
+            dp = torch.bmm(experts.to(cd), dy_h.transpose(1, 2))  # [G, E, T] = Σ_d experts·dy·h
+            if probs is not None:
+                d_probs = dp.sum(0).t()
+            else:
+                dlogits = _router.probs_backward(dp, p_soft, top_k, renormalize, dim=1)
+                if need_router:  # Σ_{t,g} h[t,g,:]ᵀ dlogits[g,:,t]
+                    d_router = torch.bmm(dlogits, h_cd.transpose(0, 1)).sum(0).t()
     if need_h:
-        dh = dy.to(cd) * scaling if dy.dtype != h.dtype else dy * scaling.to(dy.dtype)
-        if dlogits is not None:
-            dh = dh + torch.matmul(dlogits, router.to(cd).t())
-        dh = dh.to(h.dtype)
+        dh = (dy * _scaling(p, experts, dy.dtype)).contiguous()
+        if dlogits is not None:  # dh[t,g,:] += dlogits[g,:,t] @ routerᵀ
+            dlogits_rows = dlogits.permute(2, 0, 1).reshape(T * G, dlogits.shape[1]).to(dh.dtype)
+            dh.view(T * G, D).addmm_(dlogits_rows, router.t().to(dh.dtype))
     return dh, d_router, d_experts, d_probs
 
 

@@ -1,0 +1,209 @@
+"""Command line: ``pemoe bench`` measures the ops against the frozen-linear floor.
+
+``pemoe bench`` times, for each op (mov_linear, molora_linear, mov_ffn), shape, dtype and mode
+(``fwd``: a training forward; ``fwd_bwd``: forward + backward), every provider (``linear`` floor,
+``pemoe-torch``, ``pemoe-triton``, ``reference``, ``authors-einsum``), and records time, time relative to
+the floor, and the activation memory saved for backward. It writes a long-format CSV (rows appended as
+each case finishes), a markdown table and a PNG plot of the ratios into ``--out``. The benchmark code
+lives in the checkout's ``bench/`` package (see bench/harness.py for exactly what is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+DEFAULT_OPS = ("mov_linear", "molora_linear", "mov_ffn")
+DEFAULT_DTYPES = ("float32", "bfloat16")
+MODES = ("fwd", "fwd_bwd")
+
+
+def _import_bench():
+    """Import the checkout's ``bench`` package (not installed with pemoe: it lives beside pemoe/)."""
+    try:
+        return importlib.import_module("bench.harness")
+    except ImportError:
+        root = pathlib.Path(__file__).resolve().parent.parent
+        if not (root / "bench" / "harness.py").is_file():
+            raise SystemExit(
+                "pemoe bench: the benchmark code (bench/ beside pemoe/) was not found; run it from a source "
+                "checkout of pemoe (pip install -e .)"
+            ) from None
+        sys.path.insert(0, str(root))
+        return importlib.import_module("bench.harness")
+
+
+def _benches() -> dict:
+    _import_bench()
+    return {op: importlib.import_module(f"bench.{op}").BENCH for op in DEFAULT_OPS}
+
+
+def _csv_list(valid: Sequence[str], what: str, convert: Callable[[str], object] = str) -> Callable[[str], list]:
+    """argparse type: a comma list whose items must be in ``valid`` (empty ``valid``: any, via ``convert``)."""
+
+    def parse(text: str) -> list:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {what} list")
+        out = []
+        for s in items:
+            if valid and s not in valid:
+                raise argparse.ArgumentTypeError(f"unknown {what} {s!r}; valid {what}s: {', '.join(valid)}")
+            try:
+                out.append(convert(s))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"invalid {what} {s!r}") from None
+        return out
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise ValueError(text)
+    return v
+
+
+def build_parser(benches: dict) -> argparse.ArgumentParser:
+    """The ``pemoe`` argument parser (subcommand ``bench``)."""
+    from bench.harness import DTYPES
+
+    providers = list(dict.fromkeys(p for b in benches.values() for p in b.providers))
+    parser = argparse.ArgumentParser(prog="pemoe", description="pemoe command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser(
+        "bench",
+        help="benchmark the ops against the frozen-linear floor",
+        description="Time each op / provider / shape / dtype / mode, relative to the frozen linear floor, and "
+        "measure the activation memory saved for backward. Writes results.csv, results.md and ratios.png.",
+    )
+    b.add_argument("--ops", type=_csv_list(list(benches), "op"), default=list(DEFAULT_OPS), help="comma list")
+    b.add_argument(
+        "--providers",
+        type=_csv_list(providers, "provider"),
+        default=providers,
+        help=f"comma list of {', '.join(providers)} (the 'linear' floor is always measured)",
+    )
+    b.add_argument("--dtypes", type=_csv_list(list(DTYPES), "dtype"), default=list(DEFAULT_DTYPES))
+    b.add_argument("--modes", type=_csv_list(list(MODES), "mode"), default=list(MODES))
+    b.add_argument(
+        "--tokens",
+        type=_csv_list([], "token count", _positive_int),
+        default=None,
+        help="comma list of token counts T replacing the default ones",
+    )
+    b.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results"), help="output folder")
+    b.add_argument("--device", default=None, help="device to measure (default: cuda if available, else cpu)")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="full", action="store_false", help="issue's shapes, few reps (default)")
+    g.add_argument(
+        "--full",
+        dest="full",
+        action="store_true",
+        help="more reps; adds T5 base and XL widths and tokens 16 and 512",
+    )
+    # Testing aid: divide the model widths by this factor (tiny shapes for fast tests).
+    b.add_argument("--shape-scale", type=_positive_int, default=1, help=argparse.SUPPRESS)
+    return parser
+
+
+def _shapes(bench, full: bool, tokens: list[int] | None, scale: int) -> list[dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for s in bench.shapes(full):
+        s = dict(s)
+        for k in bench.scale_keys:
+            s[k] = max(1, s[k] // scale)
+        for t in tokens or [s[bench.tokens_key]]:
+            shape = dict(s, **{bench.tokens_key: t})
+            out[",".join(f"{k}={v}" for k, v in shape.items())] = shape
+    return list(out.values())
+
+
+def run_bench(args: argparse.Namespace, benches: dict) -> int:
+    """Run ``pemoe bench``; returns the exit status (130 when interrupted, rows kept)."""
+    from bench import harness
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = (
+        harness.Settings(warmup=3, reps=5, min_rounds=5, max_rounds=20, budget_s=10.0)
+        if args.full
+        else harness.Settings(warmup=1, reps=1, min_rounds=3, max_rounds=7, budget_s=1.5)
+    )
+    out_dir: pathlib.Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path, png_path = out_dir / "results.csv", out_dir / "results.md", out_dir / "ratios.png"
+    dtypes = [harness.DTYPES[d] for d in args.dtypes]
+
+    header = [f"Device: {harness.device_description(device)}"]
+    header += [
+        f"implementation='auto' on {device.type}: {op} -> {impl}"
+        for op, impl in harness.auto_choices(args.ops, device).items()
+    ]
+    skipped: list[str] = []
+    plan = []
+    for op in args.ops:
+        bench = benches[op]
+        chosen = [harness.FLOOR] + [p for p in args.providers if p != harness.FLOOR]
+        runnable = []
+        for p in chosen:
+            reason = harness.unavailable_reason(op, bench.providers[p], device)
+            if reason is None:
+                runnable.append(p)
+            else:
+                skipped.append(f"skipped {op} / {p} on {device.type}: {reason}")
+        plan.append((bench, runnable))
+    for line in header + skipped:
+        print(line)
+
+    sink = harness.CsvSink(csv_path)
+    header.insert(1, f"Commit: {sink.commit}; mode: {'full' if args.full else 'quick'}")
+    interrupted = False
+    try:
+        for bench, runnable in plan:
+            for shape in _shapes(bench, args.full, args.tokens, args.shape_scale):
+                for dtype in dtypes:
+                    harness.run_group(bench, runnable, shape, dtype, device, args.modes, settings, sink)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        sink.close()
+
+    rows = harness.read_csv(csv_path)
+    table = harness.markdown_table(rows)
+    md = "\n".join(["# pemoe bench", "", *(f"- {h}" for h in header), *(f"- {s}" for s in skipped), "", table, ""])
+    if interrupted:
+        md += "\n**Interrupted**: the table holds only the cases finished before the interruption.\n"
+    md_path.write_text(md)
+    print()
+    print(table)
+    print()
+    wrote = [f"CSV:      {csv_path}", f"Markdown: {md_path}"]
+    if any(r["metric"] == "ratio_vs_linear" for r in rows):
+        harness.plot_ratios(csv_path, png_path)
+        wrote.append(f"PNG:      {png_path}")
+    else:
+        wrote.append("PNG:      not written (no ratios measured)")
+    print("\n".join(wrote))
+    if interrupted:
+        print(f"interrupted: {len(rows)} rows kept in {csv_path}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pemoe`` console script."""
+    benches = _benches()
+    args = build_parser(benches).parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "bench":
+        return run_bench(args, benches)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
