@@ -108,6 +108,7 @@ def build_parser(benches: dict) -> argparse.ArgumentParser:
         action="store_true",
         help="more reps; adds T5 base and XL widths and tokens 16 and 512",
     )
+    b.set_defaults(full=False)
     # Testing aid: divide the model widths by this factor (tiny shapes for fast tests).
     b.add_argument("--shape-scale", type=_positive_int, default=1, help=argparse.SUPPRESS)
     return parser

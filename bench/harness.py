@@ -1,0 +1,521 @@
+"""Shared benchmark harness for the pemoe ops.
+
+What is measured, per case (op, provider, mode, shape, dtype, device):
+
+* ``time_ms`` — wall-clock time of one call of the mode's closure:
+  ``fwd`` is a *training* forward (x and the adapter parameters require grad, so autograd records the
+  graph exactly as in a training step; the output is then dropped), ``fwd_bwd`` is that forward plus
+  ``torch.autograd.backward(out, grad_out)`` with a fixed, precomputed ``grad_out`` (the grads are set to
+  ``None`` before every call). On CPU: ``time.perf_counter`` around each call, gc disabled while timing,
+  ``torch.get_num_threads()`` left as it is. On CUDA: ``triton.testing.do_bench`` when importable, else
+  ``torch.cuda.Event`` pairs with a synchronize.
+  Repetitions are interleaved across providers (round robin, the order rotated each round) so that
+  machine noise hits every provider alike; p20/p50/p80 are taken over all the samples.
+* ``ratio_vs_linear`` — the provider's p50 (p20, p80) divided by the floor provider ``linear``'s p50
+  (p20, p80) for the same op, shape, dtype and mode, measured in the same run.
+* ``saved_mb`` — bytes of the tensors the autograd graph of one training forward saves for backward
+  (seen through ``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage, *excluding* the
+  storages of the op's own inputs (x, frozen weights, adapter parameters): the extra activation memory
+  the op keeps alive until backward. Tensors a custom ``autograd.Function`` stashes on ``ctx`` as plain
+  attributes (not through ``save_for_backward``) are invisible to the hooks. ``out_mb`` is the output's
+  storage. On CUDA ``peak_mb`` is added: the ``torch.cuda.max_memory_allocated`` delta of that forward.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("fwd", "fwd_bwd")
+FLOOR = "linear"
+CSV_COLUMNS = (
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "dtype",
+    "device",
+    "metric",
+    "p50",
+    "p20",
+    "p80",
+    "commit",
+    "time",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Case and provider descriptions
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One measurement: ``op`` run by ``provider`` in ``mode`` ("fwd" | "fwd_bwd") on ``shape``."""
+
+    op: str
+    provider: str
+    mode: str
+    shape: dict[str, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def shape_str(self) -> str:
+        return shape_str(self.shape)
+
+
+@dataclass
+class Provider:
+    """How one provider computes an op.
+
+    ``forward(inputs)`` returns the op's output from the dict of input tensors; ``trainable`` names the
+    inputs that require grad (the floor: only ``x``); ``implementation`` is the pemoe implementation it
+    asks for (``None`` for code written in the bench file), used to tell whether it runs on a device.
+    """
+
+    name: str
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    trainable: tuple[str, ...]
+    implementation: str | None = None
+
+
+@dataclass
+class OpBench:
+    """An op's benchmark definition: its shapes, input factory and providers (see bench/mov_linear.py)."""
+
+    op: str
+    shapes: Callable[[bool], list[dict[str, int]]]  # full -> shapes
+    make_inputs: Callable[[dict[str, int], torch.dtype, torch.device], dict[str, torch.Tensor]]
+    providers: dict[str, Provider]
+    tokens_key: str = "T"
+    scale_keys: tuple[str, ...] = field(default_factory=tuple)  # widths shrunk by --shape-scale
+
+
+def shape_str(shape: dict[str, int]) -> str:
+    """Compact shape string, e.g. ``T=2048,K=1024,N=1024,G=16,E=10``."""
+    return ",".join(f"{k}={v}" for k, v in shape.items())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def unavailable_reason(op: str, provider: Provider, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run ``op`` on ``device`` (None when it can)."""
+    if provider.implementation is None:
+        return None
+    from pemoe.ops import resolve_implementation
+
+    try:
+        resolve_implementation(op, provider.implementation, device)
+    except (NotImplementedError, ValueError, RuntimeError, KeyError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    """(p20, p50, p80) with linear interpolation; a single sample gives it three times."""
+    s = sorted(samples)
+    if len(s) == 1:
+        return s[0], s[0], s[0]
+
+    def q(p: float) -> float:
+        pos = p * (len(s) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    return q(0.2), statistics.median(s), q(0.8)
+
+
+def _sample_cpu(fn: Callable[[], object], reps: int) -> list[float]:
+    """``reps`` wall-clock samples (ms) of ``fn()``, gc disabled while timing."""
+    out = []
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return out
+
+
+def _sample_cuda(fn: Callable[[], object], reps: int) -> list[float]:
+    """Samples (ms) of ``fn()`` on CUDA: triton's do_bench (L2 flushed per call) or CUDA events."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        res = do_bench(fn, warmup=0, rep=max(1, int(est_ms * reps)), return_mode="all")
+        return list(res) if isinstance(res, list | tuple) else [float(res)]
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _sample(fn: Callable[[], object], reps: int, device: torch.device) -> list[float]:
+    return _sample_cuda(fn, reps) if device.type == "cuda" else _sample_cpu(fn, reps)
+
+
+def time_cpu(fn: Callable[[], object], *, warmup: int, reps: int, min_time_s: float) -> tuple[float, float, float]:
+    """Time ``fn()`` on CPU: ``warmup`` untimed calls, then at least ``reps`` timed calls and at least
+    ``min_time_s`` seconds of them. Returns (p20, p50, p80) in ms."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    t_end = time.perf_counter() + min_time_s
+    while len(samples) < reps or time.perf_counter() < t_end:
+        samples += _sample_cpu(fn, reps)
+    return _quantiles(samples)
+
+
+def time_cuda(fn: Callable[[], object], *, warmup: int, reps: int) -> tuple[float, float, float]:
+    """Time ``fn()`` on CUDA (do_bench if triton is importable, else CUDA events). (p20, p50, p80) ms."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    return _quantiles(_sample_cuda(fn, reps))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int,
+    reps: int,
+    min_rounds: int,
+    max_rounds: int,
+    budget_s: float,
+) -> dict[str, tuple[float, float, float]]:
+    """Round robin over ``fns``: each round times every fn for a batch of ``reps`` calls, the order
+    rotated each round. Stops after ``max_rounds``, or after ``min_rounds`` once ``budget_s`` seconds
+    were spent. Returns name -> (p20, p50, p80) in ms over all the samples."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    t0 = time.perf_counter()
+    for r in range(max_rounds):
+        if r >= min_rounds and time.perf_counter() - t0 > budget_s:
+            break
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name] += _sample(fns[name], reps, device)
+    return {n: _quantiles(s) for n, s in samples.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+
+
+def storage_ptrs(tensors: Iterable[torch.Tensor | None]) -> set[int]:
+    """data_ptrs of the storages of ``tensors`` (to exclude from saved_mb)."""
+    return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+
+
+def saved_for_backward(forward: Callable[[], torch.Tensor], exclude: set[int]) -> tuple[int, torch.Tensor]:
+    """Run ``forward()`` once and return (bytes saved for backward, output).
+
+    Counts each storage the autograd graph saves once (by ``untyped_storage().data_ptr()``), skipping
+    the storages in ``exclude`` (the op's own inputs)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in exclude and ptr not in seen:
+            seen[ptr] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return sum(seen.values()), out
+
+
+# --------------------------------------------------------------------------------------------------
+# Running cases
+# --------------------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` of the checkout this file is in, or "unknown"."""
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=pathlib.Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return (r.stdout.strip() or "unknown") if r.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_description(device: torch.device) -> str:
+    """The device measured: CPU model and thread count, or the CUDA device name."""
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    model = "unknown CPU"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, torch.get_num_threads()={torch.get_num_threads()} (torch {torch.__version__})"
+
+
+def auto_choices(ops: Iterable[str], device: torch.device) -> dict[str, str]:
+    """What implementation="auto" resolves to for each op on ``device``."""
+    from pemoe.ops import resolve_implementation
+
+    return {op: resolve_implementation(op, "auto", device) for op in ops}
+
+
+class CsvSink:
+    """Long-format CSV writer; every row is flushed at once so an interrupted run keeps its rows."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "w", newline="")  # noqa: SIM115
+        self._w = csv.DictWriter(self._f, fieldnames=CSV_COLUMNS)
+        self._w.writeheader()
+        self._f.flush()
+        self.commit = git_commit()
+        self.rows: list[dict[str, str]] = []
+
+    def write(self, case: Case, metric: str, p50: float, p20: float, p80: float) -> None:
+        row = {
+            "op": case.op,
+            "provider": case.provider,
+            "mode": case.mode,
+            "shape": case.shape_str,
+            "dtype": dtype_name(case.dtype),
+            "device": case.device.type,
+            "metric": metric,
+            "p50": f"{p50:.6g}",
+            "p20": f"{p20:.6g}",
+            "p80": f"{p80:.6g}",
+            "commit": self.commit,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._w.writerow(row)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@dataclass
+class Settings:
+    """Repetition settings: see :func:`time_interleaved`."""
+
+    warmup: int = 1
+    reps: int = 1
+    min_rounds: int = 3
+    max_rounds: int = 7
+    budget_s: float = 1.5
+
+
+def _prepare(bench: OpBench, provider: Provider, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The provider's own leaf views of the shared inputs (same storages), grads where it trains."""
+    return {k: v.detach().requires_grad_(k in provider.trainable) for k, v in base.items()}
+
+
+def _closure(
+    provider: Provider, inputs: dict[str, torch.Tensor], mode: str, grad_out: torch.Tensor
+) -> Callable[[], object]:
+    trainable = [inputs[k] for k in provider.trainable]
+    if mode == "fwd":
+
+        def fwd() -> None:
+            provider.forward(inputs)
+
+        return fwd
+
+    def fwd_bwd() -> None:
+        for t in trainable:
+            t.grad = None
+        out = provider.forward(inputs)
+        torch.autograd.backward(out, grad_out)
+
+    return fwd_bwd
+
+
+def run_group(
+    bench: OpBench,
+    providers: Sequence[str],
+    shape: dict[str, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    modes: Sequence[str],
+    settings: Settings,
+    sink: CsvSink,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Measure every provider on one (op, shape, dtype): saved_mb/out_mb, then each mode's times and
+    ratios. Rows are written to ``sink`` as each case finishes."""
+    base = bench.make_inputs(shape, dtype, device)
+    exclude = storage_ptrs(base.values())
+    prepared = {p: _prepare(bench, bench.providers[p], base) for p in providers}
+    grad_out = None
+    for p in providers:
+        prov = bench.providers[p]
+        case = Case(bench.op, p, "fwd", shape, dtype, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        saved, out = saved_for_backward(lambda prov=prov, p=p: prov.forward(prepared[p]), exclude)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - before
+            sink.write(case, "peak_mb", peak / 2**20, peak / 2**20, peak / 2**20)
+        out_mb = out.untyped_storage().nbytes() / 2**20
+        sink.write(case, "saved_mb", saved / 2**20, saved / 2**20, saved / 2**20)
+        sink.write(case, "out_mb", out_mb, out_mb, out_mb)
+        if grad_out is None:
+            g = torch.Generator(device=device).manual_seed(1)
+            grad_out = torch.randn(out.shape, generator=g, device=device, dtype=torch.float32).to(out.dtype)
+        del out
+    for mode in modes:
+        fns = {p: _closure(bench.providers[p], prepared[p], mode, grad_out) for p in providers}
+        stats = time_interleaved(
+            fns,
+            device,
+            warmup=settings.warmup,
+            reps=settings.reps,
+            min_rounds=settings.min_rounds,
+            max_rounds=settings.max_rounds,
+            budget_s=settings.budget_s,
+        )
+        floor = stats.get(FLOOR)
+        for p in providers:
+            case = Case(bench.op, p, mode, shape, dtype, device)
+            p20, p50, p80 = stats[p]
+            sink.write(case, "time_ms", p50, p20, p80)
+            if floor is not None:
+                sink.write(case, "ratio_vs_linear", p50 / floor[1], p20 / floor[0], p80 / floor[2])
+        log(
+            f"  {bench.op} {shape_str(shape)} {dtype_name(dtype)} {mode}: "
+            + ", ".join(f"{p} {stats[p][1]:.2f} ms" for p in providers)
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------
+
+
+def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    """One row per op/shape/dtype/provider: fwd ms, fwd ratio, fwd+bwd ms, fwd+bwd ratio, saved MB."""
+    vals: dict[tuple[str, str, str, str], dict[str, str]] = {}
+    for r in rows:
+        key = (r["op"], r["shape"], r["dtype"], r["provider"])
+        col = {
+            ("fwd", "time_ms"): "fwd ms",
+            ("fwd", "ratio_vs_linear"): "fwd ratio",
+            ("fwd_bwd", "time_ms"): "fwd+bwd ms",
+            ("fwd_bwd", "ratio_vs_linear"): "fwd+bwd ratio",
+            ("fwd", "saved_mb"): "saved MB",
+        }.get((r["mode"], r["metric"]))
+        if col is not None:
+            v = float(r["p50"])
+            vals.setdefault(key, {})[col] = f"{v:.2f}x" if "ratio" in col else f"{v:.2f}"
+    cols = ["fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "saved MB"]
+    lines = [
+        "| op | shape | dtype | provider | " + " | ".join(cols) + " |",
+        "|" + "---|" * (4 + len(cols)),
+    ]
+    for (op, shp, dt, prov), v in vals.items():
+        lines.append(f"| {op} | {shp} | {dt} | {prov} | " + " | ".join(v.get(c, "–") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot_ratios(csv_path: pathlib.Path, png_path: pathlib.Path) -> pathlib.Path:
+    """Bar plot of ratio_vs_linear (p50, p20–p80 as error bars) from the CSV, one panel per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_csv(csv_path) if r["metric"] == "ratio_vs_linear"]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or ["fwd"]
+    groups = list(dict.fromkeys(f"{r['op']}\n{r['shape']}\n{r['dtype']}" for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(
+        len(modes), 1, figsize=(max(6, 1.6 * len(groups) * max(1, len(providers)) / 3), 4 * len(modes)), squeeze=False
+    )
+    width = 0.8 / max(1, len(providers))
+    for ax, mode in zip(axes[:, 0], modes, strict=True):
+        for i, prov in enumerate(providers):
+            xs, ys, lo, hi = [], [], [], []
+            for j, g in enumerate(groups):
+                for r in rows:
+                    if r["mode"] == mode and r["provider"] == prov and f"{r['op']}\n{r['shape']}\n{r['dtype']}" == g:
+                        p50, p20, p80 = float(r["p50"]), float(r["p20"]), float(r["p80"])
+                        xs.append(j + (i - (len(providers) - 1) / 2) * width)
+                        ys.append(p50)
+                        lo.append(max(0.0, p50 - min(p20, p50)))
+                        hi.append(max(0.0, max(p80, p50) - p50))
+            ax.bar(xs, ys, width, yerr=[lo, hi], label=prov, capsize=2)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, fontsize=7)
+        ax.set_ylabel("time / linear floor (p50)")
+        ax.set_title(f"{mode}: time relative to the frozen linear floor")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

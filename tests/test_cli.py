@@ -1,0 +1,95 @@
+"""``pemoe bench`` on tiny shapes: outputs, validation, and an interrupted run keeping its rows."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from pemoe.cli import main
+
+TINY = ["bench", "--tokens", "8", "--shape-scale", "16", "--ops", "mov_linear", "--dtypes", "float32"]
+COLUMNS = ["op", "provider", "mode", "shape", "dtype", "device", "metric", "p50", "p20", "p80", "commit", "time"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: keep the test quick on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        return list(reader)
+
+
+def test_bench_writes_csv_markdown_png(tmp_path, capsys):
+    assert main([*TINY, "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "results.csv")
+    providers = ["linear", "pemoe-torch", "reference", "authors-einsum"]
+    for p in providers:
+        for mode in ("fwd", "fwd_bwd"):
+            got = {r["metric"] for r in rows if r["provider"] == p and r["mode"] == mode}
+            assert {"time_ms", "ratio_vs_linear"} <= got, (p, mode, got)
+        assert {"saved_mb", "out_mb"} <= {r["metric"] for r in rows if r["provider"] == p}
+    assert {r["shape"] for r in rows} == {"T=8,K=64,N=64,G=16,E=10"}
+    assert {(r["op"], r["dtype"], r["device"]) for r in rows} == {("mov_linear", "float32", "cpu")}
+    for r in rows:
+        if r["provider"] == "linear" and r["metric"] == "ratio_vs_linear":
+            assert float(r["p50"]) == pytest.approx(1.0)
+        if r["metric"] == "time_ms":
+            assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
+    # the frozen floor saves nothing beyond its inputs; the adapters save activations
+    saved = {r["provider"]: float(r["p50"]) for r in rows if r["metric"] == "saved_mb"}
+    assert saved["linear"] == 0.0 and saved["reference"] > 0.0
+    md = (tmp_path / "results.md").read_text()
+    assert "| op | shape | dtype | provider | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | saved MB |" in md
+    assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "Device: CPU" in out and "mov_linear -> torch" in out
+    # a provider that cannot run here is reported, not dropped
+    assert "skipped mov_linear / pemoe-triton on cpu" in out and "skipped mov_linear / pemoe-triton" in md
+    assert str(tmp_path / "results.csv") in out and str(tmp_path / "ratios.png") in out
+
+
+@pytest.mark.parametrize(
+    ("args", "valid"),
+    [
+        (["--ops", "mov_linear,nope"], "mov_linear, molora_linear, mov_ffn"),
+        (["--providers", "fastest"], "linear, pemoe-torch, pemoe-triton, reference, authors-einsum"),
+        (["--dtypes", "int8"], "float32, bfloat16"),
+    ],
+)
+def test_unknown_names_exit_with_the_valid_ones(tmp_path, capsys, args, valid):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--out", str(tmp_path), *args])
+    assert e.value.code == 2
+    assert valid in capsys.readouterr().err
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_interrupted_run_keeps_finished_rows(tmp_path, monkeypatch):
+    from bench import mov_linear
+
+    prov = mov_linear.PROVIDERS["pemoe-torch"]
+    real = prov.forward
+
+    def forward(inputs):
+        if inputs["x"].dtype == torch.bfloat16:  # the second case
+            raise KeyboardInterrupt
+        return real(inputs)
+
+    monkeypatch.setattr(prov, "forward", forward)
+    args = [a if a != "float32" else "float32,bfloat16" for a in TINY]
+    assert main([*args, "--out", str(tmp_path)]) == 130
+    rows = _rows(tmp_path / "results.csv")
+    first = [r for r in rows if r["dtype"] == "float32"]
+    assert {(r["provider"], r["mode"]) for r in first if r["metric"] == "time_ms"} == {
+        (p, m) for p in ("linear", "pemoe-torch", "reference", "authors-einsum") for m in ("fwd", "fwd_bwd")
+    }
+    assert "Interrupted" in (tmp_path / "results.md").read_text()
