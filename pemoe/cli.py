@@ -134,7 +134,7 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
     settings = (
         harness.Settings(warmup=3, reps=5, min_rounds=5, max_rounds=20, budget_s=10.0)
         if args.full
-        else harness.Settings(warmup=1, reps=1, min_rounds=3, max_rounds=7, budget_s=1.5)
+        else harness.Settings(warmup=2, reps=2, min_rounds=4, max_rounds=10, budget_s=2.5)
     )
     out_dir: pathlib.Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
