@@ -11,7 +11,7 @@ Backward (the base weight is frozen, so no weight gradient unless asked for):
     d router       = Σ_{t,g} h[t,g,:]ᵀ dlogits[t,g,:]
     dh             = dy·s + dlogits @ routerᵀ,   dx = dh @ W  (mov_linear)
 Saved for backward: h in the activation dtype (the op's own input for ``mov``; for
-``mov_linear`` it would cost a second GEMM to recompute) and p_soft in float32. s is
+``mov_linear`` it would cost a second GEMM to recompute) and p_soft in float32 ([G, E, T]). s is
 recomputed (one small batched matmul). Sentence routing passes the probabilities in from
 outside (``probs``, [T, E]); their gradient is returned to autograd.
 """
@@ -75,7 +75,7 @@ def mov_backward(dy, h, router, experts, probs, p_soft, top_k, renormalize, need
 
     dh = d_router = d_experts = d_probs = None
     dlogits = None
-    if need_experts or need_probs or (p is not None and probs is None and (need_router or need_h)):
+    if need_experts or need_probs or (self_routed and (need_router or need_h)):
         h_cd = h.to(cd)
         dy_h = (dy.to(cd) * h_cd).transpose(0, 1)  # [G, T, D], float32 for the adapter gradients
         if need_experts:
