@@ -31,6 +31,7 @@ import os
 import pathlib
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,29 @@ class Provider:
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     trainable: tuple[str, ...]
     implementation: str | None = None
+
+
+def standard_providers(
+    floor: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    pemoe: Callable[[str], Callable[[dict[str, torch.Tensor]], torch.Tensor]],
+    authors: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    trainable: tuple[str, ...],
+) -> dict[str, Provider]:
+    """Every op's provider set: the floor (only x trainable), pemoe per implementation, the authors' code."""
+    return {
+        "linear": Provider("linear", floor, ("x",)),
+        "pemoe-torch": Provider("pemoe-torch", pemoe("torch"), trainable, "torch"),
+        "pemoe-triton": Provider("pemoe-triton", pemoe("triton"), trainable, "triton"),
+        "reference": Provider("reference", pemoe("reference"), trainable, "reference"),
+        "authors-einsum": Provider("authors-einsum", authors, trainable),
+    }
+
+
+def op_main(op: str, argv: list[str] | None) -> int:
+    """``python -m bench.<op> [pemoe bench options]``: ``pemoe bench`` for this op only."""
+    from pemoe.cli import main as cli_main
+
+    return cli_main(["bench", "--ops", op, *(sys.argv[1:] if argv is None else argv)])
 
 
 @dataclass

@@ -8,12 +8,10 @@ implementation), ``reference`` and ``authors-einsum`` (the MoV paper's formulati
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
-from bench.harness import OpBench, Provider
+from bench.harness import OpBench, op_main, standard_providers
 from bench.mov_linear import authors_mov
 from pemoe import ops
 
@@ -77,21 +75,13 @@ def _authors(i: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.linear(a * F.linear(x, i["wi_1"]), i["wo"])
 
 
-PROVIDERS = {
-    "linear": Provider("linear", _floor, ("x",)),
-    "pemoe-torch": Provider("pemoe-torch", _pemoe("torch"), TRAINABLE, "torch"),
-    "pemoe-triton": Provider("pemoe-triton", _pemoe("triton"), TRAINABLE, "triton"),
-    "reference": Provider("reference", _pemoe("reference"), TRAINABLE, "reference"),
-    "authors-einsum": Provider("authors-einsum", _authors, TRAINABLE),
-}
+PROVIDERS = standard_providers(_floor, _pemoe, _authors, TRAINABLE)
 BENCH = OpBench(OP, shapes, make_inputs, PROVIDERS, scale_keys=("M", "F"))
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.mov_ffn [pemoe bench options]``: this op only."""
-    from pemoe.cli import main as cli_main
-
-    return cli_main(["bench", "--ops", OP, *(sys.argv[1:] if argv is None else argv)])
+    return op_main(OP, argv)
 
 
 if __name__ == "__main__":
