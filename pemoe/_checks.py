@@ -8,8 +8,6 @@ and the expected shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,14 +43,6 @@ def check_top_k(top_k: int | None, num_experts: int) -> None:
         raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """How the router probabilities of one call are computed (SPEC §1, "Router")."""
-
-    top_k: int | None = None
-    renormalize: bool = False
 
 
 def check_router(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pemoe import ops
+from pemoe._checks import check_top_k
 
 __all__ = ["MoV", "IA3", "MoVLinear", "MoLoRALinear", "LoRALinear", "ParameterCount", "count_parameters"]
 
@@ -54,11 +55,11 @@ class _AdapterModule(nn.Module):
         return self
 
 
-def _router(in_features: int, num_experts: int, device, generator=None) -> nn.Parameter | None:
+def _router(in_features: int, num_experts: int, device) -> nn.Parameter | None:
     if num_experts == 1:  # softmax over one expert is 1: (IA)3 / LoRA have no router
         return None
     w = torch.empty(in_features, num_experts, dtype=torch.float32, device=device)
-    return nn.Parameter(nn.init.normal_(w, std=ROUTER_INIT_STD, generator=generator))
+    return nn.Parameter(nn.init.normal_(w, std=ROUTER_INIT_STD))
 
 
 def _freeze(base: nn.Linear) -> nn.Linear:
@@ -92,8 +93,7 @@ class MoV(_AdapterModule):
         super().__init__()
         for name, v in (("num_groups", num_groups), ("dim", dim), ("num_experts", num_experts)):
             _check_positive(name, v)
-        if top_k is not None and not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        check_top_k(top_k, num_experts)
         self.num_groups, self.dim, self.num_experts = num_groups, dim, num_experts
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
         self.experts = nn.Parameter(torch.ones(num_groups, num_experts, dim, dtype=torch.float32, device=device))
@@ -201,8 +201,7 @@ class MoLoRALinear(_AdapterModule):
         self.base = _freeze(base)
         _check_positive("num_experts", num_experts)
         _check_positive("rank", rank)
-        if top_k is not None and not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        check_top_k(top_k, num_experts)
         self.num_experts, self.rank, self.alpha = num_experts, rank, float(alpha)
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
         k, n, dev = base.in_features, base.out_features, base.weight.device
