@@ -141,6 +141,10 @@ def unavailable_reason(op: str, provider: Provider, device: torch.device) -> str
     """Why ``provider`` cannot run ``op`` on ``device`` (None when it can)."""
     if provider.implementation is None:
         return None
+    if provider.implementation == "triton" and device.type != "cuda":
+        # Under TRITON_INTERPRET=1 the kernels run on the CPU, but the interpreter is a correctness
+        # tool: its timings say nothing about the kernels.
+        return "the Triton kernels are timed on CUDA devices only"
     from pemoe.ops import resolve_implementation
 
     try:

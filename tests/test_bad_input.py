@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pemoe import ops
+from pemoe.ops import resolve_implementation
 
 IMPLEMENTATIONS = ["reference", "torch", "auto"]
 T, K, G, D, E, R = 6, 16, 2, 8, 3, 2
@@ -100,11 +101,25 @@ def test_mov_rejects_width_mismatch():
         ops.mov(torch.randn(T, 15), torch.randn(D, E), torch.ones(G, E, D))
 
 
-def test_unknown_and_planned_implementations():
+def test_unknown_and_missing_implementations():
     with pytest.raises(ValueError, match=r"unknown implementation 'cuda'.*'reference', 'torch'"):
         ops.mov_linear(**mov_linear_args(), implementation="cuda")
-    with pytest.raises(NotImplementedError, match=r"implementation='triton' is not available"):
+    with pytest.raises(NotImplementedError, match=r"mov: implementation='triton' does not exist"):
+        ops.mov(torch.randn(T, G * D), torch.randn(D, E), torch.ones(G, E, D), implementation="triton")
+
+
+def test_triton_refuses_devices_it_cannot_run_on(monkeypatch):
+    """Asking for the Triton kernels where they cannot run raises; it never falls back."""
+    from pemoe.kernels.triton import interpreter
+
+    monkeypatch.setattr(interpreter, "INTERPRET", False)
+    with pytest.raises(NotImplementedError, match=r"implementation='triton' cannot run here.*CUDA tensors.*got cpu"):
         ops.molora_linear(**molora_args(), implementation="triton")
+    monkeypatch.setattr(interpreter, "INTERPRET", True)
+    with pytest.raises(NotImplementedError, match=r"CPU tensors only, got meta"):
+        resolve_implementation("mov_linear", "triton", torch.device("meta"))
+    # "auto" never picks Triton on the CPU, interpreter or not: it is a correctness tool, not a fast path.
+    assert resolve_implementation("mov_linear", "auto", torch.device("cpu")) == "torch"
 
 
 def test_devices_must_match():

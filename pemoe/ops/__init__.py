@@ -4,6 +4,8 @@ Every op takes ``implementation=``:
   * ``"reference"`` — the einsum transcription in :mod:`pemoe.reference` (plain autograd);
   * ``"torch"`` — reformulated eager ops with a memory-saving ``torch.autograd.Function``
     (the CPU default; runs on any device);
+  * ``"triton"`` — fused Triton kernels (``pemoe.kernels.triton``; ``mov_linear``, ``mov_ffn``,
+    ``molora_linear``) on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``;
   * ``"auto"`` — the best available for the inputs' device; the choice is logged on the
     ``pemoe`` logger and returned by :func:`resolve_implementation`.
 Arguments are validated the same way for every implementation (see :mod:`pemoe._checks`).
@@ -87,7 +89,12 @@ def mov_linear(
             x, weight, router, experts, bias=bias, top_k=top_k, renormalize=renormalize, router_input=router_input
         )
     probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
-    y = MoVFunction.apply(_flat(x), weight, bias, router, experts, probs, top_k, renormalize)
+    if impl == "triton":
+        from pemoe.kernels.triton import mov_linear as kernel
+
+        y = kernel.mov_linear(_flat(x), weight, bias, router, experts, probs, top_k, renormalize)
+    else:
+        y = MoVFunction.apply(_flat(x), weight, bias, router, experts, probs, top_k, renormalize)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
@@ -143,8 +150,13 @@ def mov_ffn(
             router_input=router_input,
         )
     x2d = _flat(x)
-    a = reference.ACTIVATIONS[activation](F.linear(x2d, wi_0))
     probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    if impl == "triton":
+        from pemoe.kernels.triton import mov_ffn as kernel
+
+        y = kernel.mov_ffn(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize)
+        return y.reshape(x.shape)
+    a = reference.ACTIVATIONS[activation](F.linear(x2d, wi_0))
     a = MoVFunction.apply(a, None, None, router, experts, probs, top_k, renormalize)
     if wi_1 is not None:
         a = a * F.linear(x2d, wi_1)
@@ -186,5 +198,14 @@ def molora_linear(
             router_input=router_input,
         )
     probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
-    y = MoLoRAFunction.apply(_flat(x), weight, bias, lora_a, lora_b, router, probs, float(scale), top_k, renormalize)
+    if impl == "triton":
+        from pemoe.kernels.triton import molora_linear as kernel
+
+        y = kernel.molora_linear(
+            _flat(x), weight, bias, lora_a, lora_b, router, probs, float(scale), top_k, renormalize
+        )
+    else:
+        y = MoLoRAFunction.apply(
+            _flat(x), weight, bias, lora_a, lora_b, router, probs, float(scale), top_k, renormalize
+        )
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
