@@ -10,6 +10,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from pemoe.kernels.triton import interpreter
 
 pytestmark = pytest.mark.skipif(not interpreter.INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
