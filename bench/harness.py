@@ -6,7 +6,8 @@ What is measured, per case (op, provider, mode, shape, dtype, device):
   ``fwd`` is a *training* forward (x and the adapter parameters require grad, so autograd records the
   graph exactly as in a training step; the output is then dropped), ``fwd_bwd`` is that forward plus
   ``torch.autograd.backward(out, grad_out)`` with a fixed, precomputed ``grad_out`` (the grads are set to
-  ``None`` before every call). On CPU: ``time.perf_counter`` around each call, gc disabled while timing,
+  ``None`` before every call), ``bwd`` is the backward alone, run again and again over one recorded
+  graph (``retain_graph=True``). On CPU: ``time.perf_counter`` around each call, gc disabled while timing,
   ``torch.get_num_threads()`` left as it is. On CUDA: ``triton.testing.do_bench`` when importable, else
   ``torch.cuda.Event`` pairs with a synchronize.
   Repetitions are interleaved across providers (round robin, the order rotated each round) so that
@@ -19,6 +20,10 @@ What is measured, per case (op, provider, mode, shape, dtype, device):
   the op keeps alive until backward. Tensors a custom ``autograd.Function`` stashes on ``ctx`` as plain
   attributes (not through ``save_for_backward``) are invisible to the hooks. ``out_mb`` is the output's
   storage. On CUDA ``peak_mb`` is added: the ``torch.cuda.max_memory_allocated`` delta of that forward.
+* ``tflops`` and ``gbps`` — the op's FLOPs and its minimum HBM/DRAM bytes for the mode (the op's
+  ``cost`` formula, stated in each bench file: the same numbers for every provider) divided by the
+  provider's p50 time; where the device's peaks are known (:data:`DEVICE_PEAKS`), ``roofline_pct``:
+  the roofline time max(FLOPs / peak FLOP/s, bytes / peak B/s) as a percentage of the measured time.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODES = ("fwd", "fwd_bwd")
+MODES = ("fwd", "bwd", "fwd_bwd")
+DEFAULT_MODES = ("fwd", "fwd_bwd")
 FLOOR = "linear"
 CSV_COLUMNS = (
     "op",
@@ -55,6 +61,13 @@ CSV_COLUMNS = (
     "time",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Published dense peaks per CUDA device-name fragment: (bytes/s, {dtype: FLOP/s}). float32 is the
+#: non-tensor-core rate (torch does not use TF32 for float32 matmuls unless asked to).
+DEVICE_PEAKS: dict[str, tuple[float, dict[torch.dtype, float]]] = {
+    "H100": (3.35e12, {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}),
+    "H200": (4.8e12, {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}),
+    "A100": (2.0e12, {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12}),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,13 +97,16 @@ class Provider:
 
     ``forward(inputs)`` returns the op's output from the dict of input tensors; ``trainable`` names the
     inputs that require grad (the floor: only ``x``); ``implementation`` is the pemoe implementation it
-    asks for (``None`` for code written in the bench file), used to tell whether it runs on a device.
+    asks for (``None`` for code written in the bench file), used to tell whether it runs on a device;
+    ``supports(shape)`` says why the provider does not apply to a shape (None when it does), e.g. PEFT's
+    IA3 and LoRA are the E = 1 cases only.
     """
 
     name: str
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     trainable: tuple[str, ...]
     implementation: str | None = None
+    supports: Callable[[dict[str, int]], str | None] | None = None
 
 
 def standard_providers(
@@ -107,6 +123,26 @@ def standard_providers(
         "reference": Provider("reference", pemoe("reference"), trainable, "reference"),
         "authors-einsum": Provider("authors-einsum", authors, trainable),
     }
+
+
+def peft_module_forward(
+    build: Callable[[dict[str, torch.Tensor]], torch.nn.Module],
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """A provider forward running a PEFT-wrapped module: ``build(inputs)`` makes it once per inputs dict
+    (sharing the bench's frozen weights); its adapter gradients are reset to None at each call, as the
+    harness does for the inputs, so nothing accumulates across timed calls."""
+    built: dict[int, torch.nn.Module] = {}
+
+    def forward(i: dict[str, torch.Tensor]) -> torch.Tensor:
+        module = built.get(id(i))
+        if module is None:
+            built.clear()
+            module = built[id(i)] = build(i)
+        for param in module.parameters():
+            param.grad = None
+        return module(i["x"])
+
+    return forward
 
 
 def op_main(op: str, argv: list[str] | None) -> int:
@@ -126,11 +162,26 @@ class OpBench:
     providers: dict[str, Provider]
     tokens_key: str = "T"
     scale_keys: tuple[str, ...] = field(default_factory=tuple)  # widths shrunk by --shape-scale
+    #: (shape, dtype, mode) -> (FLOPs, minimum bytes moved) of one call, for tflops / gbps / roofline_pct
+    cost: Callable[[dict[str, int], torch.dtype, str], tuple[float, float]] | None = None
 
 
 def shape_str(shape: dict[str, int]) -> str:
     """Compact shape string, e.g. ``T=2048,K=1024,N=1024,G=16,E=10``."""
     return ",".join(f"{k}={v}" for k, v in shape.items())
+
+
+def device_peaks(device: torch.device) -> tuple[float, dict[torch.dtype, float]] | None:
+    """(peak bytes/s, {dtype: peak FLOP/s}) of a known CUDA device, else None (CPUs: unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks for key, peaks in DEVICE_PEAKS.items() if key in name), None)
+
+
+def shape_skip_reason(provider: Provider, shape: dict[str, int]) -> str | None:
+    """Why ``provider`` does not apply to ``shape`` (None when it does)."""
+    return provider.supports(shape) if provider.supports is not None else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -405,6 +456,15 @@ def _closure(
             provider.forward(inputs)
 
         return fwd
+    if mode == "bwd":
+        graph_out = provider.forward(inputs)  # recorded once; each call replays the backward alone
+
+        def bwd() -> None:
+            for t in trainable:
+                t.grad = None
+            torch.autograd.backward(graph_out, grad_out, retain_graph=True)
+
+        return bwd
 
     def fwd_bwd() -> None:
         for t in trainable:
@@ -461,13 +521,24 @@ def run_group(
             max_rounds=settings.max_rounds,
             budget_s=settings.budget_s,
         )
+        del fns  # drops the graphs the bwd closures hold
         floor = stats.get(FLOOR)
+        cost = bench.cost(shape, dtype, mode) if bench.cost is not None else None
+        peaks = device_peaks(device)
         for p in providers:
             case = Case(bench.op, p, mode, shape, dtype, device)
             p20, p50, p80 = stats[p]
             sink.write(case, "time_ms", p50, p20, p80)
             if floor is not None:
                 sink.write(case, "ratio_vs_linear", p50 / floor[1], p20 / floor[0], p80 / floor[2])
+            if cost is not None and p != FLOOR:
+                flops, nbytes = cost
+                # rates from the p50 time; p20/p80 columns follow the p80/p20 times (faster = higher)
+                sink.write(case, "tflops", flops / p50 / 1e9, flops / p80 / 1e9, flops / p20 / 1e9)
+                sink.write(case, "gbps", nbytes / p50 / 1e6, nbytes / p80 / 1e6, nbytes / p20 / 1e6)
+                if peaks is not None and dtype in peaks[1]:
+                    roof_ms = max(flops / peaks[1][dtype], nbytes / peaks[0]) * 1e3
+                    sink.write(case, "roofline_pct", 100 * roof_ms / p50, 100 * roof_ms / p80, 100 * roof_ms / p20)
         log(
             f"  {bench.op} {shape_str(shape)} {dtype_name(dtype)} {mode}: "
             + ", ".join(f"{p} {stats[p][1]:.2f} ms" for p in providers)
@@ -484,22 +555,31 @@ def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+TABLE_COLUMNS = {
+    ("fwd", "time_ms"): "fwd ms",
+    ("fwd", "ratio_vs_linear"): "fwd ratio",
+    ("bwd", "time_ms"): "bwd ms",
+    ("bwd", "ratio_vs_linear"): "bwd ratio",
+    ("fwd_bwd", "time_ms"): "fwd+bwd ms",
+    ("fwd_bwd", "ratio_vs_linear"): "fwd+bwd ratio",
+    ("fwd", "saved_mb"): "saved MB",
+    ("fwd", "tflops"): "fwd TFLOP/s",
+    ("fwd", "gbps"): "fwd GB/s",
+    ("fwd", "roofline_pct"): "fwd % roofline",
+}
+
+
 def markdown_table(rows: list[dict[str, str]]) -> str:
-    """One row per op/shape/dtype/provider: fwd ms, fwd ratio, fwd+bwd ms, fwd+bwd ratio, saved MB."""
+    """One row per op/shape/dtype/provider; the columns of :data:`TABLE_COLUMNS` that were measured."""
     vals: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for r in rows:
         key = (r["op"], r["shape"], r["dtype"], r["provider"])
-        col = {
-            ("fwd", "time_ms"): "fwd ms",
-            ("fwd", "ratio_vs_linear"): "fwd ratio",
-            ("fwd_bwd", "time_ms"): "fwd+bwd ms",
-            ("fwd_bwd", "ratio_vs_linear"): "fwd+bwd ratio",
-            ("fwd", "saved_mb"): "saved MB",
-        }.get((r["mode"], r["metric"]))
+        col = TABLE_COLUMNS.get((r["mode"], r["metric"]))
         if col is not None:
             v = float(r["p50"])
             vals.setdefault(key, {})[col] = f"{v:.2f}x" if "ratio" in col else f"{v:.2f}"
-    cols = ["fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio", "saved MB"]
+    measured = {c for v in vals.values() for c in v}
+    cols = [c for c in TABLE_COLUMNS.values() if c in measured]
     lines = [
         "| op | shape | dtype | provider | " + " | ".join(cols) + " |",
         "|" + "---|" * (4 + len(cols)),

@@ -2,8 +2,15 @@
 
 Providers: ``linear`` (floor: the frozen ``F.linear(x, W, b)``, only x requires grad), ``pemoe-torch``,
 ``pemoe-triton`` (skipped where pemoe has no Triton implementation), ``reference`` and
-``authors-einsum`` (the MoLoRA paper's formulation, written inline below). Run
+``authors-einsum`` (the MoLoRA paper's formulation, written inline below) and, on E = 1 shapes
+(``--full``), ``peft-lora`` (PEFT's LoRA, alpha = 16, on the same frozen linear). Run
 ``python -m bench.molora_linear`` (the same options as ``pemoe bench``).
+
+Cost formula (:func:`cost`; s = bytes per activation element, R = E·r):
+  fwd     FLOPs 2TKN + 2TK(R + E) + 2TRN + TN;   bytes s(TK + NK + N + TN) + 4(KR + RN + KE)
+  bwd     FLOPs 2TNK + 4TNR + 4TK(R + E);        bytes s(2TK + NK + TN) + 4(TE + 2(KR + RN + KE))
+          (dx through W and the adapters, dU′ = dy·B_catᵀ, d lora_b, d lora_a and d router; x and dy
+          read, dx written, p saved in float32)
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import OpBench, op_main, standard_providers
+from bench.harness import OpBench, Provider, op_main, peft_module_forward, standard_providers
 from pemoe import ops
 
 OP = "molora_linear"
@@ -22,10 +29,27 @@ RANK = 4
 
 
 def shapes(full: bool) -> list[dict[str, int]]:
-    """The issue's shape (T=2048, K=N=1024, E=10, r=4); --full adds base/XL widths and T in {16, 512}."""
+    """The issue's shape (T=2048, K=N=1024, E=10, r=4); --full adds base/XL widths, T in {16, 512} and the
+    LoRA case E = 1 at the large width (where PEFT's LoRA runs too)."""
     tokens = (16, 512, 2048) if full else (2048,)
     widths = ("large", "base", "xl") if full else ("large",)
-    return [{"T": t, "K": WIDTHS[w], "N": WIDTHS[w], "E": NUM_EXPERTS, "r": RANK} for w in widths for t in tokens]
+    out = [{"T": t, "K": WIDTHS[w], "N": WIDTHS[w], "E": NUM_EXPERTS, "r": RANK} for w in widths for t in tokens]
+    if full:
+        out += [{"T": t, "K": 1024, "N": 1024, "E": 1, "r": RANK} for t in (512, 2048)]
+    return out
+
+
+def cost(shape: dict[str, int], dtype: torch.dtype, mode: str) -> tuple[float, float]:
+    """(FLOPs, minimum bytes) of one call; the formula is in the module docstring."""
+    T, K, N, E = shape["T"], shape["K"], shape["N"], shape["E"]
+    s, R = torch.finfo(dtype).bits // 8, E * shape["r"]
+    adapters = 4 * (K * R + R * N + K * E)
+    fwd = (2 * T * K * N + 2 * T * K * (R + E) + 2 * T * R * N + T * N, s * (T * K + N * K + N + T * N) + adapters)
+    bwd = (
+        2 * T * N * K + 4 * T * N * R + 4 * T * K * (R + E),
+        s * (2 * T * K + N * K + T * N) + 4 * T * E + 2 * adapters,
+    )
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": (fwd[0] + bwd[0], fwd[1] + bwd[1])}[mode]
 
 
 def make_inputs(shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -52,6 +76,10 @@ def _floor(i: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.linear(i["x"], i["weight"], i["bias"])
 
 
+def _router(i: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    return None if i["lora_a"].shape[0] == 1 else i["router"]
+
+
 def _pemoe(implementation: str):
     def fwd(i: dict[str, torch.Tensor]) -> torch.Tensor:
         return ops.molora_linear(
@@ -59,7 +87,7 @@ def _pemoe(implementation: str):
             i["weight"],
             i["lora_a"],
             i["lora_b"],
-            i["router"],
+            _router(i),
             scale=_scale(i),
             bias=i["bias"],
             implementation=implementation,
@@ -78,8 +106,29 @@ def _authors(i: dict[str, torch.Tensor]) -> torch.Tensor:
     return base + _scale(i) * torch.einsum("te,ten->tn", p.to(x.dtype), delta)
 
 
+def _peft_lora_module(i: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """PEFT's LoRA (r, alpha = 16) on a frozen nn.Linear sharing the bench's weight; A and B set to lora_a/b."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    N, K = i["weight"].shape
+    r = i["lora_a"].shape[-1]
+    lin = torch.nn.Linear(K, N, device=i["x"].device, dtype=i["x"].dtype)
+    lin.weight, lin.bias = torch.nn.Parameter(i["weight"].detach()), torch.nn.Parameter(i["bias"].detach())
+    config = LoraConfig(r=r, lora_alpha=16, target_modules=["lin"])
+    model = inject_adapter_in_model(config, torch.nn.ModuleDict({"lin": lin}))
+    with torch.no_grad():
+        model["lin"].lora_A["default"].weight.copy_(i["lora_a"][0].t())
+        model["lin"].lora_B["default"].weight.copy_(i["lora_b"][0].t())
+    return model["lin"]
+
+
+def _only_lora(shape: dict[str, int]) -> str | None:
+    return None if shape["E"] == 1 else "PEFT's LoRA is the E = 1 case only"
+
+
 PROVIDERS = standard_providers(_floor, _pemoe, _authors, TRAINABLE)
-BENCH = OpBench(OP, shapes, make_inputs, PROVIDERS, scale_keys=("K", "N"))
+PROVIDERS["peft-lora"] = Provider("peft-lora", peft_module_forward(_peft_lora_module), ("x",), supports=_only_lora)
+BENCH = OpBench(OP, shapes, make_inputs, PROVIDERS, scale_keys=("K", "N"), cost=cost)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Parametrized over op x provider x mode (x dtype, ``--bench-dtypes``) on the issue's widths with a small
 token count (``--bench-tokens``, default 256). Each benchmark times one call of the mode's closure
-(``fwd``: a training forward; ``fwd_bwd``: forward + backward with a fixed grad_out), exactly as
+(``fwd``: a training forward; ``bwd``: the backward alone over one recorded graph; ``fwd_bwd``: forward +
+backward with a fixed grad_out), exactly as
 bench/harness.py does; ``extra_info`` records saved_mb (activation memory saved for backward, the op's
 inputs excluded) and out_mb. The benchmarks of one op / shape / dtype / mode share a group, so the
 ``linear`` floor sits next to the providers in pytest-benchmark's tables.
@@ -34,6 +35,9 @@ def test_bench(benchmark, request, device, op: str, provider: str, mode: str, dt
     if reason is not None:
         pytest.skip(f"{provider} unavailable on {device.type}: {reason}")
     shape = dict(bench.shapes(False)[0], T=request.config.getoption("--bench-tokens"))
+    reason = harness.shape_skip_reason(prov, shape)
+    if reason is not None:
+        pytest.skip(f"{provider} does not apply at {harness.shape_str(shape)}: {reason}")
     dtype = harness.DTYPES[dtype_name]
     base = bench.make_inputs(shape, dtype, device)
     inputs = {k: v.detach().requires_grad_(k in prov.trainable) for k, v in base.items()}

@@ -20,7 +20,8 @@ import torch
 
 DEFAULT_OPS = ("mov_linear", "molora_linear", "mov_ffn")
 DEFAULT_DTYPES = ("float32", "bfloat16")
-MODES = ("fwd", "fwd_bwd")
+MODES = ("fwd", "bwd", "fwd_bwd")  # bench/harness.py's; "bwd" (backward alone) on request
+DEFAULT_MODES = ("fwd", "fwd_bwd")
 
 
 def _import_bench():
@@ -87,11 +88,11 @@ def build_parser(benches: dict) -> argparse.ArgumentParser:
     b.add_argument(
         "--providers",
         type=_csv_list(providers, "provider"),
-        default=providers,
-        help=f"comma list of {', '.join(providers)} (the 'linear' floor is always measured)",
+        default=None,
+        help=f"comma list of {', '.join(providers)} (default: each op's own; the 'linear' floor is always measured)",
     )
     b.add_argument("--dtypes", type=_csv_list(list(DTYPES), "dtype"), default=list(DEFAULT_DTYPES))
-    b.add_argument("--modes", type=_csv_list(list(MODES), "mode"), default=list(MODES))
+    b.add_argument("--modes", type=_csv_list(list(MODES), "mode"), default=list(DEFAULT_MODES), help="comma list")
     b.add_argument(
         "--tokens",
         type=_csv_list([], "token count", _positive_int),
@@ -150,9 +151,12 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
     plan = []
     for op in args.ops:
         bench = benches[op]
-        chosen = [harness.FLOOR] + [p for p in args.providers if p != harness.FLOOR]
+        chosen = [harness.FLOOR] + [p for p in (args.providers or bench.providers) if p != harness.FLOOR]
         runnable = []
         for p in chosen:
+            if p not in bench.providers:  # asked for by name, but this op has no such provider
+                skipped.append(f"skipped {op} / {p}: not a provider of this op")
+                continue
             reason = harness.unavailable_reason(op, bench.providers[p], device)
             if reason is None:
                 runnable.append(p)
@@ -168,8 +172,16 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
     try:
         for bench, runnable in plan:
             for shape in _shapes(bench, args.full, args.tokens, args.shape_scale):
+                applies = []
+                for p in runnable:
+                    reason = harness.shape_skip_reason(bench.providers[p], shape)
+                    if reason is None:
+                        applies.append(p)
+                    else:
+                        skipped.append(f"skipped {bench.op} / {p} at {harness.shape_str(shape)}: {reason}")
+                        print(skipped[-1])
                 for dtype in dtypes:
-                    harness.run_group(bench, runnable, shape, dtype, device, args.modes, settings, sink)
+                    harness.run_group(bench, applies, shape, dtype, device, args.modes, settings, sink)
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -93,3 +93,31 @@ def test_interrupted_run_keeps_finished_rows(tmp_path, monkeypatch):
         (p, m) for p in ("linear", "pemoe-torch", "reference", "authors-einsum") for m in ("fwd", "fwd_bwd")
     }
     assert "Interrupted" in (tmp_path / "results.md").read_text()
+
+
+def test_bwd_mode_and_throughput_columns(tmp_path):
+    """--modes adds the backward alone; every pemoe provider gets tflops/gbps from the op's cost formula."""
+    assert main([*TINY, "--out", str(tmp_path), "--modes", "fwd,bwd", "--providers", "pemoe-torch"]) == 0
+    rows = _rows(tmp_path / "results.csv")
+    assert {r["mode"] for r in rows if r["metric"] == "time_ms"} == {"fwd", "bwd"}
+    from bench.mov_linear import cost
+
+    shape = {"T": 8, "K": 64, "N": 64, "G": 16, "E": 10}
+    for mode in ("fwd", "bwd"):
+        by_metric = {r["metric"]: float(r["p50"]) for r in rows if r["provider"] == "pemoe-torch" and r["mode"] == mode}
+        flops, nbytes = cost(shape, torch.float32, mode)
+        # the rates are the formula's counts over the measured median time
+        assert by_metric["tflops"] == pytest.approx(flops / by_metric["time_ms"] / 1e9, rel=1e-4)
+        assert by_metric["gbps"] == pytest.approx(nbytes / by_metric["time_ms"] / 1e6, rel=1e-4)
+        assert "roofline_pct" not in by_metric  # no known peak for a CPU
+    md = (tmp_path / "results.md").read_text()
+    assert "| bwd ms | bwd ratio |" in md and "fwd TFLOP/s" in md and "fwd+bwd ms" not in md
+
+
+def test_shape_restricted_providers_are_reported(tmp_path, capsys):
+    """PEFT's IA3 applies to E = 1 only: at E = 10 it is skipped with the reason, in the output and the table."""
+    assert main([*TINY, "--out", str(tmp_path), "--modes", "fwd", "--providers", "peft-ia3,peft-lora"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped mov_linear / peft-ia3 at T=8,K=64,N=64,G=16,E=10: PEFT's IA3 is the E = 1 case only" in out
+    assert "skipped mov_linear / peft-lora: not a provider of this op" in out
+    assert "PEFT's IA3 is the E = 1 case only" in (tmp_path / "results.md").read_text()
