@@ -7,13 +7,17 @@ What is measured, per case (op, provider, mode, shape, dtype, device):
   graph exactly as in a training step; the output is then dropped), ``fwd_bwd`` is that forward plus
   ``torch.autograd.backward(out, grad_out)`` with a fixed, precomputed ``grad_out`` (the grads are set to
   ``None`` before every call), ``bwd`` is the backward alone, run again and again over one recorded
-  graph (``retain_graph=True``). On CPU: ``time.perf_counter`` around each call, gc disabled while timing,
-  ``torch.get_num_threads()`` left as it is. On CUDA: ``triton.testing.do_bench`` when importable, else
+  graph (``retain_graph=True``); ``step`` is ``fwd_bwd`` followed by the provider's optimizer step
+  (a whole training step; providers without an optimizer do nothing more). On CPU:
+  ``time.perf_counter`` around each call, gc disabled while timing, ``torch.get_num_threads()`` left as
+  it is. On CUDA: ``triton.testing.do_bench`` when importable, else
   ``torch.cuda.Event`` pairs with a synchronize.
   Repetitions are interleaved across providers (round robin, the order rotated each round) so that
   machine noise hits every provider alike; p20/p50/p80 are taken over all the samples.
-* ``ratio_vs_linear`` — the provider's p50 (p20, p80) divided by the floor provider ``linear``'s p50
-  (p20, p80) for the same op, shape, dtype and mode, measured in the same run.
+* ``ratio_vs_floor`` — the provider's p50 (p20, p80) divided by the floor provider's p50 (p20, p80)
+  (``linear``, the frozen base layer, for the ops; the frozen T5 for the T5 step) for the same op,
+  shape, dtype and mode, measured in the same run. ``ratio_vs_<baseline>`` likewise against the
+  provider's named baseline where it has one (e.g. pemoe's MoV-30 step against PEFT's IA3 step).
 * ``saved_mb`` — bytes of the tensors the autograd graph of one training forward saves for backward
   (seen through ``torch.autograd.graph.saved_tensors_hooks``), deduplicated by storage, *excluding* the
   storages of the op's own inputs (x, frozen weights, adapter parameters): the extra activation memory
@@ -43,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODES = ("fwd", "bwd", "fwd_bwd")
+MODES = ("fwd", "bwd", "fwd_bwd", "step")
 DEFAULT_MODES = ("fwd", "fwd_bwd")
 FLOOR = "linear"
 CSV_COLUMNS = (
@@ -107,6 +111,12 @@ class Provider:
     trainable: tuple[str, ...]
     implementation: str | None = None
     supports: Callable[[dict[str, int]], str | None] | None = None
+    #: run after backward in the ``step`` mode (e.g. ``optimizer.step()``)
+    optimizer_step: Callable[[], None] | None = None
+    #: tensors the provider owns (model weights) that saved_mb must not count as activations
+    owned: Callable[[], Iterable[torch.Tensor]] | None = None
+    #: another provider of the same op to report ``ratio_vs_<baseline>`` against
+    baseline: str | None = None
 
 
 def standard_providers(
@@ -164,6 +174,8 @@ class OpBench:
     scale_keys: tuple[str, ...] = field(default_factory=tuple)  # widths shrunk by --shape-scale
     #: (shape, dtype, mode) -> (FLOPs, minimum bytes moved) of one call, for tflops / gbps / roofline_pct
     cost: Callable[[dict[str, int], torch.dtype, str], tuple[float, float]] | None = None
+    floor: str = FLOOR
+    default_modes: tuple[str, ...] = DEFAULT_MODES
 
 
 def shape_str(shape: dict[str, int]) -> str:
@@ -389,8 +401,12 @@ def device_description(device: torch.device) -> str:
 def auto_choices(ops: Iterable[str], device: torch.device) -> dict[str, str]:
     """What implementation="auto" resolves to for each op on ``device``."""
     from pemoe.ops import resolve_implementation
+    from pemoe.ops._dispatch import AVAILABLE
 
-    return {op: resolve_implementation(op, "auto", device) for op in ops}
+    kernel_ops = [op for op in ops if op in AVAILABLE]
+    if "t5_step" in ops:  # the step runs the fused ops inside T5
+        kernel_ops += [op for op in ("mov_linear", "mov_ffn", "molora_linear") if op not in kernel_ops]
+    return {op: resolve_implementation(op, "auto", device) for op in kernel_ops}
 
 
 class CsvSink:
@@ -466,11 +482,15 @@ def _closure(
 
         return bwd
 
+    step = provider.optimizer_step if mode == "step" else None
+
     def fwd_bwd() -> None:
         for t in trainable:
             t.grad = None
         out = provider.forward(inputs)
         torch.autograd.backward(out, grad_out)
+        if step is not None:
+            step()
 
     return fwd_bwd
 
@@ -499,7 +519,8 @@ def run_group(
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        saved, out = saved_for_backward(lambda prov=prov, p=p: prov.forward(prepared[p]), exclude)
+        owned = storage_ptrs(prov.owned()) if prov.owned is not None else set()
+        saved, out = saved_for_backward(lambda prov=prov, p=p: prov.forward(prepared[p]), exclude | owned)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - before
             sink.write(case, "peak_mb", peak / 2**20, peak / 2**20, peak / 2**20)
@@ -522,7 +543,7 @@ def run_group(
             budget_s=settings.budget_s,
         )
         del fns  # drops the graphs the bwd closures hold
-        floor = stats.get(FLOOR)
+        floor = stats.get(bench.floor)
         cost = bench.cost(shape, dtype, mode) if bench.cost is not None else None
         peaks = device_peaks(device)
         for p in providers:
@@ -530,8 +551,12 @@ def run_group(
             p20, p50, p80 = stats[p]
             sink.write(case, "time_ms", p50, p20, p80)
             if floor is not None:
-                sink.write(case, "ratio_vs_linear", p50 / floor[1], p20 / floor[0], p80 / floor[2])
-            if cost is not None and p != FLOOR:
+                sink.write(case, "ratio_vs_floor", p50 / floor[1], p20 / floor[0], p80 / floor[2])
+            base_stats = stats.get(bench.providers[p].baseline or "")
+            if base_stats is not None:
+                metric = f"ratio_vs_{bench.providers[p].baseline}"
+                sink.write(case, metric, p50 / base_stats[1], p20 / base_stats[0], p80 / base_stats[2])
+            if cost is not None and p != bench.floor:
                 flops, nbytes = cost
                 # rates from the p50 time; p20/p80 columns follow the p80/p20 times (faster = higher)
                 sink.write(case, "tflops", flops / p50 / 1e9, flops / p80 / 1e9, flops / p20 / 1e9)
@@ -557,11 +582,14 @@ def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
 
 TABLE_COLUMNS = {
     ("fwd", "time_ms"): "fwd ms",
-    ("fwd", "ratio_vs_linear"): "fwd ratio",
+    ("fwd", "ratio_vs_floor"): "fwd ratio",
     ("bwd", "time_ms"): "bwd ms",
-    ("bwd", "ratio_vs_linear"): "bwd ratio",
+    ("bwd", "ratio_vs_floor"): "bwd ratio",
     ("fwd_bwd", "time_ms"): "fwd+bwd ms",
-    ("fwd_bwd", "ratio_vs_linear"): "fwd+bwd ratio",
+    ("fwd_bwd", "ratio_vs_floor"): "fwd+bwd ratio",
+    ("step", "time_ms"): "step ms",
+    ("step", "ratio_vs_floor"): "step ratio",
+    ("step", "ratio_vs_baseline"): "step vs baseline",
     ("fwd", "saved_mb"): "saved MB",
     ("fwd", "tflops"): "fwd TFLOP/s",
     ("fwd", "gbps"): "fwd GB/s",
@@ -574,7 +602,12 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     vals: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for r in rows:
         key = (r["op"], r["shape"], r["dtype"], r["provider"])
-        col = TABLE_COLUMNS.get((r["mode"], r["metric"]))
+        metric = (
+            "ratio_vs_baseline"
+            if r["metric"].startswith("ratio_vs_") and r["metric"] != "ratio_vs_floor"
+            else r["metric"]
+        )
+        col = TABLE_COLUMNS.get((r["mode"], metric))
         if col is not None:
             v = float(r["p50"])
             vals.setdefault(key, {})[col] = f"{v:.2f}x" if "ratio" in col else f"{v:.2f}"
@@ -590,13 +623,13 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 
 
 def plot_ratios(csv_path: pathlib.Path, png_path: pathlib.Path) -> pathlib.Path:
-    """Bar plot of ratio_vs_linear (p50, p20–p80 as error bars) from the CSV, one panel per mode."""
+    """Bar plot of ratio_vs_floor (p50, p20–p80 as error bars) from the CSV, one panel per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_csv(csv_path) if r["metric"] == "ratio_vs_linear"]
+    rows = [r for r in read_csv(csv_path) if r["metric"] == "ratio_vs_floor"]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or ["fwd"]
     groups = list(dict.fromkeys(f"{r['op']}\n{r['shape']}\n{r['dtype']}" for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
@@ -619,8 +652,8 @@ def plot_ratios(csv_path: pathlib.Path, png_path: pathlib.Path) -> pathlib.Path:
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=7)
-        ax.set_ylabel("time / linear floor (p50)")
-        ax.set_title(f"{mode}: time relative to the frozen linear floor")
+        ax.set_ylabel("time / floor (p50)")
+        ax.set_title(f"{mode}: time relative to the frozen floor (linear layer, or frozen T5)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)

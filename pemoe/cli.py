@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 DEFAULT_OPS = ("mov_linear", "molora_linear", "mov_ffn")
+ALL_OPS = (*DEFAULT_OPS, "t5_step")  # t5_step (a whole training step per adapter method) on request
 DEFAULT_DTYPES = ("float32", "bfloat16")
-MODES = ("fwd", "bwd", "fwd_bwd")  # bench/harness.py's; "bwd" (backward alone) on request
-DEFAULT_MODES = ("fwd", "fwd_bwd")
+MODES = ("fwd", "bwd", "fwd_bwd", "step")  # bench/harness.py's; "bwd" (backward alone) on request
 
 
 def _import_bench():
@@ -41,7 +41,7 @@ def _import_bench():
 
 def _benches() -> dict:
     _import_bench()
-    return {op: importlib.import_module(f"bench.{op}").BENCH for op in DEFAULT_OPS}
+    return {op: importlib.import_module(f"bench.{op}").BENCH for op in ALL_OPS}
 
 
 def _csv_list(valid: Sequence[str], what: str, convert: Callable[[str], object] = str) -> Callable[[str], list]:
@@ -92,7 +92,12 @@ def build_parser(benches: dict) -> argparse.ArgumentParser:
         help=f"comma list of {', '.join(providers)} (default: each op's own; the 'linear' floor is always measured)",
     )
     b.add_argument("--dtypes", type=_csv_list(list(DTYPES), "dtype"), default=list(DEFAULT_DTYPES))
-    b.add_argument("--modes", type=_csv_list(list(MODES), "mode"), default=list(DEFAULT_MODES), help="comma list")
+    b.add_argument(
+        "--modes",
+        type=_csv_list(list(MODES), "mode"),
+        default=None,
+        help="comma list (default: each op's own: fwd,fwd_bwd; t5_step: fwd_bwd,step)",
+    )
     b.add_argument(
         "--tokens",
         type=_csv_list([], "token count", _positive_int),
@@ -151,7 +156,7 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
     plan = []
     for op in args.ops:
         bench = benches[op]
-        chosen = [harness.FLOOR] + [p for p in (args.providers or bench.providers) if p != harness.FLOOR]
+        chosen = [bench.floor] + [p for p in (args.providers or bench.providers) if p != bench.floor]
         runnable = []
         for p in chosen:
             if p not in bench.providers:  # asked for by name, but this op has no such provider
@@ -171,6 +176,7 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
     interrupted = False
     try:
         for bench, runnable in plan:
+            modes = args.modes or list(bench.default_modes)
             for shape in _shapes(bench, args.full, args.tokens, args.shape_scale):
                 applies = []
                 for p in runnable:
@@ -181,7 +187,7 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
                         skipped.append(f"skipped {bench.op} / {p} at {harness.shape_str(shape)}: {reason}")
                         print(skipped[-1])
                 for dtype in dtypes:
-                    harness.run_group(bench, applies, shape, dtype, device, args.modes, settings, sink)
+                    harness.run_group(bench, applies, shape, dtype, device, modes, settings, sink)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -197,7 +203,7 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
     print(table)
     print()
     wrote = [f"CSV:      {csv_path}", f"Markdown: {md_path}"]
-    if any(r["metric"] == "ratio_vs_linear" for r in rows):
+    if any(r["metric"] == "ratio_vs_floor" for r in rows):
         harness.plot_ratios(csv_path, png_path)
         wrote.append(f"PNG:      {png_path}")
     else:

@@ -35,12 +35,12 @@ def test_bench_writes_csv_markdown_png(tmp_path, capsys):
     for p in providers:
         for mode in ("fwd", "fwd_bwd"):
             got = {r["metric"] for r in rows if r["provider"] == p and r["mode"] == mode}
-            assert {"time_ms", "ratio_vs_linear"} <= got, (p, mode, got)
+            assert {"time_ms", "ratio_vs_floor"} <= got, (p, mode, got)
         assert {"saved_mb", "out_mb"} <= {r["metric"] for r in rows if r["provider"] == p}
     assert {r["shape"] for r in rows} == {"T=8,K=64,N=64,G=16,E=10"}
     assert {(r["op"], r["dtype"], r["device"]) for r in rows} == {("mov_linear", "float32", "cpu")}
     for r in rows:
-        if r["provider"] == "linear" and r["metric"] == "ratio_vs_linear":
+        if r["provider"] == "linear" and r["metric"] == "ratio_vs_floor":
             assert float(r["p50"]) == pytest.approx(1.0)
         if r["metric"] == "time_ms":
             assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
