@@ -11,7 +11,7 @@ offline from the v1.1 config; dropout 0 so that every step does the same work), 
   only tensors requiring grad; no optimizer;
 * ``peft-ia3`` — PEFT's IA3 on k, v, wo (wo as feed-forward); ``peft-lora`` — PEFT's LoRA r = 4,
   alpha = 16 on q, k, v, o, wi_0, wo;
-* ``pemoe-ia3``, ``pemoe-mov-30``, ``pemoe-lora``, ``pemoe-molora-15`` — :func:`pemoe.inject.inject`
+* ``pemoe-ia3``, ``pemoe-mov-30``, ``pemoe-lora``, ``pemoe-molora-15`` — :func:`pemoe.adapters.inject`
   with the ``"auto"`` implementation on the same sites (SPEC §2);
 * ``reference-mov-30``, ``reference-molora-15`` — the same with ``implementation="reference"`` (the
   straight einsum transcription, the SPEC's "for scale" figures).
@@ -163,7 +163,7 @@ def _peft(config_factory: Callable[[], object]) -> Callable[[torch.nn.Module], t
 
 def _pemoe(config_factory: Callable[[], object]) -> Callable[[torch.nn.Module], torch.nn.Module]:
     def adapt(model: torch.nn.Module) -> torch.nn.Module:
-        from pemoe.inject import inject
+        from pemoe.adapters import inject
 
         inject(model, config_factory())
         return model
@@ -185,7 +185,7 @@ def _lora():
 
 def _pemoe_config(name: str, implementation: str = "auto") -> Callable[[], object]:
     def make():
-        from pemoe import inject as pi
+        from pemoe import adapters as pi
 
         return {
             "ia3": lambda: pi.IA3Config(implementation=implementation),

@@ -117,6 +117,16 @@ def build_parser(benches: dict) -> argparse.ArgumentParser:
     b.set_defaults(full=False)
     # Testing aid: divide the model widths by this factor (tiny shapes for fast tests).
     b.add_argument("--shape-scale", type=_positive_int, default=1, help=argparse.SUPPRESS)
+    from pemoe.params import METHODS, T5_V1_1
+
+    pp = sub.add_parser(
+        "params",
+        help="trainable-parameter table of the adapters on T5 v1.1 (meta device, no weights)",
+        description="Trainable parameters (absolute and %% of the base model) of (IA)3, MoV, LoRA and MoLoRA "
+        "on T5 v1.1 small/base/large/xl/xxl, counted on models built on the meta device.",
+    )
+    pp.add_argument("--sizes", type=_csv_list(list(T5_V1_1), "size"), default=list(T5_V1_1), help="comma list")
+    pp.add_argument("--methods", type=_csv_list(list(METHODS), "method"), default=list(METHODS), help="comma list")
     return parser
 
 
@@ -221,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(benches).parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "bench":
         return run_bench(args, benches)
+    if args.command == "params":
+        from pemoe.params import format_table, parameter_table
+
+        print(format_table(parameter_table(args.sizes, args.methods)))
+        return 0
     return 2
 
 

@@ -11,6 +11,12 @@ Adapter parameters (experts, routers, lora_a, lora_b) are kept float32 whatever 
 module is moved to (``.half()``, ``.to(torch.bfloat16)``): the ops cast them to the
 activation dtype where the math allows, and run the router in float32. (A float64 move keeps
 them float64, for precision checks.) The wrapped base layer is frozen at construction.
+
+Sentence routing: built with ``router_input_features=R``, a layer's router is [R, E] and reads one
+vector per sequence ([B, R] for inputs [B, S, ·]) instead of the token's own activation. The vector is
+the ``router_input`` argument of ``forward`` or, when that is None, the one set with
+:meth:`_AdapterModule.set_router_input` (how :func:`pemoe.adapters.sentence_routing` reaches layers
+called by model code); calling a sentence-routed layer without either raises ValueError.
 """
 
 from __future__ import annotations
@@ -38,6 +44,25 @@ class _AdapterModule(nn.Module):
     """Keeps adapter parameters at float32 (or wider) across dtype moves."""
 
     _adapter_param_names: tuple[str, ...] = ()
+    router_input_features: int | None = None  # R for sentence routing; None: the router reads the activation
+    _router_input: torch.Tensor | None = None
+
+    def set_router_input(self, router_input: torch.Tensor | None) -> None:
+        """The per-sequence router input used when ``forward`` gets none (sentence routing)."""
+        self._router_input = router_input
+
+    def _resolve_router_input(self, router_input: torch.Tensor | None) -> torch.Tensor | None:
+        if router_input is not None:
+            return router_input  # explicit: the op validates it against the router
+        if getattr(self, "router", None) is None or self.router_input_features is None:
+            return None  # one expert (nothing to route) or token routing
+        if self._router_input is None:
+            raise ValueError(
+                f"{type(self).__name__} routes by sentence (router_input_features={self.router_input_features}): "
+                f"pass router_input [B, {self.router_input_features}] or run the model inside "
+                "pemoe.adapters.sentence_routing(model, router_input)"
+            )
+        return self._router_input
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name in self._adapter_param_names if (p := getattr(self, name)) is not None]
@@ -55,11 +80,16 @@ class _AdapterModule(nn.Module):
         return self
 
 
+def _normal(w: torch.Tensor, std: float) -> torch.Tensor:
+    """normal(0, std) in place; meta tensors hold no data, so they skip the (slow, decomposed) init."""
+    return w if w.device.type == "meta" else nn.init.normal_(w, std=std)
+
+
 def _router(in_features: int, num_experts: int, device) -> nn.Parameter | None:
     if num_experts == 1:  # softmax over one expert is 1: (IA)3 / LoRA have no router
         return None
     w = torch.empty(in_features, num_experts, dtype=torch.float32, device=device)
-    return nn.Parameter(nn.init.normal_(w, std=ROUTER_INIT_STD))
+    return nn.Parameter(_normal(w, ROUTER_INIT_STD))
 
 
 def _freeze(base: nn.Linear) -> nn.Linear:
@@ -88,16 +118,20 @@ class MoV(_AdapterModule):
         top_k: int | None = None,
         renormalize: bool = False,
         implementation: str = "auto",
+        router_input_features: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         for name, v in (("num_groups", num_groups), ("dim", dim), ("num_experts", num_experts)):
             _check_positive(name, v)
+        if router_input_features is not None:
+            _check_positive("router_input_features", router_input_features)
         check_top_k(top_k, num_experts)
         self.num_groups, self.dim, self.num_experts = num_groups, dim, num_experts
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
+        self.router_input_features = router_input_features
         self.experts = nn.Parameter(torch.ones(num_groups, num_experts, dim, dtype=torch.float32, device=device))
-        self.router = _router(dim, num_experts, device)
+        self.router = _router(router_input_features or dim, num_experts, device)
 
     def forward(self, h: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
         return ops.mov(
@@ -106,7 +140,7 @@ class MoV(_AdapterModule):
             self.experts,
             top_k=self.top_k,
             renormalize=self.renormalize,
-            router_input=router_input,
+            router_input=self._resolve_router_input(router_input),
             implementation=self.implementation,
         )
 
@@ -138,6 +172,7 @@ class MoVLinear(_AdapterModule):
         top_k: int | None = None,
         renormalize: bool = False,
         implementation: str = "auto",
+        router_input_features: int | None = None,
     ) -> None:
         super().__init__()
         self.base = _freeze(base)
@@ -151,8 +186,31 @@ class MoVLinear(_AdapterModule):
             top_k=top_k,
             renormalize=renormalize,
             implementation=implementation,
+            router_input_features=router_input_features,
             device=base.weight.device,
         )
+        self.router_input_features = router_input_features
+
+    def set_router_input(self, router_input: torch.Tensor | None) -> None:
+        self._router_input = router_input
+        self.site.set_router_input(router_input)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight [N, K] (so code reading ``layer.weight`` keeps working)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
 
     @property
     def experts(self) -> nn.Parameter:
@@ -172,7 +230,7 @@ class MoVLinear(_AdapterModule):
             bias=self.base.bias,
             top_k=s.top_k,
             renormalize=s.renormalize,
-            router_input=router_input,
+            router_input=self._resolve_router_input(router_input),
             implementation=s.implementation,
         )
 
@@ -196,20 +254,41 @@ class MoLoRALinear(_AdapterModule):
         top_k: int | None = None,
         renormalize: bool = False,
         implementation: str = "auto",
+        router_input_features: int | None = None,
     ) -> None:
         super().__init__()
         self.base = _freeze(base)
         _check_positive("num_experts", num_experts)
         _check_positive("rank", rank)
+        if router_input_features is not None:
+            _check_positive("router_input_features", router_input_features)
         check_top_k(top_k, num_experts)
+        self.router_input_features = router_input_features
         self.num_experts, self.rank, self.alpha = num_experts, rank, float(alpha)
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
         k, n, dev = base.in_features, base.out_features, base.weight.device
         self.lora_a = nn.Parameter(
-            nn.init.normal_(torch.empty(num_experts, k, rank, dtype=torch.float32, device=dev), std=LORA_A_INIT_STD)
+            _normal(torch.empty(num_experts, k, rank, dtype=torch.float32, device=dev), LORA_A_INIT_STD)
         )
         self.lora_b = nn.Parameter(torch.zeros(num_experts, rank, n, dtype=torch.float32, device=dev))
-        self.router = _router(k, num_experts, dev)
+        self.router = _router(router_input_features or k, num_experts, dev)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight [N, K] (so code reading ``layer.weight`` keeps working)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
 
     @property
     def scale(self) -> float:
@@ -226,7 +305,7 @@ class MoLoRALinear(_AdapterModule):
             bias=self.base.bias,
             top_k=self.top_k,
             renormalize=self.renormalize,
-            router_input=router_input,
+            router_input=self._resolve_router_input(router_input),
             implementation=self.implementation,
         )
 

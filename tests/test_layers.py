@@ -139,3 +139,59 @@ def test_extra_repr_and_bad_config():
         MoLoRALinear(nn.Linear(8, 8), num_experts=2, top_k=3)
     with pytest.raises(TypeError, match="base must be a torch.nn.Linear"):
         MoLoRALinear(nn.Conv1d(8, 8, 1))
+
+
+def test_linear_layers_expose_the_base_weight():
+    base = nn.Linear(8, 6)
+    for layer in (MoVLinear(base, 2, 3), MoLoRALinear(nn.Linear(8, 6), num_experts=2)):
+        assert layer.weight is layer.base.weight and layer.bias is layer.base.bias
+        assert (layer.in_features, layer.out_features) == (8, 6)
+
+
+@pytest.mark.parametrize("kind", ["mov", "mov_linear", "molora"])
+def test_sentence_routed_layers(kind):
+    R, E = 6, 3
+    if kind == "mov":
+        layer = MoV(2, 4, E, router_input_features=R)
+        inp = torch.randn(2, 5, 8)
+    elif kind == "mov_linear":
+        layer = MoVLinear(nn.Linear(12, 8), 2, E, router_input_features=R)
+        inp = torch.randn(2, 5, 12)
+    else:
+        layer = MoLoRALinear(nn.Linear(12, 8), num_experts=E, router_input_features=R)
+        nn.init.normal_(layer.lora_b)
+        inp = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.add_(torch.randn_like(p))
+    assert layer.router.shape == (R, E)
+    with pytest.raises(ValueError, match=r"routes by sentence \(router_input_features=6\)"):
+        layer(inp)
+    r = torch.randn(2, R)
+    explicit = layer(inp, r)
+    if kind == "mov":
+        want = ops.mov(inp, layer.router, layer.experts, router_input=r, implementation="reference")
+    elif kind == "mov_linear":
+        want = ops.mov_linear(
+            inp, layer.weight, layer.router, layer.experts, bias=layer.bias, router_input=r, implementation="reference"
+        )
+    else:
+        want = ops.molora_linear(
+            inp,
+            layer.weight,
+            layer.lora_a,
+            layer.lora_b,
+            layer.router,
+            scale=layer.scale,
+            bias=layer.bias,
+            router_input=r,
+            implementation="reference",
+        )
+    torch.testing.assert_close(explicit, want, rtol=1e-6, atol=1e-6)
+    layer.set_router_input(r)
+    assert torch.equal(layer(inp), explicit)
+    layer.set_router_input(None)
+    with pytest.raises(ValueError, match="routes by sentence"):
+        layer(inp)
+    with pytest.raises(ValueError, match="router_input_features must be a positive int"):
+        MoV(2, 4, E, router_input_features=0)

@@ -1,0 +1,657 @@
+"""Drop-in adapters for T5: ``inject(model, config)``, adapter-only save/load, the authors' names.
+
+``pemoe.inject(model, config)`` is :func:`inject` from this module (re-exported by ``pemoe``).
+
+Supported models: transformers' ``T5ForConditionalGeneration`` and :class:`pemoe.models.T5` (same
+module paths). ``inject`` replaces exactly the sites of SPEC §2 in every encoder and decoder block
+(self- and cross-attention) and freezes everything else:
+
+* :class:`MoVConfig` / :class:`IA3Config`, sites ``k``, ``v``, ``ffn``: attention ``k`` and ``v``
+  become :class:`~pemoe.layers.MoVLinear` (MoV per head, after the projection); ``ffn`` is MoV on
+  act(x·wi_0) before ``* (x·wi_1)`` (v1.1) or on act(x·wi) before ``wo`` (v1.0).
+* :class:`MoLoRAConfig` / :class:`LoRAConfig`, sites ``q k v o wi_0 wo`` (v1.1) or ``q k v o wi wo``
+  (v1.0) by default (``wi_1`` on request): each becomes a :class:`~pemoe.layers.MoLoRALinear`.
+
+The FFN MoV site: in transformers' T5 the FFN's ``act`` module is wrapped (:class:`MoVActivation`,
+``ops.mov`` on its output); in pemoe's T5 the site goes into the FFN's ``mov`` slot and the FFN runs
+as the fused ``ops.mov_ffn``. Attention k/v sites run the fused ``ops.mov_linear`` and MoLoRA sites
+``ops.molora_linear`` in both models; ``config.implementation`` is passed to every op.
+
+Config fields shared by all four: ``num_experts`` (1 for IA3Config / LoRAConfig), ``sites`` (None:
+the SPEC §2 defaults above), ``top_k`` / ``renormalize`` (routing ablations), ``router_input``
+(``"token"``: each router reads its site's activation; ``"sentence"``: every router reads one vector
+per sequence, [B, router_input_dim] with router_input_dim = d_model by default, given at run time with
+``with sentence_routing(model, vectors): ...``) and ``implementation`` (passed to every op).
+MoLoRAConfig / LoRAConfig add ``rank`` and ``alpha`` (scale = alpha / rank).
+
+Adapter names (the keys of :func:`adapter_state_dict` and of saved files) are model-independent:
+``<path of the replaced Linear>.<param>`` (``encoder.block.0.layer.0.SelfAttention.k.experts``) and,
+for the FFN MoV site, ``<path of DenseReluDense>.mov.<param>``; params are ``experts`` [G, E, D] and
+``router`` [D, E] (MoV), ``lora_a`` [E, K, r], ``lora_b`` [E, r, N] and ``router`` [K, E] (MoLoRA); no
+``router`` when E = 1. A file saved from one model type loads into the other.
+
+Authors' names (for-ai/parameter-efficient-moe: T5X/Flaxformer parameter tree under ``target/``;
+:func:`authors_name`, :func:`to_authors_state`, :func:`from_authors_state`). Scopes:
+``encoder.block.{i}.layer.0.SelfAttention`` → ``encoder/layers_{i}/attention``;
+``decoder.block.{i}.layer.0.SelfAttention`` → ``decoder/layers_{i}/self_attention``;
+``decoder.block.{i}.layer.1.EncDecAttention`` → ``decoder/layers_{i}/encoder_decoder_attention``;
+``….DenseReluDense`` → ``…/layers_{i}/mlp``. Within a scope:
+
+| pemoe | authors | layout |
+|---|---|---|
+| ``{k,v}.experts`` | ``{k,v}_conv/mov_scaling`` | [heads, E, d_kv] as is |
+| ``{k,v}.experts``, E = 1 | ``{k,v}_conv/ia3_scaling`` | [heads, 1, d_kv] → [heads, d_kv] |
+| ``mov.experts`` | ``intermediate_conv/mov_scaling`` | [1, E, F] → [E, F] |
+| ``mov.experts``, E = 1 | ``intermediate_conv/ia3_scaling`` | [1, 1, F] → [F] |
+| ``{k,v}.router`` | ``{k,v}_conv/router/router_weights/v/kernel`` | [d_kv, E] as is |
+| ``mov.router`` | ``intermediate_conv/router/router_weights/v/kernel`` | [F, E] as is |
+| ``{q,k,v,o}.lora_a`` | ``lora_{q,k,v,output}_conv/lora_A`` | [E, K, r] as is; E = 1: [K, r] |
+| ``{q,k,v,o}.lora_b`` | ``lora_{q,k,v,output}_conv/lora_B`` | [E, r, N] as is; E = 1: [r, N] |
+| ``{wi_0 or wi, wo}.lora_{a,b}`` | ``lora_intermediate_conv``, ``lora_output_conv`` + ``/lora_{A,B}`` | as above |
+| ``<site>.router`` (MoLoRA) | ``<conv>/router/router_weights/v/kernel`` | [K, E] as is |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import pathlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from pemoe.layers import MoLoRALinear, MoV, MoVLinear, ParameterCount, count_parameters
+from pemoe.ops._dispatch import AVAILABLE
+
+__all__ = [
+    "MoVConfig",
+    "IA3Config",
+    "MoLoRAConfig",
+    "LoRAConfig",
+    "AdapterConfig",
+    "MoVActivation",
+    "inject",
+    "sentence_routing",
+    "adapter_config",
+    "adapter_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "load_adapter_state_dict",
+    "config_from_dict",
+    "authors_name",
+    "to_authors_state",
+    "from_authors_state",
+]
+
+logger = logging.getLogger("pemoe")
+
+FORMAT_VERSION = "1"
+ROUTER_INPUTS = ("token", "sentence")
+IMPLEMENTATIONS = ("auto",) + tuple(sorted({impl for impls in AVAILABLE.values() for impl in impls}))
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Config:
+    method: ClassVar[str] = ""
+    valid_sites: ClassVar[tuple[str, ...]] = ()
+
+    num_experts: int = 1
+    sites: tuple[str, ...] | None = None
+    top_k: int | None = None
+    renormalize: bool = False
+    router_input: str = "token"
+    router_input_dim: int | None = None
+    implementation: str = "auto"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _positive_int(name, "num_experts", self.num_experts)
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+                raise TypeError(f"{name}.top_k must be an int or None, got {self.top_k!r}")
+            if not 1 <= self.top_k <= self.num_experts:
+                raise ValueError(f"{name}.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.sites is not None:
+            if isinstance(self.sites, str):
+                object.__setattr__(self, "sites", (self.sites,))
+            object.__setattr__(self, "sites", tuple(self.sites))
+            if not self.sites:
+                raise ValueError(f"{name}.sites must name at least one site (valid: {', '.join(self.valid_sites)})")
+            unknown = [s for s in self.sites if s not in self.valid_sites]
+            if unknown:
+                raise ValueError(f"{name}.sites: unknown site(s) {unknown}; valid sites: {', '.join(self.valid_sites)}")
+            if len(set(self.sites)) != len(self.sites):
+                raise ValueError(f"{name}.sites lists a site twice: {list(self.sites)}")
+        if self.router_input not in ROUTER_INPUTS:
+            raise ValueError(f"{name}.router_input must be one of {list(ROUTER_INPUTS)}, got {self.router_input!r}")
+        if self.router_input == "sentence" and self.num_experts == 1:
+            raise ValueError(f"{name}: sentence routing needs num_experts > 1 (one expert has no router)")
+        if self.router_input_dim is not None:
+            _positive_int(name, "router_input_dim", self.router_input_dim)
+            if self.router_input != "sentence":
+                raise ValueError(f"{name}.router_input_dim is for router_input='sentence' only")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"{name}.implementation must be one of {list(IMPLEMENTATIONS)}, got {self.implementation!r}"
+            )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sites"] = None if self.sites is None else list(self.sites)
+        return {"method": self.method, **d}
+
+
+@dataclass(frozen=True)
+class MoVConfig(_Config):
+    """MoV: soft mixture of (IA)3 vectors at k, v (per head) and on the FFN activation (site ``ffn``)."""
+
+    method: ClassVar[str] = "mov"
+    valid_sites: ClassVar[tuple[str, ...]] = ("k", "v", "ffn")
+    num_experts: int = 10
+    sites: tuple[str, ...] | None = ("k", "v", "ffn")
+
+
+@dataclass(frozen=True)
+class IA3Config(MoVConfig):
+    """(IA)3: MoV with one expert and no router."""
+
+    method: ClassVar[str] = "ia3"
+    num_experts: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_experts != 1:
+            raise ValueError(f"IA3Config.num_experts must be 1 (use MoVConfig for more), got {self.num_experts}")
+
+
+@dataclass(frozen=True)
+class MoLoRAConfig(_Config):
+    """MoLoRA: soft mixture of LoRA adapters of rank ``rank`` (scale = alpha / rank).
+
+    ``sites=None``: q, k, v, o and wi_0, wo (v1.1) or wi, wo (v1.0).
+    """
+
+    method: ClassVar[str] = "molora"
+    valid_sites: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "wi_0", "wi_1", "wi", "wo")
+    num_experts: int = 10
+    rank: int = 4
+    alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int(type(self).__name__, "rank", self.rank)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise TypeError(f"{type(self).__name__}.alpha must be a number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+
+@dataclass(frozen=True)
+class LoRAConfig(MoLoRAConfig):
+    """LoRA: MoLoRA with one expert and no router."""
+
+    method: ClassVar[str] = "lora"
+    num_experts: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_experts != 1:
+            raise ValueError(f"LoRAConfig.num_experts must be 1 (use MoLoRAConfig for more), got {self.num_experts}")
+
+
+AdapterConfig = MoVConfig | MoLoRAConfig
+_CONFIGS = {c.method: c for c in (MoVConfig, IA3Config, MoLoRAConfig, LoRAConfig)}
+
+
+def config_from_dict(d: dict) -> AdapterConfig:
+    """Inverse of ``config.to_dict()``."""
+    d = dict(d)
+    method = d.pop("method", None)
+    if method not in _CONFIGS:
+        raise ValueError(f"unknown adapter method {method!r}; known: {sorted(_CONFIGS)}")
+    cls = _CONFIGS[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
+    if d.get("sites") is not None:
+        d["sites"] = tuple(d["sites"])
+    return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# the T5 models and their sites
+
+
+class MoVActivation(nn.Module):
+    """``site(act(h))``: the FFN MoV site of SPEC §2 in transformers' T5 (wraps the FFN's ``act``)."""
+
+    def __init__(self, act: nn.Module, site: MoV) -> None:
+        super().__init__()
+        self.act, self.site = act, site
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.site(self.act(h))
+
+
+def _is_pemoe_t5(model: nn.Module) -> bool:
+    from pemoe.models.t5 import T5
+
+    return isinstance(model, T5)
+
+
+def _is_hf_t5(model: nn.Module) -> bool:
+    try:
+        from transformers import T5ForConditionalGeneration
+    except ImportError:  # pragma: no cover - transformers is optional
+        return False
+    return isinstance(model, T5ForConditionalGeneration)
+
+
+def _check_t5(model: object) -> str:
+    if isinstance(model, nn.Module) and _is_pemoe_t5(model):
+        return "pemoe"
+    if isinstance(model, nn.Module) and _is_hf_t5(model):
+        return "transformers"
+    raise TypeError(
+        "pemoe.inject supports transformers' T5ForConditionalGeneration and pemoe.models.T5, "
+        f"got {type(model).__module__}.{type(model).__name__}"
+    )
+
+
+@dataclass
+class _Site:
+    key: str  # canonical site path (adapter names are key + "." + param)
+    parent: nn.Module  # module whose attribute is replaced / set
+    attr: str
+    kind: str  # "mov_linear", "mov_ffn", "molora"
+
+
+def _is_gated(ffn: nn.Module) -> bool:
+    return hasattr(ffn, "wi_0")
+
+
+def _resolve_sites(config: AdapterConfig, gated: bool) -> tuple[str, ...]:
+    if config.sites is not None:
+        sites = config.sites
+    elif isinstance(config, MoLoRAConfig):
+        sites = ("q", "k", "v", "o") + (("wi_0", "wo") if gated else ("wi", "wo"))
+    else:
+        sites = MoVConfig.valid_sites
+    ffn_names = {"wi_0", "wi_1", "wo"} if gated else {"wi", "wo"}
+    wrong = [s for s in sites if s in {"wi_0", "wi_1", "wi"} and s not in ffn_names]
+    if wrong:
+        kind = "T5 v1.1 gated FFN (wi_0, wi_1, wo)" if gated else "T5 v1.0 FFN (wi, wo)"
+        raise ValueError(f"{type(config).__name__}.sites: {wrong} not in this model's {kind}")
+    return tuple(sites)
+
+
+def _find_sites(model: nn.Module, config: AdapterConfig) -> tuple[tuple[str, ...], list[_Site]]:
+    blocks = [("encoder", i, b) for i, b in enumerate(model.encoder.block)]
+    blocks += [("decoder", i, b) for i, b in enumerate(model.decoder.block)]
+    gated = _is_gated(blocks[0][2].layer[-1].DenseReluDense)
+    sites = _resolve_sites(config, gated)
+    found: list[_Site] = []
+    for stack, i, block in blocks:
+        prefix = f"{stack}.block.{i}"
+        attentions = [(f"{prefix}.layer.0.SelfAttention", block.layer[0].SelfAttention)]
+        if stack == "decoder":
+            attentions.append((f"{prefix}.layer.1.EncDecAttention", block.layer[1].EncDecAttention))
+        ffn_path = f"{prefix}.layer.{len(block.layer) - 1}.DenseReluDense"
+        ffn = block.layer[-1].DenseReluDense
+        for site in sites:
+            if site in ("q", "k", "v", "o"):
+                kind = "molora" if isinstance(config, MoLoRAConfig) else "mov_linear"
+                found += [_Site(f"{path}.{site}", attn, site, kind) for path, attn in attentions]
+            elif site == "ffn":
+                found.append(_Site(f"{ffn_path}.mov", ffn, "mov" if _is_pemoe_t5(model) else "act", "mov_ffn"))
+            else:
+                found.append(_Site(f"{ffn_path}.{site}", ffn, site, "molora"))
+    return sites, found
+
+
+def _adapter_module(model: nn.Module, site: _Site) -> nn.Module:
+    """The module holding a site's adapter parameters (experts/router or lora_a/lora_b/router)."""
+    m = getattr(site.parent, site.attr)
+    return m.site if isinstance(m, MoVActivation) else m
+
+
+def _site_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n in module._adapter_param_names if (p := getattr(module, n)) is not None}
+
+
+def _router_input_features(model: nn.Module, config: AdapterConfig) -> int | None:
+    if config.router_input != "sentence":
+        return None
+    return config.router_input_dim or model.config.d_model
+
+
+def _build(model: nn.Module, config: AdapterConfig, site: _Site) -> nn.Module:
+    """The replacement module (or MoV site) for one site; does not touch the model."""
+    common = dict(
+        top_k=config.top_k,
+        renormalize=config.renormalize,
+        implementation=config.implementation,
+        router_input_features=_router_input_features(model, config),
+    )
+    current = getattr(site.parent, site.attr, None)
+    if site.kind == "mov_ffn":
+        ffn = site.parent
+        width = ffn.wo.in_features
+        mov = MoV(1, width, config.num_experts, device=ffn.wo.weight.device, **common)
+        if _is_pemoe_t5(model):
+            return mov
+        return MoVActivation(current, mov)
+    if not isinstance(current, nn.Linear):
+        raise TypeError(f"pemoe.inject: {site.key} must be a torch.nn.Linear, got {type(current).__name__}")
+    if site.kind == "mov_linear":
+        return MoVLinear(current, model.config.num_heads, config.num_experts, **common)
+    return MoLoRALinear(current, config.num_experts, config.rank, alpha=config.alpha, **common)
+
+
+def _injected(model: nn.Module) -> bool:
+    return getattr(model, "_pemoe_adapter", None) is not None or any(
+        isinstance(m, (MoV, MoVLinear, MoLoRALinear, MoVActivation)) for m in model.modules()
+    )
+
+
+def _apply(model: nn.Module, config: AdapterConfig) -> Callable[[], None]:
+    """Inject; returns an undo function restoring the model exactly. Fails without changing anything."""
+    if not isinstance(config, (MoVConfig, MoLoRAConfig)):
+        raise TypeError(
+            f"config must be a MoVConfig, IA3Config, MoLoRAConfig or LoRAConfig, got {type(config).__name__}"
+        )
+    kind = _check_t5(model)
+    if _injected(model):
+        have = getattr(model, "_pemoe_adapter", None)
+        raise ValueError(
+            f"pemoe.inject: the model already has pemoe adapters ({have['config'] if have else 'unknown config'}); "
+            "inject once per model (build or load a fresh backbone to change adapters)"
+        )
+    sites, found = _find_sites(model, config)
+    # Freezing happens inside the layer constructors: remember every flag first.
+    grad_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    replaced: list[tuple[nn.Module, str, object]] = []
+
+    def undo() -> None:
+        for parent, attr, old in reversed(replaced):
+            setattr(parent, attr, old)
+        for p, flag in grad_flags.values():
+            p.requires_grad_(flag)
+        model.__dict__.pop("_pemoe_adapter", None)
+
+    try:
+        new = [(s, _build(model, config, s)) for s in found]
+        for s, module in new:
+            replaced.append((s.parent, s.attr, getattr(s.parent, s.attr, None)))
+            setattr(s.parent, s.attr, module)
+        adapter_ids = set()
+        for s in found:
+            adapter_ids |= {id(p) for p in _site_parameters(_adapter_module(model, s)).values()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in adapter_ids)
+        resolved = dataclasses.replace(config, sites=sites, router_input_dim=_router_input_features(model, config))
+        model._pemoe_adapter = {"config": resolved, "sites": {s.key: s for s in found}, "model": kind}
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> ParameterCount:
+    """Replace the SPEC §2 sites of a T5 (transformers' or pemoe's) with pemoe adapters, in place.
+
+    Everything but the adapter parameters is frozen. Returns (and logs on the ``pemoe`` logger) the
+    trainable parameter count and its share of all parameters. Raises TypeError for a model that is
+    not a supported T5, ValueError for a model that already has adapters or sites it lacks; on any
+    error the model is left unchanged.
+    """
+    _apply(model, config)
+    count = count_parameters(model)
+    logger.info("pemoe.inject %s: %s", type(config).__name__, count)
+    return count
+
+
+@contextlib.contextmanager
+def sentence_routing(model: nn.Module, router_input: torch.Tensor) -> Iterator[None]:
+    """Run a sentence-routed model: every router reads ``router_input`` [B, R] (one vector per sequence,
+    e.g. a pooled instruction embedding; R = ``config.router_input_dim``, d_model by default) instead of
+    the token's activation, broadcast over that sequence's tokens in the encoder and the decoder.
+
+        with pemoe.adapters.sentence_routing(model, pooled):  # pooled [B, R]
+            loss = model(**batch).loss
+    """
+    config = _require_injected(model)["config"]
+    if config.router_input != "sentence":
+        raise ValueError(f"the model's adapters route by {config.router_input!r}, not by sentence")
+    dim = config.router_input_dim
+    if not isinstance(router_input, torch.Tensor) or router_input.dim() != 2 or router_input.shape[1] != dim:
+        shape = list(router_input.shape) if isinstance(router_input, torch.Tensor) else type(router_input).__name__
+        raise ValueError(f"router_input must have shape [B, R] = [batch, {dim}], got {shape}")
+    if not router_input.is_floating_point():
+        raise TypeError(f"router_input must be a floating tensor, got {router_input.dtype}")
+    modules = [_adapter_module(model, s) for s in _require_injected(model)["sites"].values()]
+    for m in modules:
+        m.set_router_input(router_input)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_router_input(None)
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig | None:
+    """The (site-resolved) config injected into ``model``, or None."""
+    state = getattr(model, "_pemoe_adapter", None)
+    return None if state is None else state["config"]
+
+
+def _require_injected(model: nn.Module) -> dict:
+    state = getattr(model, "_pemoe_adapter", None)
+    if state is None:
+        raise ValueError("the model has no pemoe adapters: call pemoe.inject(model, config) first")
+    return state
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter parameters by model-independent name (``<site>.<param>``), in site order."""
+    state = _require_injected(model)
+    out: dict[str, nn.Parameter] = {}
+    for key, site in state["sites"].items():
+        for name, p in _site_parameters(_adapter_module(model, site)).items():
+            out[f"{key}.{name}"] = p
+    return out
+
+
+def _config_for_compare(config: AdapterConfig) -> dict:
+    d = config.to_dict()
+    d.pop("implementation")  # a run-time choice, not part of the adapter's identity
+    return d
+
+
+def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
+    """Save the adapter parameters alone (safetensors, float32 as trained), config in the metadata."""
+    from safetensors.torch import save_file
+
+    state = _require_injected(model)
+    tensors = {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+    metadata = {
+        "format": "pt",
+        "pemoe_format": FORMAT_VERSION,
+        "pemoe_config": json.dumps(state["config"].to_dict()),
+        "pemoe_saved_from": state["model"],
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _read_adapter_file(path: str | pathlib.Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "pemoe_config" not in meta:
+            raise ValueError(f"{path} is not a pemoe adapter file (no 'pemoe_config' in its safetensors metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return config_from_dict(json.loads(meta["pemoe_config"])), tensors
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> dict[str, nn.Parameter]:
+    params = adapter_state_dict(model)
+    missing, unexpected = [k for k in params if k not in tensors], [k for k in tensors if k not in params]
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} does not fit this model: {len(missing)} missing key(s) {missing[:4]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:4]}"
+        )
+    for k, p in params.items():
+        if tuple(tensors[k].shape) != tuple(p.shape):
+            raise ValueError(f"{what}: {k} has shape {list(tensors[k].shape)}, the model's is {list(p.shape)}")
+    return params
+
+
+def load_adapter(model: nn.Module, path: str | pathlib.Path) -> AdapterConfig:
+    """Load adapters saved by :func:`save_adapter` into ``model`` (bit-exact copy); returns their config.
+
+    A model without adapters is injected with the file's config first. A model with adapters must
+    have the file's config (``implementation`` aside): mismatching fields, keys or shapes raise
+    ValueError naming them, and the model is left unchanged.
+    """
+    saved, tensors = _read_adapter_file(path)
+    undo = None
+    current = adapter_config(model)
+    if current is None:
+        undo = _apply(model, dataclasses.replace(saved))
+        current = adapter_config(model)
+    try:
+        a, b = _config_for_compare(saved), _config_for_compare(current)
+        diff = [
+            f"{k}: file {a.get(k)!r} vs model {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+        ]
+        if diff:
+            raise ValueError(f"adapter file {path} was saved for another adapter config: " + "; ".join(diff))
+        params = _check_tensors(model, tensors, f"adapter file {path}")
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    _copy(params, tensors)
+    return current
+
+
+def _copy(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k].to(device=p.device))
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (pemoe adapter keys, e.g. from :func:`from_authors_state`) into an injected model.
+
+    Every adapter key must be present with the model's shape (ValueError naming the key otherwise;
+    nothing is copied then)."""
+    _copy(_check_tensors(model, state, "adapter state"), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' (for-ai/parameter-efficient-moe, T5X/Flaxformer) parameter names
+
+_STACK_RE = re.compile(
+    r"^(?P<stack>encoder|decoder)\.block\.(?P<i>\d+)\.layer\.(?P<layer>\d+)\."
+    r"(?P<module>SelfAttention|EncDecAttention|DenseReluDense)\.(?P<site>\w+)\.(?P<param>\w+)$"
+)
+_ATTN_MODULE = {"SelfAttention": "attention", "EncDecAttention": "encoder_decoder_attention"}
+_LORA_CONV = {"q": "lora_q_conv", "k": "lora_k_conv", "v": "lora_v_conv", "o": "lora_output_conv"}
+_LORA_MLP_CONV = {"wi_0": "lora_intermediate_conv", "wi": "lora_intermediate_conv", "wo": "lora_output_conv"}
+_ROUTER = "router/router_weights/v/kernel"
+
+
+def authors_name(key: str, config: AdapterConfig) -> str:
+    """The authors' T5X parameter path of a pemoe adapter key (see the module docstring table)."""
+    m = _STACK_RE.match(key)
+    if m is None:
+        raise ValueError(f"not a pemoe T5 adapter key: {key!r}")
+    stack, i, module, site, param = m["stack"], m["i"], m["module"], m["site"], m["param"]
+    if module == "DenseReluDense":
+        scope = "mlp"
+    elif stack == "decoder" and module == "SelfAttention":
+        scope = "self_attention"
+    else:
+        scope = _ATTN_MODULE[module]
+    base = f"target/{stack}/layers_{i}/{scope}"
+    single = config.num_experts == 1
+    if site in ("k", "v") and param in ("experts", "router") and isinstance(config, MoVConfig):
+        conv = f"{base}/{site}_conv"
+    elif site == "mov":
+        conv = f"{base}/intermediate_conv"
+    elif module == "DenseReluDense" and site in _LORA_MLP_CONV:
+        conv = f"{base}/{_LORA_MLP_CONV[site]}"
+    elif site in _LORA_CONV:
+        conv = f"{base}/{_LORA_CONV[site]}"
+    else:
+        raise ValueError(f"no authors' name for {key!r} (site {site!r} is not one of the paper's sites)")
+    if param == "router":
+        return f"{conv}/{_ROUTER}"
+    if param == "experts":
+        return f"{conv}/{'ia3_scaling' if single else 'mov_scaling'}"
+    return f"{conv}/{'lora_A' if param == 'lora_a' else 'lora_B'}"
+
+
+def _authors_layout(key: str, t: torch.Tensor, config: AdapterConfig) -> torch.Tensor:
+    """pemoe layout -> authors' layout (a view)."""
+    single = config.num_experts == 1
+    if key.endswith(".mov.experts"):  # [1, E, F] -> [E, F] (IA3: [F])
+        return t[0, 0] if single else t[0]
+    if key.endswith(".experts") and single:  # [G, 1, D] -> [G, D]
+        return t[:, 0]
+    if key.endswith((".lora_a", ".lora_b")) and single:  # LoRA has no expert axis
+        return t[0]
+    return t
+
+
+def to_authors_state(state: dict[str, torch.Tensor], config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """pemoe adapter state (``adapter_state_dict`` / a saved file) -> the authors' names and layouts."""
+    return {authors_name(k, config): _authors_layout(k, t, config) for k, t in state.items()}
+
+
+def from_authors_state(
+    authors: dict[str, torch.Tensor], model: nn.Module, *, strict: bool = True
+) -> dict[str, torch.Tensor]:
+    """The authors' parameters -> pemoe keys and layouts for ``model`` (already injected), as float32.
+
+    Load the result with :func:`load_adapter_state_dict`. With
+    ``strict``, every adapter of the model must be found and no authors' key may be left over.
+    """
+    config = adapter_config(model)
+    if config is None:
+        raise ValueError("from_authors_state needs an injected model (its config and shapes decide the mapping)")
+    out: dict[str, torch.Tensor] = {}
+    used = set()
+    for key, p in adapter_state_dict(model).items():
+        name = authors_name(key, config)
+        if name not in authors:
+            if strict:
+                raise ValueError(f"authors' parameters lack {name!r} (for {key})")
+            continue
+        used.add(name)
+        t = torch.as_tensor(authors[name]).to(torch.float32)
+        want_view = _authors_layout(key, p.detach(), config)
+        if tuple(t.shape) != tuple(want_view.shape):
+            raise ValueError(f"authors' {name} has shape {list(t.shape)}, expected {list(want_view.shape)} for {key}")
+        out[key] = t.reshape(p.shape)
+    if strict and (left := sorted(set(authors) - used)):
+        raise ValueError(f"authors' parameters not used by this model's adapters: {left[:4]} ({len(left)} in all)")
+    return out
