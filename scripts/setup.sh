@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv in the checkout and installs pemoe with its dev, hf (transformers, peft) and
-# triton extras (Triton's interpreter and compiler run the kernel tests on the CPU).
+# triton extras (Triton's interpreter and compiler run the kernel tests on the CPU) and the jax extra.
 # On a machine with no torch yet it installs the CPU build of torch 2.13.0 first (from a local
 # wheel where one lies, else from the PyTorch CPU index), never a multi-GB CUDA build.
 # Set PEMOE_TORCH="torch==X" to install another torch (e.g. a CUDA build on a GPU machine).
@@ -16,4 +16,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"${PIP[@]}" -e ".[dev,hf,triton]"
+"${PIP[@]}" -e ".[dev,hf,triton,jax]"

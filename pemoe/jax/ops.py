@@ -1,0 +1,269 @@
+"""JAX functional API (SPEC §1), mirroring :mod:`pemoe.ops`: ``mov``, ``mov_linear``, ``mov_ffn``,
+``molora_linear`` — same argument names, same weight layouts, same routing options.
+
+Every op takes ``implementation=``:
+  * ``"reference"`` — the ``jnp`` transcription in :mod:`pemoe.jax.reference` (plain autodiff);
+  * ``"xla"`` — the SPEC §3 reformulations with ``jax.custom_vjp`` backwards (:mod:`pemoe.jax.xla`);
+  * ``"pallas"`` — ``mov_linear`` only: the fused Pallas forward kernel (``pemoe.kernels.pallas``) with an
+    explicit XLA backward (:mod:`pemoe.jax.pallas`); runs on TPU, or anywhere in the Pallas interpreter
+    when ``PEMOE_PALLAS_INTERPRET=1``; top-k and sentence routing raise ``NotImplementedError``;
+  * ``"triton"`` (and ``"pallas"`` for the other ops) — not implemented yet: ``NotImplementedError``;
+  * ``"auto"`` — the best available on the default JAX backend (``"xla"`` everywhere today); the
+    choice is logged once per (op, backend) on the ``pemoe`` logger and returned by
+    :func:`resolve_implementation`.
+Arguments are validated at trace time, the same way for every implementation
+(:mod:`pemoe.jax._checks`). All ops are traceable: call them under ``jax.jit``; ``top_k``,
+``renormalize``, ``scale``, ``activation`` and ``implementation`` are static Python values.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+
+from pemoe.jax import _checks, reference, xla
+
+__all__ = [
+    "AVAILABLE",
+    "PLANNED",
+    "mov",
+    "mov_linear",
+    "mov_ffn",
+    "molora_linear",
+    "pallas_interpret",
+    "resolve_implementation",
+]
+
+logger = logging.getLogger("pemoe")
+
+#: Implementations that exist today, per op. "auto" resolves to one of them.
+AVAILABLE: dict[str, tuple[str, ...]] = {
+    "mov": ("reference", "xla"),
+    "mov_linear": ("reference", "xla", "pallas"),
+    "mov_ffn": ("reference", "xla"),
+    "molora_linear": ("reference", "xla"),
+}
+#: Implementations that are planned (issue 5) but do not exist yet: they raise NotImplementedError.
+PLANNED: tuple[str, ...] = ("pallas", "triton")
+
+_announced: set[tuple[str, str, str]] = set()
+
+
+def pallas_interpret() -> bool:
+    """True when ``PEMOE_PALLAS_INTERPRET=1``: Pallas kernels run in the interpreter (any backend)."""
+    return os.environ.get("PEMOE_PALLAS_INTERPRET", "0") == "1"
+
+
+def resolve_implementation(op: str, implementation: str, backend: str | None = None) -> str:
+    """Return the implementation that will run ``op`` on ``backend`` (default: ``jax.default_backend()``).
+
+    ``"auto"`` picks ``"xla"`` on every backend today (the Pallas kernel is forward-only and unmeasured on
+    a TPU) and logs the choice once per (op, backend) on the ``pemoe`` logger. ``"pallas"`` where it does
+    not exist or cannot run, and ``"triton"``, raise ``NotImplementedError``; an unknown name raises
+    ``ValueError``. Nothing falls back silently.
+    """
+    if op not in AVAILABLE:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(AVAILABLE)}")
+    available = AVAILABLE[op]
+    if implementation == "auto":
+        backend = backend or jax.default_backend()
+        chosen = "xla"
+        key = (op, backend, chosen)
+        if key not in _announced:
+            _announced.add(key)
+            logger.info("pemoe.jax.%s: implementation='auto' chose %r on %s", op, chosen, backend)
+        return chosen
+    if implementation in available:
+        if implementation == "pallas":
+            backend = backend or jax.default_backend()
+            if backend != "tpu" and not pallas_interpret():
+                raise NotImplementedError(
+                    f"{op}: implementation='pallas' runs on TPU (Mosaic), got backend {backend!r}; set "
+                    "PEMOE_PALLAS_INTERPRET=1 to run the kernel in the Pallas interpreter"
+                )
+        return implementation
+    if implementation in PLANNED:
+        raise NotImplementedError(
+            f"{op}: implementation={implementation!r} does not exist yet in pemoe.jax; available: "
+            f"{('auto',) + available}"
+        )
+    raise ValueError(
+        f"{op}: unknown implementation {implementation!r}; expected one of {('auto',) + available + PLANNED}"
+    )
+
+
+def _flat(t: jax.Array) -> jax.Array:
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # (no -1: the batch may be empty)
+
+
+def _sentence_probs(router_input, router, tokens_shape, top_k, renormalize):
+    """Sentence-routing probabilities per token [T, E] (autodiff flows back to router_input and router)."""
+    if router_input is None:
+        return None
+    p = reference.sentence_router_probs(router_input, router, tokens_shape, top_k=top_k, renormalize=renormalize)
+    return _flat(p)
+
+
+def mov(
+    h: jax.Array,
+    router: jax.Array | None,
+    experts: jax.Array,
+    *,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Soft mixture of (IA)3 vectors on h [..., G·D]: h * einsum('tge,ged->tgd', softmax(h32 router), experts).
+
+    router [D, E] float32 (None for (IA)3, E = 1); experts [G, E, D] float32. Returns h's shape and dtype.
+    """
+    _checks.check_mov(h, router, experts, top_k=top_k, router_input=router_input)
+    impl = resolve_implementation("mov", implementation)
+    if impl == "reference":
+        return reference.mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
+    probs = _sentence_probs(router_input, router, tuple(h.shape[:-1]), top_k, renormalize)
+    y = xla.mov_site(_flat(h), None if probs is not None else router, experts, probs, top_k, renormalize)
+    return y.reshape(h.shape)
+
+
+def mov_linear(
+    x: jax.Array,
+    weight: jax.Array,
+    router: jax.Array | None,
+    experts: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """mov(x Wᵀ + b): x [..., K], weight [N, K] (frozen, torch Linear layout), N = G·D. Returns [..., N]."""
+    _checks.check_linear(x, weight, bias)
+    _checks.check_mov(
+        x, router, experts, top_k=top_k, router_input=router_input, h_name="weight output", width=weight.shape[0]
+    )
+    impl = resolve_implementation("mov_linear", implementation)
+    if impl == "reference":
+        return reference.mov_linear(
+            x, weight, router, experts, bias=bias, top_k=top_k, renormalize=renormalize, router_input=router_input
+        )
+    if impl == "pallas":
+        from pemoe.jax import pallas
+
+        if router_input is not None:
+            raise NotImplementedError("mov_linear: implementation='pallas' does not support sentence routing yet")
+        y = pallas.mov_linear(_flat(x), weight, bias, router, experts, top_k=top_k, interpret=pallas_interpret())
+        return y.reshape(x.shape[:-1] + (weight.shape[0],))
+    probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    h = reference.linear(_flat(x), weight, bias)  # frozen GEMM: plain autodiff (residuals are inputs)
+    y = xla.mov_site(h, None if probs is not None else router, experts, probs, top_k, renormalize)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def mov_ffn(
+    x: jax.Array,
+    wi_0: jax.Array,
+    wo: jax.Array,
+    router: jax.Array | None,
+    experts: jax.Array,
+    *,
+    wi_1: jax.Array | None = None,
+    activation: str = "gelu_new",
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """T5 FFN with MoV on the activation (SPEC §2).
+
+    wi_1 given (v1.1 gated-GELU): (mov(act(x wi_0ᵀ)) * (x wi_1ᵀ)) woᵀ; else (v1.0): mov(act(x wi_0ᵀ)) woᵀ.
+    x [..., M], wi_0/wi_1 [F, M], wo [M, F], router [F, E], experts [1, E, F].
+    """
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
+    _checks.check_linear(x, wi_0, None, weight_name="wi_0")
+    if wi_1 is not None:
+        _checks.check_linear(x, wi_1, None, weight_name="wi_1")
+        if wi_1.shape != wi_0.shape:
+            raise ValueError(f"wi_1 must have wi_0's shape {list(wi_0.shape)} ([F, M]), got {list(wi_1.shape)}")
+    _checks.check_float_array("wo", wo, ndim=2)
+    if tuple(wo.shape) != (x.shape[-1], wi_0.shape[0]):
+        raise ValueError(f"wo must have shape [M, F] = [{x.shape[-1]}, {wi_0.shape[0]}], got {list(wo.shape)}")
+    if wo.dtype != x.dtype:
+        raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
+    _checks.check_mov(
+        x, router, experts, top_k=top_k, router_input=router_input, h_name="wi_0 output", width=wi_0.shape[0]
+    )
+    impl = resolve_implementation("mov_ffn", implementation)
+    if impl == "reference":
+        return reference.mov_ffn(
+            x,
+            wi_0,
+            wo,
+            router,
+            experts,
+            wi_1=wi_1,
+            activation=activation,
+            top_k=top_k,
+            renormalize=renormalize,
+            router_input=router_input,
+        )
+    x2d = _flat(x)
+    probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    a = reference.ACTIVATIONS[activation](reference.linear(x2d, wi_0))
+    a = xla.mov_site(a, None if probs is not None else router, experts, probs, top_k, renormalize)
+    if wi_1 is not None:
+        a = a * reference.linear(x2d, wi_1)
+    return reference.linear(a, wo).reshape(x.shape)
+
+
+def molora_linear(
+    x: jax.Array,
+    weight: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    router: jax.Array | None,
+    *,
+    scale: float,
+    bias: jax.Array | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e. x [..., K], weight [N, K] (frozen), lora_a [E, K, r],
+    lora_b [E, r, N], router [K, E] (None for LoRA, E = 1), scale = alpha / r. Returns [..., N]."""
+    _checks.check_molora(x, weight, bias, lora_a, lora_b, router, scale=scale, top_k=top_k, router_input=router_input)
+    impl = resolve_implementation("molora_linear", implementation)
+    if impl == "reference":
+        return reference.molora_linear(
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            router,
+            scale=scale,
+            bias=bias,
+            top_k=top_k,
+            renormalize=renormalize,
+            router_input=router_input,
+        )
+    probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    y = xla.molora(
+        _flat(x),
+        weight,
+        lora_a,
+        lora_b,
+        None if probs is not None else router,
+        scale=scale,
+        bias=bias,
+        probs=probs,
+        top_k=top_k,
+        renormalize=renormalize,
+    )
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
