@@ -127,6 +127,10 @@ def build_parser(benches: dict) -> argparse.ArgumentParser:
     )
     pp.add_argument("--sizes", type=_csv_list(list(T5_V1_1), "size"), default=list(T5_V1_1), help="comma list")
     pp.add_argument("--methods", type=_csv_list(list(METHODS), "method"), default=list(METHODS), help="comma list")
+    from pemoe.train.cli import add_eval_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -236,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(format_table(parameter_table(args.sizes, args.methods)))
         return 0
+    if args.command in ("train", "eval"):
+        from pemoe.train.cli import run
+
+        return run(args)
     return 2
 
 

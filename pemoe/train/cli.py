@@ -1,0 +1,180 @@
+"""``pemoe train`` and ``pemoe eval`` subcommands (argument parsers and their runners).
+
+``pemoe/cli.py`` adds these parsers to its subcommands and dispatches to :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+__all__ = ["add_train_parser", "add_eval_parser", "run"]
+
+EPILOG = """\
+data: a JSONL file ({"task", "input", "target", optional "choices", "template"} per line) or the built-in
+synthetic multi-task set, synthetic:<train|seen|heldout|pretrain>[:seed=S,train=N,eval=M] (pretrain: span
+corruption over all prompts, no answers).
+
+examples (the synthetic pipeline on a tiny random T5, byte-level tokenizer; bench/finetune_report.py runs it all):
+  pemoe train --init tiny --method full --data synthetic:pretrain --optimizer adamw --lr 1e-3 \\
+      --batch-size 32 --max-steps 1500 --out runs/pre          # task-free pre-training
+  pemoe train --model runs/pre/model --method mov --num-experts 8 --data synthetic:train --batch-size 32 \\
+      --optimizer adamw --lr 1e-2 --eval-data synthetic:heldout --eval-every 100 --max-steps 300 \\
+      --checkpoint-every 100 --out runs/mov
+  pemoe train ...same arguments... --max-steps 500 --resume    # continue from the latest checkpoint
+  pemoe eval --model runs/pre/model --adapter runs/mov/adapter.safetensors --data synthetic:heldout
+"""
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("empty list")
+    return items
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", choices=["pemoe", "transformers"], default="pemoe", help="T5 implementation to run")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a local SentencePiece .model file (default: the model directory's own, else the built-in byte "
+        "tokenizer: UTF-8 bytes + 3, pad 0, eos 1, 259 ids)",
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="backbone dtype")
+    p.add_argument("--max-input-len", type=int, default=128, help="input tokens (incl. end-of-sequence)")
+    p.add_argument("--max-target-len", type=int, default=32, help="target tokens (incl. end-of-sequence)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad JSONL lines instead of failing")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    """The ``train`` subcommand."""
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a T5 with MoV / MoLoRA / (IA)3 / LoRA adapters (or all weights) on JSONL data",
+        description="Fine-tune pemoe's or transformers' T5 with adapters (frozen backbone) or, with --method "
+        "full, all weights (e.g. to pre-train a random model). Checkpoints hold only the trained weights, the "
+        "optimizer and the data-loader state; --resume continues bit-exactly; Ctrl-C saves a resumable "
+        "checkpoint. Writes <out>/metrics.jsonl, <out>/adapter.safetensors (or <out>/model/), <out>/eval.md.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory: pemoe format (pemoe train --method full) or transformers T5")
+    src.add_argument("--init", help="random-initialised T5: preset tiny, mini, small, or a JSON of T5Config fields")
+    p.add_argument("--data", required=True, help="training data (JSONL path or synthetic:train)")
+    p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
+    p.add_argument("--method", choices=["mov", "ia3", "molora", "lora", "full"], default="mov")
+    p.add_argument("--num-experts", type=int, default=10, help="experts of MoV / MoLoRA (default 10)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA / MoLoRA rank (default 4)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA / MoLoRA alpha, scale = alpha / rank")
+    p.add_argument("--top-k", type=int, default=None, help="top-k routing (default: soft merge of all experts)")
+    p.add_argument("--renormalize", action="store_true", help="renormalise the top-k probabilities")
+    p.add_argument("--sites", type=_csv, default=None, help="comma list of adapter sites (default: the paper's)")
+    p.add_argument("--implementation", default="auto", help="pemoe.ops implementation (auto, torch, reference, ...)")
+    _model_args(p)
+    p.add_argument("--dropout", type=float, default=None, help="override the model's dropout rate")
+    p.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor")
+    p.add_argument("--lr", type=float, default=3e-4, help="constant learning rate (default 3e-4)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps in all (resume included)")
+    p.add_argument("--seed", type=int, default=0, help="data order, dropout and --init seed")
+    p.add_argument("--eval-data", default=None, help="evaluation data with choices (e.g. synthetic:heldout)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="(input, choice) pairs per evaluation batch")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="most recent checkpoints kept")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint directory (no value: the latest under --out)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="plain log lines instead of a bar")
+    p.add_argument("--log-every", type=int, default=10, help="plain log line every N steps (without a bar)")
+    return p
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    """The ``eval`` subcommand."""
+    p = sub.add_parser(
+        "eval",
+        help="rank-classification accuracy of a model (+ adapter) on JSONL data with choices",
+        description="Score each answer choice by the model's log-likelihood; accuracy per task is the median "
+        "over prompt templates; prints a markdown table per task and the average.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="model directory (pemoe format or transformers T5)")
+    p.add_argument("--adapter", default=None, help="adapter file written by pemoe train")
+    p.add_argument("--data", required=True, help="JSONL with choices, or synthetic:heldout / synthetic:seen")
+    p.add_argument("--batch-size", type=int, default=64, help="(input, choice) pairs per batch")
+    p.add_argument("--length-normalize", action="store_true", help="score by mean instead of summed log-likelihood")
+    p.add_argument("--json", type=pathlib.Path, default=None, help="also write the result as JSON here")
+    _model_args(p)
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pemoe.train.data import BadLineError
+    from pemoe.train.loop import CheckpointMismatch, TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    fields["out"] = str(fields["out"])
+    try:
+        result = train(TrainConfig(**fields))
+    except (BadLineError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
+        print(f"pemoe train: error: {e}", file=sys.stderr)
+        return 2
+    last = result.losses[-1][1] if result.losses else float("nan")
+    print(f"pemoe train: step {result.step}, last loss {last:.4f}, checkpoint {result.checkpoint}")
+    if result.skipped_lines:
+        print(f"pemoe train: {len(result.skipped_lines)} bad line(s) skipped")
+    if result.evals:
+        print(f"pemoe train: held-out average accuracy {100 * result.evals[-1][1].average:.1f}%")
+    return 130 if result.interrupted else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pemoe.train.data import BadLineError, load_dataset
+    from pemoe.train.evaluate import format_table, rank_classification
+    from pemoe.train.loop import load_trained_model
+
+    try:
+        data = load_dataset(args.data, skip_bad_lines=args.skip_bad_lines)
+        bundle = load_trained_model(
+            args.model, adapter=args.adapter, backbone=args.backbone, tokenizer=args.tokenizer, dtype=args.dtype
+        )
+        result = rank_classification(
+            bundle.model,
+            bundle.tokenizer,
+            data.examples,
+            batch_size=args.batch_size,
+            max_input_len=args.max_input_len,
+            max_target_len=args.max_target_len,
+            length_normalize=args.length_normalize,
+            decoder_start_id=bundle.decoder_start_id,
+        )
+    except (BadLineError, FileNotFoundError, ValueError) as e:
+        print(f"pemoe eval: error: {e}", file=sys.stderr)
+        return 2
+    if data.skipped:
+        print(f"pemoe eval: {len(data.skipped)} bad line(s) skipped, first: {data.skipped[0]}", file=sys.stderr)
+    print(format_table({"accuracy %": result}, data.examples))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``pemoe train`` / ``pemoe eval``."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return _train(args) if args.command == "train" else _eval(args)

@@ -1,0 +1,290 @@
+"""Evaluation as in the paper: rank classification over answer choices, median over prompt templates.
+
+Each example's choices are scored by the model's log-likelihood of the choice given the input
+(sum of the target tokens' log-probabilities, end-of-sequence token included; ``length_normalize=True``
+divides by the token count); the prediction is the best-scoring choice (ties: the first). Accuracy is
+computed per (task, template); a task's score is the median over its templates, and the summary is the
+mean of the task scores (the paper's held-out average).
+
+:func:`routing_statistics` gives the data for the paper's Figure 5: the mean routing probability of each
+expert, per task, at one adapter site (averaged over the non-padding tokens the site sees).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pemoe import reference
+from pemoe.train.data import Batch, Example, encode_batch
+from pemoe.train.tokenizer import Tokenizer
+
+__all__ = [
+    "EvalResult",
+    "model_logits",
+    "score_choices",
+    "rank_classification",
+    "format_table",
+    "routing_statistics",
+    "default_routing_site",
+]
+
+
+def model_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Decoder logits [B, T, V] of pemoe's or transformers' T5 for a batch (teacher forcing)."""
+    kwargs = dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        decoder_input_ids=batch.decoder_input_ids,
+        decoder_attention_mask=batch.decoder_attention_mask,
+    )
+    from pemoe.models.t5 import T5
+
+    if not isinstance(model, T5):
+        kwargs["use_cache"] = False  # transformers: no key/value cache in teacher forcing
+    return model(**kwargs).logits
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    for name in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels"):
+        setattr(batch, name, getattr(batch, name).to(device))
+    return batch
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_choices(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    max_input_len: int = 128,
+    max_target_len: int = 32,
+    length_normalize: bool = False,
+    decoder_start_id: int = 0,
+) -> list[list[float]]:
+    """Log-likelihood of every choice of every example (one list per example, in choice order)."""
+    pairs = []
+    for i, ex in enumerate(examples):
+        if not ex.choices:
+            raise ValueError(f"{ex.where}: rank classification needs 'choices' (task {ex.task!r})")
+        pairs += [(i, c) for c in ex.choices]
+    scores: list[list[float]] = [[] for _ in examples]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = encode_batch(
+                tokenizer,
+                [examples[i].input for i, _ in chunk],
+                [c for _, c in chunk],
+                max_input_len=max_input_len,
+                max_target_len=max_target_len,
+                decoder_start_id=decoder_start_id,
+            )
+            batch = _to(batch, _device(model))
+            logp = torch.log_softmax(model_logits(model, batch).float(), dim=-1)
+            valid = batch.labels != -100
+            tok = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0] * valid
+            total = tok.sum(-1)
+            if length_normalize:
+                total = total / valid.sum(-1)
+            for (i, _), s in zip(chunk, total.tolist(), strict=True):
+                scores[i].append(s)
+    finally:
+        model.train(was_training)
+    return scores
+
+
+@dataclass
+class EvalResult:
+    """Accuracy per (task, template), per task (median over templates) and the mean over tasks."""
+
+    per_template: dict[str, dict[str, float]]  # task -> template -> accuracy
+    counts: dict[str, int]  # task -> number of examples
+    per_task: dict[str, float] = field(init=False)
+    average: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.per_task = {t: statistics.median(v.values()) for t, v in sorted(self.per_template.items())}
+        self.average = sum(self.per_task.values()) / len(self.per_task) if self.per_task else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "average": self.average,
+            "per_task": self.per_task,
+            "per_template": self.per_template,
+            "counts": self.counts,
+        }
+
+
+def rank_classification(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    **kwargs,
+) -> EvalResult:
+    """Rank-classification accuracy (see the module docstring); kwargs go to :func:`score_choices`."""
+    scores = score_choices(model, tokenizer, examples, **kwargs)
+    hits: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for ex, s in zip(examples, scores, strict=True):
+        best = max(range(len(s)), key=lambda j: (s[j], -j))
+        hits[ex.task][ex.template or "default"].append(int(ex.choices[best] == ex.target))
+    per_template = {t: {k: sum(v) / len(v) for k, v in sorted(tm.items())} for t, tm in hits.items()}
+    counts = {t: sum(len(v) for v in tm.values()) for t, tm in hits.items()}
+    return EvalResult(per_template, counts)
+
+
+def _chance(examples: Sequence[Example]) -> dict[str, float]:
+    acc: dict[str, list[float]] = defaultdict(list)
+    for ex in examples:
+        acc[ex.task].append(1.0 / len(ex.choices))
+    return {t: sum(v) / len(v) for t, v in acc.items()}
+
+
+def format_table(results: dict[str, EvalResult], examples: Sequence[Example] | None = None) -> str:
+    """Markdown table: one row per task, one column per result (median accuracy over templates, %),
+    the chance level when ``examples`` are given, and the average row."""
+    names = list(results)
+    tasks = sorted({t for r in results.values() for t in r.per_task})
+    chance = _chance(examples) if examples is not None else None
+    head = ["task", "templates", "n"] + (["chance"] if chance else []) + names
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    first = results[names[0]]
+    for t in tasks:
+        row = [t, str(len(first.per_template.get(t, {}))), str(first.counts.get(t, 0))]
+        if chance:
+            row.append(f"{100 * chance[t]:.1f}")
+        row += [f"{100 * r.per_task[t]:.1f}" if t in r.per_task else "-" for r in results.values()]
+        lines.append("| " + " | ".join(row) + " |")
+    avg = ["**average**", "", ""]
+    if chance:
+        avg.append(f"{100 * sum(chance.values()) / len(chance):.1f}")
+    avg += [f"**{100 * r.average:.1f}**" for r in results.values()]
+    lines.append("| " + " | ".join(avg) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# routing statistics (Figure 5)
+
+
+def default_routing_site(model: nn.Module) -> str:
+    """The paper's Figure-5 site: the FFN of the last encoder block (MoV: its ``mov`` site; MoLoRA:
+    ``wi_0`` / ``wi``); for an adapter config without FFN sites, the last encoder block's first site."""
+    from pemoe.adapters import _require_injected
+
+    sites = list(_require_injected(model)["sites"])
+    last = len(model.encoder.block) - 1
+    prefix = f"encoder.block.{last}."
+    enc = [s for s in sites if s.startswith(prefix)]
+    for suffix in (".mov", ".wi_0", ".wi"):
+        hit = [s for s in enc if s.endswith("DenseReluDense" + suffix)]
+        if hit:
+            return hit[0]
+    if not enc:
+        raise ValueError("the model has no adapter site in its last encoder block")
+    return enc[0]
+
+
+def _site_router_probs(model: nn.Module, site_key: str):
+    """(module to hook, fn(hook input) -> probs [..., E]) for a routed site."""
+    from pemoe.adapters import MoVActivation, _adapter_module, _require_injected
+    from pemoe.layers import MoLoRALinear, MoV, MoVLinear
+
+    state = _require_injected(model)
+    if site_key not in state["sites"]:
+        raise ValueError(f"no adapter site {site_key!r}; sites are e.g. {list(state['sites'])[:3]}")
+    site = state["sites"][site_key]
+    adapter = _adapter_module(model, site)
+    current = getattr(site.parent, site.attr)
+    if getattr(adapter, "router", None) is None:
+        raise ValueError(f"site {site_key!r} has one expert and no router: nothing to plot")
+    if adapter.router_input_features is not None:
+        raise ValueError("routing_statistics supports token routing only (this model routes by sentence)")
+    holder = adapter.site if isinstance(adapter, MoVLinear) else adapter  # where top_k / renormalize live
+    top = dict(top_k=holder.top_k, renormalize=holder.renormalize)
+
+    def probs(h: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+        return reference.router_probs(h, router, **top)
+
+    if isinstance(current, MoVLinear):  # attention k/v: router reads each head of x Wᵀ + b
+
+        def fn(x):
+            h = F.linear(x, current.base.weight, current.base.bias)
+            h = h.view(*h.shape[:-1], current.site.num_groups, current.site.dim)
+            return probs(h, current.router).mean(-2)  # mean over heads
+
+        return current, fn
+    if isinstance(current, MoLoRALinear):
+        return current, lambda x: probs(x, current.router)
+    if isinstance(current, MoVActivation):  # transformers' FFN: the site module sees act(x wi)
+        return current.site, lambda h: probs(h, current.site.router)
+    if isinstance(current, MoV) and site.attr == "mov":  # pemoe's fused FFN: recompute act(x wi_0ᵀ)
+        ffn = site.parent
+        return ffn, lambda x: probs(ffn._act(ffn.input_projection(x)), current.router)
+    raise TypeError(f"site {site_key!r}: unsupported module {type(current).__name__}")
+
+
+@torch.no_grad()
+def routing_statistics(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    site_key: str | None = None,
+    *,
+    batch_size: int = 32,
+    max_input_len: int = 128,
+    max_target_len: int = 32,
+) -> tuple[str, dict[str, list[float]]]:
+    """(site, {task: mean routing probability per expert}) over the examples' inputs and targets.
+
+    Tokens are weighted equally; padding tokens (encoder or decoder, by the site's stack) are excluded.
+    """
+    site_key = site_key or default_routing_site(model)
+    module, fn = _site_router_probs(model, site_key)
+    in_decoder = site_key.startswith("decoder.")
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, args: captured.append(fn(args[0]).float()))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = defaultdict(float)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = encode_batch(
+                tokenizer,
+                [e.input for e in chunk],
+                [e.target for e in chunk],
+                max_input_len=max_input_len,
+                max_target_len=max_target_len,
+            )
+            batch = _to(batch, _device(model))
+            captured.clear()
+            model_logits(model, batch)
+            mask = (batch.decoder_attention_mask if in_decoder else batch.attention_mask).float()
+            for p in captured:  # [B, S, E] (one call per forward for a self-attention or FFN site)
+                if p.shape[:2] != mask.shape:  # cross-attention k/v read the encoder output
+                    m = batch.attention_mask.float()
+                else:
+                    m = mask
+                weighted = (p * m[..., None]).sum(1)  # [B, E]
+                for j, e in enumerate(chunk):
+                    sums[e.task] = sums.get(e.task, 0) + weighted[j]
+                    counts[e.task] += float(m[j].sum())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return site_key, {t: (sums[t] / counts[t]).tolist() for t in sorted(sums)}
