@@ -1,0 +1,951 @@
+"""Fused MoV linear (SPEC §3.1): y = mov(x·Wᵀ + b) in one GEMM with a MoV epilogue.
+
+Math, per token t and head g (N = G·D, h seen as [T, G, D]; router [D, E] and experts [G, E, D] float32):
+    h        = x·Wᵀ + b                                   # float32 accumulator, never written to HBM
+    logits   = h[t, g, :] (float32) · router              # [T, G, E]
+    p, p_sft = routing.router_probs(logits)               # softmax (+ top-k, renormalised on request)
+    s        = Σ_e p[t, g, e] · experts[g, e, :]          # [T, G, D]
+    y        = h ⊙ s                                      # stored in x's dtype
+(IA)3 (E = 1, router None): s = experts[g, 0, :]. Sentence routing: p = probs[t, :] ([T, E], given) for
+every head, and the gradient flows back to ``probs``.
+
+Tiling. A program owns a [BLOCK_M, BLOCK_N] output tile; BLOCK_N is a multiple of D, so the tile holds
+HEADS = BLOCK_N / D whole heads. In the epilogue the float32 accumulator is viewed as [BLOCK_M·HEADS, D]
+rows (one per token and head) and multiplied by the router on the tensor cores; the merge is one dot
+of the probabilities [BLOCK_M, HEADS·BLOCK_E] with a block-diagonal expert tile [HEADS·BLOCK_E, BLOCK_N]
+(zeros off the diagonal blocks: HEADS-fold redundant work on a K of HEADS·BLOCK_E, a few percent of the
+GEMM's K at T5 shapes, instead of a per-expert loop on the CUDA cores).
+
+Backward (W is frozen: no weight gradient). With dyh = dy ⊙ h:
+    dp[t, g, e]     = Σ_d dyh[t, g, d] · experts[g, e, d]
+    dlogits         = routing.router_probs_backward(dp, p_soft)            (token routing)
+    d experts       = Σ_t p[t, g, e] · dyh[t, g, :]
+    d router        = Σ_{t,g} h[t, g, :]ᵀ · dlogits[t, g, :]
+    d probs[t, e]   = Σ_g dp[t, g, e]                                       (sentence routing)
+    dh              = dy ⊙ s + dlogits · routerᵀ,   dx = dh · W,   d bias = Σ_t dh
+One kernel recomputes the h tile (the GEMM again), and produces dh plus partial sums of d experts,
+d router and d probs; dx = dh · W is a plain GEMM (torch.matmul).
+
+What the forward saves: x (the op's input), and p_soft [T, G, E] float32 (only when a gradient is
+needed and routing is per token). h [T, N] is NOT saved, it is recomputed. At T5-large shape (T = 2048,
+K = N = 1024, bf16) saving h would add 4 MiB written in the forward plus 4 MiB read in the backward
+(≈ 2.5 µs at 3.35 TB/s on an H100) and 4 MiB of activation memory per MoV site (144 sites in T5-large:
+576 MiB per 2048 tokens), and it would put the forward at 1.35× its minimum HBM traffic; recomputing it
+costs one GEMM of 2·T·N·K = 4.3 GFLOP (≈ 4.3 µs at 990 TFLOP/s) that streams x and W (6 MiB, mostly
+L2-resident). SPEC §3 asks for the memory, so h is recomputed. p_soft is saved rather than
+recomputed so that the backward uses the forward's top-k choices exactly (a recomputed h may round
+differently and flip a near-tie).
+
+Cross-program reductions are two-stage and deterministic: the backward grid is (row chunk of
+REDUCE_ROWS tokens) × (column tile); each program loops over its chunk's BLOCK_M row tiles, keeps its
+partial sums in registers and writes them once to a float32 workspace indexed by chunk (and head),
+which torch sums afterwards. The workspace layout does not depend on the tile configuration, so the
+backward kernel can be autotuned, and it runs bit-identically twice (no atomics).
+
+Limits (checked by the launcher, NotImplementedError naming what is supported): D ∈ {16, 32, 64, 128},
+E ≤ 64, float16 / bfloat16 / float32 activations with float32 adapters, a frozen weight, CUDA tensors (CPU
+tensors under TRITON_INTERPRET=1). x and W may be strided; the small adapter tensors are made contiguous.
+
+Autotuning: FORWARD_CONFIGS / BACKWARD_CONFIGS are data; ``legal_config`` prunes them per problem (whole
+heads per tile, tl.dot's 16×16×16 minimum for every E including E = 1, shared-memory budget, row bucket),
+keyed on (T bucket, N, K, D, BLOCK_E, routing, dtypes). ``aot_cases()`` lists every configuration that
+survives pruning for T5-shaped problems; the first survivor of each list is the default.
+
+Numerics: every tl.dot accumulates in float32. The main GEMM reads x and W in their dtype; the epilogue
+dots (router logits, merge and their backward) take float32 operands with ``input_precision="tf32"`` for
+16-bit activations (operand rounding ≤ 2^-10, at or below the output's own rounding) and ``"ieee"`` for float32
+activations (float32 runs every dot in ieee precision: a correctness path, not a fast one). Element-wise
+math is float32; the output is cast to x's dtype at the store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pemoe.kernels.triton import routing
+from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
+
+#: Head widths (D) the kernels support: tiles hold whole heads and tl.dot needs D ≥ 16, a power of two.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+#: Most experts supported (BLOCK_E = 64 register tiles); the paper uses at most 60.
+MAX_EXPERTS = 64
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Rows of tokens whose partial sums one backward program reduces (≥ every backward BLOCK_M).
+REDUCE_ROWS = 128
+#: Shared memory the main loop's pipelined x and W tiles may take (sm_80 allows 163 KiB per block;
+#: the rest is left to the epilogue's layout conversions).
+MAIN_LOOP_SMEM = 144 * 1024
+#: Estimated shared memory of the backward kernel (main loop + float32 epilogue operands), within sm_80's.
+BACKWARD_SMEM = 160 * 1024
+#: Routing modes (the ROUTING constexpr).
+ROUTING_NONE, ROUTING_TOKEN, ROUTING_SENTENCE = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_tile(
+    x_ptr, w_ptr, bias_ptr,
+    offs_m, offs_n, T, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    HAS_BIAS: tl.constexpr, MAIN_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """h tile = x[offs_m, :] · W[offs_n, :]ᵀ (+ bias) as a float32 [BLOCK_M, BLOCK_N] accumulator."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    row_ok = offs_m[:, None] < T
+    col_ok = offs_n[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x_tile = tl.load(x_ptrs, mask=row_ok & (offs_k[None, :] < k_left), other=0.0)
+        w_tile = tl.load(w_ptrs, mask=col_ok & (offs_k[:, None] < k_left), other=0.0)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=MAIN_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _expert_block(experts_ptr, head0, G, E, HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block-diagonal float32 [HEADS·BLOCK_E, BLOCK_N]: row h·BLOCK_E + e, column h·D + d holds
+    experts[head0 + h, e, d]; zero off the diagonal blocks, for padded experts and for heads ≥ G."""
+    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    rows = tl.arange(0, HEADS * BLOCK_E)
+    cols = tl.arange(0, BLOCK_N)
+    row_head, row_e = rows // BLOCK_E, rows % BLOCK_E
+    col_head, col_d = cols // HEAD_DIM, cols % HEAD_DIM
+    mask = (row_head[:, None] == col_head[None, :]) & (row_e[:, None] < E) & (head0 + row_head[:, None] < G)
+    ptrs = experts_ptr + ((head0 + row_head[:, None]) * E + row_e[:, None]) * HEAD_DIM + col_d[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _head_rows(offs_m, head0, T, G, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the [BLOCK_M·HEADS] (token, head) rows of a tile: token index, head index, validity."""
+    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    rows = tl.arange(0, BLOCK_M * HEADS)
+    row_m = tl.min(offs_m) + rows // HEADS
+    row_g = head0 + rows % HEADS
+    return row_m, row_g, (row_m < T) & (row_g < G)
+
+
+@triton.jit
+def _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E: tl.constexpr, HEADS: tl.constexpr):
+    """probs[t, e] repeated per head as [BLOCK_M, HEADS·BLOCK_E] (column h·BLOCK_E + e), 0 where padded."""
+    cols = tl.arange(0, HEADS * BLOCK_E)
+    col_e = cols % BLOCK_E
+    mask = (offs_m[:, None] < T) & (col_e[None, :] < E) & (head0 + cols[None, :] // BLOCK_E < G)
+    return tl.load(probs_ptr + offs_m[:, None] * E + col_e[None, :], mask=mask, other=0.0)
+
+
+def _fwd_configs() -> list[triton.Config]:
+    """Forward tile configurations, best first for T5 shapes (the first legal one is the default)."""
+    table = [
+        # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+        (128, 128, 64, 8, 8, 3),
+        (128, 64, 64, 8, 4, 4),
+        (64, 128, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 4),
+        (16, 128, 128, 8, 4, 3),  # decode-sized T
+        (16, 64, 128, 8, 4, 3),
+        # float32 activations with D = 128 (within the shared-memory budget)
+        (64, 128, 32, 8, 4, 3),
+        (16, 128, 64, 8, 4, 3),
+        # narrow tiles, legal only for D ≤ 32 (with many experts: HEADS·BLOCK_E ≤ 128)
+        (64, 32, 64, 8, 4, 3),
+        (16, 32, 64, 8, 4, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": gm}, num_warps=w, num_stages=s)
+        for m, n, k, gm, w, s in table
+    ]
+
+
+def _bwd_configs() -> list[triton.Config]:
+    """Backward tile configurations (BLOCK_M divides REDUCE_ROWS), best first for T5 shapes."""
+    table = [
+        # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (64, 64, 64, 4, 3),
+        (128, 64, 64, 8, 3),
+        (64, 128, 64, 8, 3),
+        (16, 64, 128, 4, 3),  # decode-sized T
+        (16, 128, 64, 4, 3),
+        # narrow tiles, legal only for D ≤ 32
+        (64, 32, 64, 4, 3),
+        (16, 32, 64, 4, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in table
+    ]
+
+
+#: The tile configurations autotuning chooses from (data, not code).
+FORWARD_CONFIGS = _fwd_configs()
+BACKWARD_CONFIGS = _bwd_configs()
+
+
+def legal_config(
+    config: triton.Config, head_dim: int, block_e: int, m_bucket: int, itemsize: int, backward: bool = False
+) -> bool:
+    """Whether a tile configuration is legal for head width D, padded experts BLOCK_E, T ≤ m_bucket and
+    activations of ``itemsize`` bytes, for the forward (or the ``backward``) kernel.
+
+    * BLOCK_N is a multiple of D (tiles hold whole heads);
+    * every tl.dot has M, N, K ≥ 16: BLOCK_M, BLOCK_K, D and BLOCK_E ≥ 16 (the launcher pads E);
+    * the block-diagonal merge stays small: HEADS·BLOCK_E ≤ 128 (E = 60 → at most 2 heads a tile);
+    * BLOCK_M is no taller than the problem's row bucket (no tile mostly padding for decode-sized T);
+    * the main loop's pipelined tiles fit sm_80's shared memory: (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize·stages
+      ≤ MAIN_LOOP_SMEM (float32 activations get smaller tiles);
+    * BLOCK_M divides REDUCE_ROWS (the backward's row chunk; every forward BLOCK_M does too);
+    * backward: its float32 epilogue operands (the expert block and its transpose, dyh, p) plus the main
+      loop stay within BACKWARD_SMEM (calibrated on the AOT reports: with E = 60 only 64×64 tiles fit sm_80).
+    """
+    kw = config.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    if bn % head_dim or min(bm, bk, head_dim, block_e) < 16:
+        return False
+    if (bm + bn) * bk * itemsize * config.num_stages > MAIN_LOOP_SMEM:
+        return False
+    if (bn // head_dim) * block_e > 128:
+        return False
+    if bm > max(16, m_bucket):
+        return False
+    if backward:
+        heads_e = (bn // head_dim) * block_e
+        epilogue = 4 * (2 * heads_e * bn + bm * bn + bm * heads_e)
+        if epilogue + (bm + bn) * bk * itemsize * config.num_stages > BACKWARD_SMEM:
+            return False
+    return REDUCE_ROWS % bm == 0
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    itemsize, backward = args["x_ptr"].element_size(), "REDUCE_ROWS" in args
+    kept = [
+        c for c in configs if legal_config(c, args["HEAD_DIM"], args["BLOCK_E"], args["M_BUCKET"], itemsize, backward)
+    ]
+    if not kept:
+        raise ValueError(
+            f"mov_linear: no tile configuration for D={args['HEAD_DIM']}, BLOCK_E={args['BLOCK_E']}, "
+            f"M_BUCKET={args['M_BUCKET']}"
+        )
+    return kept
+
+
+_TUNING_KEY = ["M_BUCKET", "N", "K", "HEAD_DIM", "BLOCK_E", "ROUTING"]
+
+
+@triton.autotune(
+    configs=FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune}, do_bench=do_bench
+)
+@triton.jit
+def mov_linear_fwd_kernel(
+    # inputs
+    x_ptr, w_ptr, bias_ptr, router_ptr, experts_ptr, probs_ptr,
+    # outputs
+    y_ptr, p_soft_ptr,
+    # sizes
+    T, N, K, G, E, M_BUCKET,
+    # strides (router, experts, probs, p_soft and y are contiguous)
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    # features
+    HAS_BIAS: tl.constexpr, ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    SAVE_P_SOFT: tl.constexpr, MAIN_PRECISION: tl.constexpr, EPILOGUE_PRECISION: tl.constexpr,
+    # blocks
+    HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """y [T, N] = mov(x [T, K] · W [N, K]ᵀ + b); p_soft [T, G, E] float32 written when SAVE_P_SOFT."""
+    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    # ---- tile: grouped ordering so that GROUP_M row tiles reuse each W column tile from L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    head0 = pid_n * HEADS
+
+    # ---- GEMM: h = x·Wᵀ + b in float32
+    h = _linear_tile(
+        x_ptr, w_ptr, bias_ptr, offs_m, offs_n, T, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+        HAS_BIAS, MAIN_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+    # ---- epilogue: routing weights and expert merge s [BLOCK_M, BLOCK_N]
+    if ROUTING == 0:  # (IA)3: s = experts[g, 0, :]
+        s = tl.load(experts_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    else:
+        experts = _expert_block(experts_ptr, head0, G, E, HEAD_DIM, BLOCK_E, BLOCK_N)
+        if ROUTING == 1:  # token routing: logits of every (token, head) row
+            offs_e = tl.arange(0, BLOCK_E)
+            offs_d = tl.arange(0, HEAD_DIM)
+            router = tl.load(router_ptr + offs_d[:, None] * E + offs_e[None, :], mask=offs_e[None, :] < E, other=0.0)
+            h_rows = tl.reshape(h, (BLOCK_M * HEADS, HEAD_DIM))
+            logits = tl.dot(h_rows, router, input_precision=EPILOGUE_PRECISION)
+            p, p_soft = routing.router_probs(logits, offs_e, E, TOP_K, RENORMALIZE)
+            if SAVE_P_SOFT:
+                row_m, row_g, row_ok = _head_rows(offs_m, head0, T, G, HEAD_DIM, BLOCK_M, BLOCK_N)
+                ptrs = p_soft_ptr + (row_m[:, None] * G + row_g[:, None]) * E + offs_e[None, :]
+                tl.store(ptrs, p_soft, mask=row_ok[:, None] & (offs_e[None, :] < E))
+            p_heads = tl.reshape(p, (BLOCK_M, HEADS * BLOCK_E))
+        else:  # sentence routing: the given probs, the same for every head
+            p_heads = _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E, HEADS)
+        s = tl.dot(p_heads, experts, input_precision=EPILOGUE_PRECISION)
+
+    # ---- store y = h ⊙ s in the activation dtype
+    y = h * s
+    y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & (offs_n[None, :] < N))
+
+
+@triton.autotune(
+    configs=BACKWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune}, do_bench=do_bench
+)
+@triton.jit
+def mov_linear_bwd_kernel(
+    # inputs
+    x_ptr, w_ptr, bias_ptr, router_ptr, experts_ptr, probs_ptr, p_soft_ptr, dy_ptr,
+    # outputs: dh [T, N]; float32 partial sums per row chunk c (and head g of a tile's first head)
+    dh_ptr, d_experts_part_ptr, d_router_part_ptr, d_probs_part_ptr,
+    # sizes
+    T, N, K, G, E, M_BUCKET,
+    # strides (router, experts, probs, p_soft, dh and the partials are contiguous)
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_dym, stride_dyn,
+    # features
+    HAS_BIAS: tl.constexpr, ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_D_EXPERTS: tl.constexpr, NEED_D_ROUTING: tl.constexpr,
+    MAIN_PRECISION: tl.constexpr, EPILOGUE_PRECISION: tl.constexpr,
+    # blocks
+    HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr, REDUCE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dh [T, N] and the partial sums of d experts, d router / d probs for REDUCE_ROWS tokens.
+
+    d_experts_part [C, G, E, D]      Σ over the chunk's tokens of p·dyh            (C = ⌈T / REDUCE_ROWS⌉)
+    d_router_part  [C, G, D, E]      Σ over the chunk and the tile's heads of hᵀ·dlogits, at the tile's
+                                     first head (the launcher zero-fills the other heads' slots)
+    d_probs_part   [G, T, E]         Σ over the tile's heads of dp, at the tile's first head (zero-filled)
+    """
+    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    # ---- program: one column tile × one chunk of REDUCE_ROWS tokens; consecutive programs share the
+    # column tile, so the programs in flight stream one W column tile while x stays in L2
+    pid = tl.program_id(0)
+    num_chunks = tl.cdiv(T, REDUCE_ROWS)
+    chunk = pid % num_chunks
+    pid_n = pid // num_chunks
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    head0 = pid_n * HEADS
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n[None, :] < N
+
+    # ---- loop-invariant adapter tiles and the partial-sum accumulators
+    if ROUTING == 0:
+        s = tl.load(experts_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        d_experts_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        experts = _expert_block(experts_ptr, head0, G, E, HEAD_DIM, BLOCK_E, BLOCK_N)
+        d_experts_acc = tl.zeros((HEADS * BLOCK_E, BLOCK_N), dtype=tl.float32)
+    if ROUTING == 1:
+        router = tl.load(router_ptr + offs_d[:, None] * E + offs_e[None, :], mask=offs_e[None, :] < E, other=0.0)
+        d_router_acc = tl.zeros((HEAD_DIM, BLOCK_E), dtype=tl.float32)
+
+    chunk_rows = min(REDUCE_ROWS, T - chunk * REDUCE_ROWS)
+    for sub in range(0, tl.cdiv(chunk_rows, BLOCK_M)):
+        offs_m = chunk * REDUCE_ROWS + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m[:, None] < T
+        # ---- recompute h, load dy
+        h = _linear_tile(
+            x_ptr, w_ptr, bias_ptr, offs_m, offs_n, T, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+            HAS_BIAS, MAIN_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+        dy = tl.load(dy_ptrs, mask=row_ok & col_ok, other=0.0).to(tl.float32)
+        dyh = dy * h
+        if ROUTING == 0:
+            dh = dy * s
+            if NEED_D_EXPERTS:
+                d_experts_acc += tl.sum(dyh, axis=0)
+        else:
+            # ---- routing weights p [BLOCK_M, HEADS·BLOCK_E] and the merge s
+            if ROUTING == 1:
+                row_m, row_g, row_valid = _head_rows(offs_m, head0, T, G, HEAD_DIM, BLOCK_M, BLOCK_N)
+                p_ptrs = p_soft_ptr + (row_m[:, None] * G + row_g[:, None]) * E + offs_e[None, :]
+                p_soft = tl.load(p_ptrs, mask=row_valid[:, None] & (offs_e[None, :] < E), other=0.0)
+                # padded (token, head) rows: a finite stand-in (no 0/0 when renormalising), then p = 0
+                p_soft = tl.where(row_valid[:, None] | (offs_e[None, :] >= E), p_soft, 1.0 / E)
+                p = tl.where(row_valid[:, None], routing.select(p_soft, offs_e, E, TOP_K, RENORMALIZE), 0.0)
+                p_heads = tl.reshape(p, (BLOCK_M, HEADS * BLOCK_E))
+            else:
+                p_heads = _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E, HEADS)
+            s = tl.dot(p_heads, experts, input_precision=EPILOGUE_PRECISION)
+            dh = dy * s
+            # ---- d experts: the diagonal blocks of pᵀ·dyh
+            if NEED_D_EXPERTS:
+                d_experts_acc = tl.dot(tl.trans(p_heads), dyh, d_experts_acc, input_precision=EPILOGUE_PRECISION)
+            # ---- dp = dyh · expertsᵀ, then d probs (sentence) or d logits (token)
+            if NEED_D_ROUTING or (ROUTING == 1 and NEED_DH):
+                dp_heads = tl.dot(dyh, tl.trans(experts), input_precision=EPILOGUE_PRECISION)
+                if ROUTING == 2:
+                    d_probs = tl.sum(tl.reshape(dp_heads, (BLOCK_M, HEADS, BLOCK_E)), axis=1)
+                    ptrs = d_probs_part_ptr + (head0 * T + offs_m[:, None]) * E + offs_e[None, :]
+                    tl.store(ptrs, d_probs, mask=row_ok & (offs_e[None, :] < E))
+                else:
+                    dp = tl.reshape(dp_heads, (BLOCK_M * HEADS, BLOCK_E))
+                    dlogits = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
+                    dlogits = tl.where(row_valid[:, None], dlogits, 0.0)
+                    if NEED_D_ROUTING:
+                        h_rows = tl.reshape(h, (BLOCK_M * HEADS, HEAD_DIM))
+                        d_router_acc = tl.dot(
+                            tl.trans(h_rows), dlogits, d_router_acc, input_precision=EPILOGUE_PRECISION
+                        )
+                    if NEED_DH:
+                        dh_router = tl.dot(dlogits, tl.trans(router), input_precision=EPILOGUE_PRECISION)
+                        dh += tl.reshape(dh_router, (BLOCK_M, BLOCK_N))
+        # ---- store dh in the activation dtype
+        if NEED_DH:
+            tl.store(
+                dh_ptr + offs_m[:, None] * N + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=row_ok & col_ok
+            )
+
+    # ---- write the chunk's partial sums once
+    if NEED_D_EXPERTS:
+        if ROUTING == 0:  # [C, G, 1, D] is [C, N]
+            tl.store(d_experts_part_ptr + chunk * N + offs_n, d_experts_acc, mask=offs_n < N)
+        else:
+            rows = tl.arange(0, HEADS * BLOCK_E)
+            row_head, row_e = rows // BLOCK_E, rows % BLOCK_E
+            col_head, col_d = tl.arange(0, BLOCK_N) // HEAD_DIM, tl.arange(0, BLOCK_N) % HEAD_DIM
+            g = head0 + row_head[:, None]
+            mask = (row_head[:, None] == col_head[None, :]) & (row_e[:, None] < E) & (g < G)
+            ptrs = d_experts_part_ptr + ((chunk * G + g) * E + row_e[:, None]) * HEAD_DIM + col_d[None, :]
+            tl.store(ptrs, d_experts_acc, mask=mask)
+    if ROUTING == 1:
+        if NEED_D_ROUTING:
+            ptrs = d_router_part_ptr + ((chunk * G + head0) * HEAD_DIM + offs_d[:, None]) * E + offs_e[None, :]
+            tl.store(ptrs, d_router_acc, mask=offs_e[None, :] < E)
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Problem:
+    T: int
+    K: int
+    N: int
+    G: int
+    E: int
+    D: int
+    routing: int
+    top_k: int
+    renormalize: bool
+    block_e: int
+    m_bucket: int
+    main_precision: str
+    epilogue_precision: str
+
+
+def _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize) -> _Problem:
+    """Validates the kernel-specific limits (pemoe.ops has checked shapes) and describes the launch."""
+    runs_on = "cpu" if INTERPRET else "cuda"
+    if x2d.device.type != runs_on:
+        raise NotImplementedError(
+            f"mov_linear (triton) runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
+            f"TRITON_INTERPRET={int(INTERPRET)} and x is on {x2d.device}"
+        )
+    tensors = (("weight", weight), ("bias", bias), ("router", router), ("experts", experts), ("probs", probs))
+    for name, t in tensors:
+        if t is not None and t.device != x2d.device:
+            raise ValueError(f"mov_linear (triton): {name} is on {t.device}, x on {x2d.device}")
+    if x2d.dim() != 2 or weight.dim() != 2 or experts.dim() != 3:
+        raise ValueError("mov_linear (triton): expects x [T, K], weight [N, K], experts [G, E, D]")
+    if x2d.dtype not in SUPPORTED_DTYPES:
+        raise NotImplementedError(
+            f"mov_linear (triton) supports float16, bfloat16 and float32 activations, got {x2d.dtype}"
+        )
+    if weight.dtype != x2d.dtype or (bias is not None and bias.dtype != x2d.dtype):
+        raise TypeError("mov_linear (triton): x, weight and bias must share one dtype")
+    for name, t in (("router", router), ("experts", experts), ("probs", probs)):
+        if t is not None and t.dtype != torch.float32:
+            raise NotImplementedError(
+                f"mov_linear (triton): {name} must be float32 (adapter parameters), got {t.dtype}"
+            )
+    if weight.requires_grad:
+        raise NotImplementedError(
+            "mov_linear (triton): the base weight is frozen in these kernels (no weight gradient); "
+            "call weight.requires_grad_(False) or use implementation='torch'"
+        )
+    G, E, D = experts.shape
+    T, K = x2d.shape
+    N = weight.shape[0]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(
+            f"mov_linear (triton): head width D = N / G = {D} is not supported; supported D: {SUPPORTED_HEAD_DIMS}"
+        )
+    if E > MAX_EXPERTS:
+        raise NotImplementedError(f"mov_linear (triton): at most {MAX_EXPERTS} experts are supported, got E = {E}")
+    if G * D != N:
+        raise ValueError(f"mov_linear (triton): experts [G, E, D] = {list(experts.shape)} needs N = G·D, got N = {N}")
+    if probs is not None:
+        routing_mode = ROUTING_SENTENCE
+        if tuple(probs.shape) != (T, E):
+            raise ValueError(f"mov_linear (triton): probs must have shape [T, E] = [{T}, {E}], got {list(probs.shape)}")
+    elif router is None:
+        if E != 1:
+            raise ValueError(f"mov_linear (triton): router is required when E > 1 (E = {E})")
+        routing_mode = ROUTING_NONE
+    else:
+        routing_mode = ROUTING_TOKEN
+        if tuple(router.shape) != (D, E):
+            raise ValueError(f"mov_linear (triton): router must have shape [D, E] = [{D}, {E}]")
+    # top_k = E keeps every expert: the plain softmax (renormalising by Σp = 1 changes nothing)
+    k = 0 if (top_k is None or top_k == E or routing_mode != ROUTING_TOKEN) else int(top_k)
+    fp32 = x2d.dtype == torch.float32
+    return _Problem(
+        T=T, K=K, N=N, G=G, E=E, D=D, routing=routing_mode, top_k=k, renormalize=bool(renormalize and k),
+        block_e=max(16, triton.next_power_of_2(E)), m_bucket=max(16, triton.next_power_of_2(T)),
+        main_precision="ieee" if fp32 else "tf32", epilogue_precision="ieee" if fp32 else "tf32",
+    )  # fmt: skip
+
+
+def _launch(kernel, grid, args: list, constexprs: dict, config: dict | None):
+    """Launches through the autotuner, or with an explicit tile configuration (tests, benchmarks)."""
+    if config is None:
+        kernel[grid](*args, **constexprs)
+    else:
+        tiles = {k: v for k, v in config.items() if k in kernel.fn.arg_names}  # the backward has no GROUP_M
+        launch = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+        kernel.fn[grid](*args, **constexprs, **tiles, **launch)
+
+
+def _common_constexprs(pb: _Problem, has_bias: bool) -> dict:
+    return dict(
+        HAS_BIAS=has_bias, ROUTING=pb.routing, TOP_K=pb.top_k, RENORMALIZE=pb.renormalize,
+        MAIN_PRECISION=pb.main_precision, EPILOGUE_PRECISION=pb.epilogue_precision,
+        HEAD_DIM=pb.D, BLOCK_E=pb.block_e,
+    )  # fmt: skip
+
+
+def mov_linear_forward(x2d, weight, bias, router, experts, probs, pb: _Problem, save_p_soft: bool, config=None):
+    """Launches the forward kernel; returns (y [T, N] in x's dtype, p_soft [T, G, E] float32 or None)."""
+    y = torch.empty((pb.T, pb.N), dtype=x2d.dtype, device=x2d.device)
+    save = save_p_soft and pb.routing == ROUTING_TOKEN
+    p_soft = torch.empty((pb.T, pb.G, pb.E), dtype=torch.float32, device=x2d.device) if save else None
+    if pb.T == 0:
+        return y, p_soft
+    grid = lambda meta: (triton.cdiv(pb.T, meta["BLOCK_M"]) * triton.cdiv(pb.N, meta["BLOCK_N"]),)  # noqa: E731
+    args = [
+        x2d, weight, bias, router, experts, probs,
+        y, p_soft,
+        pb.T, pb.N, pb.K, pb.G, pb.E, pb.m_bucket,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+    ]  # fmt: skip
+    constexprs = _common_constexprs(pb, bias is not None) | dict(SAVE_P_SOFT=save)
+    _launch(mov_linear_fwd_kernel, grid, args, constexprs, config)
+    return y, p_soft
+
+
+def mov_linear_backward(x2d, weight, bias, router, experts, probs, p_soft, dy, pb: _Problem, needs, config=None):
+    """Launches the backward kernel and finishes the reductions.
+
+    needs = (dh, d_experts, d_routing); returns (dh [T, N], d_experts [G, E, D], d_router [D, E],
+    d_probs [T, E]) with None where not needed (d_router for token routing, d_probs for sentence routing).
+    """
+    need_dh, need_experts, need_routing = needs
+    need_routing = need_routing and pb.routing != ROUTING_NONE
+    dev = x2d.device
+    chunks = triton.cdiv(pb.T, REDUCE_ROWS)
+    dh = torch.empty((pb.T, pb.N), dtype=x2d.dtype, device=dev) if need_dh else None
+    d_experts_part = torch.empty((chunks, pb.G, pb.E, pb.D), dtype=torch.float32, device=dev) if need_experts else None
+    d_router_part = d_probs_part = None
+    if need_routing and pb.routing == ROUTING_TOKEN:  # slots of a tile's non-first heads stay zero
+        d_router_part = torch.zeros((chunks, pb.G, pb.D, pb.E), dtype=torch.float32, device=dev)
+    if need_routing and pb.routing == ROUTING_SENTENCE:
+        d_probs_part = torch.zeros((pb.G, pb.T, pb.E), dtype=torch.float32, device=dev)
+    if pb.T > 0 and (need_dh or need_experts or need_routing):
+        grid = lambda meta: (chunks * triton.cdiv(pb.N, meta["BLOCK_N"]),)  # noqa: E731
+        args = [
+            x2d, weight, bias, router, experts, probs, p_soft, dy,
+            dh, d_experts_part, d_router_part, d_probs_part,
+            pb.T, pb.N, pb.K, pb.G, pb.E, pb.m_bucket,
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), dy.stride(0), dy.stride(1),
+        ]  # fmt: skip
+        constexprs = _common_constexprs(pb, bias is not None) | dict(
+            NEED_DH=need_dh, NEED_D_EXPERTS=need_experts, NEED_D_ROUTING=need_routing, REDUCE_ROWS=REDUCE_ROWS
+        )
+        _launch(mov_linear_bwd_kernel, grid, args, constexprs, config)
+    d_experts = d_router = d_probs = None
+    if need_experts:
+        d_experts = d_experts_part.sum(0) if pb.T else torch.zeros((pb.G, pb.E, pb.D), dtype=torch.float32, device=dev)
+    if d_router_part is not None:
+        d_router = d_router_part.sum((0, 1))
+    if d_probs_part is not None:
+        d_probs = d_probs_part.sum(0)
+    return dh, d_experts, d_router, d_probs
+
+
+# ------------------------------------------------------------------------------------------
+# Autograd Function and entry point
+# ------------------------------------------------------------------------------------------
+
+
+class MoVLinearFunction(torch.autograd.Function):
+    """y = mov(x Wᵀ + b) on x [T, K] (W frozen). Saves x and p_soft, recomputes h in the backward."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, router, experts, probs, top_k, renormalize, config):
+        pb = _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize)
+        need_x, _, need_b, need_router, need_experts, need_probs = ctx.needs_input_grad[:6]
+        any_grad = need_x or need_b or need_router or need_experts or need_probs
+        y, p_soft = mov_linear_forward(x2d, weight, bias, router, experts, probs, pb, any_grad, config)
+        ctx.save_for_backward(x2d, weight, bias, router, experts, probs, p_soft)
+        ctx.problem, ctx.config = pb, config
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, bias, router, experts, probs, p_soft = ctx.saved_tensors
+        pb = ctx.problem
+        need_x, _, need_b, need_router, need_experts, need_probs = ctx.needs_input_grad[:6]
+        needs = (need_x or need_b, need_experts, need_router or need_probs)
+        dh, d_experts, d_router, d_probs = mov_linear_backward(
+            x2d, weight, bias, router, experts, probs, p_soft, dy, pb, needs, ctx.config
+        )
+        dx = torch.matmul(dh, weight) if need_x else None
+        db = dh.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else None
+        return (
+            dx,
+            None,
+            db,
+            d_router if need_router else None,
+            d_experts if need_experts else None,
+            d_probs if need_probs else None,
+            None,
+            None,
+            None,
+        )
+
+
+def mov_linear(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    router: torch.Tensor | None,
+    experts: torch.Tensor,
+    probs: torch.Tensor | None,
+    top_k: int | None,
+    renormalize: bool,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """y [T, N] = mov(x2d [T, K] · weight [N, K]ᵀ + bias) with the fused Triton kernels (autograd-aware).
+
+    router [D, E] float32 (None for (IA)3), experts [G, E, D] float32, probs [T, E] float32 for sentence
+    routing (used instead of router logits; its gradient is returned). x2d and weight may be strided
+    (the kernels take their strides); bias, router, experts and probs are made contiguous here (they are
+    small). ``config`` (tests, benchmarks) forces one tile configuration, e.g. ``{"BLOCK_M": 16,
+    "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}``, for both kernels
+    (the backward ignores GROUP_M); it must satisfy :func:`legal_config`.
+    """
+    if config is not None:
+        head_dim = experts.shape[-1]
+        block_e = max(16, triton.next_power_of_2(experts.shape[1]))
+        tiles = triton.Config(
+            {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")},
+            num_stages=config.get("num_stages", 3),
+        )
+        m_bucket = max(16, triton.next_power_of_2(x2d.shape[0]))
+        if not all(legal_config(tiles, head_dim, block_e, m_bucket, x2d.element_size(), bwd) for bwd in (False, True)):
+            raise ValueError(f"mov_linear (triton): config {config} is not legal for D={head_dim} (see legal_config)")
+    contiguous = [t.contiguous() if t is not None else None for t in (bias, router, experts, probs)]
+    bias, router, experts, probs = contiguous
+    return MoVLinearFunction.apply(x2d, weight, bias, router, experts, probs, top_k, renormalize, config)
+
+
+# ------------------------------------------------------------------------------------------
+# HBM-traffic model
+# ------------------------------------------------------------------------------------------
+
+#: L2 capacity the model assumes for "fits in L2" (H100: 50 MiB; A100: 40 MiB).
+L2_BYTES = {80: 40 * 2**20, 90: 50 * 2**20}
+
+
+@dataclass
+class KernelTraffic:
+    """Bytes one kernel (or torch op) reads and writes.
+
+    ``issued`` is what the kernel's loads and stores request (every program's tiles: the number the
+    interpreter's ``count_traffic`` reports); ``hbm`` is the DRAM traffic when the operands re-read by
+    several programs are served from L2 (see :func:`hbm_traffic`).
+    """
+
+    name: str
+    issued_read: int
+    issued_written: int
+    hbm_read: int
+    hbm_written: int
+
+    @property
+    def hbm(self) -> int:
+        return self.hbm_read + self.hbm_written
+
+    @property
+    def issued(self) -> int:
+        return self.issued_read + self.issued_written
+
+
+@dataclass
+class TrafficReport:
+    forward: list[KernelTraffic]
+    backward: list[KernelTraffic]
+    forward_minimum: int  # inputs once, output once (+ p_soft when training)
+    backward_minimum: int
+    forward_unfused: int  # GEMM writes h; router/softmax and merge passes read it
+    backward_unfused: int
+
+    @property
+    def forward_hbm(self) -> int:
+        return sum(k.hbm for k in self.forward)
+
+    @property
+    def backward_hbm(self) -> int:
+        return sum(k.hbm for k in self.backward)
+
+
+def _itemsize(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def hbm_traffic(
+    T: int,
+    K: int,
+    N: int,
+    G: int,
+    E: int,
+    dtype: torch.dtype,
+    config: dict | None = None,
+    backward_config: dict | None = None,
+    *,
+    routing: str = "token",
+    training: bool = True,
+    bias: bool = False,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    capability: int = 90,
+) -> TrafficReport:
+    """Bytes read and written by each kernel of the forward and the backward pass.
+
+    routing: "token", "sentence" or "none" ((IA)3). ``config``/``backward_config``: the tile
+    configurations (dicts with BLOCK_M, BLOCK_N); None means the default (first legal) one.
+    needs = (dh, d experts, d routing) as in the backward launcher.
+
+    Issued bytes follow the kernels' loads and stores exactly (masked lanes excluded): x is read once
+    per column tile, W once per row tile, router and experts once per program. HBM bytes assume those
+    re-reads hit L2 when x and W together fit in half the L2 (T5 shapes do); otherwise the forward reads
+    x once and W once per GROUP_M row tiles, and the backward (whose consecutive programs share a W
+    column tile) reads W once and x once, or once per column tile when x alone overflows half the L2.
+    The minimum counts every input once and every output once; the unfused sequence is the torch
+    implementation's order of passes: GEMM writes h, a router pass reads h and writes p, a merge pass
+    reads h, p and writes y (and the backward reads the saved h instead of recomputing it).
+    """
+    D = N // G
+    es, f32 = _itemsize(dtype), 4
+    block_e = max(16, triton.next_power_of_2(E))
+    m_bucket = max(16, triton.next_power_of_2(T))
+    mode = {"none": ROUTING_NONE, "token": ROUTING_TOKEN, "sentence": ROUTING_SENTENCE}[routing]
+
+    def pick(configs, given, backward):
+        if given is not None:
+            return given
+        for c in configs:
+            if legal_config(c, D, block_e, m_bucket, es, backward):
+                return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        raise ValueError("no legal configuration")
+
+    fc, bc = pick(FORWARD_CONFIGS, config, False), pick(BACKWARD_CONFIGS, backward_config, True)
+    l2_fits = (T * K + N * K) * es <= L2_BYTES[capability] // 2
+    bias_b = N * es if bias else 0
+    adapters = G * E * D * f32 + (D * E * f32 if mode == ROUTING_TOKEN else 0)
+    save_p = training and mode == ROUTING_TOKEN
+    probs_b = T * E * f32 if mode == ROUTING_SENTENCE else 0
+
+    # ---- forward kernel
+    pm, pn = math.ceil(T / fc["BLOCK_M"]), math.ceil(N / fc["BLOCK_N"])
+    experts_issued = pm * (G * E * D * f32 if mode != ROUTING_NONE else N * f32)
+    router_issued = pm * pn * D * E * f32 if mode == ROUTING_TOKEN else 0
+    probs_issued = probs_b * G if mode == ROUTING_SENTENCE else 0  # once per head (a tile repeats it per head)
+    issued_r = T * K * es * pn + N * K * es * pm + bias_b * pm + experts_issued + router_issued + probs_issued
+    issued_w = T * N * es + (T * G * E * f32 if save_p else 0)
+    w_hbm = N * K * es * (1 if l2_fits else math.ceil(pm / fc.get("GROUP_M", 1)))
+    experts_min = G * E * D * f32 if mode != ROUTING_NONE else N * f32
+    hbm_r = T * K * es + w_hbm + bias_b + experts_min + (D * E * f32 if mode == ROUTING_TOKEN else 0) + probs_b
+    forward = [KernelTraffic("mov_linear_fwd_kernel", issued_r, issued_w, hbm_r, issued_w)]
+
+    # ---- backward kernel + torch finishing ops
+    need_dh, need_experts, need_routing = needs
+    need_routing = need_routing and mode != ROUTING_NONE
+    chunks, bpn = math.ceil(T / REDUCE_ROWS), math.ceil(N / bc["BLOCK_N"])
+    # row tiles the backward programs of one column visit: each chunk's rows in BLOCK_M tiles
+    row_tiles = sum(math.ceil(min(REDUCE_ROWS, T - c * REDUCE_ROWS) / bc["BLOCK_M"]) for c in range(chunks))
+    b_issued_r = T * K * es * bpn + N * K * es * row_tiles + bias_b * row_tiles + T * N * es
+    b_issued_r += chunks * (G * E * D * f32 if mode != ROUTING_NONE else N * f32)
+    if mode == ROUTING_TOKEN:
+        b_issued_r += chunks * bpn * D * E * f32 + T * G * E * f32  # router per program, p_soft once
+    if mode == ROUTING_SENTENCE:
+        b_issued_r += probs_b * G
+    part_experts = chunks * (G * E * D if mode != ROUTING_NONE else N) * f32 if need_experts else 0
+    part_router = chunks * bpn * D * E * f32 if (need_routing and mode == ROUTING_TOKEN) else 0
+    part_probs = T * bpn * E * f32 if (need_routing and mode == ROUTING_SENTENCE) else 0
+    b_issued_w = (T * N * es if need_dh else 0) + part_experts + part_router + part_probs
+    xb_hbm = T * K * es * (1 if T * K * es <= L2_BYTES[capability] // 2 else bpn)
+    b_hbm_r = xb_hbm + N * K * es + bias_b + T * N * es + adapters + (T * G * E * f32 if mode == ROUTING_TOKEN else 0)
+    b_hbm_r += probs_b
+    backward = [KernelTraffic("mov_linear_bwd_kernel", b_issued_r, b_issued_w, b_hbm_r, b_issued_w)]
+    # zero-filled workspaces (token: [C, G, D, E]; sentence: [G, T, E]) and the second reduction stage
+    zero_fill = (chunks * G * D * E * f32 if part_router else 0) + (G * T * E * f32 if part_probs else 0)
+    if zero_fill:
+        backward.append(KernelTraffic("zero-fill workspaces (torch)", 0, zero_fill, 0, zero_fill))
+    if part_experts:
+        out = G * E * D * f32 if mode != ROUTING_NONE else N * f32
+        backward.append(KernelTraffic("d_experts = Σ partials (torch)", part_experts, out, part_experts, out))
+    if part_router:
+        full = chunks * G * D * E * f32
+        backward.append(KernelTraffic("d_router = Σ partials (torch)", full, D * E * f32, full, D * E * f32))
+    if part_probs:
+        full = G * T * E * f32
+        backward.append(KernelTraffic("d_probs = Σ partials (torch)", full, T * E * f32, full, T * E * f32))
+    if need_dh:
+        backward.append(
+            KernelTraffic(
+                "dx = dh·W (torch.matmul)", T * N * es + N * K * es, T * K * es, T * N * es + N * K * es, T * K * es
+            )
+        )
+        if bias:
+            backward.append(KernelTraffic("d_bias = Σ dh (torch)", T * N * es, N * es, T * N * es, N * es))
+
+    # ---- minimum and unfused references
+    p_b = T * G * E * f32 if mode == ROUTING_TOKEN else 0
+    fwd_min = T * K * es + N * K * es + bias_b + adapters + probs_b + T * N * es + (p_b if training else 0)
+    d_adapters = (G * E * D * f32 if need_experts else 0) + (D * E * f32 if part_router else 0)
+    d_adapters += T * E * f32 if part_probs else 0
+    bwd_min = T * N * es + T * K * es + N * K * es + adapters + p_b + probs_b + (T * K * es if need_dh else 0)
+    bwd_min += d_adapters
+    fwd_unfused = T * K * es + N * K * es + bias_b + T * N * es  # GEMM → h
+    if mode == ROUTING_TOKEN:
+        fwd_unfused += T * N * es + D * E * f32 + 2 * p_b  # router + softmax pass: read h, write p
+    fwd_unfused += T * N * es + p_b + probs_b + G * E * D * f32 + T * N * es  # merge: read h, p; write y
+    # unfused backward: read h (saved), dy, p; write dh; then dx GEMM
+    bwd_unfused = 2 * T * N * es + p_b + probs_b + adapters + T * N * es + d_adapters + T * N * es + N * K * es
+    bwd_unfused += T * K * es
+    return TrafficReport(forward, backward, fwd_min, bwd_min, fwd_unfused, bwd_unfused)
+
+
+# ------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases
+# ------------------------------------------------------------------------------------------
+
+#: Example problems for the AOT compiles: (name, T, K, G, D, E, routing, top_k, renormalize). T5-large
+#: k/v (E = 10), its (IA)3 (E = 1), MoV-60, top-2 renormalised and sentence-routed versions, and a D = 128 site.
+AOT_SHAPES = (
+    ("t5-large E=10", 2048, 1024, 16, 64, 10, "token", 0, False),
+    ("t5-large ia3", 2048, 1024, 16, 64, 1, "none", 0, False),
+    ("t5-large E=60", 2048, 1024, 16, 64, 60, "token", 0, False),
+    ("t5-large E=10 top2r", 2048, 1024, 16, 64, 10, "token", 2, True),
+    ("t5-large E=10 sent", 2048, 1024, 16, 64, 10, "sentence", 0, False),
+    ("d128 E=10", 2048, 4096, 32, 128, 10, "token", 0, False),
+)
+
+
+def aot_cases(
+    dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES, shapes: tuple = AOT_SHAPES, all_configs: bool = True
+) -> list:
+    """Every configuration autotuning may choose (after pruning) for each example shape and dtype,
+    forward and backward (training variants: p_soft saved, every gradient needed); the first legal
+    configuration of each list is the default. ``all_configs=False`` keeps only the defaults."""
+    from pemoe.kernels.triton.aot import AotCase
+
+    cases = []
+    for label, T, K, G, D, E, routing_name, top_k, renormalize in shapes:
+        mode = {"none": ROUTING_NONE, "token": ROUTING_TOKEN, "sentence": ROUTING_SENTENCE}[routing_name]
+        N, chunks = G * D, triton.cdiv(T, REDUCE_ROWS)
+        block_e = max(16, triton.next_power_of_2(E))
+        m_bucket = max(16, triton.next_power_of_2(T))
+        for dtype in dtypes:
+            fp32 = dtype == torch.float32
+            act = dict(
+                x_ptr=torch.empty(T, K, dtype=dtype),
+                w_ptr=torch.empty(N, K, dtype=dtype),
+                bias_ptr=None,
+                router_ptr=torch.empty(D, E) if mode == ROUTING_TOKEN else None,
+                experts_ptr=torch.empty(G, E, D),
+                probs_ptr=torch.empty(T, E) if mode == ROUTING_SENTENCE else None,
+            )
+            sizes = dict(T=T, N=N, K=K, G=G, E=E, M_BUCKET=m_bucket)
+            x_strides = dict(stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1)
+            common = dict(
+                HAS_BIAS=False, ROUTING=mode, TOP_K=top_k, RENORMALIZE=renormalize,
+                MAIN_PRECISION="ieee" if fp32 else "tf32", EPILOGUE_PRECISION="ieee" if fp32 else "tf32",
+                HEAD_DIM=D, BLOCK_E=block_e,
+            )  # fmt: skip
+            p_soft = torch.empty(T, G, E) if mode == ROUTING_TOKEN else None
+            fwd_args = act | dict(y_ptr=torch.empty(T, N, dtype=dtype), p_soft_ptr=p_soft) | sizes | x_strides
+            bwd_args = (
+                act
+                | dict(p_soft_ptr=p_soft, dy_ptr=torch.empty(T, N, dtype=dtype), dh_ptr=torch.empty(T, N, dtype=dtype))
+                | dict(
+                    d_experts_part_ptr=torch.empty(chunks, G, E, D),
+                    d_router_part_ptr=torch.empty(chunks, G, D, E) if mode == ROUTING_TOKEN else None,
+                    d_probs_part_ptr=torch.empty(G, T, E) if mode == ROUTING_SENTENCE else None,
+                )
+                | sizes
+                | x_strides
+                | dict(stride_dym=N, stride_dyn=1)
+            )
+            kernels = (
+                ("fwd", mov_linear_fwd_kernel, FORWARD_CONFIGS, fwd_args, dict(SAVE_P_SOFT=mode == ROUTING_TOKEN)),
+                (
+                    "bwd",
+                    mov_linear_bwd_kernel,
+                    BACKWARD_CONFIGS,
+                    bwd_args,
+                    dict(
+                        NEED_DH=True, NEED_D_EXPERTS=True, NEED_D_ROUTING=mode != ROUTING_NONE, REDUCE_ROWS=REDUCE_ROWS
+                    ),
+                ),
+            )
+            for kind, kernel, configs, args, extra in kernels:
+                legal = [c for c in configs if legal_config(c, D, block_e, m_bucket, dtype.itemsize, kind == "bwd")]
+                for i, c in enumerate(legal if all_configs else legal[:1]):
+                    tiles = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                    cases.append(
+                        AotCase(
+                            name=f"{kind} {label} {str(dtype).removeprefix('torch.')} {tiles}",
+                            kernel=kernel,
+                            args=args,
+                            constexprs=common | extra | c.kwargs,
+                            num_warps=c.num_warps,
+                            num_stages=c.num_stages,
+                            default=i == 0,
+                        )
+                    )
+    return cases
