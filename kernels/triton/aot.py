@@ -6,7 +6,9 @@ the code a GPU would really run, the signature, constants and ``tt.divisibility`
 derived from example arguments by Triton's own ``native_specialize_impl`` — the function the JIT
 calls at launch: pointers 16-byte aligned and integers divisible by 16 get divisibility 16, an
 integer equal to 1 (a unit stride) becomes the constant 1. Registers and spills come from the
-bundled ``cuobjdump --dump-resource-usage`` (``LOCAL`` bytes are spill space).
+bundled ``cuobjdump --dump-resource-usage``: ptxas puts register spills in the per-thread stack frame
+(``STACK``), older toolchains in ``LOCAL``; our kernels keep no local arrays, so ``spill_bytes`` is
+``STACK + LOCAL`` — any non-zero value is a spill.
 
 Each kernel module lists what autotuning may launch in an ``aot_cases()`` function returning
 :class:`AotCase` objects. Compiling needs real ``triton.jit`` functions, so it cannot run in a
@@ -64,7 +66,7 @@ class CompileReport:
     num_warps: int
     num_stages: int
     registers: int
-    spill_bytes: int  # LOCAL memory per thread (spill space)
+    spill_bytes: int  # STACK + LOCAL bytes per thread (where ptxas spills registers)
     stack_bytes: int
     shared_bytes: int
     uses_wgmma: bool
@@ -170,7 +172,7 @@ def compile_case(case: AotCase, capability: int) -> CompileReport:
     return CompileReport(
         **report,
         registers=usage["REG"],
-        spill_bytes=usage["LOCAL"],
+        spill_bytes=usage["STACK"] + usage["LOCAL"],
         stack_bytes=usage["STACK"],
         shared_bytes=int(compiled.metadata.shared),
         uses_wgmma="wgmma.mma_async" in ptx,

@@ -156,6 +156,8 @@ def _fwd_configs() -> list[triton.Config]:
     table = [
         # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
         (128, 128, 64, 8, 8, 3),
+        (128, 64, 64, 8, 8, 3),  # many experts: one head a tile (spill-free with E = 60)
+        (64, 64, 32, 8, 8, 3),  # float32 activations (no tensor cores: accumulators in registers)
         (128, 64, 64, 8, 4, 4),
         (64, 128, 64, 8, 4, 4),
         (64, 64, 64, 8, 4, 4),
@@ -178,6 +180,10 @@ def _bwd_configs() -> list[triton.Config]:
     """Backward tile configurations (BLOCK_M divides REDUCE_ROWS), best first for T5 shapes."""
     table = [
         # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        # the defaults (first legal per shape), chosen spill-free on sm_80 and sm_90 by the AOT reports:
+        (32, 64, 32, 8, 3),  # D = 64, E ≤ 16 (BLOCK_K 32: sentence routing spills at 64)
+        (16, 64, 64, 8, 3),  # many experts (BLOCK_E > 16): 16-row tiles
+        (32, 128, 32, 8, 3),  # D = 128
         (64, 64, 64, 4, 3),
         (128, 64, 64, 8, 3),
         (64, 128, 64, 8, 3),
@@ -205,11 +211,15 @@ def legal_config(
 
     * BLOCK_N is a multiple of D (tiles hold whole heads);
     * every tl.dot has M, N, K ≥ 16: BLOCK_M, BLOCK_K, D and BLOCK_E ≥ 16 (the launcher pads E);
-    * the block-diagonal merge stays small: HEADS·BLOCK_E ≤ 128 (E = 60 → at most 2 heads a tile);
+    * the block-diagonal merge stays small: HEADS·BLOCK_E ≤ 64 for D ≥ 64 (E = 60 → one head a tile; two
+      spill registers on sm_80), ≤ 128 for the narrow heads D ≤ 32;
+    * float32 activations (FMA dots, accumulators in registers): BLOCK_M·BLOCK_N ≤ 4096;
     * BLOCK_M is no taller than the problem's row bucket (no tile mostly padding for decode-sized T);
     * the main loop's pipelined tiles fit sm_80's shared memory: (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize·stages
       ≤ MAIN_LOOP_SMEM (float32 activations get smaller tiles);
     * BLOCK_M divides REDUCE_ROWS (the backward's row chunk; every forward BLOCK_M does too);
+    * backward, D ≥ 64: BLOCK_M·HEADS·BLOCK_E ≤ 1024 (register pressure of the p / dlogits tiles: with
+      E = 60 only 16-row tiles compile without spills);
     * backward: its float32 epilogue operands (the expert block and its transpose, dyh, p) plus the main
       loop stay within BACKWARD_SMEM (calibrated on the AOT reports: with E = 60 only 64×64 tiles fit sm_80).
     """
@@ -219,12 +229,14 @@ def legal_config(
         return False
     if (bm + bn) * bk * itemsize * config.num_stages > MAIN_LOOP_SMEM:
         return False
-    if (bn // head_dim) * block_e > 128:
+    heads_e = (bn // head_dim) * block_e
+    if heads_e > (64 if head_dim >= 64 else 128) or (itemsize == 4 and bm * bn > 4096):
         return False
     if bm > max(16, m_bucket):
         return False
     if backward:
-        heads_e = (bn // head_dim) * block_e
+        if head_dim >= 64 and bm * heads_e > 1024:
+            return False
         epilogue = 4 * (2 * heads_e * bn + bm * bn + bm * heads_e)
         if epilogue + (bm + bn) * bk * itemsize * config.num_stages > BACKWARD_SMEM:
             return False
