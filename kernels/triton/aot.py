@@ -115,7 +115,9 @@ def specialize(kernel, args: dict[str, Any], constexprs: dict[str, Any]):
     return signature, constants, attrs
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
+def _resource_usage(cubin: bytes, kernel_name: str) -> dict[str, int]:
+    """REG / STACK / SHARED / LOCAL of the kernel's own ``Function`` block in cuobjdump's report (a cubin
+    may hold more than one function; the first block is not necessarily the kernel)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -123,9 +125,13 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    blocks = dict(re.findall(r"Function ([^:\s]+):\s*\n\s*([^\n]*)", out.stdout))
+    line = blocks.get(kernel_name)
+    if line is None:
+        raise RuntimeError(f"cuobjdump reported no function {kernel_name!r}: {sorted(blocks)}")
     usage = {}
     for key in ("REG", "STACK", "SHARED", "LOCAL"):
-        m = re.search(rf"\b{key}:(\d+)", out.stdout)
+        m = re.search(rf"\b{key}:(\d+)", line)
         usage[key] = int(m.group(1)) if m else -1
     return usage
 
@@ -167,7 +173,7 @@ def compile_case(case: AotCase, capability: int) -> CompileReport:
             uses_mma=False,
             error=f"{type(exc).__name__}: {exc}"[:2000],
         )
-    usage = _resource_usage(compiled.asm["cubin"])
+    usage = _resource_usage(compiled.asm["cubin"], compiled.metadata.name)
     ptx = compiled.asm["ptx"]
     return CompileReport(
         **report,
