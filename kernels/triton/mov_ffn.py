@@ -187,13 +187,15 @@ def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 K_ROW_BYTES = 128
 
 
-def _for_every_dtype(configs16: list[triton.Config]) -> list[triton.Config]:
-    """The 16-bit configs (BLOCK_K = 64), then the same tiles with BLOCK_K = 32 for float32 operands."""
+def _for_every_dtype(configs16: list[triton.Config], fp32_default: triton.Config) -> list[triton.Config]:
+    """The 16-bit configs (BLOCK_K = 64), then the float32 default (BLOCK_K = 32; float32 dots run
+    without tensor cores, so their accumulators need smaller tiles: chosen spill-free on sm_80/sm_90
+    by the AOT reports), then the 16-bit tiles with BLOCK_K = 32 for float32 autotuning."""
     halved = [
         triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps, num_stages=c.num_stages)
         for c in configs16
     ]
-    return configs16 + halved
+    return configs16 + [fp32_default] + halved
 
 
 #: (a) and (d): dual GEMM tiles [BLOCK_M, BLOCK_F], K = M.
@@ -204,7 +206,8 @@ UP_CONFIGS = _for_every_dtype(
         _cfg(4, 4, BLOCK_M=128, BLOCK_F=64, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),  # decode-sized T
-    ]
+    ],
+    _cfg(4, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
 )
 #: (b): output tiles [BLOCK_M, BLOCK_N] over M, K = F.
 DOWN_CONFIGS = _for_every_dtype(
@@ -214,7 +217,8 @@ DOWN_CONFIGS = _for_every_dtype(
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64),
-    ]
+    ],
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
 )
 #: (c): dz tiles [BLOCK_M, BLOCK_F], K = M.
 DOWN_BACKWARD_CONFIGS = _for_every_dtype(
@@ -225,7 +229,8 @@ DOWN_BACKWARD_CONFIGS = _for_every_dtype(
         _cfg(4, 4, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),
-    ]
+    ],
+    _cfg(8, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
 )
 #: (d): as (a), but the epilogue also holds du, dlogits and act'(h0): a narrower default tile.
 UP_BACKWARD_CONFIGS = _for_every_dtype(
@@ -235,7 +240,8 @@ UP_BACKWARD_CONFIGS = _for_every_dtype(
         _cfg(4, 4, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),
-    ]
+    ],
+    _cfg(8, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
 )
 #: (r): rows per program of the [T, E] router backward.
 ROUTER_BACKWARD_CONFIG = dict(BLOCK_M=64, num_warps=4)
