@@ -181,7 +181,8 @@ def _bwd_configs() -> list[triton.Config]:
     table = [
         # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         # the defaults (first legal per shape), chosen spill-free on sm_80 and sm_90 by the AOT reports:
-        (32, 64, 32, 8, 3),  # D = 64, E ≤ 16 (BLOCK_K 32: sentence routing spills at 64)
+        (64, 64, 64, 8, 3),  # (IA)3 and sentence routing (64 rows: wgmma on sm_90)
+        (32, 64, 32, 8, 3),  # token routing, D = 64, E ≤ 16
         (16, 64, 64, 8, 3),  # many experts (BLOCK_E > 16): 16-row tiles
         (32, 128, 32, 8, 3),  # D = 128
         (64, 64, 64, 4, 3),
@@ -204,7 +205,13 @@ BACKWARD_CONFIGS = _bwd_configs()
 
 
 def legal_config(
-    config: triton.Config, head_dim: int, block_e: int, m_bucket: int, itemsize: int, backward: bool = False
+    config: triton.Config,
+    head_dim: int,
+    block_e: int,
+    m_bucket: int,
+    itemsize: int,
+    backward: bool = False,
+    routing: int = ROUTING_TOKEN,  # the most demanding mode
 ) -> bool:
     """Whether a tile configuration is legal for head width D, padded experts BLOCK_E, T ≤ m_bucket and
     activations of ``itemsize`` bytes, for the forward (or the ``backward``) kernel.
@@ -219,7 +226,8 @@ def legal_config(
       ≤ MAIN_LOOP_SMEM (float32 activations get smaller tiles);
     * BLOCK_M divides REDUCE_ROWS (the backward's row chunk; every forward BLOCK_M does too);
     * backward, D ≥ 64: BLOCK_M·HEADS·BLOCK_E ≤ 1024 (register pressure of the p / dlogits tiles: with
-      E = 60 only 16-row tiles compile without spills);
+      E = 60 only 16-row tiles compile without spills), and with token routing BLOCK_M ≤ 32 (its softmax
+      backward spills 64-row tiles; (IA)3 and sentence routing keep 64-row tiles, and so wgmma on sm_90);
     * backward: its float32 epilogue operands (the expert block and its transpose, dyh, p) plus the main
       loop stay within BACKWARD_SMEM (calibrated on the AOT reports: with E = 60 only 64×64 tiles fit sm_80).
     """
@@ -235,7 +243,7 @@ def legal_config(
     if bm > max(16, m_bucket):
         return False
     if backward:
-        if head_dim >= 64 and bm * heads_e > 1024:
+        if head_dim >= 64 and (bm * heads_e > 1024 or (routing == ROUTING_TOKEN and bm > 32)):
             return False
         epilogue = 4 * (2 * heads_e * bn + bm * bn + bm * heads_e)
         if epilogue + (bm + bn) * bk * itemsize * config.num_stages > BACKWARD_SMEM:
@@ -247,7 +255,9 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     itemsize, backward = args["x_ptr"].element_size(), "REDUCE_ROWS" in args
     kept = [
-        c for c in configs if legal_config(c, args["HEAD_DIM"], args["BLOCK_E"], args["M_BUCKET"], itemsize, backward)
+        c
+        for c in configs
+        if legal_config(c, args["HEAD_DIM"], args["BLOCK_E"], args["M_BUCKET"], itemsize, backward, args["ROUTING"])
     ]
     if not kept:
         raise ValueError(
@@ -790,7 +800,7 @@ def hbm_traffic(
         if given is not None:
             return given
         for c in configs:
-            if legal_config(c, D, block_e, m_bucket, es, backward):
+            if legal_config(c, D, block_e, m_bucket, es, backward, mode):
                 return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
         raise ValueError("no legal configuration")
 
@@ -946,7 +956,9 @@ def aot_cases(
                 ),
             )
             for kind, kernel, configs, args, extra in kernels:
-                legal = [c for c in configs if legal_config(c, D, block_e, m_bucket, dtype.itemsize, kind == "bwd")]
+                legal = [
+                    c for c in configs if legal_config(c, D, block_e, m_bucket, dtype.itemsize, kind == "bwd", mode)
+                ]
                 for i, c in enumerate(legal if all_configs else legal[:1]):
                     tiles = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                     cases.append(
