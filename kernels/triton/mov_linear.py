@@ -157,7 +157,9 @@ def _fwd_configs() -> list[triton.Config]:
         # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
         (128, 128, 64, 8, 8, 3),
         (128, 64, 64, 8, 8, 3),  # many experts: one head a tile (spill-free with E = 60)
-        (64, 64, 32, 8, 8, 3),  # float32 activations (no tensor cores: accumulators in registers)
+        (32, 64, 32, 8, 8, 3),  # float32 activations (no tensor cores: accumulators in registers)
+        (16, 128, 32, 8, 8, 3),  # float32 activations, D = 128
+        (16, 64, 32, 8, 8, 3),  # float32 activations, many experts
         (128, 64, 64, 8, 4, 4),
         (64, 128, 64, 8, 4, 4),
         (64, 64, 64, 8, 4, 4),
@@ -185,6 +187,10 @@ def _bwd_configs() -> list[triton.Config]:
         (32, 64, 32, 8, 3),  # token routing, D = 64, E ≤ 16
         (16, 64, 64, 8, 3),  # many experts (BLOCK_E > 16): 16-row tiles
         (32, 128, 32, 8, 3),  # D = 128
+        (16, 64, 32, 8, 3),  # float32 activations, (IA)3 and sentence routing
+        (16, 64, 16, 8, 3),  # float32 activations, many experts
+        (16, 128, 16, 8, 3),  # float32 activations, D = 128
+        (16, 128, 32, 8, 3),
         (64, 64, 64, 4, 3),
         (128, 64, 64, 8, 3),
         (64, 128, 64, 8, 3),
@@ -220,7 +226,10 @@ def legal_config(
     * every tl.dot has M, N, K ≥ 16: BLOCK_M, BLOCK_K, D and BLOCK_E ≥ 16 (the launcher pads E);
     * the block-diagonal merge stays small: HEADS·BLOCK_E ≤ 64 for D ≥ 64 (E = 60 → one head a tile; two
       spill registers on sm_80), ≤ 128 for the narrow heads D ≤ 32;
-    * float32 activations (FMA dots, accumulators in registers): BLOCK_M·BLOCK_N ≤ 4096;
+    * float32 activations (FMA dots, accumulators in registers), D ≥ 64, calibrated on the AOT reports so
+      that the defaults do not spill: BLOCK_M·BLOCK_N ≤ 2048 and BLOCK_K ≤ 32; forward with E > 16:
+      BLOCK_M ≤ 16; backward: BLOCK_M ≤ 32 for token routing with E ≤ 16, else ≤ 16, and BLOCK_K ≤ 16
+      with E > 16 or D = 128. For the narrow heads D ≤ 32: BLOCK_M·BLOCK_N ≤ 4096;
     * BLOCK_M is no taller than the problem's row bucket (no tile mostly padding for decode-sized T);
     * the main loop's pipelined tiles fit sm_80's shared memory: (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize·stages
       ≤ MAIN_LOOP_SMEM (float32 activations get smaller tiles);
@@ -238,8 +247,19 @@ def legal_config(
     if (bm + bn) * bk * itemsize * config.num_stages > MAIN_LOOP_SMEM:
         return False
     heads_e = (bn // head_dim) * block_e
-    if heads_e > (64 if head_dim >= 64 else 128) or (itemsize == 4 and bm * bn > 4096):
+    if heads_e > (64 if head_dim >= 64 else 128):
         return False
+    if itemsize == 4 and head_dim < 64 and bm * bn > 4096:  # narrow heads: uncalibrated, the old bound
+        return False
+    if itemsize == 4 and head_dim >= 64:
+        if bm * bn > 2048 or bk > 32:
+            return False
+        if not backward and block_e > 16 and bm > 16:
+            return False
+        if backward and bm > (32 if routing == ROUTING_TOKEN and block_e <= 16 else 16):
+            return False
+        if backward and (block_e > 16 or head_dim >= 128) and bk > 16:
+            return False
     if bm > max(16, m_bucket):
         return False
     if backward:
