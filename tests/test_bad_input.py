@@ -179,3 +179,14 @@ def test_strided_inputs():
     torch.testing.assert_close(
         ops.molora_linear(**args, implementation="torch"), ops.molora_linear(**args, implementation="reference")
     )
+
+
+def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
+    """On CUDA "auto" takes the Triton kernels where the op has them (no GPU here: only the choice is tested)."""
+    from pemoe.kernels.triton import interpreter
+
+    monkeypatch.setattr(interpreter, "INTERPRET", False)
+    cuda = torch.device("cuda")
+    for op in ("mov_linear", "mov_ffn", "molora_linear"):
+        assert resolve_implementation(op, "auto", cuda) == "triton"
+    assert resolve_implementation("mov", "auto", cuda) == "torch"  # no Triton kernel for the bare site
