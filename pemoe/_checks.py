@@ -8,7 +8,13 @@ and the expected shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+#: Validates one array argument: (name, value, ndim=..., min_ndim=...) -> None, raising TypeError /
+#: ValueError. The torch ops use check_float_tensor; pemoe.jax passes its own for jax arrays.
+ArrayCheck = Callable[..., None] | None
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,17 +59,19 @@ def check_router(
     router_input: torch.Tensor | None,
     tokens_shape: tuple[int, ...],
     in_name: str,
+    check_array: ArrayCheck = None,
 ) -> None:
     """Router [in, E]; ``router_input`` (sentence routing) broadcastable to tokens_shape + (in,)."""
+    check_array = check_array or check_float_tensor
     if router is None:
         if num_experts != 1:
             raise ValueError(f"router is required when num_experts > 1 (num_experts={num_experts})")
         if router_input is not None:
             raise ValueError("router_input was given but router is None")
         return
-    check_float_tensor("router", router, ndim=2)
+    check_array("router", router, ndim=2)
     if router_input is not None:
-        check_float_tensor("router_input", router_input, min_ndim=1)
+        check_array("router_input", router_input, min_ndim=1)
         in_features = router_input.shape[-1]
         lead = tuple(router_input.shape[:-1])
         if len(lead) > len(tokens_shape):
@@ -97,10 +105,12 @@ def check_mov(
     router_input: torch.Tensor | None,
     h_name: str = "h",
     width: int | None = None,
+    check_array: ArrayCheck = None,
 ) -> tuple[int, int, int]:
     """Validate a MoV call; returns (G, E, D). ``width`` overrides h.shape[-1] (fused linear)."""
-    check_float_tensor(h_name, h, min_ndim=1)
-    check_float_tensor("experts", experts, ndim=3)
+    check_array = check_array or check_float_tensor
+    check_array(h_name, h, min_ndim=1)
+    check_array("experts", experts, ndim=3)
     groups, num_experts, dim = experts.shape
     if num_experts == 0:
         raise ValueError(
@@ -122,17 +132,24 @@ def check_mov(
         router_input=router_input,
         tokens_shape=tokens_shape,
         in_name="D",
+        check_array=check_array,
     )
     check_top_k(top_k, num_experts)
     return groups, num_experts, dim
 
 
 def check_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, weight_name: str = "weight"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    weight_name: str = "weight",
+    check_array: ArrayCheck = None,
 ) -> None:
     """x [..., K], weight [N, K] (torch Linear layout), bias [N]; x and weight share a dtype."""
-    check_float_tensor("x", x, min_ndim=1)
-    check_float_tensor(weight_name, weight, ndim=2)
+    check_array = check_array or check_float_tensor
+    check_array("x", x, min_ndim=1)
+    check_array(weight_name, weight, ndim=2)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(
             f"{weight_name} must have shape [N, K] with K = x.shape[-1] = {x.shape[-1]}, got {_shape(weight)}"
@@ -143,7 +160,7 @@ def check_linear(
             f"got x {x.dtype} and {weight_name} {weight.dtype}"
         )
     if bias is not None:
-        check_float_tensor("bias", bias, ndim=1)
+        check_array("bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [{weight.shape[0]}] ([N]), got {_shape(bias)}")
 
@@ -159,12 +176,14 @@ def check_molora(
     scale: float,
     top_k: int | None,
     router_input: torch.Tensor | None,
+    check_array: ArrayCheck = None,
 ) -> tuple[int, int]:
     """Validate a MoLoRA call; returns (E, r)."""
-    check_linear(x, weight, bias)
+    check_array = check_array or check_float_tensor
+    check_linear(x, weight, bias, check_array=check_array)
     n, k = weight.shape
-    check_float_tensor("lora_a", lora_a, ndim=3)
-    check_float_tensor("lora_b", lora_b, ndim=3)
+    check_array("lora_a", lora_a, ndim=3)
+    check_array("lora_b", lora_b, ndim=3)
     num_experts, k_a, rank = lora_a.shape
     if num_experts == 0:
         raise ValueError(f"lora_a must have at least one expert: shape [E, K, r] with E >= 1, got {_shape(lora_a)}")
@@ -188,6 +207,7 @@ def check_molora(
         router_input=router_input,
         tokens_shape=tuple(x.shape[:-1]),
         in_name="K",
+        check_array=check_array,
     )
     check_top_k(top_k, num_experts)
     return num_experts, rank
