@@ -74,14 +74,16 @@ class _OpCases:
 
 class MoVLinearCases(_OpCases):
     op_name = "mov_linear"
+    groups, dim = G, D  # heads and head width of the inputs (a backend may need another D)
 
-    def inputs(self, t, e, *, top_k=None, renormalize=False, sentence=False, bias=True):
-        n = G * D
+    def inputs(self, t, e, *, top_k=None, renormalize=False, sentence=False, bias=True, groups=None, dim=None):
+        groups, dim = groups or self.groups, dim or self.dim
+        n = groups * dim
         x = torch.randn(t, K, requires_grad=True)
         args = dict(
             x=x,
             weight=torch.randn(n, K) * K**-0.5,
-            experts=_experts(G, e, D),
+            experts=_experts(groups, e, dim),
             top_k=top_k,
             renormalize=renormalize,
             bias=torch.randn(n) if bias else None,
@@ -91,7 +93,7 @@ class MoVLinearCases(_OpCases):
             args["router_input"] = torch.randn(2, 9, requires_grad=True)
             args["router"] = _router(9, e)
         else:
-            args["router"] = _router(D, e)
+            args["router"] = _router(dim, e)
         return args
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
