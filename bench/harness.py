@@ -28,6 +28,10 @@ What is measured, per case (op, provider, mode, shape, dtype, device):
   ``cost`` formula, stated in each bench file: the same numbers for every provider) divided by the
   provider's p50 time; where the device's peaks are known (:data:`DEVICE_PEAKS`), ``roofline_pct``:
   the roofline time max(FLOPs / peak FLOP/s, bytes / peak B/s) as a percentage of the measured time.
+
+Benches that are not torch autograd set ``OpBench.run_group`` (bench/jax_ops.py: the JAX ops under
+``jax.jit``, timed on the wall clock by :func:`time_interleaved`, each call blocking until its results are
+ready) and write the same rows through :func:`write_mode_rows`.
 """
 
 from __future__ import annotations
@@ -117,6 +121,9 @@ class Provider:
     owned: Callable[[], Iterable[torch.Tensor]] | None = None
     #: another provider of the same op to report ``ratio_vs_<baseline>`` against
     baseline: str | None = None
+    #: why the provider cannot run on a device (None when it can), for providers that are not pemoe.ops
+    #: implementations (e.g. the JAX ones in bench/jax_ops.py); checked before ``implementation``
+    unavailable: Callable[[torch.device], str | None] | None = None
 
 
 def standard_providers(
@@ -176,6 +183,10 @@ class OpBench:
     cost: Callable[[dict[str, int], torch.dtype, str], tuple[float, float]] | None = None
     floor: str = FLOOR
     default_modes: tuple[str, ...] = DEFAULT_MODES
+    #: replaces :func:`run_group` for benches that are not torch autograd (bench/jax_ops.py); same signature
+    run_group: Callable[..., None] | None = None
+    #: (device) -> a line for the report header (e.g. the JAX version and backend)
+    describe: Callable[[torch.device], str] | None = None
 
 
 def shape_str(shape: dict[str, int]) -> str:
@@ -202,6 +213,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def unavailable_reason(op: str, provider: Provider, device: torch.device) -> str | None:
     """Why ``provider`` cannot run ``op`` on ``device`` (None when it can)."""
+    if provider.unavailable is not None:
+        reason = provider.unavailable(device)
+        if reason is not None:
+            return reason
     if provider.implementation is None:
         return None
     if provider.implementation == "triton" and device.type != "cuda":
@@ -543,31 +558,47 @@ def run_group(
             budget_s=settings.budget_s,
         )
         del fns  # drops the graphs the bwd closures hold
-        floor = stats.get(bench.floor)
-        cost = bench.cost(shape, dtype, mode) if bench.cost is not None else None
-        peaks = device_peaks(device)
-        for p in providers:
-            case = Case(bench.op, p, mode, shape, dtype, device)
-            p20, p50, p80 = stats[p]
-            sink.write(case, "time_ms", p50, p20, p80)
-            if floor is not None:
-                sink.write(case, "ratio_vs_floor", p50 / floor[1], p20 / floor[0], p80 / floor[2])
-            base_stats = stats.get(bench.providers[p].baseline or "")
-            if base_stats is not None:
-                metric = f"ratio_vs_{bench.providers[p].baseline}"
-                sink.write(case, metric, p50 / base_stats[1], p20 / base_stats[0], p80 / base_stats[2])
-            if cost is not None and p != bench.floor:
-                flops, nbytes = cost
-                # rates from the p50 time; p20/p80 columns follow the p80/p20 times (faster = higher)
-                sink.write(case, "tflops", flops / p50 / 1e9, flops / p80 / 1e9, flops / p20 / 1e9)
-                sink.write(case, "gbps", nbytes / p50 / 1e6, nbytes / p80 / 1e6, nbytes / p20 / 1e6)
-                if peaks is not None and dtype in peaks[1]:
-                    roof_ms = max(flops / peaks[1][dtype], nbytes / peaks[0]) * 1e3
-                    sink.write(case, "roofline_pct", 100 * roof_ms / p50, 100 * roof_ms / p80, 100 * roof_ms / p20)
-        log(
-            f"  {bench.op} {shape_str(shape)} {dtype_name(dtype)} {mode}: "
-            + ", ".join(f"{p} {stats[p][1]:.2f} ms" for p in providers)
-        )
+        write_mode_rows(bench, shape, dtype, device, mode, stats, sink, log)
+
+
+def write_mode_rows(
+    bench: OpBench,
+    shape: dict[str, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    mode: str,
+    stats: dict[str, tuple[float, float, float]],
+    sink: CsvSink,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Write one mode's rows for every provider in ``stats`` (name -> (p20, p50, p80) ms): time_ms,
+    ratio_vs_floor, ratio_vs_<baseline>, and tflops / gbps / roofline_pct from the op's cost formula."""
+    providers = list(stats)
+    floor = stats.get(bench.floor)
+    cost = bench.cost(shape, dtype, mode) if bench.cost is not None else None
+    peaks = device_peaks(device)
+    for p in providers:
+        case = Case(bench.op, p, mode, shape, dtype, device)
+        p20, p50, p80 = stats[p]
+        sink.write(case, "time_ms", p50, p20, p80)
+        if floor is not None:
+            sink.write(case, "ratio_vs_floor", p50 / floor[1], p20 / floor[0], p80 / floor[2])
+        base_stats = stats.get(bench.providers[p].baseline or "")
+        if base_stats is not None:
+            metric = f"ratio_vs_{bench.providers[p].baseline}"
+            sink.write(case, metric, p50 / base_stats[1], p20 / base_stats[0], p80 / base_stats[2])
+        if cost is not None and p != bench.floor:
+            flops, nbytes = cost
+            # rates from the p50 time; p20/p80 columns follow the p80/p20 times (faster = higher)
+            sink.write(case, "tflops", flops / p50 / 1e9, flops / p80 / 1e9, flops / p20 / 1e9)
+            sink.write(case, "gbps", nbytes / p50 / 1e6, nbytes / p80 / 1e6, nbytes / p20 / 1e6)
+            if peaks is not None and dtype in peaks[1]:
+                roof_ms = max(flops / peaks[1][dtype], nbytes / peaks[0]) * 1e3
+                sink.write(case, "roofline_pct", 100 * roof_ms / p50, 100 * roof_ms / p80, 100 * roof_ms / p20)
+    log(
+        f"  {bench.op} {shape_str(shape)} {dtype_name(dtype)} {mode}: "
+        + ", ".join(f"{p} {stats[p][1]:.2f} ms" for p in providers)
+    )
 
 
 # --------------------------------------------------------------------------------------------------

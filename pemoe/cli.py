@@ -6,6 +6,8 @@
 the floor, and the activation memory saved for backward. It writes a long-format CSV (rows appended as
 each case finishes), a markdown table and a PNG plot of the ratios into ``--out``. The benchmark code
 lives in the checkout's ``bench/`` package (see bench/harness.py for exactly what is measured).
+``--ops jax_mov_linear,jax_molora_linear,jax_mov_ffn`` times the JAX ops under ``jax.jit`` the same way
+(bench/jax_ops.py: providers ``linear`` — a plain jitted matmul —, ``pemoe-xla`` and ``reference``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 DEFAULT_OPS = ("mov_linear", "molora_linear", "mov_ffn")
-ALL_OPS = (*DEFAULT_OPS, "t5_step")  # t5_step (a whole training step per adapter method) on request
+#: the JAX ops under jax.jit (bench/jax_ops.py), on request: their compiles would double the default run
+JAX_OPS = ("jax_mov_linear", "jax_molora_linear", "jax_mov_ffn")
+ALL_OPS = (*DEFAULT_OPS, "t5_step", *JAX_OPS)  # t5_step (a whole training step per adapter method) on request
 DEFAULT_DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "bwd", "fwd_bwd", "step")  # bench/harness.py's; "bwd" (backward alone) on request
 
@@ -41,7 +45,8 @@ def _import_bench():
 
 def _benches() -> dict:
     _import_bench()
-    return {op: importlib.import_module(f"bench.{op}").BENCH for op in ALL_OPS}
+    benches = {op: importlib.import_module(f"bench.{op}").BENCH for op in ALL_OPS if op not in JAX_OPS}
+    return benches | importlib.import_module("bench.jax_ops").BENCHES  # (imports jax only when run)
 
 
 def _csv_list(valid: Sequence[str], what: str, convert: Callable[[str], object] = str) -> Callable[[str], list]:
@@ -166,6 +171,7 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
         f"implementation='auto' on {device.type}: {op} -> {impl}"
         for op, impl in harness.auto_choices(args.ops, device).items()
     ]
+    header += list(dict.fromkeys(benches[op].describe(device) for op in args.ops if benches[op].describe is not None))
     skipped: list[str] = []
     plan = []
     for op in args.ops:
@@ -201,7 +207,7 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
                         skipped.append(f"skipped {bench.op} / {p} at {harness.shape_str(shape)}: {reason}")
                         print(skipped[-1])
                 for dtype in dtypes:
-                    harness.run_group(bench, applies, shape, dtype, device, modes, settings, sink)
+                    (bench.run_group or harness.run_group)(bench, applies, shape, dtype, device, modes, settings, sink)
     except KeyboardInterrupt:
         interrupted = True
     finally:

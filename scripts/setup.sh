@@ -17,3 +17,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" -e ".[dev,hf,triton,jax]"
+# Lowering pemoe.jax's kernels for CUDA without a GPU (jax.export tests): jax-triton, and jaxlib's CUDA plugin of
+# the installed jaxlib's version without its PJRT runtime and CUDA libraries (--no-deps: ~8 MB instead of GBs).
+# They go to .venv/cuda-export, outside site-packages, because the plugin logs "Could not find cuda drivers" at
+# every `import jax` on a machine without a GPU; tests/conftest.py puts that folder on sys.path (and PYTHONPATH
+# for child processes). A GPU machine installs the full stack instead: pip install -e ".[jax-gpu]".
+JAXLIB_VERSION=$(.venv/bin/python -c "import jaxlib; print(jaxlib.__version__)")
+"${PIP[@]}" absl-py
+"${PIP[@]}" --no-deps --upgrade --target .venv/cuda-export "jax-cuda12-plugin==$JAXLIB_VERSION" "jax-triton==0.3.1"

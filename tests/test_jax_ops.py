@@ -460,9 +460,9 @@ def test_auto_chooses_xla_and_logs(caplog):
 
 @pytest.mark.parametrize("impl", ["pallas", "triton"])
 def test_planned_implementations_raise(impl):
-    arrays, static = cast(molora_inputs(3, 2), jnp.float32)
+    arrays, static = cast(mov_inputs(3, 2), jnp.float32)  # mov has neither (molora_linear has "pallas")
     with pytest.raises(NotImplementedError, match=f"implementation='{impl}' does not exist yet"):
-        pj.molora_linear(**arrays, **static, implementation=impl)
+        pj.mov(**arrays, **static, implementation=impl)
 
 
 def test_pallas_needs_tpu_or_the_interpreter(monkeypatch):

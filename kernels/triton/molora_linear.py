@@ -1,4 +1,6 @@
-"""MoLoRA linear (SPEC §3 item 3) as fused Triton kernels: one forward kernel, one backward kernel.
+"""MoLoRA linear (SPEC §3 item 3) as Triton kernels: a two-kernel forward (shrink, then the base GEMM
+extended over K), a one-kernel forward kept for the shapes where the schedule model prefers it, and a
+deterministic three-kernel backward.
 
 Math (SPEC §1), x [T, K], W [N, K] frozen, b [N], lora_a [E, K, r], lora_b [E, r, N], router [K, E]
 (None for LoRA, E = 1), scale = alpha / r:
@@ -8,61 +10,101 @@ Math (SPEC §1), x [T, K], W [N, K] frozen, b [N], lora_a [E, K, r], lora_b [E, 
     y  = [x | U′] · [Wᵀ ; B_cat] + b          B_cat[e·r + j, n] = lora_b[e, j, n]
 Never a [T, E, N] tensor.
 
-Forward, one kernel (``_molora_forward_kernel``), one program per BLOCK_M rows and N_TILES
-[BLOCK_M, BLOCK_N] tiles of y: the first tile's K loop, which feeds the base GEMM, loads each x tile
-once and also feeds it to the shrink (x · A_cat) and router (x · router) dots; after it the float32
-softmax (``routing.router_probs``) gives p and U′ is formed in registers; every tile then runs the
-expand as E·r extra columns of K (``acc += U′ · B_cat``) before the bias and the single store of y.
-The programs of the first column also store U (float32 [T, E·r]) and p_soft (float32 [T, E]) for the
-backward pass.
+Forward schedules (``schedule=`` of :func:`molora_linear`; "auto" asks :func:`choose_schedule`):
+  * "two_kernel": ``_molora_shrink_kernel`` runs over row tiles: one pass over x gives U and the router
+    logits (float32-accurate, see Numerics), the float32 softmax (+ top-k / renormalisation; sentence
+    routing reads the given p), and writes U′ [T, E·r] in the activation dtype (plus U float32 and
+    p_soft float32 when backward will run). ``_molora_gemm_kernel`` is then a plain tiled GEMM over the
+    extended K: the K loop x·Wᵀ, then the E·r tail U′·B_cat (in steps of TAIL_STEP columns), the bias
+    and one store of y.
+  * "fused": ``_molora_fused_forward_kernel``, one program per BLOCK_M rows and N_TILES column tiles;
+    the first tile's K loop feeds each x tile to the base GEMM, the shrink and the router dots, so x is
+    read once, but every column of programs recomputes its rows' shrink.
 
-Scheduling (issue 4: one kernel recomputing U per tile vs a shrink kernel + a [T, E·r] buffer),
-decided by :func:`hbm_traffic` at T5-large (T = 2048, K = N = 1024, E = 10, r = 4, bf16, default tiles):
-  * one kernel: x, W, y once (+ adapters, + U and p_soft saved): 1.074x a plain linear's HBM bytes
-    (1.035x without saving for backward) — within the 1.1x target;
-  * two kernels: the shrink kernel reads x a second time and U′ goes out and back in: 1.51x — misses it.
-  The price of the one-kernel schedule is tensor-core work: every program recomputes its rows'
-  shrink, BLOCK_J + 2·BLOCK_E extra dot columns per N_TILES·BLOCK_N output columns. At E = 10, r = 4
-  the default tiles (128x128, N_TILES = 1) do 1.81x the plain GEMM's padded FLOPs, N_TILES = 4 1.25x
-  (4x fewer programs); ``TrafficModel.forward_flops_ratio`` has the numbers for any shape / config.
-  Autotuning picks N_TILES on a GPU. Where the GEMM is compute-bound and E·r wide, the two-kernel
-  schedule (one extra read of x, +E·r/K FLOPs) would be faster; no GPU was lent to this session to
-  time the two (issue 4 item 6), so the byte model decided.
+Why two kernels, and when one. :func:`hbm_traffic` models every launch (bytes loaded / stored, each
+tensor's unique bytes, padded tensor-core FLOPs, programs); :func:`modelled_seconds` turns that into time
+per launch = launch gap + max(waves x one program's padded FLOPs / per-SM peak, unique bytes / HBM
+bandwidth) with the :data:`H100` constants (:class:`DeviceModel`, data: 132 SMs, 989 TFLOP/s, 3.35 TB/s,
+a 1 µs gap between dependent launches); :func:`choose_schedule` takes the schedule with the smaller
+modelled time, each with its best legal tiles. bf16, E = 10, r = 4, saving for backward, default tiles,
+ratios against a plain linear of the same shape on the same model (``python -m
+pemoe.kernels.triton.molora_linear`` prints the table):
 
-Layouts and dtypes. Adapters are float32 parameters; each program loads its lora_a / lora_b tiles
-in float32 and casts them to the activation dtype for the tensor-core dot, as the authors' code does.
-U is kept in a per-expert padded column layout inside the kernels: column c = e·RANK_PAD + j
-(RANK_PAD = next power of two ≥ r, BLOCK_E experts, BLOCK_J = BLOCK_E·RANK_PAD ≥ 16 columns), so
-"scale expert e's columns by p_e" and "sum expert e's columns" are reshapes to [BLOCK_M, BLOCK_E,
-RANK_PAD]. Router logits stay float32-accurate with 16-bit activations: x (exact in its dtype) is
-multiplied by a hi/lo split of the float32 router (router = r_hi + r_lo, both 16-bit), two dots of
-width BLOCK_E ≥ 16 accumulating in float32 (r_hi + r_lo carries 16 mantissa bits in bfloat16, 22 in
-float16, against 8 / 11 for a plain cast). float32
-activations use ``input_precision="ieee"`` dots throughout (no TF32: the tolerance rule is float32's).
+    shape (T = 2048)          schedule     bytes   FLOPs   modelled time
+    T5-large K = N = 1024     fused        1.07x   1.81x   9.1 µs  1.66x   (linear 4.3 GFLOP, 10.0 MiB, 5.5 µs)
+                              two-kernel   1.51x   1.16x   8.2 µs  1.51x   <- chosen
+    T5-XL wi K=2048, N=5120   fused        1.03x   1.78x  80.8 µs  1.76x
+                              two-kernel   1.21x   1.05x  51.0 µs  1.11x   <- chosen
+    T5-XL wo K=5120, N=2048   fused        1.04x   1.76x  79.9 µs  1.75x
+                              two-kernel   1.46x   1.06x  54.1 µs  1.18x   <- chosen
+    T5-large, E=15, r=16      fused        1.39x  10.25x  46.9 µs          (recompute of 256+32 columns)
+                              two-kernel   1.98x   1.53x  10.1 µs          <- chosen
 
-Backward, one kernel (``_molora_backward_kernel``), one program per [BLOCK_M, BLOCK_K] tile of dx
-(W frozen, no weight gradient), with G = dy · B_catᵀ ([T, E·r], one GEMM of width E·r):
-    dU   = scale · G · p              dp[t, e] = scale · Σ_j G[t, e·r+j] · U[t, e·r+j]
-    dlogits = softmax/top-k backward of dp (``routing.router_probs_backward``), or d probs = dp
-    dx   = dy · W + dU · A_catᵀ + dlogits · routerᵀ         (the N loop, then extra reduction columns)
-    d A_cat  += x_tileᵀ · dU,   d router += x_tileᵀ · dlogits         (float32 atomics, every program)
-    d B_cat  += U′ᵀ · dy_tile,  d bias += Σ_t dy_tile                 (float32 atomics, pid_k == 0)
-so dy, x, W are each read once per tile as a plain dgrad would read dy and W, and the adapter
-gradients need no extra pass. The atomics make the adapter gradients' float32 summation order
-(over token blocks) nondeterministic. Like the forward, each program recomputes its rows' G, once
-per K_TILES dx tiles (``TrafficModel.backward_flops_ratio`` gives the padded tensor-core FLOPs against a
-plain dgrad's for any shape and config; dA, dB and G themselves cost ~1.16x at T5-large, E = 10, r = 4),
-and moves 1.51x its bytes (a plain frozen dgrad reads no x; d lora_a needs it).
+The one-kernel schedule reads x once (bytes within the 1.1x target) but every column of programs
+recomputes its rows' shrink: BLOCK_J + router columns (64 + 32 at E = 10, r = 4) per BLOCK_N = 128
+output columns, 1.8x the GEMM's FLOPs. These GEMMs are compute-bound (~410 FLOP/byte against the
+H100's ~295), so FLOPs decide: two kernels cost a second read of x in a memory-bound pass (~1.4 µs
+at T5-large) and one more launch, and win at each schedule's best tiles (:func:`schedule_costs`, what
+:func:`choose_schedule` compares) by 10% at T5-large (8.2 vs 9.1 µs; break-even at a ~1.9 µs launch gap),
+25% at T5-XL wi (49.8 vs 66.5 µs) and only 2.5% at T5-XL wo (53.4 vs 54.7 µs: there the fused kernel's
+N_TILES = 4 tiles amortise the recompute over 512 columns and K = 5120 makes x's second read costly).
+The one-kernel schedule stays the choice where its recompute is small or nothing is compute-bound:
+plain LoRA (E = 1: 16 padded columns; 1.11x vs 1.43x at T5-large) and decode-sized T (T = 64: one
+launch, W-bound). The bytes target (<= 1.1x a plain linear) holds for the one-kernel schedule only; the
+modelled-time ratio at T5-large (1.5x) misses SPEC's GPU target of 1.10x. Nothing was timed on a GPU
+here; ``schedule=`` forces either schedule. (A schedule that might meet both, overlapping the shrink with
+the GEMM's K loop in one persistent launch with per-row-block ready flags, needs a GPU to validate and
+was not attempted.)
+
+Backward (base frozen), three kernels and torch sums, all deterministic (no atomics):
+  1. ``_molora_grad_u_kernel`` over row tiles: G = dy·B_catᵀ, ONE GEMM of width E·r (dy read once), then
+     dU = scale·G·p, dp[t, e] = scale·Σ_j G[t, e·r+j]·U[t, e·r+j], dlogits = softmax / top-k backward
+     (``routing.router_probs_backward``; sentence routing stores d probs = dp), and U′ = scale·U·p (for
+     d lora_b). dU, U′: activation dtype [T, E·r]; dlogits float32 [T, E].
+  2. ``_molora_gemm_kernel`` again: dx = [dy | dU | dlogits]·[W ; A_catᵀ ; routerᵀ] (the dlogits tail in
+     float32-grade hi/lo products).
+  3. ``_molora_wgrad_kernel``, twice: d A_cat = xᵀ·dU and d router = xᵀ·dlogits (one pass over x), then
+     d B_catᵀ = dyᵀ·U′ and d bias = Σ_t dy (one pass over dy). Each program owns a [BLOCK_C, J_STEP] tile
+     (J_STEP = min(E·r padded, 64) adapter columns) of one chunk of REDUCE_ROWS tokens and writes its
+     partial sum once; torch sums the chunks (two-stage: the same order every run).
+  At T5-large (E = 10, r = 4, bf16) this moves 2.98x a plain dgrad's bytes (dy is read by passes 1, 2
+  and 3, x by 3, 8 token chunks of partial sums written and read) with 1.33x its padded FLOPs (2.17x at
+  E = 15, r = 16); modelled 17 µs against the dgrad's 5.5 µs. The earlier single backward kernel moved
+  1.51x but recomputed G for every dx tile (2.25x the FLOPs, 9.8x at E = 15, r = 16), added adapter
+  gradients with float32 atomics in a run-dependent order (11 MiB of atomics, 248 MiB at E = 15,
+  r = 16) and spilled at E = 15, r = 16.
+
+Layouts and dtypes. Adapters are float32 parameters; programs load lora_a / lora_b / router tiles in
+float32 and cast them to the activation dtype for the tensor-core dot, as the authors' code does. The
+[T, E·r] buffers are compact (column e·r + j); inside the kernels U is kept in a per-expert padded
+column layout: column c = e·RANK_PAD + j (RANK_PAD = next power of two ≥ r, BLOCK_E experts,
+BLOCK_J = BLOCK_E·RANK_PAD ≥ 16 columns), so "scale expert e's columns by p_e" and "sum expert e's
+columns" are reshapes to [BLOCK_M, BLOCK_E, RANK_PAD].
+
+Numerics. Every dot accumulates in float32; softmax and routing math are float32. Router logits stay
+float32-accurate with 16-bit activations: x (exact in its dtype) times a hi/lo split of the float32
+router (two dots of width BLOCK_E ≥ 16; r_hi + r_lo carries 16 mantissa bits in bfloat16, 22 in
+float16); the dlogits·routerᵀ and xᵀ·dlogits products use the same splits. U′ and dU are rounded once,
+float32 -> activation dtype (round to nearest even), because they are A-operands of tensor-core dots:
+the same rounding the one-kernel schedule applies in registers, so both schedules feed the expand
+identical U′ values given identical U. float32 activations use ``input_precision="ieee"`` dots
+throughout (no TF32: the tolerance rule is float32's).
 
 Sentence routing (``probs`` given, float32 [T, E]) is supported: the router is not read and the
 gradient flows to ``probs``. Supported dtypes: x and W float16, bfloat16 or float32 (one dtype),
-adapters float32; anything else raises ``TypeError`` — there is no fallback.
+adapters float32; E·r up to 256 padded columns. Anything else raises ``TypeError`` / ``ValueError``;
+there is no fallback.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -71,8 +113,17 @@ import triton.language as tl
 from pemoe.kernels.triton import routing
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
+logger = logging.getLogger("pemoe")
+
 # Routing modes (the ROUTING feature flag)
 NO_ROUTER, TOKEN_ROUTER, GIVEN_PROBS = 0, 1, 2
+#: Forward schedules (``schedule=``); "auto" picks one with :func:`choose_schedule`.
+SCHEDULES = ("fused", "two_kernel")
+#: Tokens whose adapter-gradient partial sums one backward weight-gradient program reduces (a multiple of
+#: every WGRAD_CONFIGS BLOCK_T). Read by the launcher at each call (tests lower it to get several chunks).
+REDUCE_ROWS = 256
+#: Widest supported padded adapter width BLOCK_E·RANK_PAD (E = 15, r = 16 pads to 16·16 = 256).
+MAX_ADAPTER_COLUMNS = 256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,138 +185,289 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + (pid % width) % group_size, (pid % width) // group_size
 
 
+@triton.jit
+def _routing_weights(
+    p_soft_ptr, probs_ptr, offs_m, m_mask, offs_e, E, stride_st, stride_pt, stride_pe,
+    ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """(p, p_soft) for the rows offs_m from the saved softmax / given probs; rows >= T get p = 0."""
+    rows = offs_m.to(tl.int64)
+    mask = m_mask[:, None] & (offs_e[None, :] < E)
+    if ROUTING == 1:
+        p_soft = tl.load(p_soft_ptr + rows[:, None] * stride_st + offs_e[None, :], mask=mask, other=0.0)
+        # rows past T hold zeros; keep them out of the renormalisation (0 / 0)
+        p_soft = tl.where(m_mask[:, None], p_soft, tl.where(offs_e[None, :] < E, 1.0 / E, 0.0))
+        p = routing.select(p_soft, offs_e, E, TOP_K, RENORMALIZE)
+    elif ROUTING == 2:
+        p_soft = tl.load(probs_ptr + rows[:, None] * stride_pt + offs_e[None, :] * stride_pe, mask=mask, other=0.0)
+        p = p_soft
+    else:
+        p_soft = tl.where(offs_e[None, :] < E, 1.0, 0.0) + tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        p = p_soft
+    return tl.where(m_mask[:, None], p, 0.0), p_soft
+
+
+@triton.jit
+def _forward_probs(
+    logits, probs_ptr, rows, m_mask, offs_e, E, stride_pt, stride_pe,
+    ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """(p, p_soft) [BLOCK_M, BLOCK_E] float32 in the forward: softmax of the logits (token routing), the
+    given probabilities (sentence routing) or ones (LoRA; p_soft then unused). Padded experts get 0."""
+    if ROUTING == 1:
+        p, p_soft = routing.router_probs(logits, offs_e, E, TOP_K, RENORMALIZE)
+    elif ROUTING == 2:
+        p = tl.load(
+            probs_ptr + rows[:, None] * stride_pt + offs_e[None, :] * stride_pe,
+            mask=m_mask[:, None] & (offs_e[None, :] < E),
+            other=0.0,
+        )
+        p_soft = p
+    else:
+        p = tl.where(offs_e[None, :] < E, 1.0, 0.0) + tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        p_soft = p
+    return p, p_soft
+
+
 # ------------------------------------------------------------------------------------------------
 # Autotune configurations (data) and pruning
 # ------------------------------------------------------------------------------------------------
 
 
-def _config(
-    block_m: int,
-    block_n: int,
-    block_k: int,
-    warps: int,
-    stages: int,
-    *,
-    n_tiles: int | None = None,
-    k_tiles: int | None = None,
-    group_m: int = 8,
-) -> triton.Config:
-    """A tile configuration. ``n_tiles`` (forward): y column tiles per program sharing one shrink;
-    ``k_tiles`` (backward): dx column tiles per program sharing one G = dy·B_catᵀ."""
-    kwargs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
-    if n_tiles is not None:
-        kwargs["N_TILES"] = n_tiles
-    if k_tiles is not None:
-        kwargs["K_TILES"] = k_tiles
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+def _config(warps: int, stages: int, **blocks: int) -> triton.Config:
+    """A tile configuration: block sizes (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_C, BLOCK_T, N_TILES, GROUP_M)."""
+    return triton.Config(dict(blocks), num_warps=warps, num_stages=stages)
 
 
-#: Forward tiles of y: BLOCK_M tokens x BLOCK_N outputs, BLOCK_K the reduction step. Ordered by
-#: preference; the first that survives pruning is the default (and what the interpreter runs).
-FORWARD_CONFIGS = [
-    _config(128, 128, 32, 8, 3, n_tiles=1),
-    _config(128, 128, 32, 8, 3, n_tiles=4),  # large T: the shrink recomputed for every 512 columns only
-    _config(64, 128, 64, 8, 3, n_tiles=1),
-    _config(64, 128, 64, 8, 3, n_tiles=4),
-    _config(64, 32, 32, 8, 3, n_tiles=1),  # wide E·r (E = 15, r = 16): the float32 lora_a tile, U in registers
-    _config(128, 256, 64, 8, 2, n_tiles=1),  # spills on sm_80 (STACK + LOCAL 152 bytes at E = 10, r = 4)
-    _config(64, 64, 64, 4, 3, n_tiles=1),
-    _config(32, 64, 64, 4, 2, n_tiles=1),
-    _config(16, 64, 64, 4, 2, n_tiles=1),
-    _config(16, 32, 32, 4, 2, n_tiles=1),
+def _fused(bm: int, bn: int, bk: int, warps: int, stages: int, n_tiles: int) -> triton.Config:
+    return _config(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, N_TILES=n_tiles)
+
+
+def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return _config(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+
+
+#: One-kernel forward: tiles of y, BLOCK_M tokens x BLOCK_N outputs, BLOCK_K the reduction step; N_TILES
+#: column tiles per program share one shrink. Ordered by preference; the first survivor of pruning is
+#: the default (and what the interpreter runs).
+FUSED_CONFIGS = [
+    _fused(128, 128, 32, 8, 3, 1),
+    _fused(128, 128, 32, 8, 3, 4),  # large T: the shrink recomputed for every 512 columns only
+    _fused(64, 128, 64, 8, 3, 1),
+    _fused(64, 128, 64, 8, 3, 4),
+    _fused(64, 32, 32, 8, 3, 1),  # wide E·r (E = 15, r = 16): the float32 lora_a tile, U in registers
+    _fused(128, 256, 64, 8, 2, 1),
+    _fused(64, 64, 64, 4, 3, 1),
+    _fused(32, 64, 64, 4, 2, 1),
+    _fused(16, 64, 64, 4, 2, 1),
+    _fused(16, 32, 32, 4, 2, 1),  # float32 activations
 ]
-#: Backward tiles of dx: BLOCK_M tokens x BLOCK_K inputs, BLOCK_N the reduction step over N.
-BACKWARD_CONFIGS = [
-    _config(64, 64, 64, 8, 3, k_tiles=1),
-    _config(64, 64, 64, 8, 3, k_tiles=4),  # large T: G recomputed for every 256 columns of dx only
-    _config(64, 64, 128, 4, 3, k_tiles=1),  # spills (STACK + LOCAL 240-570 bytes at E = 10, r = 4)
-    _config(128, 64, 128, 8, 3, k_tiles=1),  # spills (160-272 bytes)
-    _config(128, 64, 128, 8, 3, k_tiles=4),
-    _config(16, 32, 32, 8, 2, k_tiles=1),  # wide E·r: the least spilling tile found (48 / 112 bytes)
-    _config(32, 64, 64, 4, 2, k_tiles=1),
-    _config(16, 64, 64, 4, 2, k_tiles=1),
-    _config(16, 32, 32, 4, 2, k_tiles=1),
+#: Row-tile passes with a reduction loop and an E·r-wide float32 accumulator: the forward shrink (BLOCK_K
+#: steps over K) and the backward G = dy·B_catᵀ (BLOCK_K steps over N). Short row tiles keep enough
+#: programs for the SMs (T = 2048 -> 64-128 programs) and the [BLOCK_K, E·r] float32 adapter tile small.
+ROW_PASS_CONFIGS = [
+    _config(4, 3, BLOCK_M=32, BLOCK_K=32),  # spill-free for fp16 / bf16 at E·r <= 64 (32x64 spills fp16 sm_90)
+    _config(4, 3, BLOCK_M=32, BLOCK_K=64),
+    _config(4, 3, BLOCK_M=16, BLOCK_K=64),
+    _config(8, 3, BLOCK_M=64, BLOCK_K=64),
+    _config(4, 2, BLOCK_M=16, BLOCK_K=32),  # wide E·r (BLOCK_J = 256) and float32: a small float32 adapter tile
 ]
-#: Per-thread float32 accumulator budget (registers) and shared-memory budget (sm_80: 163 KiB usable).
+#: Base GEMM over the extended K (forward: y = x·Wᵀ + U′·B_cat + b; backward: dx = dy·W + dU·A_catᵀ +
+#: dlogits·routerᵀ): tiles of the output, BLOCK_K the reduction step.
+GEMM_CONFIGS = [
+    _gemm(128, 128, 64, 8, 3),
+    _gemm(128, 256, 64, 8, 3),
+    _gemm(128, 64, 64, 8, 3),  # dx with the dlogits·routerᵀ tail (spill-free on sm_80 in the AOT reports)
+    _gemm(64, 128, 64, 4, 4),
+    _gemm(64, 64, 32, 4, 3),
+    _gemm(32, 32, 32, 4, 3),  # float32 activations (FMA dots: accumulators and operands in registers)
+    _gemm(16, 64, 64, 4, 3),  # decode-sized T
+    _gemm(16, 32, 32, 4, 2),
+]
+#: Adapter weight gradients (partial sums over a REDUCE_ROWS token chunk): BLOCK_C columns of x (or dy)
+#: x J_STEP padded adapter columns, BLOCK_T tokens a step.
+WGRAD_CONFIGS = [
+    _config(8, 3, BLOCK_C=128, BLOCK_T=64),
+    _config(4, 3, BLOCK_C=64, BLOCK_T=64),
+    _config(4, 3, BLOCK_C=64, BLOCK_T=32),
+    _config(4, 3, BLOCK_C=32, BLOCK_T=32),
+    _config(4, 2, BLOCK_C=16, BLOCK_T=32),  # float32 activations
+]
+#: Which table each launch role tunes over.
+ROLE_CONFIGS = {
+    "fused": FUSED_CONFIGS,
+    "shrink": ROW_PASS_CONFIGS,
+    "expand": GEMM_CONFIGS,
+    "grad_u": ROW_PASS_CONFIGS,
+    "dx": GEMM_CONFIGS,
+    "wgrad_a": WGRAD_CONFIGS,
+    "wgrad_b": WGRAD_CONFIGS,
+}
+#: Per-thread float32 register budget of the estimates below (registers), and the shared-memory budget
+#: of the pipelined tiles (sm_80: 163 KiB usable per block).
 REGISTER_BUDGET = 192
 SHARED_MEMORY_BUDGET = 160 * 1024
 DOT_MIN = 16  # tl.dot needs M, N, K >= 16
 
 
-def _block_experts(num_experts: int, rank: int, routing_mode: int) -> tuple[int, int]:
-    """(BLOCK_E, RANK_PAD): padded expert slots and rank, so BLOCK_E·RANK_PAD >= 16 and logits dots fit."""
-    rank_pad = triton.next_power_of_2(rank)
-    block_e = triton.next_power_of_2(num_experts)
-    if routing_mode != NO_ROUTER:
-        block_e = max(block_e, DOT_MIN)  # the logits / dlogits tiles are dot operands
-    block_e = max(block_e, DOT_MIN // min(rank_pad, DOT_MIN))
-    return block_e, rank_pad
+@dataclass(frozen=True)
+class Problem:
+    """What pruning looks at: the launch role, its row / column / reduction extents and the padded adapter
+    widths. ``elem``: bytes of a dot operand (2 for 16-bit activations, 4 for float32)."""
+
+    role: str
+    rows: int
+    cols: int
+    reduction: int
+    block_e: int
+    rank_pad: int
+    elem: int
+    router_cols: int  # float32-grade router / dlogits dot columns (0, BLOCK_E or 2-3·BLOCK_E)
+
+    @property
+    def block_j(self) -> int:
+        return self.block_e * self.rank_pad
 
 
-def _fits(cfg: triton.Config, args: dict, backward: bool) -> bool:
-    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-    if min(bm, bn, bk) < DOT_MIN:
-        return False
-    block_j = args["BLOCK_E"] * args["RANK_PAD"]
-    block_e = args["BLOCK_E"]
+def legal_config(cfg: triton.Config, pb: Problem) -> bool:
+    """Whether a tile configuration compiles within the budgets for a problem (estimates of float32
+    registers per thread and of pipelined shared memory; the AOT reports check the defaults):
+
+    * every tl.dot has M, N, K >= 16;
+    * fused forward: y + U + logits accumulators in registers; x, W and the float32 lora_a / router tiles
+      pipelined in shared memory;
+    * row passes (shrink, G): the [BLOCK_M, E·r] accumulator plus the [BLOCK_K, E·r] float32 adapter tile
+      within 128 registers;
+    * float32 activations (FMA dots: operands and accumulators in registers), calibrated on the AOT reports
+      so that the defaults do not spill: fused BLOCK_M·BLOCK_N <= 512, BLOCK_K <= 32 and BLOCK_M·(BLOCK_N + E·r)
+      <= 4608, row passes BLOCK_M·BLOCK_K
+      <= 512, GEMM BLOCK_M·BLOCK_N <= 1024 (512 beyond 64 adapter columns), weight gradients BLOCK_C·BLOCK_T
+      <= 512;
+    * GEMM: the accumulator plus one TAIL_STEP slice of the tail operands;
+      with the float32-grade dlogits·routerᵀ tail (dx, token routing) BLOCK_M·BLOCK_N <= 8192 (calibrated on
+      the AOT reports: 128x128 spills 232 bytes on sm_80);
+    * weight gradients: the [BLOCK_C, J_STEP] (+ [BLOCK_C, BLOCK_E]) accumulators and a [BLOCK_T, J_STEP]
+      operand within 128 registers (every table BLOCK_T divides REDUCE_ROWS = 256; the kernel masks each
+      chunk's rows, so any BLOCK_T is correct).
+    """
+    kw = cfg.kwargs
     threads = 32 * cfg.num_warps
-    elem = 4 if args["DOT_PRECISION"] == "ieee" else 2
-    if backward:  # dx acc + G acc (float32) + U′ (activation dtype) live through the N loop
-        regs = (bm * bk + bm * block_j) / threads + bm * block_j * elem / 4 / threads
-        stage = bm * bn * elem + bn * bk * elem + bn * block_j * 4
-    else:  # y acc + U acc + logits acc
-        regs = (bm * bn + bm * block_j + bm * block_e) / threads
-        stage = bm * bk * elem + bk * bn * elem + bk * (block_j + block_e) * 4
-    return regs <= REGISTER_BUDGET and stage * cfg.num_stages <= SHARED_MEMORY_BUDGET
+    bj, be, elem = pb.block_j, pb.block_e, pb.elem
+    if pb.role == "fused":
+        bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+        regs = (bm * bn + bm * bj + bm * be) / threads
+        stage = bm * bk * elem + bk * bn * elem + bk * (bj + be) * 4
+        if elem == 4 and (bm * bn > 512 or bk > 32 or bm * (bn + bj) > 4608):  # float32 FMA dots (AOT reports)
+            return False
+        return min(bm, bn, bk) >= DOT_MIN and regs <= REGISTER_BUDGET and stage * cfg.num_stages <= SHARED_MEMORY_BUDGET
+    if pb.role in ("shrink", "grad_u"):
+        bm, bk = kw["BLOCK_M"], kw["BLOCK_K"]
+        regs = (bm * bj + bm * be + bk * bj) / threads
+        stage = bm * bk * elem + bk * (bj + be) * 4
+        if elem == 4 and bm * bk > 512:  # float32 FMA dots (AOT: 32x64 spills on sm_80)
+            return False
+        return min(bm, bk) >= DOT_MIN and regs <= 128 and stage * cfg.num_stages <= SHARED_MEMORY_BUDGET
+    if pb.role in ("expand", "dx"):
+        bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+        step = _tail_step(bj)
+        regs = (bm * bn + (bm * step + step * bn) * elem / 4) / threads
+        if elem == 4 and bm * bn > (1024 if bj <= 64 else 512):  # float32 FMA dots: 32x64 spills (AOT)
+            return False
+        if pb.router_cols and bm * bn > 8192:  # the hi/lo dlogits·routerᵀ tail: 128x128 spills on sm_80 (AOT)
+            return False
+        stage = (bm + bn) * bk * elem
+        return min(bm, bn, bk) >= DOT_MIN and regs <= REGISTER_BUDGET and stage * cfg.num_stages <= SHARED_MEMORY_BUDGET
+    bc, bt = kw["BLOCK_C"], kw["BLOCK_T"]  # weight gradients, J_STEP adapter columns a program
+    step = _tail_step(bj)
+    regs = (bc * step + bc * be + bt * step * elem / 4) / threads
+    stage = bc * bt * elem + bt * (step * elem + be * 4)
+    if elem == 4 and bc * bt > 512:  # float32 FMA dots (AOT: 128x64 spills on sm_80)
+        return False
+    return min(bc, bt) >= DOT_MIN and regs <= 128 and stage * cfg.num_stages <= SHARED_MEMORY_BUDGET
 
 
-def _prune(configs: list[triton.Config], named_args: dict, *, backward: bool, **kwargs) -> list[triton.Config]:
-    """Keep configs whose tiles are legal dot shapes, fit the register / shared-memory budgets and are
-    not much larger than the problem (order kept, so the first survivor is the default)."""
-    args = {**named_args, **kwargs}
-    t, cols = args["T"], args["K"] if backward else args["N"]
-    legal = [c for c in configs if _fits(c, args, backward)]
+def legal_configs(pb: Problem) -> list[triton.Config]:
+    """The configurations of ``pb.role``'s table that fit (order kept: the first is the default), and among
+    them those not much larger than the problem (no tile mostly padding for decode-sized T)."""
+    configs = ROLE_CONFIGS[pb.role]
+    legal = [c for c in configs if legal_config(c, pb)]
     if not legal:
         raise ValueError(
-            f"molora_linear Triton kernels: lora_a [E, K, r] with E = {args['E']}, r = {args['R']} needs "
-            f"{args['BLOCK_E'] * args['RANK_PAD']} padded adapter columns (E and r rounded up to powers of two), "
-            "more than any tile configuration fits in registers and shared memory"
+            f"molora_linear Triton kernels: no {pb.role} tile configuration fits {pb.block_j} padded adapter "
+            f"columns (BLOCK_E = {pb.block_e}, RANK_PAD = {pb.rank_pad})"
         )
-    col_key = "BLOCK_K" if backward else "BLOCK_N"
-    snug = [
-        c
-        for c in legal
-        if c.kwargs["BLOCK_M"] <= max(DOT_MIN, triton.next_power_of_2(t))
-        and c.kwargs[col_key] * c.kwargs.get("K_TILES" if backward else "N_TILES", 1)
-        <= max(32, triton.next_power_of_2(cols))
-    ]
+    row_key = "BLOCK_C" if pb.role.startswith("wgrad") else "BLOCK_M"
+    rows = pb.cols if pb.role.startswith("wgrad") else pb.rows
+    snug = [c for c in legal if c.kwargs[row_key] <= max(DOT_MIN, triton.next_power_of_2(rows))]
+    if pb.role in ("fused", "expand", "dx"):
+        snug = [
+            c
+            for c in snug
+            if c.kwargs["BLOCK_N"] * c.kwargs.get("N_TILES", 1) <= max(32, triton.next_power_of_2(pb.cols))
+        ]
     return snug or legal[-1:]
 
 
-def _prune_forward(configs, named_args, **kwargs):
-    return _prune(configs, named_args, backward=False, **kwargs)
+def _tail_step(block_j: int) -> int:
+    """Padded adapter columns per step: the GEMM's tail (a dot's K) and a weight-gradient program's share
+    (J_STEP): the whole BLOCK_E·RANK_PAD up to 64."""
+    return min(block_j, 64)
 
 
-def _prune_backward(configs, named_args, **kwargs):
-    return _prune(configs, named_args, backward=True, **kwargs)
+def _problem_from_args(role: str, args: dict) -> Problem:
+    """The :class:`Problem` of a kernel launch from its named arguments and constexprs (autotune pruning)."""
+    elem = 4 if args["DOT_PRECISION"] == "ieee" else 2
+    be, rp = args["BLOCK_E"], args["RANK_PAD"]
+    if role == "fused":
+        rows, cols, red = args["T"], args["N"], args["K"]
+    elif role == "shrink":
+        rows, cols, red = args["T"], 0, args["K"]
+    elif role == "grad_u":
+        rows, cols, red = args["T"], 0, args["N"]
+    elif role in ("expand", "dx"):
+        rows, cols, red = args["M"], args["N"], args["K"]
+    else:
+        rows, cols, red = args["T"], args["C"], args["T"]
+    return Problem(role, rows, cols, red, be, rp, elem, _router_cols(role, args, be, elem))
 
 
-_AUTOTUNE_KEY = ["tokens_bucket", "N", "K", "E", "R"]
+def _router_cols(role: str, flags: dict, block_e: int, elem: int) -> int:
+    """Columns of the float32-grade router / dlogits dots a launch runs (FLOP model): hi + lo of the router
+    (x·router, xᵀ·dlogits), hi·hi + hi·lo + lo·hi (dlogits·routerᵀ); one ieee dot for float32."""
+    if role in ("fused", "shrink") and flags.get("ROUTING") == TOKEN_ROUTER:
+        return block_e * (1 if elem == 4 else 2)
+    if role == "dx" and flags.get("ROUTER_TAIL"):
+        return block_e * (1 if elem == 4 else 3)
+    if role == "wgrad_a" and flags.get("HAS_RHS2"):
+        return block_e * (1 if elem == 4 else 2)
+    return 0
+
+
+def _pruner(role: str) -> Callable:
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return legal_configs(_problem_from_args("dx" if args.get("ROUTER_TAIL") else role, args))
+
+    return prune
 
 
 # ------------------------------------------------------------------------------------------------
-# Forward kernel
+# Forward kernels
 # ------------------------------------------------------------------------------------------------
+
+_FUSED_KEY = ["tokens_bucket", "N", "K", "E", "R", "ROUTING"]
 
 
 @triton.autotune(
-    configs=FORWARD_CONFIGS,
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_forward},
+    configs=FUSED_CONFIGS,
+    key=_FUSED_KEY,
+    prune_configs_by={"early_config_prune": _pruner("fused")},
     do_bench=do_bench,
 )
 @triton.jit
-def _molora_forward_kernel(
+def _molora_fused_forward_kernel(
     # inputs
     x_ptr, weight_ptr, bias_ptr, lora_a_ptr, lora_b_ptr, router_ptr, probs_ptr,
     # outputs: y, and (SAVE_FOR_BACKWARD) U float32 [T, E·R] and p_soft float32 [T, E]
@@ -287,7 +489,7 @@ def _molora_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     N_TILES: tl.constexpr,
 ):  # fmt: skip
-    """y = x·Wᵀ + scale·(U·p)·B_cat + b for N_TILES [BLOCK_M, BLOCK_N] tiles side by side (module docstring).
+    """One-kernel schedule: y = x·Wᵀ + scale·(U·p)·B_cat + b for N_TILES [BLOCK_M, BLOCK_N] tiles side by side.
 
     The shrink runs in the first tile's K loop only; the later tiles reuse U′ from registers, so the
     recomputed shrink costs (BLOCK_J + router columns) / (N_TILES·BLOCK_N) of the base GEMM's work.
@@ -341,16 +543,10 @@ def _molora_forward_kernel(
 
         if tile == 0:
             # ---- routing weights p [BLOCK_M, BLOCK_E] (float32; padded experts 0), U′ = scale·U·p
-            if ROUTING == 1:
-                p, p_soft = routing.router_probs(logits, offs_e, E, TOP_K, RENORMALIZE)
-            elif ROUTING == 2:
-                p = tl.load(
-                    probs_ptr + rows[:, None] * stride_pt + offs_e[None, :] * stride_pe,
-                    mask=m_mask[:, None] & (offs_e[None, :] < E),
-                    other=0.0,
-                )
-            else:
-                p = tl.where(offs_e[None, :] < E, 1.0, 0.0) + tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+            p, p_soft = _forward_probs(
+                logits, probs_ptr, rows, m_mask, offs_e, E, stride_pt, stride_pe,
+                ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
+            )  # fmt: skip
             u_scaled = (_scale_per_expert(acc_u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale).to(DT)
             # the first program of each row block saves U and p_soft for backward
             if SAVE_FOR_BACKWARD:
@@ -385,198 +581,379 @@ def _molora_forward_kernel(
         )
 
 
-# ------------------------------------------------------------------------------------------------
-# Backward kernel
-# ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _routing_weights(
-    p_soft_ptr, probs_ptr, offs_m, m_mask, offs_e, E, stride_st, stride_pt, stride_pe,
-    ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    """(p, p_soft) for the rows offs_m from the saved softmax / given probs; rows >= T get p = 0."""
-    rows = offs_m.to(tl.int64)
-    mask = m_mask[:, None] & (offs_e[None, :] < E)
-    if ROUTING == 1:
-        p_soft = tl.load(p_soft_ptr + rows[:, None] * stride_st + offs_e[None, :], mask=mask, other=0.0)
-        # rows past T hold zeros; keep them out of the renormalisation (0 / 0)
-        p_soft = tl.where(m_mask[:, None], p_soft, tl.where(offs_e[None, :] < E, 1.0 / E, 0.0))
-        p = routing.select(p_soft, offs_e, E, TOP_K, RENORMALIZE)
-    elif ROUTING == 2:
-        p_soft = tl.load(probs_ptr + rows[:, None] * stride_pt + offs_e[None, :] * stride_pe, mask=mask, other=0.0)
-        p = p_soft
-    else:
-        p_soft = tl.where(offs_e[None, :] < E, 1.0, 0.0) + tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-        p = p_soft
-    return tl.where(m_mask[:, None], p, 0.0), p_soft
+_ROW_PASS_KEY = ["tokens_bucket", "K", "E", "R", "ROUTING"]
 
 
 @triton.autotune(
-    configs=BACKWARD_CONFIGS,
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_backward},
+    configs=ROW_PASS_CONFIGS,
+    key=_ROW_PASS_KEY,
+    prune_configs_by={"early_config_prune": _pruner("shrink")},
     do_bench=do_bench,
-    reset_to_zero=["d_lora_a_ptr", "d_lora_b_ptr", "d_router_ptr", "d_bias_ptr"],
 )
 @triton.jit
-def _molora_backward_kernel(
+def _molora_shrink_kernel(
     # inputs
-    dy_ptr, x_ptr, weight_ptr, lora_a_ptr, lora_b_ptr, router_ptr, probs_ptr, u_ptr, p_soft_ptr,
-    # outputs: dx (activation dtype); float32 gradients, accumulated atomically (zero-initialised)
-    dx_ptr, d_lora_a_ptr, d_lora_b_ptr, d_router_ptr, d_probs_ptr, d_bias_ptr,
+    x_ptr, lora_a_ptr, router_ptr, probs_ptr,
+    # outputs: U′ [T, E·R] (activation dtype); (SAVE_FOR_BACKWARD) U float32 [T, E·R], p_soft float32 [T, E]
+    u_scaled_ptr, u_ptr, p_soft_ptr,
     # sizes (tokens_bucket: autotune key only)
-    T, N, K, E, R, tokens_bucket,
-    # strides (the float32 gradient buffers are contiguous, in their parameter's layout)
-    stride_dyt, stride_dyn, stride_xt, stride_xk, stride_wn, stride_wk,
-    stride_ae, stride_ak, stride_ar, stride_be, stride_br, stride_bn,
-    stride_rk, stride_re, stride_pt, stride_pe, stride_ut, stride_st,
-    stride_dxt, stride_dxk,
+    T, K, E, R, tokens_bucket,
+    # strides (the [T, E·R] and [T, E] outputs are row-major with unit column stride)
+    stride_xt, stride_xk, stride_ae, stride_ak, stride_ar, stride_rk, stride_re, stride_pt, stride_pe,
+    stride_vt, stride_ut, stride_st,
     # scalars
     scale,
     # feature flags
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_D_LORA_A: tl.constexpr, NEED_D_LORA_B: tl.constexpr,
-    NEED_D_ROUTER: tl.constexpr, NEED_D_PROBS: tl.constexpr, NEED_D_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SAVE_FOR_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
-    BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    K_TILES: tl.constexpr,
+    BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """K_TILES [BLOCK_M, BLOCK_K] tiles of dx, and their share of every adapter gradient.
-
-    G = dy·B_catᵀ and the router backward run in the first tile only; later tiles reuse dU and dlogits.
-    """
+    """Two-kernel schedule, pass 1, rows [pid·BLOCK_M, +BLOCK_M): one pass over x gives U = x·A_cat and the
+    router logits x·router (float32, hi/lo for 16-bit x), then p (softmax / top-k / given / ones) and
+    U′ = scale·U·p, stored in the activation dtype for the expand GEMM."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    # ---- this program's rows and K tiles; without dx / d lora_a / d router one column of programs suffices
-    if NEED_DX or NEED_D_LORA_A or NEED_D_ROUTER:
-        num_k = tl.cdiv(K, BLOCK_K * K_TILES)
-    else:
-        num_k = 1
-    pid_m, pid_k = _tile_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), num_k, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # pointer arithmetic in int64: T·K may exceed 2^31
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_E)
     m_mask = offs_m < T
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_e = tl.arange(0, BLOCK_E)
     expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
-    first = pid_k == 0
-    u_ptrs = u_ptr + rows[:, None] * stride_ut + (expert * R + rank)[None, :]
+
+    acc_u = tl.zeros((BLOCK_M, BLOCK_E * RANK_PAD), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        x_tile = tl.load(
+            x_ptr + rows[:, None] * stride_xt + kk[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        a_tile = tl.load(
+            lora_a_ptr + expert[None, :] * stride_ae + kk[:, None] * stride_ak + rank[None, :] * stride_ar,
+            mask=k_mask[:, None] & col_real[None, :],
+            other=0.0,
+        )
+        acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
+        if ROUTING == 1:
+            router_tile = tl.load(
+                router_ptr + kk[:, None] * stride_rk + offs_e[None, :] * stride_re,
+                mask=k_mask[:, None] & (offs_e[None, :] < E),
+                other=0.0,
+            )
+            logits = _dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
+
+    p, p_soft = _forward_probs(
+        logits, probs_ptr, rows, m_mask, offs_e, E, stride_pt, stride_pe,
+        ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
+    )  # fmt: skip
     u_mask = m_mask[:, None] & col_real[None, :]
-
-    # ---- U′ = scale·U·p for the d lora_b share (activation dtype, as the forward expand used it)
-    if NEED_D_LORA_B:
-        p, _ = _routing_weights(
-            p_soft_ptr, probs_ptr, offs_m, m_mask, offs_e, E, stride_st, stride_pt, stride_pe,
-            ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
-        )  # fmt: skip
-        u = tl.load(u_ptrs, mask=u_mask, other=0.0)
-        u_scaled = (_scale_per_expert(u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale).to(DT)
-
-    for tile in tl.static_range(K_TILES):
-        offs_k = (pid_k * K_TILES + tile) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        # ---- N loop: dx = dy·W and (first tile) G = dy·B_catᵀ share every dy tile; pid_k == 0 adds
-        # U′ᵀ·dy and Σ dy to d lora_b and d bias
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        if tile == 0:
-            acc_g = tl.zeros((BLOCK_M, BLOCK_E * RANK_PAD), dtype=tl.float32)
-        if NEED_DX or tile == 0:
-            for n0 in range(0, N, BLOCK_N):
-                nn = n0 + offs_n
-                n_mask = nn < N
-                dy_tile = tl.load(
-                    dy_ptr + rows[:, None] * stride_dyt + nn[None, :] * stride_dyn,
-                    mask=m_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                if NEED_DX:
-                    w_tile = tl.load(
-                        weight_ptr + nn[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=n_mask[:, None] & k_mask[None, :],
-                        other=0.0,
-                    )
-                    acc = tl.dot(dy_tile, w_tile, acc, input_precision=DOT_PRECISION)
-                if tile == 0:
-                    b_t_tile = tl.load(
-                        lora_b_ptr + nn[:, None] * stride_bn + expert[None, :] * stride_be + rank[None, :] * stride_br,
-                        mask=n_mask[:, None] & col_real[None, :],
-                        other=0.0,
-                    )
-                    acc_g = tl.dot(dy_tile, b_t_tile.to(DT), acc_g, input_precision=DOT_PRECISION)
-                    if first:
-                        if NEED_D_LORA_B:
-                            d_b = tl.dot(tl.trans(u_scaled), dy_tile, input_precision=DOT_PRECISION)
-                            d_b_offs = expert[:, None] * (R * N) + rank[:, None] * N + nn[None, :]
-                            tl.atomic_add(d_lora_b_ptr + d_b_offs, d_b, mask=col_real[:, None] & n_mask[None, :])
-                        if NEED_D_BIAS:
-                            tl.atomic_add(d_bias_ptr + nn, tl.sum(dy_tile.to(tl.float32), axis=0), mask=n_mask)
-
-        if tile == 0:
-            # ---- router backward: dU = scale·G·p, dp = scale·Σ_j G·U, dlogits (or d probs = dp)
-            g = acc_g * scale
-            p, p_soft = _routing_weights(
-                p_soft_ptr, probs_ptr, offs_m, m_mask, offs_e, E, stride_st, stride_pt, stride_pe,
-                ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
-            )  # fmt: skip
-            d_u = _scale_per_expert(g, p, BLOCK_M, BLOCK_E, RANK_PAD).to(DT)
-            if ROUTING != 0:
-                u = tl.load(u_ptrs, mask=u_mask, other=0.0)
-                dp = _sum_per_expert(g * u, BLOCK_M, BLOCK_E, RANK_PAD)
-                if ROUTING == 1:
-                    d_logits = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
-                    d_logits = tl.where(m_mask[:, None], d_logits, 0.0)
-                elif NEED_D_PROBS:
-                    if first:
-                        tl.store(
-                            d_probs_ptr + rows[:, None] * E + offs_e[None, :],
-                            dp,
-                            mask=m_mask[:, None] & (offs_e[None, :] < E),
-                        )
-
-        # ---- dx = dy·W + dU·A_catᵀ + dlogits·routerᵀ (extra reduction columns), one store
-        if NEED_DX:
-            a_t_tile = tl.load(
-                lora_a_ptr + expert[:, None] * stride_ae + offs_k[None, :] * stride_ak + rank[:, None] * stride_ar,
-                mask=col_real[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(d_u, a_t_tile.to(DT), acc, input_precision=DOT_PRECISION)
-            if ROUTING == 1:
-                router_t_tile = tl.load(
-                    router_ptr + offs_k[None, :] * stride_rk + offs_e[:, None] * stride_re,
-                    mask=k_mask[None, :] & (offs_e[:, None] < E),
-                    other=0.0,
-                )
-                acc = _dot_fp32(d_logits, router_t_tile, acc, DT, DOT_PRECISION)
+    cols = (expert * R + rank)[None, :]
+    u_scaled = _scale_per_expert(acc_u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale
+    tl.store(u_scaled_ptr + rows[:, None] * stride_vt + cols, u_scaled.to(u_scaled_ptr.dtype.element_ty), mask=u_mask)
+    if SAVE_FOR_BACKWARD:
+        tl.store(u_ptr + rows[:, None] * stride_ut + cols, acc_u, mask=u_mask)
+        if ROUTING == 1:
             tl.store(
-                dx_ptr + rows[:, None] * stride_dxt + offs_k[None, :] * stride_dxk,
-                acc.to(dx_ptr.dtype.element_ty),
-                mask=m_mask[:, None] & k_mask[None, :],
+                p_soft_ptr + rows[:, None] * stride_st + offs_e[None, :],
+                p_soft,
+                mask=m_mask[:, None] & (offs_e[None, :] < E),
             )
 
-        # ---- this tile's share of d A_cat = xᵀ·dU and d router = xᵀ·dlogits (float32 atomics)
-        if NEED_D_LORA_A or NEED_D_ROUTER:
-            x_t_tile = tl.load(
-                x_ptr + offs_k[:, None] * stride_xk + rows[None, :] * stride_xt,
-                mask=k_mask[:, None] & m_mask[None, :],
+
+_GEMM_KEY = ["tokens_bucket", "N", "K", "E", "R", "ROUTER_TAIL"]
+
+
+@triton.autotune(
+    configs=GEMM_CONFIGS,
+    key=_GEMM_KEY,
+    prune_configs_by={"early_config_prune": _pruner("expand")},
+    do_bench=do_bench,
+)
+@triton.jit
+def _molora_gemm_kernel(
+    # inputs: a [M, K], b [K, N] (strided views of the frozen weight), tail [M, E·R] (activation dtype),
+    # adapter viewed as [E, R, N] float32, logits [M, E] and router viewed as [E, N] (float32), bias [N]
+    a_ptr, b_ptr, tail_ptr, adapter_ptr, logits_ptr, router_ptr, bias_ptr,
+    # output [M, N]
+    out_ptr,
+    # sizes (tokens_bucket: autotune key only)
+    M, N, K, E, R, tokens_bucket,
+    # strides (tail and logits: unit column stride)
+    stride_am, stride_ak, stride_bk, stride_bn, stride_tm, stride_ae, stride_ar, stride_an,
+    stride_lm, stride_re, stride_rn, stride_om, stride_on,
+    # feature flags
+    HAS_BIAS: tl.constexpr, ROUTER_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # block sizes
+    BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, TAIL_STEP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """out = a·b + tail·adapter_cat (+ logits·router, float32-grade) (+ bias), one [BLOCK_M, BLOCK_N] tile.
+
+    Forward expand: a = x, b = Wᵀ, tail = U′, adapter = lora_b ([E, R, N]): y = x·Wᵀ + U′·B_cat + b.
+    Backward dx: a = dy, b = W, tail = dU, adapter = lora_a seen as [E, R, K], logits = dlogits, router = routerᵀ:
+    dx = dy·W + dU·A_catᵀ + dlogits·routerᵀ. The tail adds E·R (padded BLOCK_E·RANK_PAD) columns to the
+    reduction, TAIL_STEP at a time; adapter_cat[e·R + j, n] = adapter[e, j, n].
+    """
+    DT: tl.constexpr = a_ptr.dtype.element_ty
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # ---- K loop: the base GEMM
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        a_tile = tl.load(
+            a_ptr + rows[:, None] * stride_am + kk[None, :] * stride_ak,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b_tile = tl.load(
+            b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+
+    # ---- the E·R tail: extra reduction columns c = e·RANK_PAD + j, TAIL_STEP at a time
+    for c0 in range(0, BLOCK_E * RANK_PAD, TAIL_STEP):
+        offs_c = c0 + tl.arange(0, TAIL_STEP)
+        expert = offs_c // RANK_PAD
+        rank = offs_c % RANK_PAD
+        real = (expert < E) & (rank < R)
+        t_tile = tl.load(
+            tail_ptr + rows[:, None] * stride_tm + (expert * R + rank)[None, :],
+            mask=m_mask[:, None] & real[None, :],
+            other=0.0,
+        )
+        ad_tile = tl.load(
+            adapter_ptr + expert[:, None] * stride_ae + rank[:, None] * stride_ar + offs_n[None, :] * stride_an,
+            mask=real[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(t_tile, ad_tile.to(DT), acc, input_precision=DOT_PRECISION)
+    if ROUTER_TAIL:
+        offs_e = tl.arange(0, BLOCK_E)
+        lg = tl.load(
+            logits_ptr + rows[:, None] * stride_lm + offs_e[None, :],
+            mask=m_mask[:, None] & (offs_e[None, :] < E),
+            other=0.0,
+        )
+        rt = tl.load(
+            router_ptr + offs_e[:, None] * stride_re + offs_n[None, :] * stride_rn,
+            mask=(offs_e[:, None] < E) & n_mask[None, :],
+            other=0.0,
+        )
+        acc = _dot_fp32(lg, rt, acc, DT, DOT_PRECISION)
+
+    # ---- epilogue: bias, one store
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward kernels (the dx GEMM is _molora_gemm_kernel)
+# ------------------------------------------------------------------------------------------------
+
+_GRAD_U_KEY = ["tokens_bucket", "N", "E", "R", "ROUTING"]
+
+
+@triton.autotune(
+    configs=ROW_PASS_CONFIGS,
+    key=_GRAD_U_KEY,
+    prune_configs_by={"early_config_prune": _pruner("grad_u")},
+    do_bench=do_bench,
+)
+@triton.jit
+def _molora_grad_u_kernel(
+    # inputs
+    dy_ptr, lora_b_ptr, u_ptr, p_soft_ptr, probs_ptr,
+    # outputs: dU and U′ [T, E·R] (activation dtype), d_route [T, E] float32 (dlogits, or d probs)
+    d_u_ptr, u_scaled_ptr, d_route_ptr,
+    # sizes (tokens_bucket: autotune key only)
+    T, N, E, R, tokens_bucket,
+    # strides (the [T, E·R] and [T, E] buffers are row-major with unit column stride)
+    stride_dyt, stride_dyn, stride_be, stride_br, stride_bn, stride_ut, stride_st, stride_pt, stride_pe,
+    stride_dut, stride_vt, stride_drt,
+    # scalars
+    scale,
+    # feature flags
+    ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    NEED_D_U: tl.constexpr, NEED_D_ROUTE: tl.constexpr, NEED_U_SCALED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    # block sizes (BLOCK_K: the reduction step, here over N)
+    BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Backward pass 1, rows [pid·BLOCK_M, +BLOCK_M): G = dy·B_catᵀ (the E·R-wide GEMM, dy read once), then
+    dU = scale·G·p, dp = scale·Σ_j G·U per expert -> dlogits (token routing) or d probs (sentence routing),
+    and U′ = scale·U·p for d lora_b."""
+    DT: tl.constexpr = dy_ptr.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < T
+    offs_e = tl.arange(0, BLOCK_E)
+    expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
+    u_mask = m_mask[:, None] & col_real[None, :]
+    cols = (expert * R + rank)[None, :]
+
+    p, p_soft = _routing_weights(
+        p_soft_ptr, probs_ptr, offs_m, m_mask, offs_e, E, stride_st, stride_pt, stride_pe,
+        ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
+    )  # fmt: skip
+    if NEED_U_SCALED or NEED_D_ROUTE:
+        u = tl.load(u_ptr + rows[:, None] * stride_ut + cols, mask=u_mask, other=0.0)
+    if NEED_U_SCALED:
+        u_scaled = _scale_per_expert(u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale
+        tl.store(u_scaled_ptr + rows[:, None] * stride_vt + cols, u_scaled.to(DT), mask=u_mask)
+
+    if NEED_D_U or NEED_D_ROUTE:
+        # ---- N loop: G = dy · B_catᵀ
+        offs_k = tl.arange(0, BLOCK_K)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_E * RANK_PAD), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_K):
+            nn = n0 + offs_k
+            n_mask = nn < N
+            dy_tile = tl.load(
+                dy_ptr + rows[:, None] * stride_dyt + nn[None, :] * stride_dyn,
+                mask=m_mask[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            if NEED_D_LORA_A:
-                d_a = tl.dot(x_t_tile, d_u, input_precision=DOT_PRECISION)
-                d_a_offs = expert[None, :] * (K * R) + offs_k[:, None] * R + rank[None, :]
-                tl.atomic_add(d_lora_a_ptr + d_a_offs, d_a, mask=k_mask[:, None] & col_real[None, :])
-            if NEED_D_ROUTER:
-                d_r = _dot_exact_a(
-                    x_t_tile, d_logits, tl.zeros((BLOCK_K, BLOCK_E), dtype=tl.float32), DT, DOT_PRECISION
-                )
-                tl.atomic_add(
-                    d_router_ptr + offs_k[:, None] * E + offs_e[None, :],
-                    d_r,
-                    mask=k_mask[:, None] & (offs_e[None, :] < E),
-                )
+            b_t_tile = tl.load(
+                lora_b_ptr + nn[:, None] * stride_bn + expert[None, :] * stride_be + rank[None, :] * stride_br,
+                mask=n_mask[:, None] & col_real[None, :],
+                other=0.0,
+            )
+            acc_g = tl.dot(dy_tile, b_t_tile.to(DT), acc_g, input_precision=DOT_PRECISION)
+        g = acc_g * scale
+        if NEED_D_U:
+            d_u = _scale_per_expert(g, p, BLOCK_M, BLOCK_E, RANK_PAD)
+            tl.store(d_u_ptr + rows[:, None] * stride_dut + cols, d_u.to(DT), mask=u_mask)
+        if NEED_D_ROUTE:
+            dp = _sum_per_expert(g * u, BLOCK_M, BLOCK_E, RANK_PAD)
+            if ROUTING == 1:
+                d_route = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
+            else:
+                d_route = dp
+            tl.store(
+                d_route_ptr + rows[:, None] * stride_drt + offs_e[None, :],
+                d_route,
+                mask=m_mask[:, None] & (offs_e[None, :] < E),
+            )
+
+
+_WGRAD_KEY = ["tokens_bucket", "C", "E", "R", "rows_per_chunk", "HAS_RHS", "HAS_RHS2"]
+
+
+@triton.autotune(
+    configs=WGRAD_CONFIGS,
+    key=_WGRAD_KEY,
+    prune_configs_by={"early_config_prune": _pruner("wgrad_a")},
+    do_bench=do_bench,
+)
+@triton.jit
+def _molora_wgrad_kernel(
+    # inputs: lhs [T, C] (x or dy, activation dtype), rhs [T, E·R] (dU or U′, activation dtype),
+    # rhs2 [T, E] float32 (dlogits)
+    lhs_ptr, rhs_ptr, rhs2_ptr,
+    # outputs (float32 partial sums per token chunk z): out [z, c, e, j] at z·s_oz + c·s_oc + e·s_oe + j·s_or,
+    # out2 [z, c, e] at z·s_o2z + c·s_o2c + e, rowsum [z, c] at z·s_sz + c
+    out_ptr, out2_ptr, rowsum_ptr,
+    # sizes (tokens_bucket: autotune key only); rows_per_chunk = REDUCE_ROWS
+    T, C, E, R, tokens_bucket, rows_per_chunk,
+    # strides
+    stride_lt, stride_lc, stride_rt, stride_r2t,
+    stride_oz, stride_oc, stride_oe, stride_or, stride_o2z, stride_o2c, stride_sz,
+    # feature flags
+    HAS_RHS: tl.constexpr, HAS_RHS2: tl.constexpr, ROW_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # block sizes
+    BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, J_STEP: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Partial sums over token chunk z (rows_per_chunk tokens) for BLOCK_C columns c of lhs and J_STEP padded
+    adapter columns (e, j) (the grid splits BLOCK_E·RANK_PAD into J_STEP-wide tiles; the first one also
+    does out2 and rowsum):
+        out[z, c, e, j] = Σ_t lhs[t, c]·rhs[t, e·R + j]      (d lora_a from x, dU; d lora_bᵀ from dy, U′)
+        out2[z, c, e]   = Σ_t lhs[t, c]·rhs2[t, e]          (d router from x, dlogits; float32-grade)
+        rowsum[z, c]    = Σ_t lhs[t, c]                     (d bias from dy)
+    Each program writes its tile once (no atomics); the launcher sums the chunks with torch."""
+    DT: tl.constexpr = lhs_ptr.dtype.element_ty
+    num_c = tl.cdiv(C, BLOCK_C)
+    num_j: tl.constexpr = BLOCK_E * RANK_PAD // J_STEP
+    pid = tl.program_id(0)
+    chunk = pid // (num_c * num_j)
+    pid_c = (pid // num_j) % num_c
+    pid_j = pid % num_j
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_j = pid_j * J_STEP + tl.arange(0, J_STEP)
+    expert = offs_j // RANK_PAD
+    rank = offs_j % RANK_PAD
+    col_real = (expert < E) & (rank < R)
+    # the first J tile's programs also do out2 and rowsum (masks as blocks: the interpreter wants them so)
+    e_on = (offs_e < E) & ((offs_e * 0 + pid_j) == 0)
+    c_on = c_mask & ((offs_c * 0 + pid_j) == 0)
+
+    acc = tl.zeros((BLOCK_C, J_STEP), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_C, BLOCK_E), dtype=tl.float32)
+    acc_s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    first = chunk * rows_per_chunk
+    end = tl.minimum(T, first + rows_per_chunk)
+    for t0 in range(first, end, BLOCK_T):
+        tt = t0 + offs_t
+        t_mask = tt < end  # this chunk's rows only, whatever BLOCK_T
+        rows = tt.to(tl.int64)
+        lhs_t = tl.load(
+            lhs_ptr + rows[None, :] * stride_lt + offs_c[:, None] * stride_lc,
+            mask=c_mask[:, None] & t_mask[None, :],
+            other=0.0,
+        )
+        if HAS_RHS:
+            rhs = tl.load(
+                rhs_ptr + rows[:, None] * stride_rt + (expert * R + rank)[None, :],
+                mask=t_mask[:, None] & col_real[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(lhs_t, rhs, acc, input_precision=DOT_PRECISION)
+        if HAS_RHS2:
+            rhs2 = tl.load(
+                rhs2_ptr + rows[:, None] * stride_r2t + offs_e[None, :],
+                mask=t_mask[:, None] & e_on[None, :],
+                other=0.0,
+            )
+            acc2 = _dot_exact_a(lhs_t, rhs2, acc2, DT, DOT_PRECISION)
+        if ROW_SUM:
+            acc_s += tl.sum(lhs_t.to(tl.float32), axis=1)
+
+    z = chunk.to(tl.int64)
+    if HAS_RHS:
+        tl.store(
+            out_ptr + z * stride_oz + offs_c[:, None] * stride_oc + expert[None, :] * stride_oe
+            + rank[None, :] * stride_or,
+            acc,
+            mask=c_mask[:, None] & col_real[None, :],
+        )  # fmt: skip
+    if HAS_RHS2:
+        tl.store(
+            out2_ptr + z * stride_o2z + offs_c[:, None] * stride_o2c + offs_e[None, :],
+            acc2,
+            mask=c_mask[:, None] & e_on[None, :],
+        )
+    if ROW_SUM:
+        tl.store(rowsum_ptr + z * stride_sz + offs_c, acc_s, mask=c_on)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,35 +961,75 @@ def _molora_backward_kernel(
 # ------------------------------------------------------------------------------------------------
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Forced configurations (tests: multi-tile grids on small shapes); None = autotune.
-_FORCED: dict[str, triton.Config | None] = {"forward": None, "backward": None}
+#: Forced configurations per launch role (tests: multi-tile grids on small shapes); absent = autotune.
+_FORCED: dict[str, triton.Config] = {}
+#: A forced forward schedule (tests); None = the ``schedule=`` argument decides.
+_FORCED_SCHEDULE: list[str | None] = [None]
 
 
 class use_configs:
-    """Context manager running the kernels with the given configs instead of autotuning (tests, benchmarks)."""
+    """Context manager running the kernels with given configs instead of autotuning (tests, benchmarks).
 
-    def __init__(self, forward: triton.Config | None = None, backward: triton.Config | None = None):
-        self._new = {"forward": forward, "backward": backward}
+    Keywords are launch roles: fused, shrink, expand (forward); grad_u, dx, wgrad_a, wgrad_b (backward).
+    """
+
+    def __init__(self, **configs: triton.Config | None):
+        unknown = set(configs) - set(ROLE_CONFIGS)
+        if unknown:
+            raise ValueError(f"use_configs: unknown launch roles {sorted(unknown)}; roles are {sorted(ROLE_CONFIGS)}")
+        self._new = configs
 
     def __enter__(self):
         self._old = dict(_FORCED)
-        _FORCED.update(self._new)
+        _FORCED.update({k: v for k, v in self._new.items() if v is not None})
 
     def __exit__(self, *exc):
+        _FORCED.clear()
         _FORCED.update(self._old)
 
 
-def _launch(kernel, which: str, grid, args: tuple, constexprs: dict) -> None:
-    forced = _FORCED[which]
-    if forced is None:
-        kernel[grid](*args, **constexprs)
-        return
-    meta = {**constexprs, **forced.kwargs}
-    kernel.fn[grid(meta)](*args, **meta, num_warps=forced.num_warps, num_stages=forced.num_stages)
+class use_schedule:
+    """Context manager forcing the forward schedule ("fused" or "two_kernel") of every call inside it."""
+
+    def __init__(self, schedule: str):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self._new = schedule
+
+    def __enter__(self):
+        self._old = _FORCED_SCHEDULE[0]
+        _FORCED_SCHEDULE[0] = self._new
+
+    def __exit__(self, *exc):
+        _FORCED_SCHEDULE[0] = self._old
+
+
+@dataclass
+class Launch:
+    """One kernel launch: its role, the autotuned kernel, positional arguments, constexpr flags and grid."""
+
+    role: str
+    kernel: Any
+    args: tuple
+    constexprs: dict
+    grid: Callable[[dict], tuple]
+
+    def named_args(self) -> dict:
+        names = [a for a in self.kernel.fn.arg_names if a not in self.constexprs]
+        names = [a for a in names if a not in ROLE_CONFIGS[self.role][0].kwargs]
+        return dict(zip(names, self.args, strict=True))
+
+    def run(self) -> None:
+        forced = _FORCED.get(self.role)
+        if forced is None:
+            self.kernel[self.grid](*self.args, **self.constexprs)
+            return
+        meta = {**self.constexprs, **forced.kwargs}
+        self.kernel.fn[self.grid(meta)](*self.args, **meta, num_warps=forced.num_warps, num_stages=forced.num_stages)
 
 
 def _check_kernel_inputs(x, weight, bias, lora_a, lora_b, router, probs) -> None:
-    """What the kernels support beyond pemoe's argument checks: dtypes, devices, non-empty x."""
+    """What the kernels support beyond pemoe's argument checks: dtypes, devices, non-empty x, adapter width."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [T, K] (flattened tokens), got shape {list(x.shape)}")
     if x.shape[0] == 0:
@@ -636,6 +1053,24 @@ def _check_kernel_inputs(x, weight, bias, lora_a, lora_b, router, probs) -> None
             raise ValueError(f"molora_linear Triton kernels run on {where}; {name} is on {t.device}")
         if t.device != x.device:
             raise ValueError(f"all tensors must be on x's device {x.device}; {name} is on {t.device}")
+    num_experts, _, rank = lora_a.shape
+    block_e, rank_pad = _block_experts(num_experts, rank, _routing_mode(router, probs))
+    if block_e * rank_pad > MAX_ADAPTER_COLUMNS:
+        raise ValueError(
+            f"molora_linear Triton kernels: lora_a [E, K, r] with E = {num_experts}, r = {rank} needs "
+            f"{block_e * rank_pad} padded adapter columns (E and r rounded up to powers of two); at most "
+            f"{MAX_ADAPTER_COLUMNS} are supported"
+        )
+
+
+def _block_experts(num_experts: int, rank: int, routing_mode: int) -> tuple[int, int]:
+    """(BLOCK_E, RANK_PAD): padded expert slots and rank, so BLOCK_E·RANK_PAD >= 16 and logits dots fit."""
+    rank_pad = triton.next_power_of_2(rank)
+    block_e = triton.next_power_of_2(num_experts)
+    if routing_mode != NO_ROUTER:
+        block_e = max(block_e, DOT_MIN)  # the logits / dlogits tiles are dot operands
+    block_e = max(block_e, DOT_MIN // min(rank_pad, DOT_MIN))
+    return block_e, rank_pad
 
 
 def _routing_mode(router, probs) -> int:
@@ -644,66 +1079,170 @@ def _routing_mode(router, probs) -> int:
     return NO_ROUTER if router is None else TOKEN_ROUTER
 
 
-def _flags(x: torch.Tensor, num_experts: int, rank: int, mode: int, top_k: int | None, renormalize: bool) -> dict:
+def _flags(dtype: torch.dtype, num_experts: int, rank: int, mode: int, top_k: int | None, renormalize: bool) -> dict:
     block_e, rank_pad = _block_experts(num_experts, rank, mode)
     full = top_k is None or top_k >= num_experts  # all experts kept: p_soft renormalised is p_soft
     return dict(
         ROUTING=mode,
         TOP_K=0 if full else int(top_k),
         RENORMALIZE=bool(renormalize) and not full,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         BLOCK_E=block_e,
         RANK_PAD=rank_pad,
     )
 
 
-def _forward_launch(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save_for_backward):
-    """Allocates the outputs; returns (outputs (y, U, p_soft), kernel args, constexprs, grid)."""
+def _bucket(t: int) -> int:
+    return triton.next_power_of_2(t)
+
+
+def _gemm_launch(
+    role, a, b_strides, b, tail, adapter, adapter_strides, logits, router, router_strides, bias, out, flags
+):
+    """out [M, N] = a [M, K]·b + tail·adapter_cat (+ logits·router) (+ bias) with _molora_gemm_kernel."""
+    m, k = a.shape
+    n = out.shape[1]
+    num_experts = flags["E"]
+    logits_ = logits if logits is not None else out
+    router_ = router if router is not None else adapter
+    args = (
+        a, b, tail, adapter, logits_, router_, bias if bias is not None else out,
+        out,
+        m, n, k, num_experts, flags["R"], _bucket(m),
+        a.stride(0), a.stride(1), *b_strides, tail.stride(0), *adapter_strides,
+        logits_.stride(0), *(router_strides if router is not None else (0, 0)), out.stride(0), out.stride(1),
+    )  # fmt: skip
+    constexprs = dict(
+        HAS_BIAS=bias is not None,
+        ROUTER_TAIL=logits is not None,
+        DOT_PRECISION=flags["DOT_PRECISION"],
+        BLOCK_E=flags["BLOCK_E"],
+        RANK_PAD=flags["RANK_PAD"],
+        TAIL_STEP=_tail_step(flags["BLOCK_E"] * flags["RANK_PAD"]),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    return Launch(role, _molora_gemm_kernel, args, constexprs, grid)
+
+
+def _forward_plan(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
+    """Allocates the outputs and lists the launches of one forward schedule.
+
+    Returns ((y, U float32 | None, p_soft float32 | None), [Launch]).
+    """
     t, k = x.shape
     n = weight.shape[0]
     num_experts, _, rank = lora_a.shape
     mode = _routing_mode(router, probs)
-    y = torch.empty((t, n), dtype=x.dtype, device=x.device)
-    u = torch.empty((t, num_experts * rank), dtype=torch.float32, device=x.device) if save_for_backward else None
-    save_p = save_for_backward and mode == TOKEN_ROUTER
-    p_soft = torch.empty((t, num_experts), dtype=torch.float32, device=x.device) if save_p else None
+    flags = _flags(x.dtype, num_experts, rank, mode, top_k, renormalize)
+    dev = x.device
+    y = torch.empty((t, n), dtype=x.dtype, device=dev)
+    u = torch.empty((t, num_experts * rank), dtype=torch.float32, device=dev) if save else None
+    p_soft = torch.empty((t, num_experts), dtype=torch.float32, device=dev) if save and mode == TOKEN_ROUTER else None
     router_ = router if router is not None else lora_a  # unused pointers: any tensor
     probs_ = probs if probs is not None else lora_a
     u_ = u if u is not None else y
     p_soft_ = p_soft if p_soft is not None else y
+    routing_flags = dict(flags, SAVE_FOR_BACKWARD=bool(save))
+    if schedule == "fused":
+        args = (
+            x, weight, bias if bias is not None else y, lora_a, lora_b, router_, probs_,
+            y, u_, p_soft_,
+            t, n, k, num_experts, rank, _bucket(t),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            *lora_a.stride(), *lora_b.stride(),
+            router_.stride(0), router_.stride(1), probs_.stride(0), probs_.stride(1),
+            y.stride(0), y.stride(1), u_.stride(0), p_soft_.stride(0),
+            float(scale),
+        )  # fmt: skip
+
+        def grid(meta):
+            return (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"] * meta["N_TILES"]),)
+
+        constexprs = dict(routing_flags, HAS_BIAS=bias is not None)
+        return (y, u, p_soft), [Launch("fused", _molora_fused_forward_kernel, args, constexprs, grid)]
+
+    if schedule != "two_kernel":
+        raise ValueError(f"schedule must be one of {SCHEDULES} or 'auto', got {schedule!r}")
+    u_scaled = torch.empty((t, num_experts * rank), dtype=x.dtype, device=dev)
     args = (
-        x, weight, bias if bias is not None else y, lora_a, lora_b, router_, probs_,
-        y, u_, p_soft_,
-        t, n, k, num_experts, rank, triton.next_power_of_2(t),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        *lora_a.stride(), *lora_b.stride(),
+        x, lora_a, router_, probs_,
+        u_scaled, u_, p_soft_,
+        t, k, num_experts, rank, _bucket(t),
+        x.stride(0), x.stride(1), *lora_a.stride(),
         router_.stride(0), router_.stride(1), probs_.stride(0), probs_.stride(1),
-        y.stride(0), y.stride(1), u_.stride(0), p_soft_.stride(0),
+        u_scaled.stride(0), u_.stride(0), p_soft_.stride(0),
         float(scale),
     )  # fmt: skip
-    constexprs = dict(
-        _flags(x, num_experts, rank, mode, top_k, renormalize),
-        HAS_BIAS=bias is not None,
-        SAVE_FOR_BACKWARD=bool(save_for_backward),
+
+    def shrink_grid(meta):
+        return (triton.cdiv(t, meta["BLOCK_M"]),)
+
+    shrink = Launch("shrink", _molora_shrink_kernel, args, routing_flags, shrink_grid)
+    sizes = dict(flags, E=num_experts, R=rank)
+    expand = _gemm_launch(
+        "expand", x, (weight.stride(1), weight.stride(0)), weight, u_scaled, lora_b, lora_b.stride(),
+        None, None, None, bias, y, sizes,
+    )  # fmt: skip
+    return (y, u, p_soft), [shrink, expand]
+
+
+@functools.lru_cache(maxsize=512)
+def _auto_schedule(t, k, n, e, r, dtype, mode, save) -> str:
+    schedule = choose_schedule(t, k, n, e, r, dtype, routing_mode=mode, save_for_backward=save)
+    logger.info(
+        "molora_linear Triton forward: %s schedule for T=%d K=%d N=%d E=%d r=%d (model)", schedule, t, k, n, e, r
     )
-
-    def grid(meta):
-        return (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"] * meta["N_TILES"]),)
-
-    return (y, u, p_soft), args, constexprs, grid
+    return schedule
 
 
-def molora_forward(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save_for_backward):
-    """Launches the forward kernel; returns (y [T, N], U float32 [T, E·r] | None, p_soft float32 [T, E] | None)."""
-    outputs, args, constexprs, grid = _forward_launch(
-        x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save_for_backward
+def resolve_schedule(
+    schedule: str, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, mode: int, save: bool
+) -> str:
+    """The forward schedule a call runs: a forced one (``use_schedule``), the argument, or the model's pick."""
+    if _FORCED_SCHEDULE[0] is not None:
+        return _FORCED_SCHEDULE[0]
+    if schedule == "auto":
+        e, k, r = lora_a.shape
+        return _auto_schedule(x.shape[0], k, weight.shape[0], e, r, x.dtype, mode, save)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be 'auto' or one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+Tensor = torch.Tensor
+
+
+def molora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    router: Tensor | None,
+    probs: Tensor | None,
+    scale: float,
+    top_k: int | None,
+    renormalize: bool,
+    save_for_backward: bool,
+    schedule: str = "auto",
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Runs the forward kernels of ``schedule`` ("auto", "fused", "two_kernel"; a ``use_schedule`` context
+    wins) on x [T, K]; returns (y [T, N], U float32 [T, E·r] | None, p_soft float32 [T, E] | None), the last
+    two when ``save_for_backward`` (p_soft with token routing only)."""
+    schedule = resolve_schedule(schedule, x, weight, lora_a, _routing_mode(router, probs), bool(save_for_backward))
+    outputs, launches = _forward_plan(
+        x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save_for_backward, schedule
     )
-    _launch(_molora_forward_kernel, "forward", grid, args, constexprs)
+    for launch in launches:
+        launch.run()
     return outputs
 
 
-def _backward_launch(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs):
-    """Allocates the gradients; returns (gradients, kernel args, constexprs, grid)."""
+def _backward_plan(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs):
+    """Allocates buffers and lists the backward launches. Returns (buffers dict, [Launch])."""
     t, k = x.shape
     n = weight.shape[0]
     num_experts, _, rank = lora_a.shape
@@ -711,60 +1250,139 @@ def _backward_launch(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, sc
     need_dx, need_bias, need_a, need_b, need_router, need_probs = needs
     need_router = need_router and mode == TOKEN_ROUTER
     need_probs = need_probs and mode == GIVEN_PROBS
-    f32 = dict(dtype=torch.float32, device=x.device)
-    grads = (
-        torch.empty_like(x) if need_dx else None,
-        torch.zeros((n,), **f32) if need_bias else None,
-        torch.zeros(lora_a.shape, **f32) if need_a else None,
-        torch.zeros(lora_b.shape, **f32) if need_b else None,
-        torch.zeros((k, num_experts), **f32) if need_router else None,
-        torch.empty((t, num_experts), **f32) if need_probs else None,
+    flags = _flags(x.dtype, num_experts, rank, mode, top_k, renormalize)
+    sizes = dict(flags, E=num_experts, R=rank)
+    dev, er = x.device, num_experts * rank
+    f32 = dict(dtype=torch.float32, device=dev)
+    need_d_u = need_dx or need_a
+    need_d_route = (mode == TOKEN_ROUTER and (need_dx or need_router)) or need_probs
+    need_u_scaled = need_b
+    chunks = triton.cdiv(t, REDUCE_ROWS)
+    buf: dict[str, torch.Tensor | None] = dict(
+        d_u=torch.empty((t, er), dtype=x.dtype, device=dev) if need_d_u else None,
+        u_scaled=torch.empty((t, er), dtype=x.dtype, device=dev) if need_u_scaled else None,
+        d_route=torch.empty((t, num_experts), **f32) if need_d_route else None,
+        dx=torch.empty_like(x) if need_dx else None,
+        part_a=torch.empty((chunks, num_experts, k, rank), **f32) if need_a else None,
+        part_router=torch.empty((chunks, k, num_experts), **f32) if need_router else None,
+        part_b=torch.empty((chunks, num_experts, rank, n), **f32) if need_b else None,
+        part_bias=torch.empty((chunks, n), **f32) if need_bias else None,
     )
-    # outputs not computed get their own 1-element placeholders (the autotuner zeroes the gradient buffers)
-    dx = grads[0] if need_dx else torch.empty((1, 1), dtype=x.dtype, device=x.device)
-    d_bias, d_a, d_b, d_router, d_probs = (g if g is not None else torch.zeros((1,), **f32) for g in grads[1:])
-    router_ = router if router is not None else lora_a  # unused pointers: any tensor
-    probs_ = probs if probs is not None else lora_a
-    p_soft_ = p_soft if p_soft is not None else u
-    args = (
-        dy, x, weight, lora_a, lora_b, router_, probs_, u, p_soft_,
-        dx, d_a, d_b, d_router, d_probs, d_bias,
-        t, n, k, num_experts, rank, triton.next_power_of_2(t),
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        *lora_a.stride(), *lora_b.stride(),
-        router_.stride(0), router_.stride(1), probs_.stride(0), probs_.stride(1), u.stride(0), p_soft_.stride(0),
-        dx.stride(0), dx.stride(1),
-        float(scale),
-    )  # fmt: skip
-    constexprs = dict(
-        _flags(x, num_experts, rank, mode, top_k, renormalize),
-        NEED_DX=need_dx,
-        NEED_D_LORA_A=need_a,
-        NEED_D_LORA_B=need_b,
-        NEED_D_ROUTER=need_router,
-        NEED_D_PROBS=need_probs,
-        NEED_D_BIAS=need_bias,
-    )
-    k_tiled = need_dx or need_a or need_router
+    launches = []
+    any_ = next(v for v in (dy, u) if v is not None)  # unused pointers: any tensor
 
-    def grid(meta):
-        return (
-            triton.cdiv(t, meta["BLOCK_M"]) * (triton.cdiv(k, meta["BLOCK_K"] * meta["K_TILES"]) if k_tiled else 1),
+    def ptr(name):
+        return buf[name] if buf[name] is not None else any_
+
+    if need_d_u or need_d_route or need_u_scaled:
+        router_p = p_soft if p_soft is not None else any_
+        probs_ = probs if probs is not None else any_
+        args = (
+            dy, lora_b, u, router_p, probs_,
+            ptr("d_u"), ptr("u_scaled"), ptr("d_route"),
+            t, n, num_experts, rank, _bucket(t),
+            dy.stride(0), dy.stride(1), *lora_b.stride(), u.stride(0), router_p.stride(0),
+            probs_.stride(0), probs_.stride(1 if probs_.dim() > 1 else 0),
+            ptr("d_u").stride(0), ptr("u_scaled").stride(0), ptr("d_route").stride(0),
+            float(scale),
+        )  # fmt: skip
+        constexprs = dict(flags, NEED_D_U=need_d_u, NEED_D_ROUTE=need_d_route, NEED_U_SCALED=need_u_scaled)
+
+        def grad_u_grid(meta):
+            return (triton.cdiv(t, meta["BLOCK_M"]),)
+
+        launches.append(Launch("grad_u", _molora_grad_u_kernel, args, constexprs, grad_u_grid))
+    if need_dx:
+        router_tail = mode == TOKEN_ROUTER
+        launches.append(
+            _gemm_launch(
+                "dx",
+                dy,
+                (weight.stride(0), weight.stride(1)),
+                weight,
+                buf["d_u"],
+                lora_a,
+                (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
+                buf["d_route"] if router_tail else None,
+                router if router_tail else None,
+                (router.stride(1), router.stride(0)) if router_tail else None,
+                None,
+                buf["dx"],
+                sizes,
+            )  # fmt: skip
         )
+    for role, lhs, rhs, rhs2, out, out2, rowsum, cols in (
+        ("wgrad_a", x, buf["d_u"] if need_a else None, buf["d_route"] if need_router else None,
+         buf["part_a"], buf["part_router"], None, k),
+        ("wgrad_b", dy, buf["u_scaled"], None, buf["part_b"], None, buf["part_bias"], n),
+    ):  # fmt: skip
+        if rhs is None and rhs2 is None and rowsum is None:
+            continue
+        if role == "wgrad_a":  # part_a [z, e, k, j]: c = k
+            o_strides = (k * er, rank, k * rank, 1) if out is not None else (0, 0, 0, 0)
+        else:  # part_b [z, e, j, n]: c = n
+            o_strides = (er * n, 1, rank * n, n) if out is not None else (0, 0, 0, 0)
+        rhs_, rhs2_ = (rhs if rhs is not None else any_), (rhs2 if rhs2 is not None else any_)
+        out_, out2_, rowsum_ = (v if v is not None else any_ for v in (out, out2, rowsum))
+        args = (
+            lhs, rhs_, rhs2_,
+            out_, out2_, rowsum_,
+            t, cols, num_experts, rank, _bucket(t), REDUCE_ROWS,
+            lhs.stride(0), lhs.stride(1), rhs_.stride(0), rhs2_.stride(0),
+            *o_strides, cols * num_experts if out2 is not None else 0, num_experts, cols,
+        )  # fmt: skip
+        constexprs = dict(
+            HAS_RHS=rhs is not None,
+            HAS_RHS2=rhs2 is not None,
+            ROW_SUM=rowsum is not None,
+            DOT_PRECISION=flags["DOT_PRECISION"],
+            BLOCK_E=flags["BLOCK_E"],
+            RANK_PAD=flags["RANK_PAD"],
+            J_STEP=_tail_step(flags["BLOCK_E"] * flags["RANK_PAD"]),
+        )
+        num_j = flags["BLOCK_E"] * flags["RANK_PAD"] // constexprs["J_STEP"]
 
-    return grads, args, constexprs, grid
+        def wgrad_grid(meta, cols=cols, num_j=num_j):
+            return (chunks * triton.cdiv(cols, meta["BLOCK_C"]) * num_j,)
+
+        launches.append(Launch(role, _molora_wgrad_kernel, args, constexprs, wgrad_grid))
+    return buf, launches
 
 
-def molora_backward(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs):
-    """Launches the backward kernel. ``needs`` = (dx, d bias, d lora_a, d lora_b, d router, d probs) booleans.
+def molora_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    router: Tensor | None,
+    probs: Tensor | None,
+    u: Tensor,
+    p_soft: Tensor | None,
+    scale: float,
+    top_k: int | None,
+    renormalize: bool,
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """Runs the backward kernels. ``needs`` = (dx, d bias, d lora_a, d lora_b, d router, d probs) booleans.
 
-    Returns those gradients (None where not needed): dx in x's dtype, the others float32.
+    Returns those gradients (None where not needed): dx in x's dtype, the others float32. The adapter
+    gradients are the chunk partial sums added by torch (deterministic: no atomics anywhere).
     """
-    grads, args, constexprs, grid = _backward_launch(
+    buf, launches = _backward_plan(
         dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs
     )
-    _launch(_molora_backward_kernel, "backward", grid, args, constexprs)
-    return grads
+    for launch in launches:
+        launch.run()
+
+    def total(name):  # Σ over token chunks (one chunk: the partial sum itself, no extra launch)
+        if buf[name] is None:
+            return None
+        return buf[name][0] if buf[name].shape[0] == 1 else buf[name].sum(dim=0)
+
+    mode = _routing_mode(router, probs)
+    d_probs = buf["d_route"] if (needs[5] and mode == GIVEN_PROBS) else None
+    return buf["dx"], total("part_bias"), total("part_a"), total("part_b"), total("part_router"), d_probs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -776,8 +1394,10 @@ class MoLoRALinearFunction(torch.autograd.Function):
     """y = molora(x, W, b, lora_a, lora_b, router | probs) on x [T, K]; W frozen. Saves x, U and p_soft."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save):
-        y, u, p_soft = molora_forward(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
+        y, u, p_soft = molora_forward(
+            x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule
+        )
         if save:
             ctx.save_for_backward(x, weight, lora_a, lora_b, router, probs, u, p_soft)
             ctx.args = (scale, top_k, renormalize, bias.dtype if bias is not None else None)
@@ -794,7 +1414,7 @@ class MoLoRALinearFunction(torch.autograd.Function):
         )
         if d_bias is not None:
             d_bias = d_bias.to(bias_dtype)
-        return dx, None, d_bias, d_a, d_b, d_router, d_probs, None, None, None, None
+        return dx, None, d_bias, d_a, d_b, d_router, d_probs, None, None, None, None, None
 
 
 def molora_linear(
@@ -808,13 +1428,18 @@ def molora_linear(
     scale: float,
     top_k: int | None,
     renormalize: bool,
+    schedule: str = "auto",
 ) -> torch.Tensor:
-    """Fused MoLoRA linear on x2d [T, K] -> [T, N] in x's dtype (autograd-aware; see the module docstring).
+    """MoLoRA linear on x2d [T, K] -> [T, N] in x's dtype (autograd-aware; see the module docstring).
 
     ``probs`` (sentence routing): float32 [T, E] per-token probabilities, ``router`` then unused.
-    The base weight is frozen: a ``weight`` that requires grad raises ``NotImplementedError``.
+    ``schedule``: "auto" (:func:`choose_schedule`), "fused" or "two_kernel" (the forward; the backward
+    is the same for both). The base weight is frozen: a ``weight`` that requires grad raises
+    ``NotImplementedError``.
     """
     _check_kernel_inputs(x2d, weight, bias, lora_a, lora_b, router, probs)
+    if schedule != "auto" and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be 'auto' or one of {SCHEDULES}, got {schedule!r}")
     if weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
             "molora_linear Triton kernels treat the base weight as frozen: weight.requires_grad must be False"
@@ -822,44 +1447,104 @@ def molora_linear(
     tensors = (x2d, bias, lora_a, lora_b, router if probs is None else None, probs)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return MoLoRALinearFunction.apply(
-        x2d, weight, bias, lora_a, lora_b, router if probs is None else None, probs, scale, top_k, renormalize, save
-    )
+        x2d, weight, bias, lora_a, lora_b, router if probs is None else None, probs, scale, top_k, renormalize, save,
+        schedule,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
-# HBM-traffic model
+# HBM-traffic, FLOP and time models
 # ------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class KernelTraffic:
-    """Bytes one kernel launch moves. ``loaded`` / ``stored``: every tile load and store of every program
-    (what ``interpreter.count_traffic`` counts, masked lanes excluded); ``atomic``: float32 atomic adds
-    (4 bytes per element per add; not seen by the interpreter counter); ``unique``: each tensor once
-    (re-read tiles served by L2); ``flops``: tensor-core FLOPs of the padded tiles."""
+    """Bytes and FLOPs of one launch. ``loaded`` / ``stored``: every tile load and store of every program
+    (what ``interpreter.count_traffic`` counts, masked lanes excluded); ``unique``: each tensor once
+    (re-read tiles served by L2); ``flops``: tensor-core FLOPs of the padded tiles; ``programs``: grid size.
+    ``interpreted``: False for torch reductions (not Triton kernels, not seen by the interpreter counter)."""
 
+    name: str
     loaded: int
     stored: int
-    atomic: int
     unique: int
     flops: int
+    programs: int
+    interpreted: bool = True
+
+
+def _total(name: str, kernels: list[KernelTraffic]) -> KernelTraffic:
+    kernels = [k for k in kernels if k.interpreted] if name == "interpreted" else kernels
+    return KernelTraffic(
+        name,
+        sum(k.loaded for k in kernels),
+        sum(k.stored for k in kernels),
+        sum(k.unique for k in kernels),
+        sum(k.flops for k in kernels),
+        sum(k.programs for k in kernels),
+    )
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """Roofline constants of a GPU for :func:`modelled_seconds` (data, not measured here).
+
+    ``launch_gap_s``: idle time between two dependent kernels queued in one stream (an assumption, ~1 µs;
+    more when the CPU cannot keep the queue full); ``float32_flops``: the FMA rate ("ieee" float32 dots run
+    on CUDA cores)."""
+
+    name: str
+    sms: int
+    tensor_flops: float
+    float32_flops: float
+    hbm_bytes_per_s: float
+    launch_gap_s: float
+
+
+#: H100 SXM: 132 SMs, ~989 dense 16-bit tensor TFLOP/s, ~67 float32 TFLOP/s, ~3.35 TB/s.
+H100 = DeviceModel("H100 SXM", 132, 989e12, 67e12, 3.35e12, 1e-6)
+
+
+def modelled_seconds(kernels: list[KernelTraffic], dtype: torch.dtype, device: DeviceModel = H100) -> float:
+    """Σ over launches of launch_gap + max(compute, memory): compute = ceil(programs / SMs) waves of one
+    program's padded FLOPs at the per-SM peak; memory = unique bytes / HBM bandwidth. torch reductions
+    count as launches too."""
+    peak = device.float32_flops if dtype == torch.float32 else device.tensor_flops
+    total = 0.0
+    for kern in kernels:
+        per_program = kern.flops / max(kern.programs, 1)
+        compute = math.ceil(kern.programs / device.sms) * per_program / (peak / device.sms)
+        total += device.launch_gap_s + max(compute, kern.unique / device.hbm_bytes_per_s)
+    return total
 
 
 @dataclass
 class TrafficModel:
-    """:func:`hbm_traffic`'s answer; byte counts, and ``*_ratio`` against a plain linear of the same shape."""
+    """:func:`hbm_traffic`'s answer: per-launch models of the forward (the chosen ``schedule``) and the
+    backward, and references of the same shape (bytes, padded FLOPs)."""
 
-    forward: KernelTraffic
-    backward: KernelTraffic
+    schedule: str
+    forward_kernels: list[KernelTraffic]
+    backward_kernels: list[KernelTraffic]
     linear_forward: int  # x, W, b in; y out
     linear_backward: int  # frozen linear: dy, W in; dx out
-    linear_forward_flops: int  # same tiles as the forward kernel, no adapter columns
+    linear_forward_flops: int  # 2·T·N·K
     linear_backward_flops: int  # a plain dgrad, 2·T·N·K
+    linear_kernel: KernelTraffic  # a plain linear on the GEMM's default tiles (time model)
     minimum_forward: int  # x, W, b, adapters in; y out (nothing saved for backward)
     minimum_backward: int  # dy, x, W, adapters in; dx and adapter gradients out
-    two_kernel_forward: int  # the rejected schedule: a shrink kernel (reads x again) + the base GEMM
     authors_forward: int  # the authors' unfused formulation, eager ops ([T, E, N] written and read)
     authors_backward: int
+    dtype: torch.dtype = torch.bfloat16
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def forward(self) -> KernelTraffic:
+        return _total("forward", self.forward_kernels)
+
+    @property
+    def backward(self) -> KernelTraffic:
+        return _total("backward", self.backward_kernels)
 
     @property
     def forward_ratio(self) -> float:
@@ -877,16 +1562,43 @@ class TrafficModel:
     def backward_flops_ratio(self) -> float:
         return self.backward.flops / self.linear_backward_flops
 
+    def forward_seconds(self, device: DeviceModel = H100) -> float:
+        return modelled_seconds(self.forward_kernels, self.dtype, device)
+
+    def backward_seconds(self, device: DeviceModel = H100) -> float:
+        return modelled_seconds(self.backward_kernels, self.dtype, device)
+
+    def linear_seconds(self, device: DeviceModel = H100) -> float:
+        return modelled_seconds([self.linear_kernel], self.dtype, device)
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def default_config(kernel: str, tokens: int, in_features: int, out_features: int, flags: dict) -> triton.Config:
-    """The configuration the kernel runs by default (the first one surviving pruning)."""
-    configs = FORWARD_CONFIGS if kernel == "forward" else BACKWARD_CONFIGS
-    args = dict(flags, T=tokens, K=in_features, N=out_features)
-    return _prune(configs, args, backward=kernel == "backward")[0]
+def _pad(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+def _problem(role: str, t: int, k: int, n: int, flags: dict, extra: dict | None = None) -> Problem:
+    elem = 4 if flags["DOT_PRECISION"] == "ieee" else 2
+    be, rp = flags["BLOCK_E"], flags["RANK_PAD"]
+    rows, cols, red = {
+        "fused": (t, n, k),
+        "shrink": (t, 0, k),
+        "expand": (t, n, k),
+        "grad_u": (t, 0, n),
+        "dx": (t, k, n),
+        "wgrad_a": (t, k, t),
+        "wgrad_b": (t, n, t),
+    }[role]
+    return Problem(role, rows, cols, red, be, rp, elem, _router_cols(role, {**flags, **(extra or {})}, be, elem))
+
+
+def default_config(role: str, tokens: int, in_features: int, out_features: int, flags: dict) -> triton.Config:
+    """The configuration a launch role runs by default (the first one surviving pruning); ``flags`` as from
+    ``_flags`` (plus ROUTER_TAIL / HAS_RHS2 where they matter)."""
+    return legal_configs(_problem(role, tokens, in_features, out_features, flags, flags))[0]
 
 
 def hbm_traffic(
@@ -901,98 +1613,144 @@ def hbm_traffic(
     bias: bool = True,
     save_for_backward: bool = True,
     needs: tuple[bool, bool, bool, bool, bool, bool] = (True, True, True, True, True, True),
-    forward_config: triton.Config | None = None,
-    backward_config: triton.Config | None = None,
+    schedule: str = "auto",
+    configs: dict[str, triton.Config] | None = None,
+    reduce_rows: int | None = None,
 ) -> TrafficModel:
-    """Modelled bytes (and FLOPs) of the forward and backward kernels at one shape.
+    """Modelled bytes and FLOPs of every launch of the forward (``schedule``: "fused", "two_kernel" or
+    "auto" = :func:`choose_schedule`) and the backward at one shape.
 
     ``routing_mode``: TOKEN_ROUTER (default for E > 1), NO_ROUTER (LoRA, default for E = 1) or
     GIVEN_PROBS (sentence routing). ``needs``: which gradients the backward computes, in the order
-    (dx, d bias, d lora_a, d lora_b, d router, d probs). Configs default to the kernels' defaults.
+    (dx, d bias, d lora_a, d lora_b, d router, d probs). ``configs``: per launch role (defaults: each
+    role's default configuration). ``reduce_rows``: the weight-gradient token chunk (default REDUCE_ROWS).
     """
     t, k, n, e, r = tokens, in_features, out_features, num_experts, rank
     if routing_mode is None:
         routing_mode = NO_ROUTER if e == 1 else TOKEN_ROUTER
+    if schedule == "auto":
+        schedule = choose_schedule(t, k, n, e, r, dtype, routing_mode=routing_mode, save_for_backward=save_for_backward)
+    configs = configs or {}
+    rr = reduce_rows or REDUCE_ROWS
     es = torch.empty((), dtype=dtype).element_size()
     bes = es if bias else 0
     token, given = routing_mode == TOKEN_ROUTER, routing_mode == GIVEN_PROBS
-    flags = _flags(torch.empty((), dtype=dtype), e, r, routing_mode, None, False)
-    block_j, block_e = flags["BLOCK_E"] * flags["RANK_PAD"], flags["BLOCK_E"]
-    router_cols = (block_e * (1 if dtype == torch.float32 else 2)) if token else 0
+    flags = _flags(dtype, e, r, routing_mode, None, False)
+    bj = flags["BLOCK_E"] * flags["RANK_PAD"]
     a_bytes, b_bytes, router_bytes, probs_bytes = 4 * e * k * r, 4 * e * r * n, 4 * k * e, 4 * t * e
-    u_bytes, p_bytes = 4 * t * e * r, 4 * t * e
+    u_bytes, p_bytes, tail_bytes = 4 * t * e * r, 4 * t * e, t * e * r * es  # U f32, p f32, U′ / dU
+    x_b, w_b, y_b, dy_b = t * k * es, n * k * es, t * n * es, t * n * es
 
-    # ---- forward: tiles of y
-    fc = forward_config or default_config("forward", t, k, n, flags)
-    bm, bn, tiles = fc.kwargs["BLOCK_M"], fc.kwargs["BLOCK_N"], fc.kwargs["N_TILES"]
-    nm, nn = _cdiv(t, bm), _cdiv(n, bn * tiles)  # programs per column / per row
-    loaded = (
-        t * k * es * nn * tiles  # x, once per column tile (masked-off tiles past N included)
-        + n * k * es * nm  # W, once per row of programs
-        + a_bytes * nm * nn  # lora_a: every program, in its first tile
-        + (router_bytes * nm * nn if token else 0)
-        + (probs_bytes * nn if given else 0)
-        + b_bytes * nm  # lora_b: each program its columns
-        + n * bes * nm
-    )
-    stored = t * n * es + (u_bytes if save_for_backward else 0) + (p_bytes if save_for_backward and token else 0)
-    unique = (
-        t * k * es
-        + n * k * es
-        + n * bes
-        + a_bytes
-        + b_bytes
-        + (router_bytes if token else 0)
-        + (probs_bytes if given else 0)
-        + stored
-    )
-    padded_t, padded_n = nm * bm, nn * bn * tiles
-    linear_flops = 2 * padded_t * padded_n * k
-    flops = linear_flops + 2 * padded_t * k * (block_j + router_cols) * nn + 2 * padded_t * block_j * padded_n
-    forward = KernelTraffic(loaded, stored, 0, unique, flops)
+    def cfg(role, extra=None):
+        return configs.get(role) or legal_configs(_problem(role, t, k, n, flags, extra))[0]
 
-    # ---- backward: tiles of dx
+    def router_cols(role, extra=None):
+        return _problem(role, t, k, n, flags, extra).router_cols
+
+    def gemm(name, rows, cols, red, a_b, b_b, tail_adapter, log_b, router_b, bias_b, out_b, rcols, c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        nm, nn = _cdiv(rows, bm), _cdiv(cols, bn)
+        loaded = (a_b + tail_bytes + log_b) * nn + (b_b + tail_adapter + router_b + bias_b) * nm
+        unique = a_b + tail_bytes + log_b + b_b + tail_adapter + router_b + bias_b + out_b
+        flops = 2 * nm * bm * nn * bn * (_pad(red, bk) + bj + rcols)
+        return KernelTraffic(name, loaded, out_b, unique, flops, nm * nn)
+
+    # ---- forward
+    saved = (u_bytes if save_for_backward else 0) + (p_bytes if save_for_backward and token else 0)
+    rc = router_cols("shrink", {"ROUTING": routing_mode})
+    if schedule == "fused":
+        fc = cfg("fused", {"ROUTING": routing_mode})
+        bm, bn, tiles, bk = fc.kwargs["BLOCK_M"], fc.kwargs["BLOCK_N"], fc.kwargs["N_TILES"], fc.kwargs["BLOCK_K"]
+        nm, nn = _cdiv(t, bm), _cdiv(n, bn * tiles)  # programs per column / per row
+        loaded = (
+            x_b * nn * tiles  # x, once per column tile (masked-off tiles past N included)
+            + w_b * nm  # W, once per row of programs
+            + a_bytes * nm * nn  # lora_a: every program, in its first tile
+            + (router_bytes * nm * nn if token else 0)
+            + (probs_bytes * nn if given else 0)
+            + b_bytes * nm  # lora_b: each program its columns
+            + n * bes * nm
+        )
+        stored = y_b + saved
+        unique = x_b + w_b + n * bes + a_bytes + b_bytes + (router_bytes if token else 0)
+        unique += (probs_bytes if given else 0) + stored
+        padded_t, padded_n = nm * bm, nn * bn * tiles
+        flops = 2 * padded_t * padded_n * _pad(k, bk) + 2 * padded_t * _pad(k, bk) * (bj + rc) * nn
+        flops += 2 * padded_t * bj * padded_n
+        forward_kernels = [KernelTraffic("fused forward", loaded, stored, unique, flops, nm * nn)]
+    else:
+        sc = cfg("shrink", {"ROUTING": routing_mode})
+        bm, bk = sc.kwargs["BLOCK_M"], sc.kwargs["BLOCK_K"]
+        nm = _cdiv(t, bm)
+        ins = x_b + (probs_bytes if given else 0)
+        loaded = ins + (a_bytes + (router_bytes if token else 0)) * nm
+        stored = tail_bytes + saved
+        unique = ins + a_bytes + (router_bytes if token else 0) + stored
+        shrink = KernelTraffic("shrink", loaded, stored, unique, 2 * nm * bm * _pad(k, bk) * (bj + rc), nm)
+        expand = gemm("expand GEMM", t, n, k, x_b, w_b, b_bytes, 0, 0, n * bes, y_b, 0, cfg("expand"))
+        forward_kernels = [shrink, expand]
+
+    # ---- backward
     need_dx, need_bias, need_a, need_b, need_router, need_probs = needs
     need_router, need_probs = need_router and token, need_probs and given
-    k_tiled = need_dx or need_a or need_router
-    bc = backward_config or default_config("backward", t, k, n, flags)
-    bm, bk, tiles = bc.kwargs["BLOCK_M"], bc.kwargs["BLOCK_K"], bc.kwargs["K_TILES"]
-    nm, nk = _cdiv(t, bm), (_cdiv(k, bk * tiles) if k_tiled else 1)  # programs per column / per row
-    p_in = p_bytes if (token or given) else 0
-    loaded = (
-        (u_bytes + p_in) * nk * need_b  # U and p for U′ (d lora_b), every program
-        + (p_in + (u_bytes if routing_mode != NO_ROUTER else 0)) * nk  # p (and U for dp) after the first N loop
-        + t * n * es * nk * (1 + (tiles - 1) * need_dx)  # dy: every tile's N loop (the first only without dx)
-        + (n * k * es * nm if need_dx else 0)
-        + b_bytes * nm * nk
-        + ((a_bytes + (router_bytes if token else 0)) * nm if need_dx else 0)
-        + (t * k * es if (need_a or need_router) else 0)
-    )
-    stored = (t * k * es if need_dx else 0) + (p_bytes if need_probs else 0)
-    atomic = 4 * (e * r * n * nm * need_b + n * nm * need_bias + e * r * k * nm * need_a + k * e * nm * need_router)
-    unique = (
-        t * n * es
-        + (n * k * es if need_dx else 0)
-        + (t * k * es if (need_a or need_router) else 0)
-        + b_bytes
-        + ((a_bytes + (router_bytes if token else 0)) if need_dx else 0)
-        + u_bytes
-        + p_in
-        + stored
-        + 4 * (e * r * n * need_b + n * need_bias + e * r * k * need_a + k * e * need_router)
-    )
-    padded_t, padded_k = nm * bm, nk * bk * tiles
-    n_steps = _cdiv(n, bc.kwargs["BLOCK_N"]) * bc.kwargs["BLOCK_N"]
-    flops = (
-        2 * padded_t * padded_k * n_steps * need_dx
-        + 2 * padded_t * block_j * n_steps * nk  # G = dy·B_catᵀ per K tile
-        + 2 * padded_t * block_j * n_steps * need_b  # d lora_b (pid_k == 0)
-        + 2 * padded_t * padded_k * (block_j + router_cols) * (need_dx + need_a)
-    )
-    backward = KernelTraffic(loaded, stored, atomic, unique, flops)
+    need_d_u = need_dx or need_a
+    need_d_route = (token and (need_dx or need_router)) or need_probs
+    backward_kernels = []
+    if need_d_u or need_d_route or need_b:
+        gc = cfg("grad_u")
+        bm, bk = gc.kwargs["BLOCK_M"], gc.kwargs["BLOCK_K"]
+        nm = _cdiv(t, bm)
+        g = need_d_u or need_d_route
+        loaded = (p_bytes if (token or given) else 0) + (u_bytes if (need_b or need_d_route) else 0)
+        loaded += (dy_b + b_bytes * nm) if g else 0
+        stored = tail_bytes * (need_d_u + need_b) + (p_bytes if need_d_route else 0)
+        unique = loaded - (b_bytes * (nm - 1) if g else 0) + stored
+        flops = 2 * nm * bm * _pad(n, bk) * bj if g else 0
+        backward_kernels.append(KernelTraffic("grad_u (G = dy·B_catᵀ)", loaded, stored, unique, flops, nm))
+    if need_dx:
+        extra = {"ROUTER_TAIL": token}
+        backward_kernels.append(
+            gemm(
+                "dx GEMM",
+                t,
+                k,
+                n,
+                dy_b,
+                w_b,
+                a_bytes,
+                p_bytes if token else 0,
+                router_bytes if token else 0,
+                0,
+                x_b,
+                router_cols("dx", extra),
+                cfg("dx", extra),
+            )  # fmt: skip
+        )
+    chunks = _cdiv(t, rr)
+    padded_rows = lambda bt: sum(_pad(min(rr, t - z * rr), bt) for z in range(chunks))  # noqa: E731
+    reductions = []
+    for role, need_rhs, need_rhs2, row_sum, lhs_b, cols, part_rhs, part_rhs2 in (
+        ("wgrad_a", need_a, need_router, False, x_b, k, 4 * k * e * r, 4 * k * e),
+        ("wgrad_b", need_b, False, need_bias, dy_b, n, 4 * n * e * r, 4 * n),
+    ):
+        if not (need_rhs or need_rhs2 or row_sum):
+            continue
+        extra = {"HAS_RHS2": need_rhs2}
+        wc = cfg(role, extra)
+        bc, bt = wc.kwargs["BLOCK_C"], wc.kwargs["BLOCK_T"]
+        nc, nj = _cdiv(cols, bc), bj // _tail_step(bj)  # column tiles; J_STEP tiles (lhs read by each)
+        rhs = tail_bytes * need_rhs + p_bytes * need_rhs2
+        stored = chunks * (part_rhs * need_rhs + (part_rhs2 if (need_rhs2 or row_sum) else 0))
+        flops = 2 * nc * bc * padded_rows(bt) * (bj * need_rhs + router_cols(role, extra) * nj)
+        name = "wgrad: d lora_a, d router" if role == "wgrad_a" else "wgrad: d lora_b, d bias"
+        loaded = lhs_b * nj + rhs * nc
+        backward_kernels.append(KernelTraffic(name, loaded, stored, lhs_b + rhs + stored, flops, chunks * nc * nj))
+        final = stored // chunks
+        if chunks > 1:
+            reductions.append(KernelTraffic(f"torch Σ chunks ({role})", stored, final, stored + final, 0, 1, False))
+    backward_kernels += reductions
 
     # ---- references
-    x_b, w_b, y_b = t * k * es, n * k * es, t * n * es
     adapters = a_bytes + b_bytes + (router_bytes if token else 0) + (probs_bytes if given else 0)
     grads = 4 * (e * r * n + e * r * k + (k * e if token else 0)) + (4 * n if bias else 0)
     ten = t * e * n * es  # the authors' [T, E, N] per-expert outputs
@@ -1015,24 +1773,87 @@ def hbm_traffic(
         + 6 * x_b  # dx accumulation of three [T, K] terms
         + grads
     )  # fmt: skip
-    shrink_kernel = x_b + a_bytes + (router_bytes if token else 0) + t * e * r * es + (p_bytes if token else 0)
+    lc = cfg("expand")
+    bm, bn, bk = lc.kwargs["BLOCK_M"], lc.kwargs["BLOCK_N"], lc.kwargs["BLOCK_K"]
+    nm, nn = _cdiv(t, bm), _cdiv(n, bn)
+    linear_bytes = x_b + w_b + n * bes + y_b
+    linear_kernel = KernelTraffic("plain linear", 0, y_b, linear_bytes, 2 * nm * bm * nn * bn * _pad(k, bk), nm * nn)
     return TrafficModel(
-        forward=forward,
-        backward=backward,
-        linear_forward=x_b + w_b + n * bes + y_b,
+        schedule=schedule,
+        forward_kernels=forward_kernels,
+        backward_kernels=backward_kernels,
+        linear_forward=linear_bytes,
         linear_backward=y_b + w_b + x_b,
-        linear_forward_flops=linear_flops,
+        linear_forward_flops=2 * t * n * k,
         linear_backward_flops=2 * t * n * k,
+        linear_kernel=linear_kernel,
         minimum_forward=x_b + w_b + n * bes + adapters + y_b,
         minimum_backward=y_b + w_b + x_b + adapters + x_b + grads,
-        two_kernel_forward=shrink_kernel + forward.unique + t * e * r * es - (router_bytes if token else 0) - a_bytes,
         authors_forward=int(authors_forward),
         authors_backward=int(authors_backward),
+        dtype=dtype,
     )
 
 
+def schedule_costs(
+    tokens: int,
+    in_features: int,
+    out_features: int,
+    num_experts: int,
+    rank: int,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    routing_mode: int | None = None,
+    save_for_backward: bool = True,
+    device: DeviceModel = H100,
+) -> dict[str, float]:
+    """Modelled forward seconds of each schedule (:func:`modelled_seconds`), each with its best legal
+    configuration (what autotuning would pick if the model were right)."""
+    t, k, n, e, r = tokens, in_features, out_features, num_experts, rank
+    if routing_mode is None:
+        routing_mode = NO_ROUTER if e == 1 else TOKEN_ROUTER
+    flags = dict(_flags(dtype, e, r, routing_mode, None, False), ROUTING=routing_mode)
+    kw = dict(routing_mode=routing_mode, save_for_backward=save_for_backward, needs=(False,) * 6)
+    costs = {}
+    for schedule, roles in (("fused", ("fused",)), ("two_kernel", ("shrink", "expand"))):
+        best = math.inf
+        options = [legal_configs(_problem(role, t, k, n, flags, flags)) for role in roles]
+        for combo in _product(options):
+            m = hbm_traffic(t, k, n, e, r, dtype, schedule=schedule, configs=dict(zip(roles, combo, strict=True)), **kw)
+            best = min(best, m.forward_seconds(device))
+        costs[schedule] = best
+    return costs
+
+
+def _product(options: list[list]) -> list[tuple]:
+    out: list[tuple] = [()]
+    for opts in options:
+        out = [prev + (o,) for prev in out for o in opts]
+    return out
+
+
+def choose_schedule(
+    tokens: int,
+    in_features: int,
+    out_features: int,
+    num_experts: int,
+    rank: int,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    routing_mode: int | None = None,
+    save_for_backward: bool = True,
+    device: DeviceModel = H100,
+) -> str:
+    """ "fused" or "two_kernel": the smaller modelled forward time (:func:`schedule_costs`); ties -> "fused"."""
+    costs = schedule_costs(
+        tokens, in_features, out_features, num_experts, rank, dtype,
+        routing_mode=routing_mode, save_for_backward=save_for_backward, device=device,
+    )  # fmt: skip
+    return "fused" if costs["fused"] <= costs["two_kernel"] else "two_kernel"
+
+
 # ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases
+# Ahead-of-time compile cases and the model report
 # ------------------------------------------------------------------------------------------------
 
 #: T5-large attention projections (T = 2048 tokens, K = N = 1024) at the paper's MoLoRA settings.
@@ -1040,8 +1861,27 @@ AOT_SHAPES = ((2048, 1024, 1024, 1, 4), (2048, 1024, 1024, 10, 4), (2048, 1024, 
 AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _example_launches(t, k, n, e, r, dtype) -> list[Launch]:
+    """Every launch of both forward schedules and the full backward at one shape (tensors on the CPU)."""
+    x = torch.empty((t, k), dtype=dtype)
+    weight = torch.empty((n, k), dtype=dtype)
+    bias = torch.empty((n,), dtype=dtype)
+    lora_a, lora_b = torch.empty((e, k, r)), torch.empty((e, r, n))
+    router = None if e == 1 else torch.empty((k, e))
+    launches = []
+    for schedule in SCHEDULES:
+        (y, u, p_soft), forward = _forward_plan(
+            x, weight, bias, lora_a, lora_b, router, None, 4.0, None, False, True, schedule
+        )
+        launches += forward
+    _, backward = _backward_plan(
+        y, x, weight, lora_a, lora_b, router, None, u, p_soft, 4.0, None, False, (True,) * 5 + (False,)
+    )
+    return launches + backward
+
+
 def aot_cases() -> list:
-    """Every configuration autotuning may choose, both kernels, fp16 / bf16 / fp32, the AOT_SHAPES.
+    """Every configuration autotuning may choose, every launch role, fp16 / bf16 / fp32, the AOT_SHAPES.
 
     ``PEMOE_AOT_DEFAULTS_ONLY=1`` keeps only the default configurations and ``PEMOE_AOT_SELECT=<regex>``
     only the cases whose name matches (the quick test run compiles a subset; ``-m slow`` all of them).
@@ -1055,39 +1895,68 @@ def aot_cases() -> list:
     cases = []
     for dtype in AOT_DTYPES:
         for t, k, n, e, r in AOT_SHAPES:
-            x = torch.empty((t, k), dtype=dtype)
-            weight = torch.empty((n, k), dtype=dtype)
-            bias = torch.empty((n,), dtype=dtype)
-            lora_a, lora_b = torch.empty((e, k, r)), torch.empty((e, r, n))
-            router = None if e == 1 else torch.empty((k, e))
             name = f"{str(dtype).removeprefix('torch.')} E={e} r={r}"
-            (y, u, p_soft), f_args, f_flags, _ = _forward_launch(
-                x, weight, bias, lora_a, lora_b, router, None, 4.0, None, False, True
-            )
-            needs = (True, True, True, True, True, False)
-            _, b_args, b_flags, _ = _backward_launch(
-                y, x, weight, lora_a, lora_b, router, None, u, p_soft, 4.0, None, False, needs
-            )
-            for kernel, args, flags, configs, backward in (
-                (_molora_forward_kernel, f_args, f_flags, FORWARD_CONFIGS, False),
-                (_molora_backward_kernel, b_args, b_flags, BACKWARD_CONFIGS, True),
-            ):
-                names = [a for a in kernel.fn.arg_names if a not in flags and a not in configs[0].kwargs]
-                named = dict(zip(names, args, strict=True))
-                chosen = _prune(configs, dict(named, **flags), backward=backward)
+            for launch in _example_launches(t, k, n, e, r, dtype):
+                named = launch.named_args()
+                chosen = legal_configs(_problem_from_args(launch.role, {**named, **launch.constexprs}))
                 for i, cfg in enumerate(chosen[:1] if defaults_only else chosen):
                     kw = cfg.kwargs
-                    tiles = kw.get("K_TILES" if backward else "N_TILES", 1)
-                    tile = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}" + (f"x{tiles}tiles" if tiles > 1 else "")
+                    tile = "x".join(str(v) for key, v in kw.items() if key.startswith("BLOCK"))
+                    tile += f"x{kw['N_TILES']}tiles" if kw.get("N_TILES", 1) > 1 else ""
                     cases.append(
                         AotCase(
-                            name=f"{name} {'bwd' if backward else 'fwd'} {tile}",
-                            kernel=kernel,
+                            name=f"{name} {launch.role} {tile}",
+                            kernel=launch.kernel,
                             args=named,
-                            constexprs={**flags, **kw},
+                            constexprs={**launch.constexprs, **kw},
                             num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages,
                             default=i == 0,
                         )
                     )
     return [c for c in cases if select.search(c.name)]
+
+
+#: Shapes of the model report: T5-large attention (K = N = 1024) and T5-XL FFN in (2048 -> 5120) and
+#: out (5120 -> 2048), T = 2048 tokens; plus a decode-sized T.
+REPORT_SHAPES = (
+    ("T5-large q/k/v/o", 2048, 1024, 1024),
+    ("T5-XL wi (2048->5120)", 2048, 2048, 5120),
+    ("T5-XL wo (5120->2048)", 2048, 5120, 2048),
+    ("T5-large, T = 64", 64, 1024, 1024),
+)
+
+
+def report(
+    dtype: torch.dtype = torch.bfloat16, experts: tuple[tuple[int, int], ...] = ((10, 4), (15, 16), (1, 4))
+) -> str:
+    """The model's table: bytes, padded FLOPs and modelled H100 time of each schedule vs a plain linear."""
+    lines = [
+        f"{'shape':<24} {'E':>3} {'r':>3} {'schedule':<10} {'MiB':>7} {'bytes':>6} {'FLOPs':>6} {'µs':>6} "
+        f"{'time':>6}  (ratios vs a plain linear of the same shape; time: H100 model incl. launch gaps)"
+    ]
+    for label, t, k, n in REPORT_SHAPES:
+        for e, r in experts:
+            pick = choose_schedule(t, k, n, e, r, dtype)
+            for schedule in SCHEDULES:
+                m = hbm_traffic(t, k, n, e, r, dtype, schedule=schedule, needs=(False,) * 6)
+                sec, lin = m.forward_seconds(), m.linear_seconds()
+                lines.append(
+                    f"{label:<24} {e:>3} {r:>3} {schedule + ('*' if schedule == pick else ''):<10} "
+                    f"{m.forward.unique / 2**20:7.2f} {m.forward_ratio:6.3f} {m.forward_flops_ratio:6.3f} "
+                    f"{sec * 1e6:6.2f} {sec / lin:6.3f}"
+                )
+            m = hbm_traffic(t, k, n, e, r, dtype, schedule=pick)
+            lines.append(
+                f"{label:<24} {e:>3} {r:>3} {'backward':<10} {m.backward.unique / 2**20:7.2f} "
+                f"{m.backward_ratio:6.3f} {m.backward_flops_ratio:6.3f} {m.backward_seconds() * 1e6:6.2f} "
+                f"{m.backward_seconds() / m.linear_seconds():6.3f}"
+            )
+    return "\n".join(lines) + (
+        "\n(bytes / FLOPs / µs at default tiles; * = choose_schedule's pick, which compares each schedule at its"
+        " best legal tiles; backward ratios vs a plain dgrad)"
+    )
+
+
+if __name__ == "__main__":
+    print(report())

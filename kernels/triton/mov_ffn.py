@@ -574,8 +574,11 @@ def _ffn_up_backward_kernel(
 # ------------------------------------------------------------------------------------------
 
 
-def _check_inputs(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k) -> tuple[int, int, int, int]:
-    """Clear errors for what these kernels do not support; returns (T, M, F, E)."""
+def _check_inputs(
+    x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, *, check_device: bool = True
+) -> tuple[int, int, int, int]:
+    """Clear errors for what these kernels do not support; returns (T, M, F, E). ``check_device=False``:
+    shapes and dtypes only (pemoe.jax.triton plans JAX launches with torch "meta" tensors)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"mov_ffn (triton): activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -587,7 +590,7 @@ def _check_inputs(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k) 
     want = "cuda" if not INTERPRET else "cpu"
     tensors = dict(x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs)
     for name, t in tensors.items():
-        if t is not None and t.device.type != want:
+        if check_device and t is not None and t.device.type != want:
             raise NotImplementedError(
                 f"mov_ffn (triton): {name} is on {t.device.type}; the kernels run on {want} tensors"
                 + (" (TRITON_INTERPRET=1 is set)" if INTERPRET else "")
@@ -821,16 +824,26 @@ def _up_backward_launch(x, wi_0, wi_1, router, du, dlogits, prob: _Problem, need
     return args, {**cx, **prob.precisions}
 
 
+def tile_grid(rows: int, cols: int, block_cols: str):
+    """Grid of the 2-D kernels (a)–(d): (⌈rows / BLOCK_M⌉, ⌈cols / ``block_cols``⌉) from a config's blocks."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta[block_cols]))
+
+
+def router_backward_grid(T: int) -> tuple[int]:
+    """Grid of (r): one program per ROUTER_BACKWARD_CONFIG["BLOCK_M"] token rows."""
+    return (triton.cdiv(T, ROUTER_BACKWARD_CONFIG["BLOCK_M"]),)
+
+
 def _forward(x, wi_0, wi_1, wo, router, experts, probs, prob: _Problem, save_p_soft: bool):
     """Launches (a) and (b); returns (y [T, M], u [T, F], p_soft [T, E] float32 or None)."""
     T, M = x.shape
     F = wi_0.shape[0]
     args, cx = _up_launch(x, wi_0, wi_1, router, prob)
-    _ffn_up_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(F, meta["BLOCK_F"]))](**args, **cx)
+    _ffn_up_kernel[tile_grid(T, F, "BLOCK_F")](**args, **cx)
     num_f_tiles = triton.cdiv(F, _ffn_up_kernel.best_config.kwargs["BLOCK_F"])
     inter, logits_part = args["inter_ptr"], args["logits_part_ptr"]
     args, cx, p_soft = _down_launch(inter, wo, experts, logits_part, probs, num_f_tiles, prob, save_p_soft)
-    _ffn_down_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"]))](**args, **cx)
+    _ffn_down_kernel[tile_grid(T, M, "BLOCK_N")](**args, **cx)
     return args["y_ptr"], inter, p_soft
 
 
@@ -846,9 +859,7 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
     # ---- (c)
     p = p_soft if self_routed else probs
     args, cx = _down_backward_launch(dy, wo, inter, experts, p, prob, need_x, need_dp, need_experts)
-    _ffn_down_backward_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(F, meta["BLOCK_F"]))](
-        **args, **cx
-    )
+    _ffn_down_backward_kernel[tile_grid(T, F, "BLOCK_F")](**args, **cx)
     best = _ffn_down_backward_kernel.best_config.kwargs
     du = args["du_ptr"]
     d_experts = d_probs = dlogits = None
@@ -859,8 +870,8 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
     # ---- (r)
     if need_dp:
         r_args, r_cx = _router_backward_launch(args["dp_part_ptr"], p_soft, triton.cdiv(F, best["BLOCK_F"]), T, prob)
-        grid = (triton.cdiv(T, ROUTER_BACKWARD_CONFIG["BLOCK_M"]),)
-        _router_backward_kernel[grid](**r_args, **r_cx, num_warps=ROUTER_BACKWARD_CONFIG["num_warps"])
+        warps = ROUTER_BACKWARD_CONFIG["num_warps"]
+        _router_backward_kernel[router_backward_grid(T)](**r_args, **r_cx, num_warps=warps)
         if self_routed:
             dlogits = r_args["out_ptr"]
         else:
@@ -869,9 +880,7 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
     dx = d_router = None
     if need_x or need_drouter:
         args, cx = _up_backward_launch(x, wi_0, wi_1, router, du, dlogits, prob, need_x, need_drouter)
-        _ffn_up_backward_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(F, meta["BLOCK_F"]))](
-            **args, **cx
-        )
+        _ffn_up_backward_kernel[tile_grid(T, F, "BLOCK_F")](**args, **cx)
         if need_drouter:
             m_tiles = triton.cdiv(T, _ffn_up_backward_kernel.best_config.kwargs["BLOCK_M"])
             d_router = args["drouter_part_ptr"][:m_tiles].sum(0)

@@ -506,6 +506,7 @@ class _Problem:
     m_bucket: int
     main_precision: str
     epilogue_precision: str
+    itemsize: int = 2  # bytes per activation element (4: float32)
 
 
 def _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize) -> _Problem:
@@ -538,9 +539,41 @@ def _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize) -> _
             "mov_linear (triton): the base weight is frozen in these kernels (no weight gradient); "
             "call weight.requires_grad_(False) or use implementation='torch'"
         )
-    G, E, D = experts.shape
-    T, K = x2d.shape
-    N = weight.shape[0]
+    return plan_problem(
+        x2d.shape[0],
+        x2d.shape[1],
+        weight.shape[0],
+        tuple(experts.shape),
+        router_shape=None if router is None else tuple(router.shape),
+        probs_shape=None if probs is None else tuple(probs.shape),
+        top_k=top_k,
+        renormalize=renormalize,
+        itemsize=x2d.element_size(),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Launch plan: framework-neutral (shapes and ints only), shared by the torch launchers below
+# and by pemoe.jax.triton (the same kernels called from JAX through jax-triton)
+# ------------------------------------------------------------------------------------------
+
+
+def plan_problem(
+    T: int,
+    K: int,
+    N: int,
+    experts_shape: tuple[int, int, int],
+    *,
+    router_shape: tuple[int, int] | None,
+    probs_shape: tuple[int, int] | None,
+    top_k: int | None,
+    renormalize: bool,
+    itemsize: int,
+) -> _Problem:
+    """The kernels' limits checked on shapes alone, and the launch description: x [T, K], weight [N, K],
+    experts [G, E, D], router [D, E] (None: (IA)3), probs [T, E] (sentence routing), activations of
+    ``itemsize`` bytes (4: float32, ieee dots; 2: float16/bfloat16, tf32 epilogue dots)."""
+    G, E, D = experts_shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(
             f"mov_linear (triton): head width D = N / G = {D} is not supported; supported D: {SUPPORTED_HEAD_DIMS}"
@@ -548,27 +581,86 @@ def _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize) -> _
     if E > MAX_EXPERTS:
         raise NotImplementedError(f"mov_linear (triton): at most {MAX_EXPERTS} experts are supported, got E = {E}")
     if G * D != N:
-        raise ValueError(f"mov_linear (triton): experts [G, E, D] = {list(experts.shape)} needs N = G·D, got N = {N}")
-    if probs is not None:
+        raise ValueError(f"mov_linear (triton): experts [G, E, D] = {list(experts_shape)} needs N = G·D, got N = {N}")
+    if probs_shape is not None:
         routing_mode = ROUTING_SENTENCE
-        if tuple(probs.shape) != (T, E):
-            raise ValueError(f"mov_linear (triton): probs must have shape [T, E] = [{T}, {E}], got {list(probs.shape)}")
-    elif router is None:
+        if tuple(probs_shape) != (T, E):
+            raise ValueError(f"mov_linear (triton): probs must have shape [T, E] = [{T}, {E}], got {list(probs_shape)}")
+    elif router_shape is None:
         if E != 1:
             raise ValueError(f"mov_linear (triton): router is required when E > 1 (E = {E})")
         routing_mode = ROUTING_NONE
     else:
         routing_mode = ROUTING_TOKEN
-        if tuple(router.shape) != (D, E):
+        if tuple(router_shape) != (D, E):
             raise ValueError(f"mov_linear (triton): router must have shape [D, E] = [{D}, {E}]")
     # top_k = E keeps every expert: the plain softmax (renormalising by Σp = 1 changes nothing)
     k = 0 if (top_k is None or top_k == E or routing_mode != ROUTING_TOKEN) else int(top_k)
-    fp32 = x2d.dtype == torch.float32
+    fp32 = itemsize == 4
     return _Problem(
         T=T, K=K, N=N, G=G, E=E, D=D, routing=routing_mode, top_k=k, renormalize=bool(renormalize and k),
         block_e=max(16, triton.next_power_of_2(E)), m_bucket=max(16, triton.next_power_of_2(T)),
         main_precision="ieee" if fp32 else "tf32", epilogue_precision="ieee" if fp32 else "tf32",
+        itemsize=itemsize,
     )  # fmt: skip
+
+
+def default_config(pb: _Problem, backward: bool = False) -> triton.Config:
+    """The configuration the kernel runs unless tuning picks another: the first legal one of
+    FORWARD_CONFIGS (BACKWARD_CONFIGS), as the autotuner's pruning leaves them (AOT-checked spill-free)."""
+    configs = BACKWARD_CONFIGS if backward else FORWARD_CONFIGS
+    for c in configs:
+        if legal_config(c, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing):
+            return c
+    raise ValueError(f"mov_linear: no tile configuration for D={pb.D}, BLOCK_E={pb.block_e}, M_BUCKET={pb.m_bucket}")
+
+
+def forward_grid(pb: _Problem, meta: dict) -> tuple[int]:
+    """Forward programs: one per [BLOCK_M, BLOCK_N] output tile (grouped order inside the kernel)."""
+    return (triton.cdiv(pb.T, meta["BLOCK_M"]) * triton.cdiv(pb.N, meta["BLOCK_N"]),)
+
+
+def backward_grid(pb: _Problem, meta: dict) -> tuple[int]:
+    """Backward programs: one per (chunk of REDUCE_ROWS tokens, BLOCK_N column tile)."""
+    return (triton.cdiv(pb.T, REDUCE_ROWS) * triton.cdiv(pb.N, meta["BLOCK_N"]),)
+
+
+def forward_constexprs(pb: _Problem, has_bias: bool, save_p_soft: bool) -> dict:
+    """Feature constexprs of the forward kernel (tiles come from the configuration)."""
+    return _common_constexprs(pb, has_bias) | dict(SAVE_P_SOFT=save_p_soft and pb.routing == ROUTING_TOKEN)
+
+
+def backward_needs(pb: _Problem, needs: tuple[bool, bool, bool]) -> tuple[bool, bool, bool]:
+    """(dh, d experts, d routing) the backward kernel computes; (IA)3 has no routing gradient."""
+    need_dh, need_experts, need_routing = needs
+    return need_dh, need_experts, need_routing and pb.routing != ROUTING_NONE
+
+
+def backward_constexprs(pb: _Problem, has_bias: bool, needs: tuple[bool, bool, bool]) -> dict:
+    """Feature constexprs of the backward kernel for needs = (dh, d experts, d routing)."""
+    need_dh, need_experts, need_routing = backward_needs(pb, needs)
+    return _common_constexprs(pb, has_bias) | dict(
+        NEED_DH=need_dh, NEED_D_EXPERTS=need_experts, NEED_D_ROUTING=need_routing, REDUCE_ROWS=REDUCE_ROWS
+    )
+
+
+def backward_outputs(pb: _Problem, needs: tuple[bool, bool, bool]) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """The backward kernel's outputs in its argument order: name -> (shape, dtype, zero-filled), dtype
+    "act" (x's) or "float32"; None-valued entries are not needed (the kernel gets no pointer for them).
+
+    dh [T, N]; d_experts_part [C, G, E, D]; d_router_part [C, G, D, E] (token routing; zero-filled: only
+    each tile's first head slot is written); d_probs_part [G, T, E] (sentence routing; zero-filled).
+    Summing the partials over their first axis (and the head axis of d_router_part) finishes the reduction.
+    """
+    need_dh, need_experts, need_routing = backward_needs(pb, needs)
+    C = triton.cdiv(pb.T, REDUCE_ROWS)
+    token, sentence = need_routing and pb.routing == ROUTING_TOKEN, need_routing and pb.routing == ROUTING_SENTENCE
+    return {
+        "dh": ((pb.T, pb.N), "act", False) if need_dh else None,
+        "d_experts_part": ((C, pb.G, pb.E, pb.D), "float32", False) if need_experts else None,
+        "d_router_part": ((C, pb.G, pb.D, pb.E), "float32", True) if token else None,
+        "d_probs_part": ((pb.G, pb.T, pb.E), "float32", True) if sentence else None,
+    }
 
 
 def _launch(kernel, grid, args: list, constexprs: dict, config: dict | None):
@@ -591,19 +683,19 @@ def _common_constexprs(pb: _Problem, has_bias: bool) -> dict:
 
 def mov_linear_forward(x2d, weight, bias, router, experts, probs, pb: _Problem, save_p_soft: bool, config=None):
     """Launches the forward kernel; returns (y [T, N] in x's dtype, p_soft [T, G, E] float32 or None)."""
+    constexprs = forward_constexprs(pb, bias is not None, save_p_soft)
     y = torch.empty((pb.T, pb.N), dtype=x2d.dtype, device=x2d.device)
-    save = save_p_soft and pb.routing == ROUTING_TOKEN
+    save = constexprs["SAVE_P_SOFT"]
     p_soft = torch.empty((pb.T, pb.G, pb.E), dtype=torch.float32, device=x2d.device) if save else None
     if pb.T == 0:
         return y, p_soft
-    grid = lambda meta: (triton.cdiv(pb.T, meta["BLOCK_M"]) * triton.cdiv(pb.N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: forward_grid(pb, meta)  # noqa: E731
     args = [
         x2d, weight, bias, router, experts, probs,
         y, p_soft,
         pb.T, pb.N, pb.K, pb.G, pb.E, pb.m_bucket,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
     ]  # fmt: skip
-    constexprs = _common_constexprs(pb, bias is not None) | dict(SAVE_P_SOFT=save)
     _launch(mov_linear_fwd_kernel, grid, args, constexprs, config)
     return y, p_soft
 
@@ -614,28 +706,27 @@ def mov_linear_backward(x2d, weight, bias, router, experts, probs, p_soft, dy, p
     needs = (dh, d_experts, d_routing); returns (dh [T, N], d_experts [G, E, D], d_router [D, E],
     d_probs [T, E]) with None where not needed (d_router for token routing, d_probs for sentence routing).
     """
-    need_dh, need_experts, need_routing = needs
-    need_routing = need_routing and pb.routing != ROUTING_NONE
+    need_dh, need_experts, need_routing = backward_needs(pb, needs)
     dev = x2d.device
-    chunks = triton.cdiv(pb.T, REDUCE_ROWS)
-    dh = torch.empty((pb.T, pb.N), dtype=x2d.dtype, device=dev) if need_dh else None
-    d_experts_part = torch.empty((chunks, pb.G, pb.E, pb.D), dtype=torch.float32, device=dev) if need_experts else None
-    d_router_part = d_probs_part = None
-    if need_routing and pb.routing == ROUTING_TOKEN:  # slots of a tile's non-first heads stay zero
-        d_router_part = torch.zeros((chunks, pb.G, pb.D, pb.E), dtype=torch.float32, device=dev)
-    if need_routing and pb.routing == ROUTING_SENTENCE:
-        d_probs_part = torch.zeros((pb.G, pb.T, pb.E), dtype=torch.float32, device=dev)
+
+    def allocate(spec):
+        if spec is None:
+            return None
+        shape, dtype, zeroed = spec
+        dtype = x2d.dtype if dtype == "act" else torch.float32
+        return (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=dev)
+
+    outputs = backward_outputs(pb, needs)  # zero-filled where only some slots are written
+    dh, d_experts_part, d_router_part, d_probs_part = (allocate(spec) for spec in outputs.values())
     if pb.T > 0 and (need_dh or need_experts or need_routing):
-        grid = lambda meta: (chunks * triton.cdiv(pb.N, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: backward_grid(pb, meta)  # noqa: E731
         args = [
             x2d, weight, bias, router, experts, probs, p_soft, dy,
             dh, d_experts_part, d_router_part, d_probs_part,
             pb.T, pb.N, pb.K, pb.G, pb.E, pb.m_bucket,
             x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), dy.stride(0), dy.stride(1),
         ]  # fmt: skip
-        constexprs = _common_constexprs(pb, bias is not None) | dict(
-            NEED_DH=need_dh, NEED_D_EXPERTS=need_experts, NEED_D_ROUTING=need_routing, REDUCE_ROWS=REDUCE_ROWS
-        )
+        constexprs = backward_constexprs(pb, bias is not None, needs)
         _launch(mov_linear_bwd_kernel, grid, args, constexprs, config)
     d_experts = d_router = d_probs = None
     if need_experts:

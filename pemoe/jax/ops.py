@@ -7,7 +7,18 @@ Every op takes ``implementation=``:
   * ``"pallas"`` — ``mov_linear`` only: the fused Pallas forward kernel (``pemoe.kernels.pallas``) with an
     explicit XLA backward (:mod:`pemoe.jax.pallas`); runs on TPU, or anywhere in the Pallas interpreter
     when ``PEMOE_PALLAS_INTERPRET=1``; top-k and sentence routing raise ``NotImplementedError``;
-  * ``"triton"`` (and ``"pallas"`` for the other ops) — not implemented yet: ``NotImplementedError``;
+    ``molora_linear`` too: the one-kernel Pallas forward (top-k and sentence routing supported) and, on TPU,
+    a Pallas dgrad backward kernel (adapter GEMMs over T in XLA); its forward also lowers for GPU (Pallas'
+    Triton lowering, with the ``"xla"`` backward), so ``"pallas"`` runs it on "gpu" too;
+    ``mov_ffn`` too: two Pallas kernels (dual GEMM with the router logits and softmax in its epilogue; wo
+    GEMM with the expert merge as its prologue; top-k and sentence routing supported) with an explicit XLA
+    backward from the saved h0, g and p_soft; its kernels also lower for GPU (Pallas' Triton lowering),
+    so ``"pallas"`` runs ``mov_ffn`` on "gpu" too;
+  * ``"triton"`` — ``mov_linear`` and ``mov_ffn``: the PyTorch side's Triton kernels (forward and backward)
+    called through jax-triton (:mod:`pemoe.jax.triton`); runs on the "gpu" backend, lowers for a GPU without
+    one inside ``pemoe.jax.triton.cuda_target(capability)`` (``jax.export(..., platforms=["cuda"])``) and runs in the
+    Triton interpreter when ``TRITON_INTERPRET=1``; elsewhere ``NotImplementedError``;
+  * ``"triton"`` for the other ops (and ``"pallas"`` where not listed) — not implemented yet: ``NotImplementedError``;
   * ``"auto"`` — the best available on the default JAX backend (``"xla"`` everywhere today); the
     choice is logged once per (op, backend) on the ``pemoe`` logger and returned by
     :func:`resolve_implementation`.
@@ -42,12 +53,14 @@ logger = logging.getLogger("pemoe")
 #: Implementations that exist today, per op. "auto" resolves to one of them.
 AVAILABLE: dict[str, tuple[str, ...]] = {
     "mov": ("reference", "xla"),
-    "mov_linear": ("reference", "xla", "pallas"),
-    "mov_ffn": ("reference", "xla"),
-    "molora_linear": ("reference", "xla"),
+    "mov_linear": ("reference", "xla", "pallas", "triton"),
+    "mov_ffn": ("reference", "xla", "pallas", "triton"),
+    "molora_linear": ("reference", "xla", "pallas"),
 }
 #: Implementations that are planned (issue 5) but do not exist yet: they raise NotImplementedError.
 PLANNED: tuple[str, ...] = ("pallas", "triton")
+#: Ops whose "pallas" kernels also lower for GPU (Pallas' Triton lowering): "pallas" runs on the "gpu" backend.
+PALLAS_GPU: frozenset[str] = frozenset({"mov_ffn", "molora_linear"})
 
 _announced: set[tuple[str, str, str]] = set()
 
@@ -62,8 +75,9 @@ def resolve_implementation(op: str, implementation: str, backend: str | None = N
 
     ``"auto"`` picks ``"xla"`` on every backend today (the Pallas kernel is forward-only and unmeasured on
     a TPU) and logs the choice once per (op, backend) on the ``pemoe`` logger. ``"pallas"`` where it does
-    not exist or cannot run, and ``"triton"``, raise ``NotImplementedError``; an unknown name raises
-    ``ValueError``. Nothing falls back silently.
+    not exist or cannot run, and ``"triton"`` where it does not exist or cannot run (it runs on "gpu", inside
+    ``pemoe.jax.triton.cuda_target`` and in the Triton interpreter), raise ``NotImplementedError``; an unknown
+    name raises ``ValueError``. Nothing falls back silently.
     """
     if op not in AVAILABLE:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(AVAILABLE)}")
@@ -77,9 +91,15 @@ def resolve_implementation(op: str, implementation: str, backend: str | None = N
             logger.info("pemoe.jax.%s: implementation='auto' chose %r on %s", op, chosen, backend)
         return chosen
     if implementation in available:
+        if implementation == "triton":
+            from pemoe.jax import triton
+
+            why = triton.runnable(backend or jax.default_backend())
+            if why is not None:
+                raise NotImplementedError(f"{op}: {why}")
         if implementation == "pallas":
             backend = backend or jax.default_backend()
-            if backend != "tpu" and not pallas_interpret():
+            if backend != "tpu" and not (backend == "gpu" and op in PALLAS_GPU) and not pallas_interpret():
                 raise NotImplementedError(
                     f"{op}: implementation='pallas' runs on TPU (Mosaic), got backend {backend!r}; set "
                     "PEMOE_PALLAS_INTERPRET=1 to run the kernel in the Pallas interpreter"
@@ -152,6 +172,21 @@ def mov_linear(
         return reference.mov_linear(
             x, weight, router, experts, bias=bias, top_k=top_k, renormalize=renormalize, router_input=router_input
         )
+    if impl == "triton":
+        from pemoe.jax import triton
+
+        probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+        y = triton.mov_linear(
+            _flat(x),
+            weight,
+            bias,
+            None if probs is not None else router,
+            experts,
+            probs,
+            top_k=None if probs is not None else top_k,  # sentence routing: probs already hold the top-k
+            renormalize=renormalize,
+        )
+        return y.reshape(x.shape[:-1] + (weight.shape[0],))
     if impl == "pallas":
         from pemoe.jax import pallas
 
@@ -215,6 +250,22 @@ def mov_ffn(
         )
     x2d = _flat(x)
     probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    if impl == "triton":
+        from pemoe.jax import triton
+
+        y = triton.mov_ffn(
+            x2d, wi_0, wi_1, wo, None if probs is not None else router, experts, probs, activation=activation,
+            top_k=None if probs is not None else top_k, renormalize=renormalize,
+        )  # fmt: skip
+        return y.reshape(x.shape)
+    if impl == "pallas":
+        from pemoe.jax import pallas
+
+        y = pallas.mov_ffn(
+            x2d, wi_0, wo, None if probs is not None else router, experts, wi_1=wi_1, activation=activation,
+            probs=probs, top_k=top_k, renormalize=renormalize, interpret=pallas_interpret(),
+        )  # fmt: skip
+        return y.reshape(x.shape)
     a = reference.ACTIVATIONS[activation](reference.linear(x2d, wi_0))
     a = xla.mov_site(a, None if probs is not None else router, experts, probs, top_k, renormalize)
     if wi_1 is not None:
@@ -254,6 +305,23 @@ def molora_linear(
             router_input=router_input,
         )
     probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    if impl == "pallas":
+        from pemoe.jax import pallas
+
+        y = pallas.molora_linear(
+            _flat(x),
+            weight,
+            lora_a,
+            lora_b,
+            None if probs is not None else router,
+            scale=scale,
+            bias=bias,
+            probs=probs,
+            top_k=None if probs is not None else top_k,  # sentence routing: probs already hold the top-k
+            renormalize=renormalize,
+            interpret=pallas_interpret(),
+        )
+        return y.reshape(x.shape[:-1] + (weight.shape[0],))
     y = xla.molora(
         _flat(x),
         weight,

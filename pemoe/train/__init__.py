@@ -3,6 +3,7 @@
 * :mod:`pemoe.train.data` — JSONL examples, the built-in synthetic multi-task set, batching, a resumable stream;
 * :mod:`pemoe.train.tokenizer` — the built-in byte tokenizer, or a local SentencePiece model;
 * :mod:`pemoe.train.loop` — the training loop, checkpoints (adapter weights + optimizer + data state), resume;
+* :mod:`pemoe.train.jax_loop` — the same loop in JAX (``pemoe train --framework jax``; imported on demand);
 * :mod:`pemoe.train.evaluate` — rank classification (median over templates), routing statistics (Figure 5);
 * :mod:`pemoe.train.report` — loss curves, routing plots and the markdown summary of a comparison.
 """

@@ -75,6 +75,19 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--renormalize", action="store_true", help="renormalise the top-k probabilities")
     p.add_argument("--sites", type=_csv, default=None, help="comma list of adapter sites (default: the paper's)")
     p.add_argument("--implementation", default="auto", help="pemoe.ops implementation (auto, torch, reference, ...)")
+    p.add_argument(
+        "--framework",
+        choices=["torch", "jax"],
+        default="torch",
+        help="train with PyTorch (default) or JAX (pemoe.train.jax_loop: same data, checkpoints and adapter files; "
+        "adapter methods only, no dropout; --implementation then names a pemoe.jax implementation)",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="--framework jax: data=N[,model=M] runs the step over a device mesh (pemoe.jax.parallel): the batch "
+        "split over N devices, large backbone matrices over M",
+    )
     _model_args(p)
     p.add_argument("--dropout", type=float, default=None, help="override the model's dropout rate")
     p.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor")
@@ -97,6 +110,14 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="plain log lines instead of a bar")
     p.add_argument("--log-every", type=int, default=10, help="plain log line every N steps (without a bar)")
+    p.add_argument(
+        "--parallel",
+        choices=["auto", "none", "ddp", "fsdp"],
+        default="auto",
+        help="data parallelism under torchrun (torchrun --nproc-per-node N -m pemoe.cli train ...): ddp, or fsdp "
+        "(FSDP2: backbone sharded per T5 block); --batch-size is the global micro-batch, split over the ranks; "
+        "auto: ddp when WORLD_SIZE > 1, else none",
+    )
     return p
 
 
@@ -126,18 +147,36 @@ def _train(args: argparse.Namespace) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     fields["out"] = str(fields["out"])
+    framework = getattr(args, "framework", "torch")
     try:
-        result = train(TrainConfig(**fields))
-    except (BadLineError, CheckpointMismatch, FileNotFoundError, ValueError) as e:
+        if framework == "jax" and args.parallel not in ("auto", "none"):
+            raise ValueError("--parallel (torch.distributed DDP / FSDP) applies to --framework torch only")
+        if framework == "jax":
+            from pemoe.train import jax_loop
+
+            if args.threads:
+                raise ValueError(
+                    "--threads sets PyTorch's CPU threads and does not apply to --framework jax (XLA sizes its own "
+                    "thread pool)"
+                )
+            result = jax_loop.train(TrainConfig(**fields), mesh=args.mesh)
+        else:
+            if args.mesh is not None:
+                raise ValueError("--mesh applies to --framework jax only")
+            result = train(TrainConfig(**fields))
+    except (BadLineError, CheckpointMismatch, FileNotFoundError, NotImplementedError, ValueError) as e:
         print(f"pemoe train: error: {e}", file=sys.stderr)
         return 2
+    code = 130 if result.interrupted else 0
+    if getattr(result, "rank", 0) != 0:  # torchrun: rank 0 reports
+        return code
     last = result.losses[-1][1] if result.losses else float("nan")
     print(f"pemoe train: step {result.step}, last loss {last:.4f}, checkpoint {result.checkpoint}")
     if result.skipped_lines:
         print(f"pemoe train: {len(result.skipped_lines)} bad line(s) skipped")
     if result.evals:
         print(f"pemoe train: held-out average accuracy {100 * result.evals[-1][1].average:.1f}%")
-    return 130 if result.interrupted else 0
+    return code
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -173,7 +212,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch ``pemoe train`` / ``pemoe eval``."""
-    if args.threads:
+    if args.threads and getattr(args, "framework", "torch") == "torch":
         import torch
 
         torch.set_num_threads(args.threads)

@@ -24,6 +24,11 @@ written under a temporary name and renamed when complete.
 SIGINT (Ctrl-C): the step in progress is finished, a checkpoint is written, and :func:`train` returns
 with ``interrupted=True`` (``pemoe train`` exits 130); a second SIGINT interrupts at once. The handler is
 installed only when :func:`train` runs in the main thread.
+
+Data parallel (:mod:`pemoe.train.distributed`): the same command under ``torchrun --nproc-per-node N -m pemoe.cli
+train ... [--parallel ddp|fsdp]`` splits every global batch (``batch_size`` stays the global micro-batch) over
+the ranks and gives the single-process result up to float32 summation order; rank 0 writes the same files and
+checkpoints (full tensors), which resume at any world size.
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ from torch import nn
 
 from pemoe import adapters
 from pemoe.models.t5 import T5, T5Config
-from pemoe.train.data import Dataset, DataStream, encode_batch, load_dataset
-from pemoe.train.evaluate import EvalResult, model_logits, rank_classification
+from pemoe.train.data import Batch, Dataset, DataStream, encode_batch, load_dataset
+from pemoe.train.distributed import PARALLEL_MODES, ParallelContext, setup
+from pemoe.train.evaluate import EvalResult, rank_classification
 from pemoe.train.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, tokenizer_from_spec
 
 __all__ = [
@@ -95,6 +101,7 @@ RUN_TIME_FIELDS = {
     "log_every",
     "implementation",
     "skip_bad_lines",
+    "parallel",  # a checkpoint resumes at any world size and parallel mode
 }
 
 
@@ -135,6 +142,7 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 10
     implementation: str = "auto"
+    parallel: str = "auto"  # torch.distributed mode (pemoe.train.distributed): auto, none, ddp, fsdp
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -164,6 +172,8 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.sites is not None:
             self.sites = tuple(self.sites)
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {self.parallel!r}")
 
     def adapter_config(self) -> adapters.AdapterConfig | None:
         common = dict(sites=self.sites, top_k=self.top_k, renormalize=self.renormalize)
@@ -312,7 +322,7 @@ def _set_dropout(model: nn.Module, p: float) -> None:
             m.p = p
 
 
-def _prepare(bundle: ModelBundle, cfg: TrainConfig) -> list[tuple[str, nn.Parameter]]:
+def _prepare(bundle: ModelBundle, cfg: TrainConfig, *, verbose: bool = True) -> list[tuple[str, nn.Parameter]]:
     """Inject adapters (or unfreeze everything), set dropout and dtype; the trainable (name, param) list."""
     model = bundle.model
     if cfg.dropout is not None:
@@ -328,7 +338,8 @@ def _prepare(bundle: ModelBundle, cfg: TrainConfig) -> list[tuple[str, nn.Parame
     else:
         torch.manual_seed(cfg.seed)  # adapter initialisation (routers, lora_a) is reproducible
         count = adapters.inject(model, ac)
-        print(f"pemoe train: {type(ac).__name__} injected, {count}", file=sys.stderr)
+        if verbose:
+            print(f"pemoe train: {type(ac).__name__} injected, {count}", file=sys.stderr)
         named = list(adapters.adapter_state_dict(model).items())
     model.to(DTYPES[cfg.dtype])  # adapter parameters stay float32 (pemoe.layers)
     return named
@@ -405,6 +416,41 @@ def latest_checkpoint(out: str | pathlib.Path) -> pathlib.Path | None:
     return done[-1] if done else None
 
 
+def _read_checkpoint_state(path: pathlib.Path, identity: dict, param_names: list[str], framework: str) -> dict:
+    """``state.json`` of a complete checkpoint, checked against this run: format and version, the framework
+    that wrote it (``pemoe train --framework``; absent means torch), the run identity (differences named)
+    and the trainable parameter names. Raises CheckpointMismatch (FileNotFoundError if incomplete)."""
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete pemoe train checkpoint (no state.json)")
+    state = json.loads(state_file.read_text())
+    if state.get("format") != CKPT_FORMAT or state.get("version") != CKPT_VERSION:
+        raise CheckpointMismatch(f"{path}: not a {CKPT_FORMAT} v{CKPT_VERSION} checkpoint")
+    written_by = state.get("framework", "torch")
+    if written_by != framework:
+        raise CheckpointMismatch(
+            f"checkpoint {path} was written by pemoe train --framework {written_by}, this run is --framework "
+            f"{framework}: a checkpoint resumes only in the framework that wrote it (its optimizer state is "
+            "framework-specific; its adapter.safetensors loads in either)"
+        )
+    diffs = _diff(state["identity"], identity)
+    if diffs:
+        raise CheckpointMismatch(f"checkpoint {path} is from another run configuration: " + "; ".join(diffs))
+    if state["param_names"] != param_names:
+        raise CheckpointMismatch(f"checkpoint {path}: its trainable parameters differ from this model's")
+    return state
+
+
+def _commit_checkpoint(tmp: pathlib.Path, final: pathlib.Path, keep: int) -> pathlib.Path:
+    """Rename the complete checkpoint ``tmp`` to ``final`` and delete all but the ``keep`` newest."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    kept = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in kept[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def _save_checkpoint(
     out: pathlib.Path,
     step: int,
@@ -415,28 +461,33 @@ def _save_checkpoint(
     stream: DataStream,
     identity: dict,
     extra: dict,
+    par: ParallelContext | None = None,
 ) -> pathlib.Path:
+    """Write a checkpoint. Distributed (``par``): every rank calls this (sharded tensors and the ranks' RNG
+    states are gathered), rank 0 alone writes full tensors."""
     from safetensors.torch import save_file
 
+    par = par if par is not None else ParallelContext()
     final = _checkpoint_dir(out, step)
-    if (final / "state.json").is_file():
-        return final
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if cfg.method == "full":
-        save_file({n: p.detach().cpu().contiguous() for n, p in named}, str(tmp / "model.safetensors"))
-    else:
-        adapters.save_adapter(model, tmp / "adapter.safetensors")
+    weights = {n: par.full(p) for n, p in named} if cfg.method == "full" else None
     sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state(), **par.rng_tensors()}
     scalars: dict[str, dict] = {}
     for idx, st in sd["state"].items():
         for key, value in st.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{idx}.{key}"] = par.full(value)
             else:
                 scalars.setdefault(str(idx), {})[key] = value
+    if not par.is_main or (final / "state.json").is_file():
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if weights is not None:
+        save_file(weights, str(tmp / "model.safetensors"))
+    else:
+        adapters.save_adapter(model, tmp / "adapter.safetensors")
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {
         "format": CKPT_FORMAT,
@@ -449,12 +500,7 @@ def _save_checkpoint(
         **extra,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    kept = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in kept[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return _commit_checkpoint(tmp, final, cfg.keep_checkpoints)
 
 
 def _load_checkpoint(
@@ -465,38 +511,30 @@ def _load_checkpoint(
     optimizer: torch.optim.Optimizer,
     stream: DataStream,
     identity: dict,
+    par: ParallelContext | None = None,
 ) -> dict:
     from safetensors.torch import load_file
 
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete pemoe train checkpoint (no state.json)")
-    state = json.loads(state_file.read_text())
-    if state.get("format") != CKPT_FORMAT or state.get("version") != CKPT_VERSION:
-        raise CheckpointMismatch(f"{path}: not a {CKPT_FORMAT} v{CKPT_VERSION} checkpoint")
-    diffs = _diff(state["identity"], identity)
-    if diffs:
-        raise CheckpointMismatch(f"checkpoint {path} is from another run configuration: " + "; ".join(diffs))
-    names = [n for n, _ in named]
-    if state["param_names"] != names:
-        raise CheckpointMismatch(f"checkpoint {path}: its trainable parameters differ from this model's")
+    par = par if par is not None else ParallelContext()
+    state = _read_checkpoint_state(path, identity, [n for n, _ in named], framework="torch")
     if cfg.method == "full":
         weights = load_file(str(path / "model.safetensors"))
         with torch.no_grad():
             for n, p in named:
                 if tuple(weights[n].shape) != tuple(p.shape):
                     raise CheckpointMismatch(f"checkpoint {path}: {n} has shape {list(weights[n].shape)}")
-                p.copy_(weights[n])
+                p.copy_(par.like(weights[n], p))  # this rank's shard of a sharded parameter
     else:
         adapters.load_adapter(model, path / "adapter.safetensors")
     if state["optimizer"]["class"] != type(optimizer).__name__:
         raise CheckpointMismatch(f"checkpoint {path}: optimizer {state['optimizer']['class']}")
     tensors = load_file(str(path / "optimizer.safetensors"))
     opt_state: dict[int, dict] = {}
+    opt_params = [p for group in optimizer.param_groups for p in group["params"]]
     for key, t in tensors.items():
         if key.startswith("state."):
             _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = t
+            opt_state.setdefault(int(idx), {})[name] = par.like(t, opt_params[int(idx)])
     for idx, sc in state["optimizer"]["scalars"].items():
         opt_state.setdefault(int(idx), {}).update(sc)
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
@@ -573,6 +611,7 @@ class TrainResult:
     trainable: int = 0
     total: int = 0
     bundle: ModelBundle | None = None
+    rank: int = 0  # torch.distributed rank (0 in one process): rank 0 reports
 
 
 class _StopFlag:
@@ -613,19 +652,28 @@ def _evaluate(bundle: ModelBundle, cfg: TrainConfig, data: Dataset) -> EvalResul
     )
 
 
-def _save_final(out: pathlib.Path, bundle: ModelBundle, cfg: TrainConfig) -> None:
-    """``<out>/adapter.safetensors`` (adapters) or ``<out>/model/`` (pemoe format, --method full)."""
-    if cfg.method != "full":
-        adapters.save_adapter(bundle.model, out / "adapter.safetensors")
-        return
+def _save_final(out: pathlib.Path, bundle: ModelBundle, cfg: TrainConfig, par: ParallelContext | None = None) -> None:
+    """``<out>/adapter.safetensors`` (adapters) or ``<out>/model/`` (pemoe format, --method full).
+    Distributed: every rank calls this (sharded weights are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
+    par = par if par is not None else ParallelContext()
+    if cfg.method != "full":
+        if par.is_main:
+            adapters.save_adapter(bundle.model, out / "adapter.safetensors")
+        return
+    full = None
+    if par.mode == "fsdp":  # gather the shards; tied aliases (not in named_parameters) are left out
+        names = {n for n, _ in bundle.model.named_parameters()} | {n for n, _ in bundle.model.named_buffers()}
+        full = {k: par.full(v) for k, v in bundle.model.state_dict().items() if k in names}
+    if not par.is_main:
+        return
     model_dir = out / "model"
     model_dir.mkdir(exist_ok=True)
     if bundle.kind == "transformers":
-        bundle.model.save_pretrained(str(model_dir))
+        bundle.model.save_pretrained(str(model_dir), state_dict=full)
         return
-    sd = {k: v.detach().to(torch.float32).contiguous() for k, v in bundle.model.state_dict().items()}
+    sd = {k: v.detach().to(torch.float32).contiguous() for k, v in (full or bundle.model.state_dict()).items()}
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
         sd.pop(alias, None)
     if bundle.t5_config.get("tie_word_embeddings", True):
@@ -635,9 +683,9 @@ def _save_final(out: pathlib.Path, bundle: ModelBundle, cfg: TrainConfig) -> Non
     (model_dir / MODEL_META).write_text(json.dumps(meta, indent=1))
 
 
-def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Run ``pemoe train`` (see the module docstring). ``on_step(step, loss)`` is called after every
-    completed optimizer step (a test hook; it may e.g. send SIGINT to this process)."""
+def _open_run(cfg: TrainConfig) -> tuple[pathlib.Path, Dataset, Dataset | None]:
+    """Create ``cfg.out`` (refusing one with checkpoints unless resuming), load the training data (bad lines
+    skipped are listed in ``<out>/skipped_lines.txt``) and the evaluation data (every example needs choices)."""
     out = pathlib.Path(cfg.out)
     if not cfg.resume and latest_checkpoint(out) is not None:
         raise ValueError(
@@ -658,10 +706,62 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
         missing = [ex.where for ex in eval_data.examples if not ex.choices]
         if missing:
             raise ValueError(f"eval data: {len(missing)} example(s) without 'choices', first at {missing[0]}")
+    return out, data, eval_data
 
+
+def _resume_checkpoint(cfg: TrainConfig, out: pathlib.Path) -> pathlib.Path:
+    """The checkpoint ``--resume`` names (``latest``: the newest under ``<out>/checkpoints``)."""
+    ckpt = latest_checkpoint(out) if cfg.resume == "latest" else pathlib.Path(cfg.resume)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+    return ckpt
+
+
+def _next_micro_batches(data: Dataset, stream: DataStream, bundle: ModelBundle, cfg: TrainConfig) -> list[Batch]:
+    """The ``grad_accum`` encoded micro-batches of the next optimizer step (advances ``stream``)."""
+    micro = []
+    for _ in range(cfg.grad_accum):
+        exs = [data.examples[i] for i in stream.next_indices()]
+        micro.append(
+            encode_batch(
+                bundle.tokenizer,
+                [e.input for e in exs],
+                [e.target for e in exs],
+                max_input_len=cfg.max_input_len,
+                max_target_len=cfg.max_target_len,
+                decoder_start_id=bundle.decoder_start_id,
+            )
+        )
+    return micro
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run ``pemoe train`` (see the module docstring). ``on_step(step, loss)`` is called after every
+    completed optimizer step (a test hook; it may e.g. send SIGINT to this process). Under torchrun, every
+    rank calls this and trains its share of each global batch (:mod:`pemoe.train.distributed`)."""
+    par = setup(cfg.parallel, method=cfg.method, optimizer=cfg.optimizer, batch_size=cfg.batch_size)
+    try:
+        return _train(cfg, par, on_step)
+    finally:
+        par.close()
+
+
+class _NoMetrics:
+    """Ranks other than 0 write no metrics."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float], None] | None) -> TrainResult:
+    out, data, eval_data = _open_run(cfg)
     bundle = build_model(cfg)
-    named = _prepare(bundle, cfg)
+    named = _prepare(bundle, cfg, verbose=par.is_main)
     model = bundle.model
+    train_model, named = par.wrap(model, named)  # DDP wrapper or FSDP-sharded model (itself in one process)
     optimizer = _make_optimizer(cfg, [p for _, p in named])
     stream = DataStream(len(data.examples), cfg.batch_size, cfg.seed)
     identity = _identity(cfg, bundle, data)
@@ -670,54 +770,50 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
     step = 0
     tokens_seen = 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out) if cfg.resume == "latest" else pathlib.Path(cfg.resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-        state = _load_checkpoint(ckpt, model, cfg, named, optimizer, stream, identity)
+        ckpt = _resume_checkpoint(cfg, out)
+        state = _load_checkpoint(ckpt, model, cfg, named, optimizer, stream, identity, par)
         step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-        print(f"pemoe train: resumed from {ckpt} at step {step}", file=sys.stderr)
+        par.restore_rng(ckpt, cfg.seed + 1, step)  # ranks >= 1: their own dropout stream
+        if par.is_main:
+            print(f"pemoe train: resumed from {ckpt} at step {step}", file=sys.stderr)
     else:
         torch.manual_seed(cfg.seed + 1)  # dropout stream (the init used cfg.seed)
-    result = TrainResult(step=step, interrupted=False, start_step=step, skipped_lines=list(data.skipped))
+        par.seed(cfg.seed + 1)
+    result = TrainResult(step=step, interrupted=False, start_step=step, skipped_lines=list(data.skipped), rank=par.rank)
     count = adapters.count_parameters(model)
     result.trainable, result.total, result.bundle = count.trainable, count.total, bundle
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if par.is_main:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
-    metrics = _Metrics(out / "metrics.jsonl", step)
-    progress = _Progress(cfg.max_steps, step, cfg.progress, cfg.log_every)
+    metrics = _Metrics(out / "metrics.jsonl", step) if par.is_main else _NoMetrics()
+    progress = _Progress(cfg.max_steps, step, cfg.progress and par.is_main, cfg.log_every if par.is_main else 0)
     model.train()
 
     def checkpoint() -> pathlib.Path:
         extra = {"tokens_seen": tokens_seen, "trainable": count.trainable, "total": count.total}
-        return _save_checkpoint(out, step, model, cfg, named, optimizer, stream, identity, extra)
+        return _save_checkpoint(out, step, model, cfg, named, optimizer, stream, identity, extra, par)
 
-    def run_eval() -> None:
+    def run_eval() -> None:  # every rank evaluates (FSDP needs them all); rank 0 reports
         res = _evaluate(bundle, cfg, eval_data)
         result.evals.append((step, res))
         metrics.write({"kind": "eval", "step": step, **res.to_dict()})
-        progress.write(f"step {step}: held-out rank-classification accuracy {100 * res.average:.1f}%")
+        if par.is_main:
+            progress.write(f"step {step}: held-out rank-classification accuracy {100 * res.average:.1f}%")
 
     try:
+        stopping = False  # SIGINT on any rank, agreed by all ranks before each step
         with _StopFlag() as stop:
-            while step < cfg.max_steps and not stop.requested:
+            while step < cfg.max_steps and not (stopping := par.any(stop.requested)):
                 t0 = time.perf_counter()
-                micro = []
-                for _ in range(cfg.grad_accum):
-                    exs = [data.examples[i] for i in stream.next_indices()]
-                    b = encode_batch(
-                        bundle.tokenizer,
-                        [e.input for e in exs],
-                        [e.target for e in exs],
-                        max_input_len=cfg.max_input_len,
-                        max_target_len=cfg.max_target_len,
-                        decoder_start_id=bundle.decoder_start_id,
-                    )
-                    micro.append(b)
+                micro = _next_micro_batches(data, stream, bundle, cfg)
                 n_target = sum(b.num_target_tokens for b in micro)
                 n_tokens = sum(b.num_input_tokens + b.num_target_tokens for b in micro)
                 optimizer.zero_grad(set_to_none=True)
                 loss_value = 0.0
-                for b in micro:
+                examples = 0
+                for i, b in enumerate(micro):
+                    b = par.shard_batch(b)  # this rank's rows of the global micro-batch
+                    examples += b.input_ids.shape[0]
                     for name in (
                         "input_ids",
                         "attention_mask",
@@ -726,14 +822,20 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
                         "labels",
                     ):
                         setattr(b, name, getattr(b, name).to(device))
-                    logits = model_logits(model, b)
-                    loss = F.cross_entropy(
-                        logits.float().flatten(0, 1), b.labels.flatten(), ignore_index=-100, reduction="sum"
-                    )
-                    loss = loss / n_target
-                    loss.backward()
+                    with par.accumulate(train_model, last=i == len(micro) - 1):
+                        logits = par.logits(train_model, b)
+                        loss = F.cross_entropy(
+                            logits.float().flatten(0, 1), b.labels.flatten(), ignore_index=-100, reduction="sum"
+                        )
+                        loss = loss / n_target  # the step's global target-token count: ranks' gradients sum
+                        loss.backward()
                     loss_value += loss.item()
+                par.finish_gradients(named)
                 optimizer.step()
+                if par.distributed:  # the global loss, and how many examples each rank trained on
+                    counts = [0.0] * par.world_size
+                    counts[par.rank] = float(examples)
+                    loss_value, *counts = par.reduce_sum([loss_value, *counts])
                 step += 1
                 tokens_seen += n_tokens
                 dt = time.perf_counter() - t0
@@ -745,6 +847,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
                         "loss": loss_value,
                         "tokens": n_tokens,
                         "tokens_per_s": n_tokens / dt,
+                        **({"rank_examples": [int(c) for c in counts]} if par.distributed else {}),
                     }
                 )
                 progress.update(step, loss_value, n_tokens / dt)
@@ -754,19 +857,19 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, float], None] | None = No
                     run_eval()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     result.checkpoint = checkpoint()
-            result.interrupted = stop.requested and step < cfg.max_steps
+            result.interrupted = stopping and step < cfg.max_steps
             result.step = step
             result.checkpoint = checkpoint()  # still under the SIGINT flag: a Ctrl-C cannot cut it short
-        if result.interrupted:
+        if result.interrupted and par.is_main:
             progress.write(f"pemoe train: interrupted; step {step} saved in {result.checkpoint} (resume with --resume)")
-        else:
+        elif not result.interrupted:
             if eval_data is not None and not (result.evals and result.evals[-1][0] == step):
                 run_eval()
-            _save_final(out, bundle, cfg)
+            _save_final(out, bundle, cfg, par)
     finally:
         progress.close()
         metrics.close()
-    if result.evals:
+    if result.evals and par.is_main:
         from pemoe.train.evaluate import format_table
 
         (out / "eval.md").write_text(format_table({f"step {result.evals[-1][0]}": result.evals[-1][1]}) + "\n")

@@ -1,0 +1,1040 @@
+"""``implementation="triton"``: pemoe's Triton kernels (``pemoe.kernels.triton``) called from JAX on GPU
+through jax-triton, so GPU users of JAX run the very kernels the PyTorch side runs.
+
+``mov_linear`` (SPEC §3.1): y = mov(x Wᵀ + b), x [T, K], weight [N, K] (frozen), router [D, E] float32
+(None: (IA)3), experts [G, E, D] float32, probs [T, E] float32 (sentence routing) -> y [T, N] in x's dtype.
+  forward:  ``mov_linear_fwd_kernel`` (one GEMM, MoV epilogue); under differentiation it also writes
+            p_soft [T, G, E] float32, the only residual besides the op's inputs (h is recomputed);
+  backward: ``mov_linear_bwd_kernel`` (recomputes the h tile; writes dh and per-chunk partial sums of
+            d experts, d router / d probs), then XLA finishes: the partial sums, dx = dh·W, d bias = Σ_t dh
+            and, for completeness, the frozen weight's cotangent dhᵀ·x (dead code under ``jax.jit`` when
+            nothing asks for it, the usual case: only adapters train).
+
+What is shared with the PyTorch launchers (``kernels/triton/mov_linear.py``), not copied: the kernels, the
+problem checks and launch description (``plan_problem``), the tile configurations and their legality rules
+(``default_config``), the grids (``forward_grid`` / ``backward_grid``), the feature constexprs and the
+backward's output/workspace shapes (``backward_outputs``). jax-triton passes the array inputs in order and
+then one pointer per output; the kernels' parameters start with exactly that (inputs, then outputs), so the
+``triton.jit`` functions themselves are called, no wrapper. Every size and stride after them is passed as a
+compile-time constant (jax-triton specialises any keyword it is given): JAX shapes are static and each
+shape is compiled when JAX lowers it anyway, and constant sizes and strides give Triton the alignment facts
+the PyTorch launch gets from specialising integers divisible by 16. Optional inputs (bias, router, probs)
+and unused outputs get one-element placeholder arrays that the kernels never touch (their feature
+constexprs are off).
+
+``mov_ffn`` (SPEC §3.2): the T5 FFN with MoV on the activation, x [T, M] -> [T, M]: the forward kernels
+(a) dual GEMM + router-logit partials and (b) wo GEMM with softmax and merge as its prologue (saving u [T, F]
+and p_soft [T, E]); the backward kernels (c), (r), (d) of ``kernels/triton/mov_ffn.py``, then XLA for the
+partial sums and dx = dh0·wi_0 + dg·wi_1 (and the frozen weights' cotangents, dead code under jit). Its
+launches are not re-described here at all: the PyTorch launch builders (``_up_launch``, ``_down_launch``, …)
+run on torch tensors on the "meta" device (shapes, dtypes, strides; no memory) and :class:`_FFNPlan` maps
+their argument dicts onto JAX arrays, output shapes and constants; grids come from ``tile_grid`` /
+``router_backward_grid``, configurations from the kernels' own autotune pruning.
+
+Tile configuration: the default of each kernel (the first legal entry of its configuration list, the one
+the AOT reports hold to zero spills); for ``mov_linear``, ``configs="all"`` (or :func:`tile_configs`) emits
+every legal configuration and lets jax-triton's autotuned kernel call pick on the GPU at the first run.
+
+Where it runs (``pemoe.jax.ops.resolve_implementation`` enforces it, nothing falls back):
+  * the "gpu" JAX backend (CUDA), jax-triton compiling for the device's compute capability;
+  * any backend inside :func:`cuda_target` (or with ``$PEMOE_TRITON_CAPABILITY`` set) — ahead-of-time
+    lowering (``jax.export(..., platforms=["cuda"])``) for a stated compute capability without a GPU;
+  * the Triton interpreter when ``TRITON_INTERPRET=1`` (the development machines): the same kernels
+    with the same launch plans run on the CPU through ``jax.pure_callback`` (torch tensors in and out), so
+    outputs and gradients are tested here; outputs that the kernel must write are NaN-filled first.
+Elsewhere asking for it raises ``NotImplementedError``.
+
+Install: ``pip install "pemoe[jax-gpu]"`` on a GPU machine (jax[cuda12] and jax-triton). For ahead-of-time
+export only, jax-triton and the ``jax-cuda12-plugin`` wheel matching jaxlib (without its PJRT runtime and
+CUDA libraries) suffice: ``scripts/setup.sh`` installs those into ``.venv/cuda-export`` (outside
+site-packages, since the plugin logs "Could not find cuda drivers" at every ``import jax`` on a machine
+without a GPU), so run the export CLI as ``PYTHONPATH=.venv/cuda-export .venv/bin/python -m pemoe.jax.triton``
+(the tests put that folder on the path themselves). jax-triton hands the PTX to the CUDA driver,
+which assembles it at load time: with Triton 3.9 the PTX is ISA 8.8 for sm_80 (its CUDA 12.9 ptxas) and ISA
+9.4 for sm_90 (its CUDA 13.4 ``ptxas-blackwell``), so the driver must know that ISA; pointing
+``TRITON_PTXAS_BLACKWELL_PATH`` at an older ptxas lowers the ISA Triton targets. (Not tried on a GPU.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton
+
+from pemoe.kernels.triton import interpreter
+from pemoe.kernels.triton import mov_ffn as mf
+from pemoe.kernels.triton import mov_linear as ml
+
+__all__ = [
+    "CAPABILITY_ENV",
+    "cuda_target",
+    "tile_configs",
+    "target_capability",
+    "runnable",
+    "mov_linear",
+    "mov_ffn",
+]
+
+#: Environment variable naming the compute capability (e.g. 90) to compile for when no GPU is present.
+CAPABILITY_ENV = "PEMOE_TRITON_CAPABILITY"
+
+# ------------------------------------------------------------------------------------------
+# Where the kernels run; the compute capability to compile for
+# ------------------------------------------------------------------------------------------
+
+_target: list[int] = []  # stack of cuda_target() capabilities
+
+
+@contextlib.contextmanager
+def cuda_target(capability: int) -> Iterator[None]:
+    """Lower ``implementation="triton"`` for sm_<capability> (e.g. 80, 90) on any machine, GPU or not:
+    for ahead-of-time ``jax.export(..., platforms=["cuda"])``. jax-triton compiles the kernels to PTX at
+    lowering time and would otherwise read the capability from GPU 0."""
+    if isinstance(capability, bool) or not isinstance(capability, int) or capability < 70:
+        raise ValueError(f"capability must be an int such as 80 or 90 (sm_80, sm_90), got {capability!r}")
+    _target.append(capability)
+    try:
+        yield
+    finally:
+        _target.pop()
+
+
+_configs_choice: list[str] = []  # stack of tile_configs() choices
+
+
+@contextlib.contextmanager
+def tile_configs(choice: str) -> Iterator[None]:
+    """Tile configurations of the kernels traced inside (through ``pemoe.jax`` ops): "default" (the
+    AOT-checked default of each kernel) or "all" (every legal configuration, autotuned by jax-triton on the
+    GPU at the first run; each is compiled when the op is lowered)."""
+    if choice not in ("default", "all"):
+        raise ValueError(f"tile configurations must be 'default' or 'all', got {choice!r}")
+    _configs_choice.append(choice)
+    try:
+        yield
+    finally:
+        _configs_choice.pop()
+
+
+def target_capability() -> int | None:
+    """The capability to compile for: the innermost :func:`cuda_target`, else ``$PEMOE_TRITON_CAPABILITY``,
+    else None (jax-triton asks GPU 0)."""
+    if _target:
+        return _target[-1]
+    value = os.environ.get(CAPABILITY_ENV)
+    if value:
+        if not value.isdigit():
+            raise ValueError(f"{CAPABILITY_ENV} must be an integer such as 90, got {value!r}")
+        return int(value)
+    return None
+
+
+def runnable(backend: str) -> str | None:
+    """None when ``implementation="triton"`` can run (or be lowered) with JAX backend ``backend``; else why not."""
+    if backend == "gpu" or target_capability() is not None or interpreter.INTERPRET:
+        return None
+    return (
+        f"implementation='triton' runs on the 'gpu' backend (CUDA, through jax-triton), got backend {backend!r}; "
+        f"inside pemoe.jax.triton.cuda_target(capability) (or with ${CAPABILITY_ENV} set) it lowers for a GPU "
+        "without one (jax.export), and with TRITON_INTERPRET=1 it runs in the Triton interpreter"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# One kernel launch: what jax-triton needs, and the interpreter stand-in
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One launch of a kernel: arrays in (positional), outputs (shapes, zero-filled ones), grid and
+    constexprs — exactly what ``jax_triton.triton_call`` takes, and what the interpreter stand-in runs."""
+
+    kernel: Any
+    name: str
+    out_shapes: tuple[jax.ShapeDtypeStruct, ...]
+    zeroed_outputs: tuple[int, ...]
+    constexprs: dict[str, Any]
+    configs: tuple[triton.Config, ...]  # one: that configuration; more: autotuned by jax-triton on the GPU
+    grid_fn: Any  # meta (the configuration's kwargs) -> grid
+
+    def grid(self, config: triton.Config) -> tuple[int, ...]:
+        return self.grid_fn(config.kwargs)
+
+
+def _import_jax_triton():
+    """jax_triton, imported once; it sets TRITON_CACHE_DIR to "" at import, which is undone here."""
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    try:
+        import jax_triton
+    except ImportError as e:  # no fallback: say what is missing
+        raise ImportError(
+            "implementation='triton' in pemoe.jax needs jax-triton and the CUDA plugin of jaxlib: "
+            'pip install "pemoe[jax-gpu]" (or jax-triton plus jax-cuda12-plugin matching jaxlib for export only); '
+            f"import failed: {e}"
+        ) from e
+    finally:
+        if cache is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache
+    return jax_triton
+
+
+def _autotuned(launch: Launch):
+    """The kernel under triton.autotune with the launch's configurations (jax-triton compiles each and
+    benchmarks them on the GPU at the first call)."""
+    return triton.autotune(configs=list(launch.configs), key=[])(launch.kernel)
+
+
+def _call(launch: Launch, *inputs: jax.Array) -> list[jax.Array]:
+    if interpreter.INTERPRET and target_capability() is None:
+        return jax.pure_callback(partial(_interpret, launch), list(launch.out_shapes), *inputs)
+    jt = _import_jax_triton()
+    if len(launch.configs) == 1:
+        (config,) = launch.configs
+        kernel, tiles, grid = launch.kernel, config.kwargs, launch.grid(config)
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    else:  # autotuned: the grid is a function of each configuration's tiles
+        kernel, tiles, grid, options = _autotuned(launch), {}, launch.grid_fn, {}
+    return jt.triton_call(
+        *inputs,
+        kernel=kernel,
+        out_shape=list(launch.out_shapes),
+        grid=grid,
+        name=launch.name,
+        compute_capability=target_capability(),
+        zeroed_outputs=launch.zeroed_outputs,
+        **options,
+        **launch.constexprs,
+        **tiles,
+    )
+
+
+def _to_torch(a: np.ndarray):
+    import torch
+
+    if a.dtype == jnp.bfloat16:
+        return torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
+
+
+def _to_numpy(t, dtype) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(jnp.bfloat16)
+    return t.numpy().astype(dtype, copy=False)
+
+
+def _interpret(launch: Launch, *inputs: np.ndarray) -> list[np.ndarray]:
+    """Runs the launch in the Triton interpreter on torch CPU tensors (TRITON_INTERPRET=1): the default
+    configuration, outputs NaN-filled (zero-filled where the launch says so) so an unwritten output shows."""
+    import torch
+
+    ins = [_to_torch(a) for a in inputs]
+    outs = []
+    for i, s in enumerate(launch.out_shapes):
+        dtype = _to_torch(np.zeros((), s.dtype)).dtype
+        fill = 0 if i in launch.zeroed_outputs or not dtype.is_floating_point else float("nan")
+        outs.append(torch.full(s.shape, fill, dtype=dtype))
+    config = launch.configs[0]
+    launch.kernel[launch.grid(config)](*ins, *outs, **launch.constexprs, **config.kwargs)
+    return [_to_numpy(t, s.dtype) for t, s in zip(outs, launch.out_shapes, strict=True)]
+
+
+# ------------------------------------------------------------------------------------------
+# mov_linear: launch plans (shared with the torch launchers) and custom_vjp
+# ------------------------------------------------------------------------------------------
+
+_PLACEHOLDER = jax.ShapeDtypeStruct((1,), jnp.float32)
+
+
+def _placeholder(dtype=jnp.float32) -> jax.Array:
+    return jnp.zeros((1,), dtype)
+
+
+def _problem(x, weight, router, experts, probs, top_k, renormalize) -> ml._Problem:
+    if x.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32):
+        raise NotImplementedError(
+            f"mov_linear (triton): supports float16, bfloat16 and float32 activations, got {x.dtype}"
+        )
+    return ml.plan_problem(
+        x.shape[0],
+        x.shape[1],
+        weight.shape[0],
+        tuple(experts.shape),
+        router_shape=None if router is None else tuple(router.shape),
+        probs_shape=None if probs is None else tuple(probs.shape),
+        top_k=top_k,
+        renormalize=renormalize,
+        itemsize=jnp.dtype(x.dtype).itemsize,
+    )
+
+
+def _configs(pb: ml._Problem, backward: bool, configs: str) -> tuple[triton.Config, ...]:
+    if configs == "default":
+        return (ml.default_config(pb, backward),)
+    table = ml.BACKWARD_CONFIGS if backward else ml.FORWARD_CONFIGS
+    return tuple(
+        c for c in table if ml.legal_config(c, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing)
+    )
+
+
+def _sizes(pb: ml._Problem) -> dict[str, int]:
+    return dict(T=pb.T, N=pb.N, K=pb.K, G=pb.G, E=pb.E, M_BUCKET=pb.m_bucket)
+
+
+def forward_launch(pb: ml._Problem, dtype, has_bias: bool, save_p_soft: bool, configs: str = "default") -> Launch:
+    """The forward kernel's launch for problem ``pb`` with activations of ``dtype``: outputs y [T, N] and
+    p_soft [T, G, E] float32 (a placeholder unless saved). x and W are row-major (JAX arrays)."""
+    constexprs = _sizes(pb) | dict(stride_xm=pb.K, stride_xk=1, stride_wn=pb.K, stride_wk=1)
+    constexprs |= ml.forward_constexprs(pb, has_bias, save_p_soft)
+    p_soft = jax.ShapeDtypeStruct((pb.T, pb.G, pb.E), jnp.float32) if constexprs["SAVE_P_SOFT"] else _PLACEHOLDER
+    return Launch(
+        kernel=ml.mov_linear_fwd_kernel.fn,  # the @triton.jit function under the autotuner
+        name="pemoe_mov_linear_fwd",
+        out_shapes=(jax.ShapeDtypeStruct((pb.T, pb.N), dtype), p_soft),
+        zeroed_outputs=(),
+        constexprs=constexprs,
+        configs=_configs(pb, False, configs),
+        grid_fn=partial(ml.forward_grid, pb),
+    )
+
+
+def backward_launch(pb: ml._Problem, dtype, has_bias: bool, configs: str = "default") -> Launch:
+    """The backward kernel's launch (every gradient needed): outputs as ``ml.backward_outputs`` lists them,
+    placeholders for the ones this routing mode does not produce."""
+    needs = (True, True, True)
+    constexprs = _sizes(pb) | dict(stride_xm=pb.K, stride_xk=1, stride_wn=pb.K, stride_wk=1)
+    constexprs |= dict(stride_dym=pb.N, stride_dyn=1) | ml.backward_constexprs(pb, has_bias, needs)
+    out_shapes, zeroed = [], []
+    for i, spec in enumerate(ml.backward_outputs(pb, needs).values()):
+        if spec is None:
+            out_shapes.append(_PLACEHOLDER)
+            continue
+        shape, kind, zero = spec
+        out_shapes.append(jax.ShapeDtypeStruct(shape, dtype if kind == "act" else jnp.float32))
+        if zero:
+            zeroed.append(i)
+    return Launch(
+        kernel=ml.mov_linear_bwd_kernel.fn,
+        name="pemoe_mov_linear_bwd",
+        out_shapes=tuple(out_shapes),
+        zeroed_outputs=tuple(zeroed),
+        constexprs=constexprs,
+        configs=_configs(pb, True, configs),
+        grid_fn=partial(ml.backward_grid, pb),
+    )
+
+
+def _inputs(x, weight, bias, router, experts, probs) -> list[jax.Array]:
+    """The kernels' array inputs in order; placeholders for the absent optional ones (never read)."""
+    return [
+        x,
+        weight,
+        _placeholder(x.dtype) if bias is None else bias,
+        _placeholder() if router is None else router,
+        experts,
+        _placeholder() if probs is None else probs,
+    ]
+
+
+def _forward(x, weight, bias, router, experts, probs, top_k, renormalize, configs, save_p_soft):
+    pb = _problem(x, weight, router, experts, probs, top_k, renormalize)
+    launch = forward_launch(pb, x.dtype, bias is not None, save_p_soft, configs)
+    if pb.T == 0:
+        return jnp.zeros((0, pb.N), x.dtype), jnp.zeros((0, pb.G, pb.E), jnp.float32)
+    y, p_soft = _call(launch, *_inputs(x, weight, bias, router, experts, probs))
+    return y, p_soft
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _mov_linear(x, weight, bias, router, experts, probs, top_k, renormalize, configs):
+    return _forward(x, weight, bias, router, experts, probs, top_k, renormalize, configs, False)[0]
+
+
+def _mov_linear_fwd(x, weight, bias, router, experts, probs, top_k, renormalize, configs):
+    y, p_soft = _forward(x, weight, bias, router, experts, probs, top_k, renormalize, configs, True)
+    return y, (x, weight, bias, router, experts, probs, p_soft)
+
+
+def _mov_linear_bwd(top_k, renormalize, configs, res, dy):
+    x, weight, bias, router, experts, probs, p_soft = res
+    pb = _problem(x, weight, router, experts, probs, top_k, renormalize)
+    f32 = jnp.float32
+    if pb.T == 0:
+        dh = jnp.zeros((0, pb.N), x.dtype)
+        d_experts = jnp.zeros(experts.shape, f32)
+        d_router = None if router is None else jnp.zeros(router.shape, f32)
+        d_probs = None if probs is None else jnp.zeros(probs.shape, f32)
+    else:
+        launch = backward_launch(pb, x.dtype, bias is not None, configs)
+        p_soft_in = p_soft if pb.routing == ml.ROUTING_TOKEN else _placeholder()
+        inputs = _inputs(x, weight, bias, router, experts, probs)
+        dh, d_experts_part, d_router_part, d_probs_part = _call(launch, *inputs, p_soft_in, dy.astype(x.dtype))
+        d_experts = d_experts_part.sum(0)
+        d_router = d_router_part.sum((0, 1)) if router is not None and probs is None else None
+        d_probs = d_probs_part.sum(0) if probs is not None else None
+        if router is not None and probs is not None:  # sentence routing: the router is not used by the kernel
+            d_router = jnp.zeros(router.shape, f32)
+    dx = jnp.matmul(dh, weight, preferred_element_type=f32).astype(x.dtype)
+    d_weight = jnp.matmul(dh.T, x, preferred_element_type=f32).astype(weight.dtype)  # frozen: DCE'd under jit
+    d_bias = None if bias is None else dh.astype(f32).sum(0).astype(bias.dtype)
+    return dx, d_weight, d_bias, d_router, d_experts.astype(experts.dtype), d_probs
+
+
+_mov_linear.defvjp(_mov_linear_fwd, _mov_linear_bwd)
+
+
+def mov_linear(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    router: jax.Array | None,
+    experts: jax.Array,
+    probs: jax.Array | None = None,
+    *,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    configs: str | None = None,
+) -> jax.Array:
+    """y [T, N] = mov(x [T, K] · weight [N, K]ᵀ + bias) with the fused Triton kernels (differentiable).
+
+    router [D, E] float32 (None: (IA)3), experts [G, E, D] float32, probs [T, E] float32 for sentence routing
+    (its cotangent is returned; the router is then unused). ``configs``: "default" (the AOT-checked default
+    tile of each kernel) or "all" (every legal configuration, autotuned by jax-triton on the GPU); None: the
+    innermost :func:`tile_configs` choice, else "default". Kernel
+    limits (D ∈ {16, 32, 64, 128}, E ≤ 64, float16/bfloat16/float32) raise NotImplementedError at trace time.
+    """
+    if configs is None:
+        configs = _configs_choice[-1] if _configs_choice else "default"
+    if configs not in ("default", "all"):
+        raise ValueError(f"configs must be 'default' or 'all', got {configs!r}")
+    return _mov_linear(x, weight, bias, router, experts, probs, top_k, renormalize, configs)
+
+
+# ------------------------------------------------------------------------------------------
+# mov_ffn: the PyTorch launch builders run on "meta" tensors, and custom_vjp
+# ------------------------------------------------------------------------------------------
+
+#: Array inputs of each mov_ffn kernel: its first pointer parameters (the following ones are its outputs).
+_FFN_KERNEL_INPUTS = {
+    "_ffn_up_kernel": 4,
+    "_ffn_down_kernel": 5,
+    "_ffn_down_backward_kernel": 5,
+    "_router_backward_kernel": 2,
+    "_ffn_up_backward_kernel": 6,
+}
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[jnp.dtype(dtype).name]
+
+
+def _jax_dtype(dtype):
+    return jnp.dtype(str(dtype).removeprefix("torch."))
+
+
+class _FFNPlan:
+    """Runs the launch builders of ``kernels/triton/mov_ffn.py`` (``_up_launch``, ``_down_launch``, …) on
+    torch tensors on the "meta" device — shapes, dtypes and strides, no memory — and turns each launch into a
+    :class:`Launch`: a builder argument that stands for a JAX array (an op input or an earlier kernel's
+    output) becomes that array, one the builder allocated in an output slot becomes an output shape, a builder
+    placeholder in an input slot (a pointer the kernel never reads) a one-element array, and the integers
+    (sizes, strides) compile-time constants. The tile configuration is the one the kernel's autotuner
+    prunes to first (the AOT-checked default)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[int, jax.Array] = {}
+        self.keep: list[Any] = []  # the meta tensors, alive while their ids are keys
+
+    def meta(self, a: jax.Array | None):
+        import torch
+
+        if a is None:
+            return None
+        t = torch.empty(tuple(a.shape), dtype=_torch_dtype(a.dtype), device="meta")
+        self.arrays[id(t)] = a
+        self.keep.append(t)
+        return t
+
+    def array(self, t) -> jax.Array | None:
+        """The JAX array a builder argument stands for: a registered tensor, or a contiguous view of one (the
+        builders slice, e.g. ``experts[0]``); None for what the builder allocated itself."""
+        if id(t) in self.arrays:
+            return self.arrays[id(t)]
+        base = t._base
+        if base is not None and id(base) in self.arrays:
+            if not t.is_contiguous():
+                raise NotImplementedError(f"mov_ffn (triton): a strided view {tuple(t.stride())} of a JAX array")
+            start = t.storage_offset()
+            return self.arrays[id(base)].reshape(-1)[start : start + t.numel()].reshape(tuple(t.shape))
+        return None
+
+    def run(self, kernel, args: dict, constexprs: dict, grid_fn, name: str, config: triton.Config | None = None):
+        """Launches ``kernel`` (an autotuner, or a plain triton.jit function with ``config``) with the builder's
+        ``args``; returns its outputs (JAX arrays, in its output order) and the configuration used."""
+        import torch
+        from triton.runtime.autotuner import Autotuner
+
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        if config is None:
+            config = kernel.early_config_prune(kernel.configs, {**args, **constexprs})[0]
+        pointers = [n for n in fn.arg_names if isinstance(args.get(n), torch.Tensor)]
+        n_in = _FFN_KERNEL_INPUTS[fn.__name__]
+        inputs = []
+        for n in pointers[:n_in]:
+            a = self.array(args[n])
+            inputs.append(_placeholder(_jax_dtype(args[n].dtype)) if a is None else a)
+        out_shapes, produced = [], []
+        for n in pointers[n_in:]:
+            t = args[n]
+            if self.array(t) is not None:  # an input in an output slot the kernel does not write
+                out_shapes.append(_PLACEHOLDER)
+                produced.append(None)
+            else:
+                out_shapes.append(jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)))
+                produced.append(t)
+        consts = {n: v for n, v in args.items() if n not in pointers} | constexprs
+        launch = Launch(
+            kernel=fn,
+            name=name,
+            out_shapes=tuple(out_shapes),
+            zeroed_outputs=(),
+            constexprs=consts,
+            configs=(config,),
+            grid_fn=grid_fn,
+        )
+        outputs = _call(launch, *inputs)
+        for t, out in zip(produced, outputs, strict=True):
+            if t is not None:
+                self.arrays[id(t)] = out
+                self.keep.append(t)
+        return outputs, config
+
+
+def _ffn_plan(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize):
+    plan = _FFNPlan()
+    metas = [plan.meta(a) for a in (x, wi_0, wi_1, wo, router, experts, probs)]
+    mf._check_inputs(*metas, activation, top_k, check_device=False)
+    prob = mf._Problem.of(metas[0], metas[2], metas[4], metas[5], metas[6], activation, top_k, renormalize)
+    return plan, metas, prob
+
+
+def _ffn_forward(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, save_p_soft):
+    """(a) then (b): y [T, M], u [T, F] (x's dtype), p_soft [T, E] float32 (a placeholder unless saved)."""
+    plan, (xm, w0m, w1m, wom, rm, em, pm), prob = _ffn_plan(
+        x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize
+    )
+    T, F, M = x.shape[0], wi_0.shape[0], x.shape[1]
+    args, cx = mf._up_launch(xm, w0m, w1m, rm, prob)
+    (inter, _), up = plan.run(mf._ffn_up_kernel, args, cx, mf.tile_grid(T, F, "BLOCK_F"), "pemoe_mov_ffn_up")
+    num_f_tiles = triton.cdiv(F, up.kwargs["BLOCK_F"])
+    args, cx, _ = mf._down_launch(
+        args["inter_ptr"], wom, em, args["logits_part_ptr"], pm, num_f_tiles, prob, save_p_soft
+    )
+    (y, p_soft), _ = plan.run(mf._ffn_down_kernel, args, cx, mf.tile_grid(T, M, "BLOCK_N"), "pemoe_mov_ffn_down")
+    return y, inter, p_soft
+
+
+def _ffn_backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, activation, top_k, renormalize):
+    """(c), (r), (d) and the dx GEMMs (XLA); every gradient the op's inputs have. Returns (dx, d router,
+    d experts, d probs, dh0, dg) — dh0/dg [T, F] for the frozen weights' cotangents."""
+    plan, (xm, w0m, w1m, wom, rm, em, pm), prob = _ffn_plan(
+        x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize
+    )
+    T, F = inter.shape
+    self_routed, given = prob.mode == mf.ROUTE_SELF, prob.mode == mf.ROUTE_GIVEN
+    dym, interm = plan.meta(dy.astype(x.dtype)), plan.meta(inter)
+    p_soft_m = plan.meta(p_soft) if self_routed else None
+    need_dp = self_routed or given
+    # ---- (c)
+    args, cx = mf._down_backward_launch(
+        dym, wom, interm, em, p_soft_m if self_routed else pm, prob, True, need_dp, True
+    )
+    (_, _, dex_part), down = plan.run(
+        mf._ffn_down_backward_kernel, args, cx, mf.tile_grid(T, F, "BLOCK_F"), "pemoe_mov_ffn_down_bwd"
+    )
+    d_experts = dex_part[: triton.cdiv(T, down.kwargs["BLOCK_M"])].sum(0)[None]
+    if prob.mode == mf.ROUTE_NONE:
+        d_experts = d_experts[:, :1]  # only expert row 0 is written when p ≡ 1 (E = 1)
+    # ---- (r)
+    dlogits_m = d_probs = None
+    if need_dp:
+        f_tiles = triton.cdiv(F, down.kwargs["BLOCK_F"])
+        r_args, r_cx = mf._router_backward_launch(args["dp_part_ptr"], p_soft_m, f_tiles, T, prob)
+        config = triton.Config({}, num_warps=mf.ROUTER_BACKWARD_CONFIG["num_warps"])
+        grid = lambda meta: mf.router_backward_grid(T)  # noqa: E731
+        (out,), _ = plan.run(mf._router_backward_kernel, r_args, r_cx, grid, "pemoe_mov_ffn_router_bwd", config)
+        if self_routed:
+            dlogits_m = r_args["out_ptr"]
+        else:
+            d_probs = out
+    # ---- (d) and the dx GEMMs
+    args, cx = mf._up_backward_launch(xm, w0m, w1m, rm, args["du_ptr"], dlogits_m, prob, True, self_routed)
+    (dh0, dg, dr_part), up = plan.run(
+        mf._ffn_up_backward_kernel, args, cx, mf.tile_grid(T, F, "BLOCK_F"), "pemoe_mov_ffn_up_bwd"
+    )
+    d_router = dr_part[: triton.cdiv(T, up.kwargs["BLOCK_M"])].sum(0) if self_routed else None
+    f32 = jnp.float32
+    dx = jnp.matmul(dh0, wi_0, preferred_element_type=f32)
+    if wi_1 is not None:
+        dx = dx + jnp.matmul(dg, wi_1, preferred_element_type=f32)
+    return dx.astype(x.dtype), d_router, d_experts, d_probs, dh0, (dg if wi_1 is not None else None)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _mov_ffn(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize):
+    return _ffn_forward(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, False)[0]
+
+
+def _mov_ffn_fwd(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize):
+    y, inter, p_soft = _ffn_forward(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, True)
+    return y, (x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft)
+
+
+def _mov_ffn_bwd(activation, top_k, renormalize, res, dy):
+    from pemoe.jax import xla
+
+    x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft = res
+    dx, d_router, d_experts, d_probs, dh0, dg = _ffn_backward(
+        dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, activation, top_k, renormalize
+    )
+    # the frozen weights' cotangents (dead code under jax.jit when nothing asks for them): dwi_0 = dh0ᵀ x,
+    # dwi_1 = dgᵀ x, dwo = dyᵀ (u ⊙ s) with s = p · experts[0] recomputed from the saved probabilities
+    f32 = jnp.float32
+    if probs is not None:
+        p = probs
+    elif router is None:
+        p = jnp.ones((x.shape[0], 1), f32)
+    else:
+        p = xla.select(p_soft, top_k, renormalize)
+    s = jnp.matmul(p, experts[0], preferred_element_type=f32)
+    d_wo = jnp.matmul(dy.astype(f32).T, inter.astype(f32) * s).astype(wo.dtype)
+    d_wi_0 = jnp.matmul(dh0.T, x, preferred_element_type=f32).astype(wi_0.dtype)
+    d_wi_1 = None if wi_1 is None else jnp.matmul(dg.T, x, preferred_element_type=f32).astype(wi_1.dtype)
+    d_router = None if router is None else d_router.astype(router.dtype)
+    d_probs = None if probs is None else d_probs.astype(probs.dtype)
+    return dx, d_wi_0, d_wi_1, d_wo, d_router, d_experts.astype(experts.dtype), d_probs
+
+
+_mov_ffn.defvjp(_mov_ffn_fwd, _mov_ffn_bwd)
+
+
+def mov_ffn(
+    x: jax.Array,
+    wi_0: jax.Array,
+    wi_1: jax.Array | None,
+    wo: jax.Array,
+    router: jax.Array | None,
+    experts: jax.Array,
+    probs: jax.Array | None = None,
+    *,
+    activation: str = "gelu_new",
+    top_k: int | None = None,
+    renormalize: bool = False,
+) -> jax.Array:
+    """T5 FFN with MoV on the activation through the fused Triton kernels (differentiable), x [T, M] -> [T, M]:
+    (mov(act(x wi_0ᵀ)) [⊙ x wi_1ᵀ]) woᵀ. wi_0/wi_1 [F, M], wo [M, F] (frozen), router [F, E] float32 (None:
+    (IA)3), experts [1, E, F] float32, probs [T, E] float32 for sentence routing (then router is unused).
+    Kernel limits (float16/bfloat16/float32, T ≥ 1) raise at trace time."""
+    return _mov_ffn(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize)
+
+
+# ------------------------------------------------------------------------------------------
+# Ahead-of-time export report: jax.export for CUDA, the kernels' PTX compiled by ptxas
+# ------------------------------------------------------------------------------------------
+
+#: The custom-call target jax-triton emits (not in jax.export's stable list: exports must disable its check).
+CUSTOM_CALL_TARGET = "triton_kernel_call"
+
+
+@dataclasses.dataclass
+class KernelCall:
+    """One compiled kernel of a ``triton_kernel_call`` in an exported module (an autotuned call holds one per
+    configuration: ``config`` numbers them, ``configs`` counts them)."""
+
+    kernel: str  # the kernel's name
+    call_name: str  # the launch name (``Launch.name``)
+    operand_types: list[str]
+    result_types: list[str]
+    num_warps: int
+    ptx_target: str  # ``.target`` line of the PTX, e.g. "sm_90a"
+    config: int
+    configs: int
+    ptx: str = dataclasses.field(repr=False)
+
+
+_PTX_HEADER = b"//\n// Generated by LLVM NVPTX"
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(data: bytes, i: int, end: int) -> list[tuple[int, int | tuple[int, int]]]:
+    """Protobuf wire format, one level: [(field number, varint value or (start, end) of a length-delimited
+    field)]. Only varint and length-delimited fields occur in jax-triton's kernel-call protos."""
+    out = []
+    while i < end:
+        tag, i = _read_varint(data, i)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, i = _read_varint(data, i)
+            out.append((field, value))
+        elif wire == 2:
+            n, i = _read_varint(data, i)
+            out.append((field, (i, i + n)))
+            i += n
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    return out
+
+
+def _kernels_in_proto(data: bytes) -> list[dict[str, Any]]:
+    """Every TritonKernel message (name: field 1, num_warps: 2, PTX: 4) in a decompressed jax-triton
+    kernel-call proto, found by descending from the top through the length-delimited fields that contain
+    each PTX text, and the call's name (the last top-level string)."""
+    kernels, start = [], data.find(_PTX_HEADER)
+    while start >= 0:
+        i, end = 0, len(data)
+        while True:
+            fields = _fields(data, i, end)
+            ptx = next((v for f, v in fields if f == 4 and isinstance(v, tuple) and v[0] == start), None)
+            if ptx is not None:
+                name = next(v for f, v in fields if f == 1)
+                warps = next((v for f, v in fields if f == 2 and isinstance(v, int)), 0)
+                kernels.append(
+                    dict(kernel=data[name[0] : name[1]].decode(), num_warps=warps, ptx=data[ptx[0] : ptx[1]].decode())
+                )
+                break
+            inner = next((v for _, v in fields if isinstance(v, tuple) and v[0] <= start < v[1]), None)
+            if inner is None:
+                raise ValueError("could not locate the TritonKernel message of a PTX text")
+            i, end = inner
+        start = data.find(_PTX_HEADER, ptx[1])
+    if not kernels:
+        raise ValueError("no PTX in the kernel call")
+    top = [v for _, v in _fields(data, 0, len(data)) if isinstance(v, tuple)]
+    call_name = data[top[-1][0] : top[-1][1]].decode(errors="replace") if top else ""
+    return [k | dict(call_name=call_name) for k in kernels]
+
+
+def kernel_calls(exported: jax.export.Exported) -> list[KernelCall]:
+    """The compiled kernels of the jax-triton calls of an exported module, in program order."""
+    import re
+    import zlib
+
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+
+    calls = []
+
+    def record(op):
+        attrs = op.attributes
+        kernels = _kernels_in_proto(zlib.decompress(ir.StringAttr(attrs["backend_config"]).value_bytes))
+        for i, k in enumerate(kernels):
+            target = re.search(r"^\.target\s+(\S+)", k["ptx"], re.M)
+            calls.append(
+                KernelCall(
+                    kernel=k["kernel"],
+                    call_name=k["call_name"],
+                    operand_types=[str(v.type) for v in op.operands],
+                    result_types=[str(v.type) for v in op.results],
+                    num_warps=k["num_warps"],
+                    ptx_target=target.group(1) if target else "",
+                    config=i,
+                    configs=len(kernels),
+                    ptx=k["ptx"],
+                )
+            )
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    op_ = inner.operation
+                    if op_.name == "stablehlo.custom_call":
+                        if ir.StringAttr(op_.attributes["call_target_name"]).value == CUSTOM_CALL_TARGET:
+                            record(op_)
+                    walk(op_)
+
+    with jax_mlir.make_ir_context():
+        walk(ir.Module.parse(exported.mlir_module()).operation)
+    return calls
+
+
+def compile_ptx(ptx: str, kernel: str, target: str) -> dict[str, int | bool]:
+    """ptxas (bundled with Triton) on ``ptx`` for ``target`` (e.g. "sm_90a"): registers, spill bytes
+    (STACK + LOCAL, as :mod:`pemoe.kernels.triton.aot` counts them), shared bytes, and whether it uses wgmma."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    from pemoe.kernels.triton.aot import _resource_usage
+
+    ptxas = get_ptxas(int(target.removeprefix("sm_").rstrip("a"))).path  # Triton's choice for that arch
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        subprocess.run([ptxas, f"-arch={target}", src, "-o", out], check=True, capture_output=True, text=True)
+        with open(out, "rb") as f:
+            usage = _resource_usage(f.read(), kernel)
+    return dict(
+        registers=usage["REG"],
+        spill_bytes=usage["STACK"] + usage["LOCAL"],
+        shared_bytes=usage["SHARED"],
+        uses_wgmma="wgmma.mma_async" in ptx,
+    )
+
+
+def export_mov_linear(
+    T: int,
+    K: int,
+    G: int,
+    D: int,
+    E: int,
+    *,
+    dtype=jnp.bfloat16,
+    routing: str = "token",
+    top_k: int | None = None,
+    renormalize: bool = False,
+    bias: bool = False,
+    grad: bool = True,
+    capability: int = 90,
+    configs: str = "default",
+) -> jax.export.Exported:
+    """``jax.export(..., platforms=["cuda"])`` of ``pemoe.jax.mov_linear(implementation="triton")`` for
+    sm_<capability>, without a GPU: the forward, or (``grad``) the value and gradient of every adapter
+    input and of x. routing: "token", "none" ((IA)3) or "sentence" (router_input [B=1, D] per sequence)."""
+    from jax import export
+
+    from pemoe.jax import ops
+
+    N = G * D
+    S = jax.ShapeDtypeStruct
+    args = [S((T, K), dtype), S((N, K), dtype), S((G, E, D), jnp.float32)]
+    args.append(S((N,), dtype) if bias else None)
+    args.append(S((D, E), jnp.float32) if routing != "none" else None)
+    args.append(S((1, D), jnp.float32) if routing == "sentence" else None)
+
+    def fn(x, weight, experts, b, router, router_input):
+        x3 = x.reshape(1, T, K)
+        y = ops.mov_linear(
+            x3,
+            weight,
+            router,
+            experts,
+            bias=b,
+            top_k=top_k,
+            renormalize=renormalize,
+            router_input=router_input,
+            implementation="triton",
+        )
+        return y.reshape(T, N)
+
+    if grad:
+        diff = (0, 2) + ((4,) if routing != "none" else ())
+
+        def loss(*a):
+            return fn(*a).astype(jnp.float32).sum()
+
+        target = jax.value_and_grad(loss, argnums=diff)
+    else:
+        target = fn
+    disabled = [export.DisabledSafetyCheck.custom_call(CUSTOM_CALL_TARGET)]
+    with cuda_target(capability), tile_configs(configs):
+        return export.export(jax.jit(target), platforms=["cuda"], disabled_checks=disabled)(*args)
+
+
+def export_mov_ffn(
+    T: int,
+    M: int,
+    F: int,
+    E: int,
+    *,
+    dtype=jnp.bfloat16,
+    gated: bool = True,
+    activation: str = "gelu_new",
+    routing: str = "token",
+    top_k: int | None = None,
+    renormalize: bool = False,
+    grad: bool = True,
+    capability: int = 90,
+    configs: str = "default",
+) -> jax.export.Exported:
+    """``jax.export(..., platforms=["cuda"])`` of ``pemoe.jax.mov_ffn(implementation="triton")`` (x [T, M],
+    wi_0/wi_1 [F, M], wo [M, F]) for sm_<capability>, without a GPU: the forward, or (``grad``) the value and
+    the gradients of x, the experts and the router. routing: "token", "none" ((IA)3) or "sentence"."""
+    del configs  # mov_ffn runs each kernel's default configuration
+    from jax import export
+
+    from pemoe.jax import ops
+
+    S = jax.ShapeDtypeStruct
+    args = [S((T, M), dtype), S((F, M), dtype), S((M, F), dtype), S((1, E, F), jnp.float32)]
+    args.append(S((F, M), dtype) if gated else None)
+    args.append(S((F, E), jnp.float32) if routing != "none" else None)
+    args.append(S((1, F), jnp.float32) if routing == "sentence" else None)
+
+    def fn(x, wi_0, wo, experts, wi_1, router, router_input):
+        y = ops.mov_ffn(
+            x.reshape(1, T, M), wi_0, wo, router, experts, wi_1=wi_1, activation=activation, top_k=top_k,
+            renormalize=renormalize, router_input=router_input, implementation="triton",
+        )  # fmt: skip
+        return y.reshape(T, M)
+
+    target = fn
+    if grad:
+        diff = (0, 3) + ((5,) if routing != "none" else ())
+        target = jax.value_and_grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=diff)
+    disabled = [export.DisabledSafetyCheck.custom_call(CUSTOM_CALL_TARGET)]
+    with cuda_target(capability):
+        return export.export(jax.jit(target), platforms=["cuda"], disabled_checks=disabled)(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportProblem:
+    """One problem of the export report: ``export_<op>(**shape, dtype=dtype, capability=...)``."""
+
+    label: str
+    op: str  # "mov_linear" or "mov_ffn"
+    dtype: str
+    shape: tuple[tuple[str, Any], ...]  # keyword arguments of the export function (besides dtype, capability)
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.label}:{self.dtype}"
+
+
+def _ffn_problems() -> list[tuple[str, dict[str, Any]]]:
+    size = dict(T=mf.AOT_SHAPE["T"], M=mf.AOT_SHAPE["M"], F=mf.AOT_SHAPE["F"])
+    return [  # T5-large FFN (d_model 1024, d_ff 2816): the variants of kernels/triton/mov_ffn.py's AOT cases
+        ("t5-large E=10", size | dict(E=10)),
+        ("t5-large ia3", size | dict(E=1, routing="none")),
+        ("t5-large E=30", size | dict(E=30)),
+        ("t5-large relu E=10", size | dict(E=10, gated=False, activation="relu")),
+        ("t5-large E=10 sent", size | dict(E=10, activation="gelu", routing="sentence")),
+        ("t5-large E=10 top2r", size | dict(E=10, top_k=2, renormalize=True)),
+    ]
+
+
+#: Problems of the export report: mov_linear at the AOT shapes of kernels/triton/mov_linear.py, mov_ffn at
+#: T5-large FFN shape, each in bfloat16 and float32.
+EXPORT_PROBLEMS: tuple[ExportProblem, ...] = tuple(
+    [
+        ExportProblem(
+            label,
+            "mov_linear",
+            dtype,
+            tuple(dict(T=T, K=K, G=G, D=D, E=E, routing=routing, top_k=top_k or None, renormalize=renormalize).items()),
+        )  # fmt: skip
+        for label, T, K, G, D, E, routing, top_k, renormalize in ml.AOT_SHAPES
+        for dtype in ("bfloat16", "float32")
+    ]
+    + [
+        ExportProblem(label, "mov_ffn", dtype, tuple(shape.items()))
+        for label, shape in _ffn_problems()
+        for dtype in ("bfloat16", "float32")
+    ]
+)
+_EXPORTERS = {"mov_linear": export_mov_linear, "mov_ffn": export_mov_ffn}
+
+
+def export_report(
+    problems=EXPORT_PROBLEMS, capabilities: tuple[int, ...] = (80, 90), configs: str = "default"
+) -> list[dict[str, Any]]:
+    """For each problem and capability: export the training step (forward + backward) for CUDA and compile
+    every kernel's PTX with ptxas. One row per compiled kernel: names, operand/result types, registers,
+    spills, wgmma (with ``configs="all"``, one row per configuration of an autotuned call)."""
+    rows = []
+    for problem in problems:
+        for cc in capabilities:
+            exported = _EXPORTERS[problem.op](
+                **dict(problem.shape), dtype=jnp.dtype(problem.dtype), capability=cc, configs=configs
+            )
+            for call in kernel_calls(exported):
+                usage = compile_ptx(call.ptx, call.kernel, call.ptx_target)
+                rows.append(
+                    dict(
+                        op=problem.op,
+                        problem=problem.label,
+                        dtype=problem.dtype,
+                        capability=cc,
+                        **{k: v for k, v in dataclasses.asdict(call).items() if k != "ptx"},
+                        **usage,
+                    )
+                )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pemoe.jax.triton",
+        description="Export pemoe.jax.mov_linear(implementation='triton') for CUDA without a GPU; compile its PTX.",
+    )
+    parser.add_argument("--capability", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument(
+        "--problem", action="append", default=[], help="OP/LABEL:DTYPE of EXPORT_PROBLEMS (repeatable; default: all)"
+    )
+    parser.add_argument("--configs", choices=("default", "all"), default="default", help="tile configurations")
+    args = parser.parse_args(argv)
+    if interpreter.INTERPRET:
+        parser.error("run without TRITON_INTERPRET=1: jax-triton compiles real triton.jit kernels")
+    problems = EXPORT_PROBLEMS
+    if args.problem:
+        by_key = {p.key: p for p in EXPORT_PROBLEMS}
+        unknown = [k for k in args.problem if k not in by_key]
+        if unknown:
+            parser.error(f"unknown --problem {unknown}; known: {sorted(by_key)}")
+        problems = tuple(by_key[k] for k in args.problem)
+    rows = export_report(problems, capabilities=tuple(args.capability), configs=args.configs)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(
+        f"{'op':<10} {'problem':<22} {'dtype':<9} {'sm':>3} {'kernel':<26} {'config':>6} {'warps':>5} {'regs':>4} "
+        f"{'spill':>5} {'mma':>6}"
+    )
+    for r in rows:
+        mma = "wgmma" if r["uses_wgmma"] else "-"
+        config = f"{r['config'] + 1}/{r['configs']}"
+        print(
+            f"{r['op']:<10} {r['problem']:<22} {r['dtype']:<9} {r['capability']:>3} {r['kernel']:<26} {config:>6} "
+            f"{r['num_warps']:>5} {r['registers']:>4} {r['spill_bytes']:>5} {mma:>6}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    # run the importable module's main: ``pemoe.jax.ops`` consults that module's cuda_target() state, not
+    # the state of this ``__main__`` copy
+    from pemoe.jax import triton as _module
+
+    sys.exit(_module.main())

@@ -1,0 +1,433 @@
+"""JAX on GPU without a GPU: ``implementation="triton"`` (pemoe's Triton kernels through jax-triton) and the
+Pallas kernels' GPU (Triton) lowering.
+
+* The jax-triton path runs here in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest): the same
+  kernels and launch plans, outputs and every gradient against the JAX reference and the torch float64
+  truth under the tests/test_jax_ops.py rule ``max|out − truth| ≤ 2·max|ref − truth| + atol(dtype)·max(|truth|, 1)``.
+* ``jax.export(..., platforms=["cuda"])`` of the training step (forward + backward) succeeds for sm_80 and
+  sm_90; the exported module holds exactly the two ``triton_kernel_call`` custom calls with the expected
+  operand and result shapes, and their PTX (compiled by Triton at lowering time) assembles with ptxas to
+  code with zero register spills (wgmma on sm_90 for 16-bit activations). jax-triton needs real
+  ``triton.jit`` kernels, so this runs in a child process without ``TRITON_INTERPRET``
+  (``python -m pemoe.jax.triton --json``).
+* On the CPU backend outside the interpreter, ``implementation="triton"`` raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pemoe import jax as pj
+from pemoe.jax import ops as jax_ops
+from pemoe.jax import triton as pjt
+from pemoe.kernels.triton import interpreter
+from tests.test_jax_ops import check
+
+# Triton kernel limits: D ∈ {16, 32, 64, 128}. Odd K (not a multiple of the 16/32/64 K blocks), odd T.
+K, G, D = 40, 3, 16
+
+
+def _inputs(t, e, *, top_k=None, renormalize=False, sentence=False, bias=True, seed=0):
+    rng = np.random.default_rng(seed)
+    n = G * D
+    f32 = np.float32
+    args = dict(
+        x=rng.standard_normal((t, K)).astype(f32),
+        weight=(rng.standard_normal((n, K)) * K**-0.5).astype(f32),
+        experts=(1.0 + 0.3 * rng.standard_normal((G, e, D))).astype(f32),
+        top_k=top_k,
+        renormalize=renormalize,
+    )
+    if bias:
+        args["bias"] = rng.standard_normal(n).astype(f32)
+    if sentence:
+        args["x"] = rng.standard_normal((2, t, K)).astype(f32)
+        args["router_input"] = rng.standard_normal((2, 9)).astype(f32)
+        args["router"] = (0.5 * rng.standard_normal((9, e))).astype(f32)
+    else:
+        args["router"] = (0.5 * rng.standard_normal((D, e))).astype(f32) if e > 1 else None
+    return args
+
+
+# ------------------------------------------------------------------------------------------
+# implementation="triton" in the Triton interpreter: output and every gradient
+# ------------------------------------------------------------------------------------------
+
+INTERPRETER_CASES = {
+    "token-E10-T7-f32": (jnp.float32, dict(t=7, e=10)),
+    "token-E2-T33-bf16-nobias": (jnp.bfloat16, dict(t=33, e=2, bias=False)),
+    "ia3-T1-bf16": (jnp.bfloat16, dict(t=1, e=1)),
+    "top2-renorm-T7-f32": (jnp.float32, dict(t=7, e=10, top_k=2, renormalize=True)),
+    "sentence-T5-bf16": (jnp.bfloat16, dict(t=5, e=10, sentence=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(INTERPRETER_CASES))
+def test_triton_matches_reference_in_interpreter(case):
+    assert interpreter.INTERPRET, "conftest runs the Triton kernels in the interpreter"
+    dtype, kw = INTERPRETER_CASES[case]
+    check("mov_linear", _inputs(**kw), dtype, implementation="triton")
+
+
+def _ffn_inputs(t, e, *, gated=True, activation="gelu_new", sentence=False, seed=0, **kw):
+    """T5 FFN inputs: M = 40, F = 56 (neither a multiple of the 64-wide tiles)."""
+    rng = np.random.default_rng(seed)
+    m, f, f32 = K, 56, np.float32
+    args = dict(
+        x=rng.standard_normal((2, t, m) if sentence else (t, m)).astype(f32),
+        wi_0=(rng.standard_normal((f, m)) * m**-0.5).astype(f32),
+        wo=(rng.standard_normal((m, f)) * f**-0.5).astype(f32),
+        experts=(1.0 + 0.3 * rng.standard_normal((1, e, f))).astype(f32),
+        activation=activation,
+        **kw,
+    )
+    if gated:
+        args["wi_1"] = (rng.standard_normal((f, m)) * m**-0.5).astype(f32)
+    if sentence:
+        args["router_input"] = rng.standard_normal((2, 9)).astype(f32)
+        args["router"] = (0.5 * rng.standard_normal((9, e))).astype(f32)
+    else:
+        args["router"] = (0.2 * rng.standard_normal((f, e))).astype(f32) if e > 1 else None
+    return args
+
+
+FFN_INTERPRETER_CASES = {
+    "gated-gelu_new-E10-T7-f32": (jnp.float32, dict(t=7, e=10)),
+    "relu-ia3-T5-bf16": (jnp.bfloat16, dict(t=5, e=1, gated=False, activation="relu")),
+    "gated-gelu-top2-renorm-T6-f32": (jnp.float32, dict(t=6, e=3, activation="gelu", top_k=2, renormalize=True)),
+    "sentence-T3-bf16": (jnp.bfloat16, dict(t=3, e=4, sentence=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(FFN_INTERPRETER_CASES))
+def test_triton_mov_ffn_matches_reference_in_interpreter(case):
+    dtype, kw = FFN_INTERPRETER_CASES[case]
+    check("mov_ffn", _ffn_inputs(**kw), dtype, implementation="triton")
+
+
+def test_triton_float16_and_leading_dims():
+    inputs = _inputs(t=6, e=3)
+    x = jnp.asarray(inputs["x"].reshape(2, 3, K), jnp.float16)
+    w = jnp.asarray(inputs["weight"], jnp.float16)
+    args = (x, w, jnp.asarray(inputs["router"]), jnp.asarray(inputs["experts"]))
+    y = pj.mov_linear(*args, implementation="triton")
+    ref = pj.mov_linear(*args, implementation="reference")
+    assert y.shape == (2, 3, G * D) and y.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=4e-3, atol=4e-3)
+
+
+def test_triton_empty_batch():
+    inputs = _inputs(t=1, e=2)
+    x = jnp.zeros((0, K), jnp.float32)
+    router, experts = jnp.asarray(inputs["router"]), jnp.asarray(inputs["experts"])
+    w = jnp.asarray(inputs["weight"])
+    y, grads = jax.value_and_grad(
+        lambda r, e: pj.mov_linear(x, w, r, e, implementation="triton").sum(), argnums=(0, 1)
+    )(router, experts)
+    assert float(y) == 0.0 and all(float(jnp.abs(g).max()) == 0.0 for g in grads)
+
+
+def test_triton_unsupported_head_width_raises():
+    rng = np.random.default_rng(0)
+    x, w = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32), jnp.asarray(rng.standard_normal((48, 8)), jnp.float32)
+    router, experts = jnp.zeros((24, 2), jnp.float32), jnp.ones((2, 2, 24), jnp.float32)  # D = 24
+    with pytest.raises(NotImplementedError, match="head width D"):
+        pj.mov_linear(x, w, router, experts, implementation="triton")
+
+
+def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setattr(interpreter, "INTERPRET", False)
+    monkeypatch.delenv(pjt.CAPABILITY_ENV, raising=False)
+    inputs = _inputs(t=3, e=2)
+    args = [jnp.asarray(inputs[k]) for k in ("x", "weight", "router", "experts")]
+    with pytest.raises(NotImplementedError, match="runs on the 'gpu' backend"):
+        pj.mov_linear(*args, implementation="triton")
+    with pytest.raises(NotImplementedError, match="runs on the 'gpu' backend"):
+        jax_ops.resolve_implementation("mov_linear", "triton", "cpu")
+    assert jax_ops.resolve_implementation("mov_linear", "triton", "gpu") == "triton"
+    assert jax_ops.resolve_implementation("mov_linear", "auto", "cpu") == "xla"  # never chosen silently
+    with pjt.cuda_target(90):  # ahead-of-time lowering for a GPU
+        assert jax_ops.resolve_implementation("mov_linear", "triton", "cpu") == "triton"
+    monkeypatch.setenv(pjt.CAPABILITY_ENV, "80")  # a stated target capability: lowering allowed
+    assert jax_ops.resolve_implementation("mov_ffn", "triton", "cpu") == "triton"
+    with pytest.raises(NotImplementedError, match="does not exist yet"):
+        jax_ops.resolve_implementation("mov", "triton", "gpu")
+
+
+def test_cuda_target_validates_and_nests(monkeypatch):
+    monkeypatch.delenv(pjt.CAPABILITY_ENV, raising=False)
+    assert pjt.target_capability() is None
+    with pjt.cuda_target(80):
+        with pjt.cuda_target(90):
+            assert pjt.target_capability() == 90
+        assert pjt.target_capability() == 80
+    monkeypatch.setenv(pjt.CAPABILITY_ENV, "86")
+    assert pjt.target_capability() == 86
+    for bad in (True, "90", 9.0, 35):
+        with pytest.raises(ValueError, match="capability"):
+            with pjt.cuda_target(bad):
+                pass
+
+
+# ------------------------------------------------------------------------------------------
+# jax.export(..., platforms=["cuda"]) of the jax-triton path, PTX through ptxas (child process)
+# ------------------------------------------------------------------------------------------
+
+#: pemoe.jax.triton.EXPORT_PROBLEMS keys of the default run, each for sm_80 and sm_90: T5-large k/v and the
+#: T5-large FFN, E = 10, bfloat16. Under -m slow: every problem ((IA)3, E = 60, top-k, sentence routing, D = 128,
+#: float32, ...).
+QUICK = ["mov_linear/t5-large E=10:bfloat16", "mov_ffn/t5-large E=10:bfloat16"]
+#: Spill bytes per thread tolerated for float32 activations (none for 16-bit ones).
+FP32_SPILL_BYTES = 32
+LINEAR_KERNELS = ["mov_linear_fwd_kernel", "mov_linear_bwd_kernel"]
+FFN_KERNELS = [
+    "_ffn_up_kernel",
+    "_ffn_down_kernel",
+    "_ffn_down_backward_kernel",
+    "_router_backward_kernel",
+    "_ffn_up_backward_kernel",
+]
+
+
+def _export_rows(keys, capabilities, extra=()) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "pemoe.jax.triton", "--json", "--capability", *map(str, capabilities), *extra]
+    for key in keys:
+        cmd += ["--problem", key]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _t(*dims, ty="f32") -> str:
+    return f"tensor<{'x'.join(map(str, dims))}x{ty}>"
+
+
+def _linear_types(shape: dict, act: str) -> tuple[list[list[str]], list[list[str]]]:
+    """Operand and result types of the forward and backward calls, written out from SPEC §3.1's shapes."""
+    T, K, G, D, E, routing = (shape[k] for k in ("T", "K", "G", "D", "E", "routing"))
+    N, C = G * D, -(-T // 128)  # backward partial sums per chunk of 128 tokens
+    router = _t(D, E) if routing == "token" else _t(1)
+    probs = _t(T, E) if routing == "sentence" else _t(1)
+    p_soft = _t(T, G, E) if routing == "token" else _t(1)
+    inputs = [_t(T, K, ty=act), _t(N, K, ty=act), _t(1, ty=act), router, _t(G, E, D), probs]
+    d_router = _t(C, G, D, E) if routing == "token" else _t(1)
+    d_probs = _t(G, T, E) if routing == "sentence" else _t(1)
+    operands = [inputs, inputs + [p_soft, _t(T, N, ty=act)]]
+    results = [[_t(T, N, ty=act), p_soft], [_t(T, N, ty=act), _t(C, G, E, D), d_router, d_probs]]
+    return operands, results
+
+
+def _ffn_check(calls, shape: dict, act: str, what: str) -> None:
+    """The [T, ·] outputs of the five mov_ffn kernels (SPEC §3.2): u, y, du, dlogits / d probs, dh0 and dg."""
+    T, M, F, E = (shape[k] for k in ("T", "M", "F", "E"))
+    gated, routing = shape.get("gated", True), shape.get("routing", "token")
+    up, down, down_bwd, router_bwd, up_bwd = (c["result_types"] for c in calls)
+    assert up[0] == _t(T, F, ty=act), f"{what} u"
+    assert down[0] == _t(T, M, ty=act), f"{what} y"
+    assert down[1] == (_t(T, E) if routing == "token" else _t(1)), f"{what} p_soft"
+    assert down_bwd[0] == _t(T, F, ty=act), f"{what} du"
+    assert router_bwd == [_t(T, E)], f"{what} dlogits"
+    assert up_bwd[0] == _t(T, F, ty=act) and up_bwd[1] == (_t(T, F, ty=act) if gated else _t(1)), f"{what} dh0, dg"
+    assert calls[0]["operand_types"][0] == _t(T, M, ty=act), f"{what} x"
+
+
+def _check_rows(rows, keys, capabilities):
+    by_key = {p.key: p for p in pjt.EXPORT_PROBLEMS}
+    for key in keys:
+        problem = by_key[key]
+        shape, act = dict(problem.shape), {"bfloat16": "bf16", "float32": "f32"}[problem.dtype]
+        for cc in capabilities:
+            ident = (problem.op, problem.label, problem.dtype, cc)
+            calls = [r for r in rows if (r["op"], r["problem"], r["dtype"], r["capability"]) == ident]
+            what = f"{key} sm_{cc}"
+            if problem.op == "mov_linear":
+                assert [c["kernel"] for c in calls] == LINEAR_KERNELS, what
+                assert [c["call_name"] for c in calls] == ["pemoe_mov_linear_fwd", "pemoe_mov_linear_bwd"], what
+                operands, results = _linear_types(shape, act)
+                for call, ops_, res in zip(calls, operands, results, strict=True):
+                    assert call["operand_types"] == ops_, f"{what} {call['kernel']} operands"
+                    assert call["result_types"] == res, f"{what} {call['kernel']} results"
+            else:
+                # (IA)3 has no router, so no router backward (r); sentence routing runs (r) for d probs
+                kernels = FFN_KERNELS if shape.get("routing", "token") != "none" else FFN_KERNELS[:3] + FFN_KERNELS[4:]
+                assert [c["kernel"] for c in calls] == kernels, what
+                if len(kernels) == 5:
+                    _ffn_check(calls, shape, act, what)
+            for call in calls:
+                assert call["configs"] == 1, f"{what}: one (default) configuration per call"
+                assert call["ptx_target"] == ("sm_90a" if cc == 90 else f"sm_{cc}"), what
+                assert call["registers"] > 0, what
+                # 16-bit activations (the tensor-core path): no spills. float32 (FMA dots, the ieee correctness
+                # path): at most FP32_SPILL_BYTES (mov_ffn's up kernel spills 8-16 bytes on sm_90 without a
+                # router, under jax-triton's constant sizes; see the report of python -m pemoe.jax.triton)
+                limit = 0 if problem.dtype != "float32" else FP32_SPILL_BYTES
+                assert 0 <= call["spill_bytes"] <= limit, f"{what} {call['kernel']}: {call['spill_bytes']} spill bytes"
+            if cc == 90 and problem.dtype == "bfloat16":
+                assert calls[0]["uses_wgmma"], f"{what}: the first GEMM does not use wgmma"
+
+
+def test_jax_triton_exports_for_cuda():
+    rows = _export_rows(QUICK, (80, 90))
+    _check_rows(rows, QUICK, (80, 90))
+
+
+@pytest.mark.slow
+def test_jax_triton_exports_every_problem():
+    keys = [p.key for p in pjt.EXPORT_PROBLEMS]
+    rows = _export_rows(keys, (80, 90))
+    _check_rows(rows, keys, (80, 90))
+
+
+@pytest.mark.slow
+def test_jax_triton_autotuned_export_holds_every_legal_configuration():
+    """configs="all": each mov_linear call is one autotuned kernel call holding every legal configuration,
+    the default (first) among them spill-free."""
+    rows = _export_rows(["mov_linear/t5-large E=10:bfloat16"], (90,), ["--configs", "all"])
+    for kernel in LINEAR_KERNELS:
+        configs = [r for r in rows if r["kernel"] == kernel]
+        assert len(configs) == configs[0]["configs"] > 1, kernel
+        assert [r["config"] for r in configs] == list(range(len(configs))), kernel
+        assert configs[0]["spill_bytes"] == 0, kernel
+
+
+# ------------------------------------------------------------------------------------------
+# Pallas on GPU: the Triton-lowered MoV linear (kernels/pallas/mov_linear_gpu.py)
+# ------------------------------------------------------------------------------------------
+
+PALLAS_GPU_CASES = {
+    # grid (2, 4): a partial last row block, four one-head column tiles, K in two steps; bias
+    "tiled-E10-f32": (jnp.float32, dict(t=100, k=64, g=4, d=32, e=10), dict(block_m=64, block_n=32, block_k=32)),
+    # one token, (IA)3, D = 16, bfloat16, default blocks
+    "ia3-T1-bf16": (jnp.bfloat16, dict(t=1, k=32, g=2, d=16, e=1), None),
+    "E3-T7-bf16": (jnp.bfloat16, dict(t=7, k=48, g=3, d=16, e=3), None),
+}
+
+
+@pytest.mark.parametrize("case", list(PALLAS_GPU_CASES))
+def test_pallas_gpu_kernel_interpret_matches_reference(case):
+    import torch
+
+    from pemoe import reference as torch_reference
+    from pemoe.jax import reference as jax_reference
+    from pemoe.kernels.pallas import mov_linear_gpu as kernel
+    from tests.test_jax_ops import assert_within_rule
+
+    dtype, shape, blocks = PALLAS_GPU_CASES[case]
+    rng = np.random.default_rng(0)
+    t, k, g, d, e = (shape[n] for n in ("t", "k", "g", "d", "e"))
+    x, w = rng.standard_normal((t, k)), rng.standard_normal((g * d, k)) * k**-0.5
+    b, experts = rng.standard_normal(g * d), 1.0 + 0.3 * rng.standard_normal((g, e, d))
+    router = 0.5 * rng.standard_normal((d, e)) if e > 1 else None
+    t64 = lambda a: None if a is None else torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    truth = torch_reference.mov_linear(t64(x), t64(w), t64(router), t64(experts), bias=t64(b)).numpy()
+    act = [jnp.asarray(a, dtype) for a in (x, w, b)]
+    adapters = [None if a is None else jnp.asarray(a, jnp.float32) for a in (router, experts)]
+    blocks = None if blocks is None else kernel.MoVLinearGPUBlocks(**blocks)
+    out = kernel.mov_linear(act[0], act[1], act[2], *adapters, blocks=blocks, interpret=True)
+    ref = jax_reference.mov_linear(act[0], act[1], *adapters, bias=act[2])
+    assert out.dtype == jnp.dtype(dtype)
+    assert_within_rule(out, ref, truth, dtype, f"pallas gpu mov_linear {case}")
+
+
+def test_pallas_gpu_kernel_never_sees_a_partial_row_block():
+    """Pallas' Triton lowering does not mask block loads/stores (the interpreter pads partial blocks, so the
+    interpreter tests above cannot see an overrun): the wrapper must hand the kernel whole row blocks."""
+    from pemoe.kernels.pallas import mov_linear_gpu as kernel
+
+    s = jax.ShapeDtypeStruct
+    blocks = kernel.MoVLinearGPUBlocks(block_m=64, block_n=32, block_k=32)
+    fn = lambda x, w, r, ex: kernel.mov_linear(x, w, None, r, ex, blocks=blocks)  # noqa: E731
+    args = (
+        s((100, 64), jnp.bfloat16),
+        s((128, 64), jnp.bfloat16),
+        s((32, 10), jnp.float32),
+        s((4, 10, 32), jnp.float32),
+    )
+    jaxpr = jax.make_jaxpr(fn)(*args)
+
+    def pallas_calls(jaxpr):  # the pallas_call equations, also inside the jit (pjit) sub-jaxprs
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield eqn
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from pallas_calls(inner)
+
+    calls = list(pallas_calls(jaxpr.jaxpr))
+    assert calls, "no pallas_call found"
+    for eqn in calls:
+        assert eqn.invars[0].aval.shape[0] % 64 == 0 and eqn.outvars[0].aval.shape[0] % 64 == 0
+    assert jax.eval_shape(fn, *args).shape == (100, 128)
+
+
+def test_pallas_gpu_blocks_are_validated():
+    from pemoe.kernels.pallas.mov_linear_gpu import MoVLinearGPUBlocks, get_default
+
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        MoVLinearGPUBlocks(block_m=24)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        MoVLinearGPUBlocks(block_k=8)
+    with pytest.raises(ValueError, match="block_n must equal the head width"):
+        MoVLinearGPUBlocks(block_n=128).validate(n=128, k=64, dim=64)
+    with pytest.raises(ValueError, match="block_k must divide K"):
+        MoVLinearGPUBlocks(block_k=64).validate(n=128, k=96, dim=64)
+    assert get_default(2048, 1024, 768, 64) == MoVLinearGPUBlocks(64, 64, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        get_default(8, 64, 40, 16)
+
+
+def _pallas_gpu_export_cases() -> list[tuple[str, str, object, tuple, tuple | None]]:
+    """Every Pallas op's GPU export cases as (op, name, fn, args, out (shape, dtype) or None): mov_linear's
+    Triton-lowered kernel (kernels/pallas/mov_linear_gpu.py), mov_ffn's "gpu" backend
+    (``kernels/pallas/mov_ffn.export_cases(backend="gpu")``) and molora_linear's GPU twin
+    (``kernels/pallas/molora_linear_gpu.export_cases()``), each module's own list."""
+    import importlib
+
+    sources = (
+        ("mov_linear", "mov_linear_gpu", {}),
+        ("mov_ffn", "mov_ffn", {"backend": "gpu"}),
+        ("molora_linear", "molora_linear_gpu", {}),
+    )
+    cases = []
+    for op, module_name, kwargs in sources:
+        module = importlib.import_module(f"pemoe.kernels.pallas.{module_name}")
+        for case in module.export_cases(dtype=jnp.bfloat16, **kwargs):
+            name, fn, args, *out = case
+            cases.append((op, name, fn, tuple(args), out[0] if out else None))
+    return cases
+
+
+def test_pallas_gpu_exports_for_cuda():
+    """Pallas → Triton lowering for CUDA at T5 base / large / XL shapes with the default blocks, for every
+    Pallas op: the module holds ``__gpu$xla.gpu.triton`` calls carrying Triton IR, and the op's output (the
+    case's stated (shape, dtype), else [T, ·] in bfloat16)."""
+    from jax import export
+
+    target = "__gpu$xla.gpu.triton"
+    cases = _pallas_gpu_export_cases()
+    assert {op for op, *_ in cases} == {"mov_linear", "mov_ffn", "molora_linear"}
+    for op, name, fn, args, out in cases:
+        exported = export.export(
+            jax.jit(fn), platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(target)]
+        )(*args)
+        what = f"{op} {name}"
+        assert exported.platforms == ("cuda",), what
+        calls = [line for line in exported.mlir_module().splitlines() if "stablehlo.custom_call" in line]
+        assert calls and all(f"@{target}(" in c and "ir = " in c for c in calls), what
+        (y_aval,) = exported.out_avals
+        shape, dtype = out if out is not None else ((args[0].shape[0], y_aval.shape[1]), jnp.bfloat16)
+        assert (y_aval.shape, y_aval.dtype) == (tuple(shape), jnp.dtype(dtype)), what
+        assert y_aval.shape[0] == args[0].shape[0], what  # one row per token of x
+        ty = {"bfloat16": "bf16", "float32": "f32"}[jnp.dtype(dtype).name]
+        out_type = f"tensor<{'x'.join(map(str, shape))}x{ty}>"
+        assert any(out_type in c for c in calls), what
