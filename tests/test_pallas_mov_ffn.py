@@ -245,8 +245,9 @@ def test_op_needs_tpu_gpu_or_the_interpreter(monkeypatch):
         pj.mov_ffn(**arrays, **static, implementation="pallas")
     assert pj.resolve_implementation("mov_ffn", "pallas", "tpu") == "pallas"
     assert pj.resolve_implementation("mov_ffn", "pallas", "gpu") == "pallas"  # the Triton lowering
+    assert pj.resolve_implementation("mov_linear", "pallas", "gpu") == "pallas"
     with pytest.raises(NotImplementedError, match="runs on TPU"):
-        pj.resolve_implementation("mov_linear", "pallas", "gpu")  # TPU-only kernel
+        pj.resolve_implementation("mov_ffn", "pallas", "cpu")
 
 
 def test_op_empty_batch(monkeypatch):

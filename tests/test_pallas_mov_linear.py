@@ -76,6 +76,33 @@ def test_op_output_and_gradients(monkeypatch, dtype, t, e):
     check("mov_linear", mov_linear_inputs(t, e), dtype, implementation="pallas")
 
 
+@pytest.mark.parametrize("dtype,t,e", [(jnp.float32, 37, 10), (jnp.bfloat16, 5, 1)], ids=["float32", "bfloat16"])
+def test_op_gpu_lowering_output_and_gradients(monkeypatch, dtype, t, e):
+    """The op with the GPU (Triton-lowering) kernel, as the gpu JAX backend picks it: one head per tile, so the
+    head width is a power of two and K a multiple of 16; T = 37 leaves a partial row block (padded)."""
+    from pemoe.jax import pallas as jax_pallas
+
+    monkeypatch.setenv("PEMOE_PALLAS_INTERPRET", "1")
+    monkeypatch.setattr(jax_pallas, "_default_backend", lambda: "gpu")
+    rng = np.random.default_rng(3)
+    k, g, d = 48, 3, 16
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    inputs = dict(
+        x=f32(rng.standard_normal((t, k))),
+        weight=f32(rng.standard_normal((g * d, k)) * k**-0.5),
+        bias=f32(rng.standard_normal(g * d)),
+        experts=f32(1.0 + 0.3 * rng.standard_normal((g, e, d))),
+        top_k=None,
+        renormalize=False,
+    )
+    inputs["router"] = f32(0.5 * rng.standard_normal((d, e))) if e > 1 else None
+    calls = []
+    real = jax_pallas._mov_kernel
+    monkeypatch.setattr(jax_pallas, "_mov_kernel", lambda backend: calls.append(backend) or real(backend))
+    check("mov_linear", inputs, dtype, implementation="pallas")
+    assert calls and set(calls) == {"gpu"}
+
+
 def test_op_unsupported_routing_raises(monkeypatch):
     monkeypatch.setenv("PEMOE_PALLAS_INTERPRET", "1")
     arrays, static = cast(mov_linear_inputs(3, 4, top_k=2), jnp.float32)

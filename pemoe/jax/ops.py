@@ -60,7 +60,7 @@ AVAILABLE: dict[str, tuple[str, ...]] = {
 #: Implementations that are planned (issue 5) but do not exist yet: they raise NotImplementedError.
 PLANNED: tuple[str, ...] = ("pallas", "triton")
 #: Ops whose "pallas" kernels also lower for GPU (Pallas' Triton lowering): "pallas" runs on the "gpu" backend.
-PALLAS_GPU: frozenset[str] = frozenset({"mov_ffn", "molora_linear"})
+PALLAS_GPU: frozenset[str] = frozenset({"mov_linear", "mov_ffn", "molora_linear"})
 
 _announced: set[tuple[str, str, str]] = set()
 
@@ -101,7 +101,8 @@ def resolve_implementation(op: str, implementation: str, backend: str | None = N
             backend = backend or jax.default_backend()
             if backend != "tpu" and not (backend == "gpu" and op in PALLAS_GPU) and not pallas_interpret():
                 raise NotImplementedError(
-                    f"{op}: implementation='pallas' runs on TPU (Mosaic), got backend {backend!r}; set "
+                    f"{op}: implementation='pallas' runs on TPU (Mosaic) and GPU (Pallas' Triton lowering), got "
+                    f"backend {backend!r}; set "
                     "PEMOE_PALLAS_INTERPRET=1 to run the kernel in the Pallas interpreter"
                 )
         return implementation

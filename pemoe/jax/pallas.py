@@ -4,7 +4,9 @@
 only y). The backward is explicit XLA: it recomputes h = x Wᵀ + b (one GEMM) and runs the
 ``"xla"`` MoV backward of :mod:`pemoe.jax.xla` (which recomputes p from h). Saved for the
 backward: the op's inputs only — no [T, N] tensor and no probabilities, at the price of that
-recomputed GEMM. (A Pallas backward kernel does not exist yet.)
+recomputed GEMM. (A Pallas backward kernel does not exist yet.) The kernel lowers for TPU (Mosaic,
+``kernels/pallas/mov_linear.py``) and for GPU (Triton, ``kernels/pallas/mov_linear_gpu.py``: ``backend="gpu"``,
+the default on the gpu JAX backend).
 
 ``molora_linear``: the forward is the one fused Pallas kernel (base GEMM, shrink + router on the same
 x tiles, float32 softmax / top-k, the expand as extra K; ``kernels/pallas/molora_linear.py``), which
@@ -51,18 +53,34 @@ def _xla_mov_linear(x, weight, bias, router, experts):
     return xla.mov_site(reference.linear(x, weight, bias), router, experts)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _mov_linear(x, weight, bias, router, experts, interpret):
-    from pemoe.kernels.pallas import mov_linear as kernel
-
-    return kernel.mov_linear(x, weight, bias, router, experts, interpret=interpret)
+def _default_backend() -> str:
+    """The kernels' lowering when none is given: "gpu" on the gpu JAX backend, else "tpu" (also in the interpreter)."""
+    return "gpu" if jax.default_backend() == "gpu" else "tpu"
 
 
-def _mov_linear_fwd(x, weight, bias, router, experts, interpret):
-    return _mov_linear(x, weight, bias, router, experts, interpret), (x, weight, bias, router, experts)
+def _mov_kernel(backend: str):
+    """The Pallas MoV-linear kernel module: "tpu" (Mosaic, one tile of whole heads, K on a grid axis) or "gpu"
+    (Pallas' Triton lowering, ``kernels/pallas/mov_linear_gpu.py``: one head per tile, K looped inside)."""
+    if backend == "tpu":
+        from pemoe.kernels.pallas import mov_linear as kernel
+    elif backend == "gpu":
+        from pemoe.kernels.pallas import mov_linear_gpu as kernel
+    else:
+        raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
+    return kernel
 
 
-def _mov_linear_bwd(interpret, res, dy):
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _mov_linear(x, weight, bias, router, experts, interpret, backend):
+    return _mov_kernel(backend).mov_linear(x, weight, bias, router, experts, interpret=interpret)
+
+
+def _mov_linear_fwd(x, weight, bias, router, experts, interpret, backend):
+    y = _mov_linear(x, weight, bias, router, experts, interpret, backend)
+    return y, (x, weight, bias, router, experts)
+
+
+def _mov_linear_bwd(interpret, backend, res, dy):
     _, vjp = jax.vjp(_xla_mov_linear, *res)
     return vjp(dy)
 
@@ -79,11 +97,18 @@ def mov_linear(
     *,
     top_k: int | None = None,
     interpret: bool = False,
+    backend: str | None = None,
 ) -> jax.Array:
-    """mov(x Wᵀ + b) on flattened x [T, K] with the Pallas forward; top-k raises NotImplementedError."""
+    """mov(x Wᵀ + b) on flattened x [T, K] with the Pallas forward; top-k raises NotImplementedError.
+
+    backend: the kernel's lowering, "tpu" (Mosaic) or "gpu" (Triton); default "gpu" on the gpu JAX backend,
+    else "tpu" (also in the interpreter).
+    """
     if top_k is not None:
         raise NotImplementedError("mov_linear: implementation='pallas' does not support top-k routing yet")
-    return _mov_linear(x, weight, bias, router, experts, interpret)
+    backend = backend or _default_backend()
+    _mov_kernel(backend)  # an unknown backend raises here
+    return _mov_linear(x, weight, bias, router, experts, interpret, backend)
 
 
 # ------------------------------------------------------------------------------------------
