@@ -10,6 +10,9 @@ Pallas kernels' GPU (Triton) lowering.
   code with zero register spills (wgmma on sm_90 for 16-bit activations). jax-triton needs real
   ``triton.jit`` kernels, so this runs in a child process without ``TRITON_INTERPRET``
   (``python -m pemoe.jax.triton --json``).
+* ``molora_linear``: both forward schedules (forced, and "auto" following the torch launcher's model) and the
+  shared backward in the interpreter, including small forced tiles and several partial-sum chunks; the
+  T5-large training step exports with its six kernels (expected result shapes, zero spills, wgmma on sm_90).
 * On the CPU backend outside the interpreter, ``implementation="triton"`` raises ``NotImplementedError``.
 """
 
@@ -113,6 +116,134 @@ def test_triton_mov_ffn_matches_reference_in_interpreter(case):
     check("mov_ffn", _ffn_inputs(**kw), dtype, implementation="triton")
 
 
+# molora_linear: K = 40, N = 72 (tests/test_jax_ops.molora_inputs), neither a multiple of the 16/32/64 tiles
+MOLORA_INTERPRETER_CASES = {
+    "E10-r4-T7-f32": (jnp.float32, dict(t=7, e=10)),
+    "E10-r1-T33-bf16-top2-renorm": (jnp.bfloat16, dict(t=33, e=10, r=1, top_k=2, renormalize=True)),
+    "lora-E1-r4-T1-bf16": (jnp.bfloat16, dict(t=1, e=1)),
+    "lora-E1-r1-T7-f32-nobias": (jnp.float32, dict(t=7, e=1, r=1, bias=False)),
+    "sentence-E4-T5-bf16": (jnp.bfloat16, dict(t=5, e=4, sentence=True)),
+    "sentence-top2-E4-T3-f32": (jnp.float32, dict(t=3, e=4, sentence=True, top_k=2)),
+}
+
+
+def _launch_names(monkeypatch) -> list[str]:
+    """Records the name of every kernel launch pemoe.jax.triton makes (and still runs it)."""
+    names, call = [], pjt._call
+
+    def spy(launch, *inputs):
+        names.append(launch.name)
+        return call(launch, *inputs)
+
+    monkeypatch.setattr(pjt, "_call", spy)
+    return names
+
+
+@pytest.mark.parametrize("schedule", ["two_kernel", "fused"])
+@pytest.mark.parametrize("case", list(MOLORA_INTERPRETER_CASES))
+def test_triton_molora_matches_reference_in_interpreter(case, schedule, monkeypatch):
+    """Output and the gradients of x, weight, bias, lora_a, lora_b, router (and router_input: sentence routing)
+    vs the reference and the float64 truth, with each forward schedule (the backward is shared)."""
+    from pemoe.kernels.triton import molora_linear as kernel
+    from tests.test_jax_ops import molora_inputs
+
+    dtype, kw = MOLORA_INTERPRETER_CASES[case]
+    names = _launch_names(monkeypatch)
+    with kernel.use_schedule(schedule):
+        check("molora_linear", molora_inputs(**kw), dtype, implementation="triton")
+    forward = ["shrink", "expand"] if schedule == "two_kernel" else ["fused"]
+    expected = [f"pemoe_molora_{role}" for role in forward + ["grad_u", "dx", "wgrad_a", "wgrad_b"]]
+    assert names == expected  # traced once under jit: the forward, then the whole backward, nothing else
+
+
+@pytest.mark.parametrize("schedule", ["two_kernel", "fused"])
+def test_triton_molora_multi_tile_and_chunks(schedule, monkeypatch):
+    """Small forced tiles on T = 37 (3 row tiles of 16, 2-5 column tiles, several K / N steps) and 16-token
+    chunks (3 partial sums per adapter gradient, added by XLA): every gradient still within the rule."""
+    from pemoe.kernels.triton import molora_linear as kernel
+    from tests.test_jax_ops import molora_inputs
+
+    monkeypatch.setattr(kernel, "REDUCE_ROWS", 16)
+    configs = dict(
+        fused=kernel._fused(16, 32, 32, 4, 2, 2),
+        shrink=kernel._config(4, 2, BLOCK_M=16, BLOCK_K=16),
+        expand=kernel._gemm(16, 32, 32, 4, 2),
+        grad_u=kernel._config(4, 2, BLOCK_M=16, BLOCK_K=16),
+        dx=kernel._gemm(16, 16, 16, 4, 2),
+        wgrad_a=kernel._config(4, 2, BLOCK_C=16, BLOCK_T=16),
+        wgrad_b=kernel._config(4, 2, BLOCK_C=16, BLOCK_T=16),
+    )
+    with kernel.use_configs(**configs), kernel.use_schedule(schedule):
+        check("molora_linear", molora_inputs(37, 10, 4, top_k=3, renormalize=True), jnp.bfloat16, "triton")
+
+
+def test_triton_molora_auto_schedule_follows_the_model(monkeypatch):
+    """schedule "auto" runs what the torch launcher's model (``choose_schedule``) picks at each shape: traced
+    only (make_jaxpr), at T5-large attention shape with E = 10 and with plain LoRA."""
+    import torch
+
+    from pemoe.kernels.triton import molora_linear as kernel
+
+    names = []
+
+    def trace_only(launch, *inputs):
+        names.append(launch.name)
+        return [jnp.zeros(o.shape, o.dtype) for o in launch.out_shapes]
+
+    monkeypatch.setattr(pjt, "_call", trace_only)
+    s = jax.ShapeDtypeStruct
+    picks = set()
+    for e in (10, 1):
+        t, k, n, r = 2048, 1024, 1024, 4
+        names.clear()
+        args = (s((t, k), jnp.bfloat16), s((n, k), jnp.bfloat16), s((e, k, r), jnp.float32), s((e, r, n), jnp.float32))
+        router = s((k, e), jnp.float32) if e > 1 else None
+
+        def loss(x, w, a, b, router):
+            return pj.molora_linear(x, w, a, b, router, scale=4.0, implementation="triton").astype(jnp.float32).sum()
+
+        jax.make_jaxpr(jax.grad(loss, argnums=(0, 2, 3)))(*args, router)
+        pick = kernel.choose_schedule(t, k, n, e, r, torch.bfloat16, save_for_backward=True)
+        forward = ["shrink", "expand"] if pick == "two_kernel" else ["fused"]
+        assert names[: len(forward)] == [f"pemoe_molora_{role}" for role in forward], (e, pick, names)
+        picks.add(pick)
+    assert picks == {"fused", "two_kernel"}  # both schedules are exercised by the model's choice
+
+
+@pytest.mark.parametrize("shape", [(2048, 1024, 1024, 10, 4), (2048, 1024, 1024, 1, 4), (7, 40, 72, 15, 16)])
+def test_triton_molora_tiles_are_the_torch_autotuners(shape):
+    """Every launch of both schedules and the backward: the tiles pemoe.jax.triton uses
+    (``Launch.default_configs``) are those the torch autotuner's pruning keeps, in its order."""
+    import torch
+
+    from pemoe.kernels.triton import molora_linear as kernel
+
+    launches = kernel._example_launches(*shape, torch.bfloat16)
+    assert {launch.role for launch in launches} == set(kernel.ROLE_CONFIGS)
+    for launch in launches:
+        pruned = launch.kernel.early_config_prune(launch.kernel.configs, {**launch.named_args(), **launch.constexprs})
+        assert launch.default_configs() == pruned, launch.role
+
+
+def test_triton_molora_limits_and_empty_batch():
+    from tests.test_jax_ops import cast, molora_inputs
+
+    arrays, static = cast(molora_inputs(1, 3), jnp.float32)
+    x0 = jnp.zeros((0, K), jnp.float32)
+    fn = lambda a, b: pj.molora_linear(x0, arrays["weight"], a, b, arrays["router"], **static, implementation="triton")  # noqa: E731
+    y, grads = jax.value_and_grad(lambda a, b: fn(a, b).sum(), argnums=(0, 1))(arrays["lora_a"], arrays["lora_b"])
+    assert float(y) == 0.0 and all(float(jnp.abs(g).max()) == 0.0 for g in grads)
+    wide = jnp.zeros((17, K, 16), jnp.float32)  # 32 experts x 16 ranks: 512 padded adapter columns
+    with pytest.raises(NotImplementedError, match="padded adapter columns"):
+        pj.molora_linear(
+            arrays["x"], arrays["weight"], wide, jnp.zeros((17, 16, 72)), jnp.zeros((K, 17)), scale=1.0,
+            implementation="triton",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="schedule must be"):
+        pjt.molora_linear(arrays["x"], arrays["weight"], None, arrays["lora_a"], arrays["lora_b"], arrays["router"],
+                          scale=4.0, schedule="one")  # fmt: skip
+
+
 def test_triton_float16_and_leading_dims():
     inputs = _inputs(t=6, e=3)
     x = jnp.asarray(inputs["x"].reshape(2, 3, K), jnp.float16)
@@ -153,6 +284,9 @@ def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
     with pytest.raises(NotImplementedError, match="runs on the 'gpu' backend"):
         jax_ops.resolve_implementation("mov_linear", "triton", "cpu")
     assert jax_ops.resolve_implementation("mov_linear", "triton", "gpu") == "triton"
+    with pytest.raises(NotImplementedError, match="runs on the 'gpu' backend"):
+        jax_ops.resolve_implementation("molora_linear", "triton", "cpu")
+    assert jax_ops.resolve_implementation("molora_linear", "triton", "gpu") == "triton"
     assert jax_ops.resolve_implementation("mov_linear", "auto", "cpu") == "xla"  # never chosen silently
     with pjt.cuda_target(90):  # ahead-of-time lowering for a GPU
         assert jax_ops.resolve_implementation("mov_linear", "triton", "cpu") == "triton"
@@ -240,6 +374,49 @@ def _ffn_check(calls, shape: dict, act: str, what: str) -> None:
     assert calls[0]["operand_types"][0] == _t(T, M, ty=act), f"{what} x"
 
 
+#: molora_linear kernels per forward schedule, then the backward (grad_u, dx GEMM, the two weight gradients).
+MOLORA_FORWARD = {
+    "two_kernel": ["_molora_shrink_kernel", "_molora_gemm_kernel"],
+    "fused": ["_molora_fused_forward_kernel"],
+}
+MOLORA_BACKWARD = ["_molora_grad_u_kernel", "_molora_gemm_kernel", "_molora_wgrad_kernel", "_molora_wgrad_kernel"]
+MOLORA_REDUCE_ROWS = 256  # tokens per partial sum of the weight-gradient kernels (kernels/triton/molora_linear.py)
+
+
+def _molora_schedule(shape: dict, dtype: str) -> str:
+    import torch
+
+    from pemoe.kernels.triton import molora_linear as kernel
+
+    if shape.get("schedule", "auto") != "auto":
+        return shape["schedule"]
+    mode = {"token": kernel.TOKEN_ROUTER, "sentence": kernel.GIVEN_PROBS, "none": kernel.NO_ROUTER}[
+        shape.get("routing") or ("none" if shape["E"] == 1 else "token")
+    ]
+    t, k, n, e, r = (shape[v] for v in ("T", "K", "N", "E", "r"))
+    return kernel.choose_schedule(t, k, n, e, r, getattr(torch, dtype), routing_mode=mode, save_for_backward=True)
+
+
+def _molora_check(calls, shape: dict, act: str, schedule: str, what: str) -> None:
+    """Every molora_linear kernel's outputs, written out from SPEC §3.3's shapes: U′ / y / U / p_soft forward,
+    dU, U′, dlogits (d probs), dx, and the per-chunk partial sums of d lora_a, d router, d lora_b."""
+    T, K, N, E, r = (shape[v] for v in ("T", "K", "N", "E", "r"))
+    routing = shape.get("routing") or ("none" if E == 1 else "token")
+    C, one = -(-T // MOLORA_REDUCE_ROWS), _t(1)
+    p_soft = _t(T, E) if routing == "token" else one
+    u, u_act = _t(T, E * r), _t(T, E * r, ty=act)
+    forward = [[_t(T, N, ty=act), u, p_soft]] if schedule == "fused" else [[u_act, u, p_soft], [_t(T, N, ty=act)]]
+    backward = [
+        [u_act, u_act, _t(T, E) if routing != "none" else one],  # dU, U′, dlogits / d probs
+        [_t(T, K, ty=act)],  # dx
+        [_t(C, E, K, r), _t(C, K, E) if routing == "token" else one, one],  # d lora_a, d router partial sums
+        [_t(C, E, r, N), one, one],  # d lora_b partial sums (no bias: no d bias)
+    ]
+    for call, res in zip(calls, forward + backward, strict=True):
+        assert call["result_types"] == res, f"{what} {call['kernel']} results"
+    assert calls[0]["operand_types"][0] == _t(T, K, ty=act), f"{what} x"
+
+
 def _check_rows(rows, keys, capabilities):
     by_key = {p.key: p for p in pjt.EXPORT_PROBLEMS}
     for key in keys:
@@ -256,6 +433,14 @@ def _check_rows(rows, keys, capabilities):
                 for call, ops_, res in zip(calls, operands, results, strict=True):
                     assert call["operand_types"] == ops_, f"{what} {call['kernel']} operands"
                     assert call["result_types"] == res, f"{what} {call['kernel']} results"
+            elif problem.op == "molora_linear":
+                schedule = _molora_schedule(shape, problem.dtype)
+                assert [c["kernel"] for c in calls] == MOLORA_FORWARD[schedule] + MOLORA_BACKWARD, what
+                roles = (["shrink", "expand"] if schedule == "two_kernel" else ["fused"]) + [
+                    "grad_u", "dx", "wgrad_a", "wgrad_b"
+                ]  # fmt: skip
+                assert [c["call_name"] for c in calls] == [f"pemoe_molora_{role}" for role in roles], what
+                _molora_check(calls, shape, act, schedule, what)
             else:
                 # (IA)3 has no router, so no router backward (r); sentence routing runs (r) for d probs
                 kernels = FFN_KERNELS if shape.get("routing", "token") != "none" else FFN_KERNELS[:3] + FFN_KERNELS[4:]
@@ -272,12 +457,26 @@ def _check_rows(rows, keys, capabilities):
                 limit = 0 if problem.dtype != "float32" else FP32_SPILL_BYTES
                 assert 0 <= call["spill_bytes"] <= limit, f"{what} {call['kernel']}: {call['spill_bytes']} spill bytes"
             if cc == 90 and problem.dtype == "bfloat16":
-                assert calls[0]["uses_wgmma"], f"{what}: the first GEMM does not use wgmma"
+                gemm = calls[0]  # the first GEMM (the base GEMM)
+                if problem.op == "molora_linear" and _molora_schedule(shape, problem.dtype) == "two_kernel":
+                    gemm = calls[1]  # the shrink is a row pass (32-row tiles: mma.sync); then the base GEMM
+                assert gemm["uses_wgmma"], f"{what}: the first GEMM does not use wgmma"
 
 
 def test_jax_triton_exports_for_cuda():
     rows = _export_rows(QUICK, (80, 90))
     _check_rows(rows, QUICK, (80, 90))
+
+
+#: molora_linear problems of the default run (T5-large attention, E = 10, r = 4, bfloat16), each forward schedule.
+QUICK_MOLORA = ["molora_linear/t5-large E=10 r=4 two-kernel:bfloat16", "molora_linear/t5-large E=10 r=4 fused:bfloat16"]
+
+
+def test_jax_triton_molora_exports_for_cuda():
+    """The T5-large MoLoRA training step (both forward schedules, the backward) exports for sm_80 and sm_90:
+    the expected kernels and output shapes, no spills, wgmma for the base GEMM on sm_90."""
+    rows = _export_rows(QUICK_MOLORA, (80, 90))
+    _check_rows(rows, QUICK_MOLORA, (80, 90))
 
 
 @pytest.mark.slow
@@ -297,6 +496,20 @@ def test_jax_triton_autotuned_export_holds_every_legal_configuration():
         assert len(configs) == configs[0]["configs"] > 1, kernel
         assert [r["config"] for r in configs] == list(range(len(configs))), kernel
         assert configs[0]["spill_bytes"] == 0, kernel
+
+
+@pytest.mark.slow
+def test_jax_triton_molora_autotuned_export_holds_every_legal_configuration():
+    """configs="all" for molora_linear (two-kernel forward + backward): each of the six calls is one autotuned
+    kernel call holding every legal configuration of its launch, the default (first) spill-free."""
+    rows = _export_rows(["molora_linear/t5-large E=10 r=4 two-kernel:bfloat16"], (90,), ["--configs", "all"])
+    calls = [r for r in rows if r["config"] == 0]
+    assert [c["kernel"] for c in calls] == MOLORA_FORWARD["two_kernel"] + MOLORA_BACKWARD
+    for call in calls:
+        configs = [r for r in rows if r["call_name"] == call["call_name"]]
+        assert len(configs) == call["configs"] > 1, call["call_name"]
+        assert [r["config"] for r in configs] == list(range(len(configs))), call["call_name"]
+        assert call["spill_bytes"] == 0, call["call_name"]
 
 
 # ------------------------------------------------------------------------------------------

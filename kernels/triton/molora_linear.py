@@ -1027,6 +1027,34 @@ class Launch:
         meta = {**self.constexprs, **forced.kwargs}
         self.kernel.fn[self.grid(meta)](*self.args, **meta, num_warps=forced.num_warps, num_stages=forced.num_stages)
 
+    def default_configs(self) -> list[triton.Config]:
+        """The legal configurations of this launch (first: the default), as autotune pruning and the AOT
+        cases see them; a ``use_configs`` configuration for this role instead, when one is forced."""
+        forced = _FORCED.get(self.role)
+        if forced is not None:
+            return [forced]
+        return legal_configs(_problem_from_args(self.role, {**self.named_args(), **self.constexprs}))
+
+    def written_outputs(self) -> tuple[bool, ...]:
+        """Which of the kernel's output pointers (the LAUNCH_INPUTS[role] pointers after its inputs) this
+        launch writes, given its feature flags; the others are unused pointers the plan aliased to any tensor.
+        For launchers that allocate one buffer per output slot (pemoe.jax.triton through jax-triton)."""
+        c = self.constexprs
+        save, token = bool(c.get("SAVE_FOR_BACKWARD")), c.get("ROUTING") == TOKEN_ROUTER
+        return {
+            "fused": (True, save, save and token),  # y, U, p_soft
+            "shrink": (True, save, save and token),  # U′, U, p_soft
+            "expand": (True,),
+            "dx": (True,),
+            "grad_u": (bool(c.get("NEED_D_U")), bool(c.get("NEED_U_SCALED")), bool(c.get("NEED_D_ROUTE"))),
+            "wgrad_a": (bool(c.get("HAS_RHS")), bool(c.get("HAS_RHS2")), bool(c.get("ROW_SUM"))),
+            "wgrad_b": (bool(c.get("HAS_RHS")), bool(c.get("HAS_RHS2")), bool(c.get("ROW_SUM"))),
+        }[self.role]
+
+
+#: Array inputs of each launch role: its kernel's first pointer parameters (the following ones are outputs).
+LAUNCH_INPUTS = {"fused": 7, "shrink": 4, "expand": 7, "dx": 7, "grad_u": 5, "wgrad_a": 3, "wgrad_b": 3}
+
 
 def _check_kernel_inputs(x, weight, bias, lora_a, lora_b, router, probs) -> None:
     """What the kernels support beyond pemoe's argument checks: dtypes, devices, non-empty x, adapter width."""

@@ -14,8 +14,9 @@ Every op takes ``implementation=``:
     GEMM with the expert merge as its prologue; top-k and sentence routing supported) with an explicit XLA
     backward from the saved h0, g and p_soft; its kernels also lower for GPU (Pallas' Triton lowering),
     so ``"pallas"`` runs ``mov_ffn`` on "gpu" too;
-  * ``"triton"`` — ``mov_linear`` and ``mov_ffn``: the PyTorch side's Triton kernels (forward and backward)
-    called through jax-triton (:mod:`pemoe.jax.triton`); runs on the "gpu" backend, lowers for a GPU without
+  * ``"triton"`` — ``mov_linear``, ``mov_ffn`` and ``molora_linear`` (both forward schedules, chosen by
+    the torch launcher's model): the PyTorch side's Triton kernels (forward and backward) called through
+    jax-triton (:mod:`pemoe.jax.triton`); runs on the "gpu" backend, lowers for a GPU without
     one inside ``pemoe.jax.triton.cuda_target(capability)`` (``jax.export(..., platforms=["cuda"])``) and runs in the
     Triton interpreter when ``TRITON_INTERPRET=1``; elsewhere ``NotImplementedError``;
   * ``"triton"`` for the other ops (and ``"pallas"`` where not listed) — not implemented yet: ``NotImplementedError``;
@@ -55,7 +56,7 @@ AVAILABLE: dict[str, tuple[str, ...]] = {
     "mov": ("reference", "xla"),
     "mov_linear": ("reference", "xla", "pallas", "triton"),
     "mov_ffn": ("reference", "xla", "pallas", "triton"),
-    "molora_linear": ("reference", "xla", "pallas"),
+    "molora_linear": ("reference", "xla", "pallas", "triton"),
 }
 #: Implementations that are planned (issue 5) but do not exist yet: they raise NotImplementedError.
 PLANNED: tuple[str, ...] = ("pallas", "triton")
@@ -306,6 +307,15 @@ def molora_linear(
             router_input=router_input,
         )
     probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    if impl == "triton":
+        from pemoe.jax import triton
+
+        y = triton.molora_linear(
+            _flat(x), weight, bias, lora_a, lora_b, None if probs is not None else router, probs, scale=scale,
+            top_k=None if probs is not None else top_k,  # sentence routing: probs already hold the top-k
+            renormalize=renormalize,
+        )  # fmt: skip
+        return y.reshape(x.shape[:-1] + (weight.shape[0],))
     if impl == "pallas":
         from pemoe.jax import pallas
 

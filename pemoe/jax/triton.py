@@ -31,9 +31,32 @@ run on torch tensors on the "meta" device (shapes, dtypes, strides; no memory) a
 their argument dicts onto JAX arrays, output shapes and constants; grids come from ``tile_grid`` /
 ``router_backward_grid``, configurations from the kernels' own autotune pruning.
 
+``molora_linear`` (SPEC §3.3): y = x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e, x [T, K], weight [N, K] (frozen),
+bias [N], lora_a [E, K, r], lora_b [E, r, N], router [K, E] (None: LoRA), probs [T, E] (sentence routing)
+-> y [T, N] in x's dtype; adapters and probs are used in float32.
+  forward:  either schedule of ``kernels/triton/molora_linear.py``, chosen as the torch launcher chooses
+            (``resolve_schedule``: a ``use_schedule`` context, ``schedule=``, else ``choose_schedule``'s
+            H100 model — two kernels at T5 shapes, one for plain LoRA): "two_kernel" = shrink (U′, U, p_soft)
+            then the base GEMM over the extended K; "fused" = one kernel. Under differentiation it saves U
+            [T, E·r] and p_soft [T, E] float32 (the residuals besides the inputs);
+  backward: grad_u (dU, U′, dlogits or d probs), the dx GEMM (dy·W + dU·A_catᵀ + dlogits·routerᵀ) and the two
+            weight-gradient launches (per-chunk partial sums of d lora_a, d router, d lora_b, d bias), then
+            XLA adds the chunks (deterministic, no atomics) and forms the frozen weight's cotangent dyᵀ·x
+            (dead code under ``jax.jit`` when nothing asks for it).
+Its launches are not re-described either: the PyTorch plan builders (``_forward_plan`` / ``_backward_plan``)
+run on "meta" tensors and return whole launches (role, kernel, arguments, constexprs, grid);
+:class:`_MoLoRAPlan` splits each launch's pointers into inputs (``LAUNCH_INPUTS``) and outputs, allocates the
+outputs the launch writes (``Launch.written_outputs``, from its feature flags) and gives the others
+placeholders; tiles are ``Launch.default_configs`` (the pruned list, as the AOT cases see it; a
+``use_configs`` tile when forced), the first by default, all of them with ``configs="all"``.
+
 Tile configuration: the default of each kernel (the first legal entry of its configuration list, the one
-the AOT reports hold to zero spills); for ``mov_linear``, ``configs="all"`` (or :func:`tile_configs`) emits
-every legal configuration and lets jax-triton's autotuned kernel call pick on the GPU at the first run.
+the AOT reports hold to zero spills); for ``mov_linear`` and ``molora_linear``, ``configs="all"`` (or
+:func:`tile_configs`) emits every legal configuration and lets jax-triton's autotuned kernel call pick on the
+GPU at the first run. ``python -m pemoe.jax.triton`` exports the training step of every
+:data:`EXPORT_PROBLEMS` entry (the three ops; molora_linear at T5-large attention shape, LoRA / E = 10 r = 4 /
+E = 15 r = 16, each schedule, top-k and sentence routing) and reports registers and spills per kernel: zero
+spills for every 16-bit default; float32 molora's fused forward at E = 10 spills 8 (sm_80) / 16 (sm_90) bytes.
 
 Where it runs (``pemoe.jax.ops.resolve_implementation`` enforces it, nothing falls back):
   * the "gpu" JAX backend (CUDA), jax-triton compiling for the device's compute capability;
@@ -70,6 +93,7 @@ import numpy as np
 import triton
 
 from pemoe.kernels.triton import interpreter
+from pemoe.kernels.triton import molora_linear as ml_lora
 from pemoe.kernels.triton import mov_ffn as mf
 from pemoe.kernels.triton import mov_linear as ml
 
@@ -81,6 +105,7 @@ __all__ = [
     "runnable",
     "mov_linear",
     "mov_ffn",
+    "molora_linear",
 ]
 
 #: Environment variable naming the compute capability (e.g. 90) to compile for when no GPU is present.
@@ -653,6 +678,187 @@ def mov_ffn(
 
 
 # ------------------------------------------------------------------------------------------
+# molora_linear: the PyTorch launch plans run on "meta" tensors, and custom_vjp
+# ------------------------------------------------------------------------------------------
+
+
+class _MoLoRAPlan(_FFNPlan):
+    """:class:`_FFNPlan` for ``kernels/triton/molora_linear.py``, whose plan builders (``_forward_plan``,
+    ``_backward_plan``) return whole launches (``ml.Launch``: role, kernel, positional arguments, constexprs,
+    grid). Each launch's pointers split into ``ml.LAUNCH_INPUTS[role]`` inputs and its outputs; an output slot
+    the launch writes (``Launch.written_outputs``, from its feature flags) becomes a new JAX array, any other
+    output slot (the builders alias unused ones to some tensor) a one-element placeholder."""
+
+    def run_launch(self, launch: ml_lora.Launch, configs: str) -> list[jax.Array]:
+        import torch
+
+        named = launch.named_args()
+        pointers = [n for n, v in named.items() if isinstance(v, torch.Tensor)]
+        n_in = ml_lora.LAUNCH_INPUTS[launch.role]
+        inputs = []
+        for n in pointers[:n_in]:
+            a = self.array(named[n])
+            inputs.append(_placeholder(_jax_dtype(named[n].dtype)) if a is None else a)
+        out_shapes, produced = [], []
+        for n, written in zip(pointers[n_in:], launch.written_outputs(), strict=True):
+            t = named[n]
+            if written:
+                out_shapes.append(jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)))
+                produced.append(t)
+            else:
+                out_shapes.append(_PLACEHOLDER)
+                produced.append(None)
+        legal = launch.default_configs()
+        outputs = _call(
+            Launch(
+                kernel=launch.kernel.fn,
+                name=f"pemoe_molora_{launch.role}",
+                out_shapes=tuple(out_shapes),
+                zeroed_outputs=(),
+                constexprs={n: v for n, v in named.items() if n not in pointers} | launch.constexprs,
+                configs=tuple(legal) if configs == "all" else tuple(legal[:1]),
+                grid_fn=launch.grid,
+            ),
+            *inputs,
+        )
+        for t, out in zip(produced, outputs, strict=True):
+            if t is not None:
+                self.arrays[id(t)] = out
+                self.keep.append(t)
+        return outputs
+
+
+def _molora_check(x, weight, bias, lora_a, router, probs) -> None:
+    """The kernels' limits beyond pemoe.jax's argument checks (NotImplementedError at trace time)."""
+    if x.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32):
+        raise NotImplementedError(
+            f"molora_linear (triton): supports float16, bfloat16 and float32 activations, got {x.dtype}"
+        )
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise NotImplementedError(
+            f"molora_linear (triton): x, weight and bias must share one dtype, got x {x.dtype}, weight "
+            f"{weight.dtype}, bias {None if bias is None else bias.dtype}"
+        )
+    e, _, r = lora_a.shape
+    block_e, rank_pad = ml_lora._block_experts(e, r, ml_lora._routing_mode(router, probs))
+    if block_e * rank_pad > ml_lora.MAX_ADAPTER_COLUMNS:
+        raise NotImplementedError(
+            f"molora_linear (triton): lora_a [E, K, r] with E = {e}, r = {r} needs {block_e * rank_pad} padded "
+            f"adapter columns (E and r rounded up to powers of two); at most {ml_lora.MAX_ADAPTER_COLUMNS}"
+        )
+
+
+def _molora_forward(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule, configs):
+    """The forward launches of the schedule (``ml.resolve_schedule``: a ``use_schedule`` context, the argument, or
+    ``choose_schedule``'s model pick): (y [T, N], U float32 [T, E·r] | None, p_soft float32 [T, E] | None), the
+    last two when ``save`` (p_soft with token routing only)."""
+    plan = _MoLoRAPlan()
+    xm, wm, bm, am, lbm, rm, pm = (plan.meta(a) for a in (x, weight, bias, lora_a, lora_b, router, probs))
+    mode = ml_lora._routing_mode(rm, pm)
+    schedule = ml_lora.resolve_schedule(schedule, xm, wm, am, mode, save)
+    (y, u, p_soft), launches = ml_lora._forward_plan(
+        xm, wm, bm, am, lbm, rm, pm, scale, top_k, renormalize, save, schedule
+    )
+    for launch in launches:
+        plan.run_launch(launch, configs)
+    return tuple(None if t is None else plan.arrays[id(t)] for t in (y, u, p_soft))
+
+
+def _molora_backward(dy, x, weight, bias, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, configs):
+    """grad_u, the dx GEMM and the two weight-gradient launches; the chunk partial sums are added by XLA.
+    Returns (dx, d bias, d lora_a, d lora_b, d router, d probs), None where the input is None."""
+    plan = _MoLoRAPlan()
+    metas = [plan.meta(a) for a in (dy.astype(x.dtype), x, weight, lora_a, lora_b, router, probs, u, p_soft)]
+    needs = (True, bias is not None, True, True, router is not None, probs is not None)
+    buf, launches = ml_lora._backward_plan(*metas, scale, top_k, renormalize, needs)
+    for launch in launches:
+        plan.run_launch(launch, configs)
+
+    def total(name):  # Σ over token chunks, in XLA
+        return None if buf[name] is None else plan.arrays[id(buf[name])].sum(0)
+
+    d_bias = total("part_bias")
+    d_probs = plan.arrays[id(buf["d_route"])] if probs is not None else None
+    return (
+        plan.arrays[id(buf["dx"])],
+        None if d_bias is None else d_bias.astype(bias.dtype),
+        total("part_a"),
+        total("part_b"),
+        total("part_router"),
+        d_probs,
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _molora_linear(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, schedule, configs):
+    return _molora_forward(
+        x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, False, schedule, configs
+    )[0]
+
+
+def _molora_linear_fwd(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, schedule, configs):
+    y, u, p_soft = _molora_forward(
+        x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, True, schedule, configs
+    )
+    return y, (x, weight, bias, lora_a, lora_b, router, probs, u, p_soft)
+
+
+def _molora_linear_bwd(scale, top_k, renormalize, schedule, configs, res, dy):
+    del schedule  # one backward for both forward schedules
+    x, weight, bias, lora_a, lora_b, router, probs, u, p_soft = res
+    dx, d_bias, d_a, d_b, d_router, d_probs = _molora_backward(
+        dy, x, weight, bias, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, configs
+    )
+    # the frozen weight's cotangent dyᵀ·x (dead code under jax.jit when nothing asks for it)
+    d_weight = jnp.matmul(dy.astype(x.dtype).T, x, preferred_element_type=jnp.float32).astype(weight.dtype)
+    return dx, d_weight, d_bias, d_a, d_b, d_router, d_probs
+
+
+_molora_linear.defvjp(_molora_linear_fwd, _molora_linear_bwd)
+
+
+def molora_linear(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    router: jax.Array | None,
+    probs: jax.Array | None = None,
+    *,
+    scale: float,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    schedule: str = "auto",
+    configs: str | None = None,
+) -> jax.Array:
+    """y [T, N] = x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e with the Triton MoLoRA kernels (differentiable).
+
+    x [T, K], weight [N, K] (frozen), bias [N] (x's dtype), lora_a [E, K, r], lora_b [E, r, N], router [K, E]
+    (None: LoRA, E = 1), probs [T, E] for sentence routing (its cotangent is returned; the router is then
+    unused); adapters and probs are used in float32 (cast here, their cotangents cast back). ``schedule``:
+    "auto" (``choose_schedule``'s model, the torch launcher's choice), "fused" or "two_kernel";
+    ``kernels.triton.molora_linear.use_schedule`` wins, as for torch. ``configs``: "default" (each launch's
+    first legal tile, the AOT-checked one) or "all" (every legal tile, autotuned by jax-triton on the GPU);
+    None: the innermost :func:`tile_configs` choice, else "default". Kernel limits (float16 / bfloat16 /
+    float32 activations, at most 256 padded adapter columns) raise NotImplementedError at trace time.
+    """
+    if configs is None:
+        configs = _configs_choice[-1] if _configs_choice else "default"
+    if configs not in ("default", "all"):
+        raise ValueError(f"configs must be 'default' or 'all', got {configs!r}")
+    if schedule != "auto" and schedule not in ml_lora.SCHEDULES:
+        raise ValueError(f"schedule must be 'auto' or one of {ml_lora.SCHEDULES}, got {schedule!r}")
+    _molora_check(x, weight, bias, lora_a, router, probs)
+    n = weight.shape[0]
+    if x.shape[0] == 0:  # no token: no launch (the kernels need T >= 1); zero cotangents by autodiff
+        return jnp.zeros((0, n), x.dtype)
+    f32 = jnp.float32
+    cast = [None if a is None else a.astype(f32) for a in (lora_a, lora_b, router, probs)]
+    return _molora_linear(x, weight, bias, *cast, float(scale), top_k, bool(renormalize), schedule, configs)
+
+
+# ------------------------------------------------------------------------------------------
 # Ahead-of-time export report: jax.export for CUDA, the kernels' PTX compiled by ptxas
 # ------------------------------------------------------------------------------------------
 
@@ -913,12 +1119,62 @@ def export_mov_ffn(
         return export.export(jax.jit(target), platforms=["cuda"], disabled_checks=disabled)(*args)
 
 
+def export_molora_linear(
+    T: int,
+    K: int,
+    N: int,
+    E: int,
+    r: int,
+    *,
+    dtype=jnp.bfloat16,
+    routing: str | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    schedule: str = "auto",
+    bias: bool = False,
+    grad: bool = True,
+    capability: int = 90,
+    configs: str = "default",
+) -> jax.export.Exported:
+    """``jax.export(..., platforms=["cuda"])`` of ``pemoe.jax.molora_linear(implementation="triton")`` (x [T, K],
+    weight [N, K], lora_a [E, K, r], lora_b [E, r, N], scale = 16 / r) for sm_<capability>, without a GPU: the
+    forward, or (``grad``) the value and the gradients of x, lora_a, lora_b and the router. routing: "token"
+    (default for E > 1), "none" (LoRA, default for E = 1) or "sentence" (router_input [B=1, K] per sequence).
+    schedule: the forward schedule ("auto": the model's pick at this shape)."""
+    from jax import export
+
+    from pemoe.jax import ops
+
+    routing = routing or ("none" if E == 1 else "token")
+    S = jax.ShapeDtypeStruct
+    args = [S((T, K), dtype), S((N, K), dtype), S((E, K, r), jnp.float32), S((E, r, N), jnp.float32)]
+    args.append(S((N,), dtype) if bias else None)
+    args.append(S((K, E), jnp.float32) if routing != "none" else None)
+    args.append(S((1, K), jnp.float32) if routing == "sentence" else None)
+
+    def fn(x, weight, lora_a, lora_b, b, router, router_input):
+        y = ops.molora_linear(
+            x.reshape(1, T, K), weight, lora_a, lora_b, router, scale=16.0 / r, bias=b, top_k=top_k,
+            renormalize=renormalize, router_input=router_input, implementation="triton",
+        )  # fmt: skip
+        return y.reshape(T, N)
+
+    target = fn
+    if grad:
+        diff = (0, 2, 3) + ((5,) if routing != "none" else ())
+        target = jax.value_and_grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=diff)
+    disabled = [export.DisabledSafetyCheck.custom_call(CUSTOM_CALL_TARGET)]
+    forced = ml_lora.use_schedule(schedule) if schedule != "auto" else contextlib.nullcontext()
+    with cuda_target(capability), tile_configs(configs), forced:
+        return export.export(jax.jit(target), platforms=["cuda"], disabled_checks=disabled)(*args)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportProblem:
     """One problem of the export report: ``export_<op>(**shape, dtype=dtype, capability=...)``."""
 
     label: str
-    op: str  # "mov_linear" or "mov_ffn"
+    op: str  # "mov_linear", "mov_ffn" or "molora_linear"
     dtype: str
     shape: tuple[tuple[str, Any], ...]  # keyword arguments of the export function (besides dtype, capability)
 
@@ -939,8 +1195,26 @@ def _ffn_problems() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def _molora_problems() -> list[tuple[str, dict[str, Any]]]:
+    """T5-large attention projections (T = 2048, K = N = 1024) at kernels/triton/molora_linear.py's AOT_SHAPES
+    (LoRA r = 4, E = 10 r = 4, E = 15 r = 16) with each forward schedule forced, and the routing variants with
+    the schedule the model picks ("auto")."""
+    problems = []
+    for t, k, n, e, r in ml_lora.AOT_SHAPES:
+        name = f"t5-large {'lora' if e == 1 else f'E={e}'} r={r}"
+        size = dict(T=t, K=k, N=n, E=e, r=r)
+        problems += [(f"{name} fused", size | dict(schedule="fused"))]
+        problems += [(f"{name} two-kernel", size | dict(schedule="two_kernel"))]
+    size = dict(T=2048, K=1024, N=1024, E=10, r=4)
+    problems += [
+        ("t5-large E=10 r=4 top2r", size | dict(top_k=2, renormalize=True)),
+        ("t5-large E=10 r=4 sent", size | dict(routing="sentence")),
+    ]
+    return problems
+
+
 #: Problems of the export report: mov_linear at the AOT shapes of kernels/triton/mov_linear.py, mov_ffn at
-#: T5-large FFN shape, each in bfloat16 and float32.
+#: T5-large FFN shape, molora_linear at T5-large attention shape (both schedules), each in bfloat16 and float32.
 EXPORT_PROBLEMS: tuple[ExportProblem, ...] = tuple(
     [
         ExportProblem(
@@ -957,8 +1231,13 @@ EXPORT_PROBLEMS: tuple[ExportProblem, ...] = tuple(
         for label, shape in _ffn_problems()
         for dtype in ("bfloat16", "float32")
     ]
+    + [
+        ExportProblem(label, "molora_linear", dtype, tuple(shape.items()))
+        for label, shape in _molora_problems()
+        for dtype in ("bfloat16", "float32")
+    ]
 )
-_EXPORTERS = {"mov_linear": export_mov_linear, "mov_ffn": export_mov_ffn}
+_EXPORTERS = {"mov_linear": export_mov_linear, "mov_ffn": export_mov_ffn, "molora_linear": export_molora_linear}
 
 
 def export_report(
@@ -994,7 +1273,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m pemoe.jax.triton",
-        description="Export pemoe.jax.mov_linear(implementation='triton') for CUDA without a GPU; compile its PTX.",
+        description="Export the training step of pemoe.jax's implementation='triton' ops for CUDA without a GPU; "
+        "compile their PTX.",
     )
     parser.add_argument("--capability", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -1017,14 +1297,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows))
         return 0
     print(
-        f"{'op':<10} {'problem':<22} {'dtype':<9} {'sm':>3} {'kernel':<26} {'config':>6} {'warps':>5} {'regs':>4} "
+        f"{'op':<13} {'problem':<28} {'dtype':<9} {'sm':>3} {'kernel':<29} {'config':>6} {'warps':>5} {'regs':>4} "
         f"{'spill':>5} {'mma':>6}"
     )
     for r in rows:
         mma = "wgmma" if r["uses_wgmma"] else "-"
         config = f"{r['config'] + 1}/{r['configs']}"
         print(
-            f"{r['op']:<10} {r['problem']:<22} {r['dtype']:<9} {r['capability']:>3} {r['kernel']:<26} {config:>6} "
+            f"{r['op']:<13} {r['problem']:<28} {r['dtype']:<9} {r['capability']:>3} {r['kernel']:<29} {config:>6} "
             f"{r['num_warps']:>5} {r['registers']:>4} {r['spill_bytes']:>5} {mma:>6}"
         )
     return 0
