@@ -397,5 +397,30 @@ def test_single_device_step_is_the_plain_mean():
     np.testing.assert_allclose(np.asarray(params["w"]), w - 0.5 * (2 * 2.0 * x.T @ r / 4), rtol=1e-6)
 
 
+def test_one_process_helpers():
+    """One process: the process-local batch is the whole batch, gather stacks one row, sync is a no-op;
+    fingerprint tells equal trees from a one-ulp, a dtype or a key change. (Several processes:
+    tests/test_jax_multiprocess.py.)"""
+    mesh = parallel.make_mesh()
+    assert parallel.process_batch_indices(mesh, 5).tolist() == [0, 1, 2, 3, 4]
+    batch = {"x": np.arange(10, dtype=np.float32).reshape(5, 2)}
+    placed = parallel.shard_batch(batch, mesh, process_local=True)
+    assert placed["x"].shape == (5, 2) and np.array_equal(np.asarray(placed["x"]), batch["x"])
+    assert placed["x"].sharding.spec == P("data")
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be a positive multiple"):
+            parallel.process_batch_indices(mesh, bad)
+    np.testing.assert_array_equal(parallel.gather_from_processes(np.array([3, 4])), [[3, 4]])
+    parallel.sync_processes("test")
+
+    tree = {"a": np.ones((2, 3), np.float32), "b": [np.int32(1), np.zeros(2)]}
+    fp = parallel.fingerprint(tree)
+    assert fp.dtype == np.uint32 and fp.shape == (8,)
+    assert np.array_equal(fp, parallel.fingerprint({"a": jnp.ones((2, 3)), "b": [np.int32(1), np.zeros(2)]}))
+    nudged = {**tree, "a": np.nextafter(tree["a"], np.float32(2))}
+    for other in (nudged, {**tree, "a": tree["a"].astype(np.float64)}, {"c": tree["a"], "b": tree["b"]}):
+        assert not np.array_equal(fp, parallel.fingerprint(other))
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])

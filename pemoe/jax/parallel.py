@@ -36,6 +36,19 @@ interpreter lowers to plain HLO and partitions either way; the TPU behaviour is 
 
 ``mesh=None`` is a plain ``jax.jit`` of the same step on the default device (the single-device baseline).
 
+Several processes (multi-controller JAX: one process per TPU host, per GPU node or per GPU). Every process runs
+the same program; :func:`initialize_distributed` (``jax.distributed.initialize``) must come before any device
+use, after which ``jax.devices()`` lists every process's devices and :func:`make_mesh` spans them all. Arrays on
+such a mesh are global: each process holds only the shards of its own devices. The placement helpers build
+them from host data without any cross-process traffic (``jax.make_array_from_callback``: each process copies
+only its own devices' slices): :func:`shard_frozen` and :func:`replicate` take the same host values on every
+process (the same checkpoint / seed); :func:`shard_batch` takes either the same global batch on every process
+or (``process_local=True``) only this process's rows, :func:`process_batch_indices` of the global batch
+(``jax.make_array_from_process_local_data``). The step itself is unchanged: the psums over "data" cross the
+processes (gloo on CPU — ``jax_cpu_collectives_implementation``, the default in jax 0.10 —, NCCL on GPU, ICI on
+TPU). :func:`gather_from_processes` and :func:`fingerprint` let the processes check that they agree (same
+data, same initial state) and stop at the same step.
+
 Backbone placement (:func:`frozen_partition_specs`, Megatron-style, by T5 weight kind; torch layout
 ``[N, K]``, weights applied as ``x @ W.T``):
   * column-parallel, split the output dim 0 over "model": ``q``, ``k``, ``v`` (along heads when the head
@@ -50,6 +63,7 @@ Backbone placement (:func:`frozen_partition_specs`, Megatron-style, by T5 weight
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -66,12 +80,17 @@ __all__ = [
     "AXES",
     "DEFAULT_MIN_SIZE",
     "MODES",
+    "fingerprint",
     "frozen_partition_specs",
+    "gather_from_processes",
+    "initialize_distributed",
     "make_mesh",
     "make_train_step",
+    "process_batch_indices",
     "replicate",
     "shard_batch",
     "shard_frozen",
+    "sync_processes",
 ]
 
 logger = logging.getLogger("pemoe")
@@ -90,6 +109,99 @@ _SPLIT_RULES: tuple[tuple[re.Pattern[str], int, str], ...] = (
     (re.compile(r"(^|\.)(o|wo)\.weight$"), 1, "row-parallel"),
     (re.compile(r"^(shared|lm_head)\.weight$"), 0, "vocabulary-parallel"),
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+) -> tuple[int, int]:
+    """Join a multi-process JAX job (``jax.distributed.initialize``); returns ``(process_index, process_count)``.
+
+    Call it before anything touches a device. ``coordinator`` (``"HOST:PORT"``, the address of process 0, which
+    listens there), ``num_processes`` and ``process_id`` (0 ≤ id < num_processes) name the job explicitly; any
+    left ``None`` comes from JAX's own cluster detection (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes,
+    or the ``JAX_COORDINATOR_ADDRESS`` variable). ``local_device_ids``: the local devices this process uses
+    (default all; one process per GPU under SLURM / Open MPI picks its own). A second call in a process that
+    already joined returns the same answer (``jax.distributed`` can be initialised only once).
+
+    Raises ValueError for a malformed argument or when neither the arguments nor the environment name a job,
+    RuntimeError when a device was used before this call.
+    """
+    if coordinator is not None:
+        host, sep, port = str(coordinator).rpartition(":")
+        if not isinstance(coordinator, str) or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"coordinator must be 'HOST:PORT' (process 0's address), got {coordinator!r}")
+    for name, value, low in (("num_processes", num_processes, 1), ("process_id", process_id, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise ValueError(f"process_id must be < num_processes = {num_processes}, got {process_id}")
+    if jax.distributed.is_initialized():
+        return jax.process_index(), jax.process_count()
+    try:
+        jax.distributed.initialize(
+            coordinator,
+            num_processes,
+            process_id,
+            local_device_ids=None if local_device_ids is None else list(local_device_ids),
+            initialization_timeout=initialization_timeout,
+        )
+    except ValueError as e:  # JAX found no job: say what would name one
+        raise ValueError(
+            f"jax.distributed.initialize: {e} — pass the coordinator 'HOST:PORT', num_processes and process_id "
+            "(--coordinator, --num-processes, --process-id), or run under a cluster JAX detects (Cloud TPU, "
+            "SLURM, Open MPI, Kubernetes)"
+        ) from None
+    logger.info(
+        "pemoe.jax.parallel: process %d of %d, %d local of %d devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def gather_from_processes(values: Any) -> np.ndarray:
+    """``[process_count, *shape]``: the small host array ``values`` of every process, stacked by process index.
+
+    A collective: every process must call it (with the same shape and dtype). One process: ``values[None]``.
+    """
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values, tiled=False))
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process reached ``sync_processes(name)`` (a no-op in one process), e.g. after process 0
+    wrote a file that the others read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def fingerprint(tree: Any) -> np.ndarray:
+    """uint32[8]: SHA-256 of every leaf of ``tree`` (path, dtype, shape and bytes, in tree order) — equal
+    fingerprints on every process (:func:`gather_from_processes`) mean equal host values. Leaves are fetched to
+    the host: use it on host data or on fully replicated / fully addressable arrays."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return np.frombuffer(digest.digest(), dtype=np.uint32).copy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +326,27 @@ def shard_frozen(
     specs = frozen_partition_specs(
         frozen, _axis_size(mesh, "model"), min_size=min_size, keep_replicated=keep_replicated
     )
-    return {name: jax.device_put(value, NamedSharding(mesh, specs[name])) for name, value in frozen.items()}
+    return {name: _place(value, NamedSharding(mesh, specs[name])) for name, value in frozen.items()}
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every array of ``tree`` (adapters, optimizer state) replicated on every device of ``mesh``."""
+    """Every array of ``tree`` (adapters, optimizer state) replicated on every device of ``mesh``. Several
+    processes: each passes the same host values (or global arrays already on ``mesh``)."""
     _check_mesh(mesh)
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+    return jax.tree_util.tree_map(lambda x: _place(x, sharding), tree)
+
+
+def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``x`` with ``sharding``. One process: ``jax.device_put``. Several: a global array already spanning the
+    processes is resharded by ``jax.device_put``; a host value (numpy, or an array on this process's devices),
+    the same on every process, becomes a global array of which each process fills only its own devices' slices
+    (``jax.make_array_from_callback``: no cross-process traffic; ``jax.device_put`` would all-gather the whole
+    value to check it is equal everywhere)."""
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _check_batch(batch: Any, data: int) -> None:
@@ -240,14 +366,59 @@ def _check_batch(batch: Any, data: int) -> None:
             )
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place every batch array split along axis 0 over "data" (replicated over "model").
+def _local_row_blocks(mesh: Mesh, batch_size: int) -> list[tuple[int, int]]:
+    """The distinct ``[start, stop)`` row blocks of a ``[batch_size]`` array split over "data" that this
+    process's devices hold, ascending."""
+    index_map = NamedSharding(mesh, P("data")).addressable_devices_indices_map((batch_size,))
+    rows = [index[0] for index in index_map.values()]
+    return sorted({(r.start or 0, batch_size if r.stop is None else r.stop) for r in rows})
 
-    Raises ValueError naming the array whose batch dim does not divide by the "data" axis size.
+
+def process_batch_indices(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """int64 ``[rows]``: the rows of a global batch of ``batch_size`` examples (split over "data") that this
+    process's devices hold, ascending — what this process loads for ``shard_batch(..., process_local=True)``.
+    One process: ``arange(batch_size)``. Processes that share a data shard (a "model" axis across
+    processes) get the same rows.
+
+    Raises ValueError unless ``batch_size`` is a positive multiple of the "data" axis size.
     """
     _check_mesh(mesh)
-    _check_batch(batch, _axis_size(mesh, "data"))
-    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+    data = _axis_size(mesh, "data")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 or batch_size % data:
+        raise ValueError(
+            f"batch_size must be a positive multiple of the mesh's 'data' axis size {data}, got {batch_size!r}"
+        )
+    blocks = _local_row_blocks(mesh, batch_size)
+    return np.concatenate([np.arange(start, stop) for start, stop in blocks])
+
+
+def shard_batch(batch: Any, mesh: Mesh, *, process_local: bool = False) -> Any:
+    """Place every batch array split along axis 0 over "data" (replicated over "model").
+
+    ``process_local=False``: ``batch`` is the global batch ``[B, ...]``, the same on every process (each one
+    copies only its own devices' rows). ``process_local=True``: ``batch`` holds only this process's rows,
+    ``global[process_batch_indices(mesh, B)]`` ``[B_local, ...]``; the result is the global ``[B, ...]`` array
+    (``jax.make_array_from_process_local_data``), ``B = B_local · data / (data shards on this process)``.
+    One process, ``process_local=True``: the local rows are the whole batch.
+
+    Raises ValueError naming the array whose batch dim does not divide by the "data" axis size (global) or by
+    this process's number of data shards (process-local).
+    """
+    _check_mesh(mesh)
+    data = _axis_size(mesh, "data")
+    sharding = NamedSharding(mesh, P("data"))
+    if not process_local:
+        _check_batch(batch, data)
+        return jax.tree_util.tree_map(lambda x: _place(x, sharding), batch)
+    local_shards = len(_local_row_blocks(mesh, data))  # data shards held here (one row each at B = data)
+    _check_batch(batch, local_shards)
+
+    def place(x: Any) -> jax.Array:
+        host = np.asarray(x)
+        global_rows = host.shape[0] // local_shards * data
+        return jax.make_array_from_process_local_data(sharding, host, (global_rows, *host.shape[1:]))
+
+    return jax.tree_util.tree_map(place, batch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,32 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
         help="--framework jax: data=N[,model=M] runs the step over a device mesh (pemoe.jax.parallel): the batch "
         "split over N devices, large backbone matrices over M",
     )
+    p.add_argument(
+        "--jax-distributed",
+        action="store_true",
+        help="--framework jax: one process of a multi-process job (jax.distributed.initialize: each process runs "
+        "this same command; the job is found by JAX's cluster detection on Cloud TPU, SLURM, Open MPI, Kubernetes "
+        "or by --coordinator/--num-processes/--process-id); --mesh then spans every process's devices (default "
+        "data=<all devices>); process 0 writes the outputs; --out must be shared",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="--framework jax, several processes: process 0's address (it listens on PORT); implies --jax-distributed",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="--framework jax: processes in the job (implies --jax-distributed)",
+    )
+    p.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="--framework jax: this process's index, 0..N-1 (implies --jax-distributed)",
+    )
     _model_args(p)
     p.add_argument("--dropout", type=float, default=None, help="override the model's dropout rate")
     p.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor")
@@ -159,10 +185,15 @@ def _train(args: argparse.Namespace) -> int:
                     "--threads sets PyTorch's CPU threads and does not apply to --framework jax (XLA sizes its own "
                     "thread pool)"
                 )
-            result = jax_loop.train(TrainConfig(**fields), mesh=args.mesh)
+            result = jax_loop.train(TrainConfig(**fields), mesh=args.mesh, distributed=_jax_distributed(args))
         else:
             if args.mesh is not None:
                 raise ValueError("--mesh applies to --framework jax only")
+            if _jax_distributed(args) is not None:
+                raise ValueError(
+                    "--jax-distributed / --coordinator / --num-processes / --process-id apply to --framework jax "
+                    "only (torch: torchrun)"
+                )
             result = train(TrainConfig(**fields))
     except (BadLineError, CheckpointMismatch, FileNotFoundError, NotImplementedError, ValueError) as e:
         print(f"pemoe train: error: {e}", file=sys.stderr)
@@ -177,6 +208,18 @@ def _train(args: argparse.Namespace) -> int:
     if result.evals:
         print(f"pemoe train: held-out average accuracy {100 * result.evals[-1][1].average:.1f}%")
     return code
+
+
+def _jax_distributed(args: argparse.Namespace) -> dict | None:
+    """The ``jax_loop.train(distributed=...)`` of the multi-process options (None: one process)."""
+    given = {
+        "coordinator": getattr(args, "coordinator", None),
+        "num_processes": getattr(args, "num_processes", None),
+        "process_id": getattr(args, "process_id", None),
+    }
+    if not getattr(args, "jax_distributed", False) and all(v is None for v in given.values()):
+        return None
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -29,6 +29,18 @@ continues bit-exactly (the JAX step is deterministic and no RNG is used). A chec
 torch trainer is refused by this one and vice versa (optimizer states differ); their adapter files are
 interchangeable.
 
+Several processes (``--jax-distributed``, or ``--coordinator HOST:PORT --num-processes N --process-id I``;
+``distributed=`` here): every process runs this same loop after :func:`pemoe.jax.parallel.initialize_distributed`,
+which comes before any device use; the mesh spans every process's devices (default ``data=<all devices>``).
+Each process reads the same data and builds the same model (same ``--seed``), encodes the whole step's batch
+(so the padding is the global one) and copies only its own devices' rows (:func:`pemoe.jax.parallel.shard_batch`):
+the global batch and the math are the single-process ones. Process 0 alone writes ``train_config.json``,
+``metrics.jsonl``, the progress, checkpoints, ``adapter.safetensors`` and ``eval.md``; ``--out`` must be one
+shared directory (every process reads the checkpoint on ``--resume``). The processes check that they start
+from the same adapter, optimizer state and step (a fingerprint gathered from every process) and, at every
+step, that they trained on the same batch and whether any of them got SIGINT, so that they all stop at the
+same step.
+
 Limits (clear errors): ``--method full`` (the JAX loop trains adapters only), dropout (the JAX T5 has
 none: a model whose dropout rate is not 0 needs ``--dropout 0``), ``--implementation`` must name a
 pemoe.jax implementation (``auto``, ``reference``, ``xla``, ``pallas``).
@@ -428,8 +440,8 @@ class _JaxT5(nn.Module):
         s_len, t_len = input_ids.shape[1], decoder_input_ids.shape[1]
         s_pad, t_pad = _bucket(s_len, 1 << 30) - s_len, _bucket(t_len, 1 << 30) - t_len
 
-        def arr(t: torch.Tensor, pad: int) -> jax.Array:
-            return jnp.asarray(np.pad(t.numpy().astype(np.int32), ((0, 0), (0, pad))))
+        def arr(t: torch.Tensor, pad: int) -> np.ndarray:  # a host array: jit replicates it over a mesh
+            return np.pad(t.numpy().astype(np.int32), ((0, 0), (0, pad)))
 
         logits = self.logits_fn(
             self.trainable,
@@ -438,12 +450,15 @@ class _JaxT5(nn.Module):
             arr(decoder_input_ids, t_pad),
             arr(attention_mask, s_pad),
         )
-        return SimpleNamespace(logits=torch.from_numpy(np.array(logits[:, :t_len], dtype=np.float32)))
+        return SimpleNamespace(logits=torch.from_numpy(np.array(np.asarray(logits)[:, :t_len], dtype=np.float32)))
 
 
-def eval_model(config: T5Config, adapter: adapters.AdapterConfig | None, implementation: str, frozen: dict) -> _JaxT5:
+def eval_model(
+    config: T5Config, adapter: adapters.AdapterConfig | None, implementation: str, frozen: dict, mesh: Any = None
+) -> _JaxT5:
     """A torch-callable JAX T5 for :func:`pemoe.train.evaluate.score_choices` / ``rank_classification``: the
-    jitted :func:`~pemoe.models.t5_jax.t5_logits` on ``frozen`` plus the adapter params set in ``.trainable``."""
+    jitted :func:`~pemoe.models.t5_jax.t5_logits` on ``frozen`` plus the adapter params set in ``.trainable``.
+    ``mesh``: the logits come back replicated over it (every process reads them whole)."""
 
     def eval_logits(trainable, frozen, input_ids, decoder_input_ids, attention_mask):
         params = {**frozen, **trainable}
@@ -451,7 +466,12 @@ def eval_model(config: T5Config, adapter: adapters.AdapterConfig | None, impleme
             params, config, input_ids, decoder_input_ids, attention_mask, implementation=implementation, adapter=adapter
         )
 
-    return _JaxT5(jax.jit(eval_logits), frozen)
+    if mesh is None:
+        return _JaxT5(jax.jit(eval_logits), frozen)
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    return _JaxT5(jax.jit(eval_logits, out_shardings=NamedSharding(mesh, P())), frozen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,11 +524,23 @@ def train(
     cfg: TrainConfig,
     *,
     mesh: str | Mapping[str, int] | None = None,
+    distributed: Mapping[str, Any] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> JaxTrainResult:
     """Run ``pemoe train --framework jax`` (see the module docstring); same outputs as
     :func:`pemoe.train.loop.train`. ``mesh``: ``"data=N[,model=M]"`` runs the step over a device mesh
-    (:mod:`pemoe.jax.parallel`). ``on_step(step, loss)`` is called after every completed step."""
+    (:mod:`pemoe.jax.parallel`). ``distributed``: join a multi-process job first, the keyword arguments of
+    :func:`pemoe.jax.parallel.initialize_distributed` (``{}``: JAX's cluster detection); the mesh then
+    defaults to ``data=<every device of every process>``. ``on_step(step, loss)`` is called after every
+    completed step."""
+    process, processes = 0, 1
+    if distributed is not None:
+        from pemoe.jax import parallel
+
+        process, processes = parallel.initialize_distributed(**distributed)  # before anything touches a device
+        if mesh is None:
+            mesh = f"data={jax.device_count()}"
+    main = process == 0
     check_config(cfg)
     out, data, eval_data = loop._open_run(cfg)
     device_mesh = _make_mesh(mesh, cfg)
@@ -518,7 +550,7 @@ def train(
             f"--framework jax has no dropout, and this model's dropout_rate is {_effective_dropout(cfg, bundle)}: "
             "pass --dropout 0"
         )
-    named = loop._prepare(bundle, _torch_side(cfg))
+    named = loop._prepare(bundle, _torch_side(cfg), verbose=main)
     names = [n for n, _ in named]
     trainable, frozen = split_params(bundle.model, names)
     if device_mesh is not None:
@@ -529,8 +561,6 @@ def train(
     adapter = adapters.adapter_config(bundle.model)
     optimizer = make_optimizer(cfg)
     opt_state = optimizer.init(trainable)
-    if device_mesh is not None:
-        trainable, opt_state = parallel.replicate((trainable, opt_state), device_mesh)
     key = (json.dumps(bundle.t5_config, sort_keys=True), json.dumps(adapter.to_dict(), sort_keys=True))
     key += (
         cfg.implementation,
@@ -549,42 +579,86 @@ def train(
     if cfg.resume:
         ckpt = loop._resume_checkpoint(cfg, out)
         trainable, opt_state, state = _load_checkpoint(ckpt, bundle, names, opt_state, stream, identity)
-        if device_mesh is not None:
-            trainable, opt_state = parallel.replicate((trainable, opt_state), device_mesh)
         step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-        print(f"pemoe train: resumed from {ckpt} at step {step}", file=sys.stderr)
-    result = JaxTrainResult(step=step, interrupted=False, start_step=step, skipped_lines=list(data.skipped))
+        if main:
+            print(f"pemoe train: resumed from {ckpt} at step {step}", file=sys.stderr)
+    if processes > 1:  # every process must start from the same state (same seed, same checkpoint)
+        same = {k: identity[k] for k in ("model", "tokenizer", "adapter_config")}  # contents, not paths
+        same["data"] = {k: identity["data"][k] for k in ("fingerprint", "num_examples")}
+        _check_processes_agree(
+            "backbone, tokenizer, data, adapter parameters, optimizer state, step and data position (same --seed, "
+            "--init/--model, --data and --resume checkpoint: --out must be a directory shared by every process)",
+            (json.dumps(same, sort_keys=True), trainable, opt_state, step, stream.state_dict()),
+        )
+    if device_mesh is not None:
+        trainable, opt_state = parallel.replicate((trainable, opt_state), device_mesh)
+    result = JaxTrainResult(
+        step=step, interrupted=False, start_step=step, skipped_lines=list(data.skipped), rank=process
+    )
     count = adapters.count_parameters(bundle.model)
     result.trainable, result.total, result.bundle = count.trainable, count.total, bundle
     run_config = {
         **cfg.to_dict(),
         "framework": FRAMEWORK,
         "mesh": mesh if isinstance(mesh, str) or mesh is None else dict(mesh),
+        **({"processes": processes} if processes > 1 else {}),
     }
-    (out / "train_config.json").write_text(json.dumps(run_config, indent=1))
+    if main:
+        (out / "train_config.json").write_text(json.dumps(run_config, indent=1))
 
-    metrics = loop._Metrics(out / "metrics.jsonl", step)
-    progress = loop._Progress(cfg.max_steps, step, cfg.progress, cfg.log_every)
+    metrics = loop._Metrics(out / "metrics.jsonl", step) if main else loop._NoMetrics()
+    progress = loop._Progress(cfg.max_steps, step, cfg.progress and main, cfg.log_every if main else 0)
     jax_model = None
 
     def checkpoint() -> pathlib.Path:
-        extra = {"tokens_seen": tokens_seen, "trainable": count.trainable, "total": count.total}
-        return _save_checkpoint(out, step, bundle, cfg, names, trainable, opt_state, stream, identity, extra)
+        path = loop._checkpoint_dir(out, step)
+        if main:  # process 0 writes; the others hold the same state
+            extra = {"tokens_seen": tokens_seen, "trainable": count.trainable, "total": count.total}
+            path = _save_checkpoint(out, step, bundle, cfg, names, trainable, opt_state, stream, identity, extra)
+        if processes > 1:  # no process goes on (e.g. to --resume from it) before the checkpoint is complete
+            from pemoe.jax import parallel
 
-    def run_eval() -> None:
+            parallel.sync_processes(f"pemoe checkpoint {step}")
+        return path
+
+    def run_eval() -> None:  # every process evaluates (the backbone is spread over all of them); process 0 reports
         nonlocal jax_model
         if jax_model is None:
-            jax_model = _cached(("eval", *key[:3]), lambda: eval_model(t5_config, adapter, cfg.implementation, {}))
+            jax_model = _cached(
+                ("eval", *key[:3], key[-1]),
+                lambda: eval_model(t5_config, adapter, cfg.implementation, {}, device_mesh),
+            )
             jax_model.frozen = frozen
         jax_model.trainable = trainable
         res = _evaluate(jax_model, bundle, cfg, eval_data)
         result.evals.append((step, res))
         metrics.write({"kind": "eval", "step": step, **res.to_dict()})
-        progress.write(f"step {step}: held-out rank-classification accuracy {100 * res.average:.1f}%")
+        if main:
+            progress.write(f"step {step}: held-out rank-classification accuracy {100 * res.average:.1f}%")
+
+    batch: dict[str, np.ndarray] | None = None
+
+    def stop_agreed(requested: bool) -> bool:
+        """One process: ``requested``. Several: whether any process got SIGINT, after checking that every
+        process trained the last step on the same batch."""
+        if processes == 1:
+            return requested
+        from pemoe.jax import parallel
+
+        fp = parallel.fingerprint(batch) if batch is not None else np.zeros(8, np.uint32)
+        rows = parallel.gather_from_processes(np.concatenate([[np.uint32(requested)], fp]))
+        differ = [p for p in range(processes) if not np.array_equal(rows[p, 1:], rows[0, 1:])]
+        if differ:
+            raise ValueError(
+                f"pemoe train: process(es) {differ} trained step {step} on another batch than process 0: every "
+                "process must read the same --data with the same --seed, --batch-size and --grad-accum"
+            )
+        return bool(rows[:, 0].any())
 
     try:
+        stopping = False  # SIGINT on any process, agreed by all before each step
         with loop._StopFlag() as stop:
-            while step < cfg.max_steps and not stop.requested:
+            while step < cfg.max_steps and not (stopping := stop_agreed(stop.requested)):
                 t0 = time.perf_counter()
                 micro = loop._next_micro_batches(data, stream, bundle, cfg)
                 n_tokens = sum(b.num_input_tokens + b.num_target_tokens for b in micro)
@@ -611,26 +685,42 @@ def train(
                     run_eval()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     result.checkpoint = checkpoint()
-            result.interrupted = stop.requested and step < cfg.max_steps
+            if not stopping:  # max_steps reached (the loop did not ask): check the last step's batch too
+                stop_agreed(stop.requested)
+            result.interrupted = stopping and step < cfg.max_steps
             result.step = step
             result.checkpoint = checkpoint()  # still under the SIGINT flag: a Ctrl-C cannot cut it short
         if result.interrupted:
-            progress.write(f"pemoe train: interrupted; step {step} saved in {result.checkpoint} (resume with --resume)")
+            if main:
+                progress.write(
+                    f"pemoe train: interrupted; step {step} saved in {result.checkpoint} (resume with --resume)"
+                )
         else:
             if eval_data is not None and not (result.evals and result.evals[-1][0] == step):
                 run_eval()
-            _to_torch(bundle, trainable)
-            adapters.save_adapter(bundle.model, out / "adapter.safetensors")
+            if main:
+                _to_torch(bundle, trainable)
+                adapters.save_adapter(bundle.model, out / "adapter.safetensors")
     finally:
         progress.close()
         metrics.close()
     _to_torch(bundle, trainable)
     result.params, result.opt_state = trainable, opt_state
-    if result.evals:
+    if result.evals and main:
         from pemoe.train.evaluate import format_table
 
         (out / "eval.md").write_text(format_table({f"step {result.evals[-1][0]}": result.evals[-1][1]}) + "\n")
     return result
+
+
+def _check_processes_agree(what: str, tree: Any) -> None:
+    """ValueError unless every process holds the same host values ``tree`` (a fingerprint each)."""
+    from pemoe.jax import parallel
+
+    rows = parallel.gather_from_processes(parallel.fingerprint(tree))
+    differ = [p for p in range(rows.shape[0]) if not np.array_equal(rows[p], rows[0])]
+    if differ:
+        raise ValueError(f"pemoe train: process(es) {differ} do not hold the same {what} as process 0")
 
 
 def _torch_side(cfg: TrainConfig) -> TrainConfig:
