@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pemoe import _checks, reference
 from pemoe.ops._dispatch import AVAILABLE, resolve_implementation
 from pemoe.ops.molora import MoLoRAFunction
-from pemoe.ops.mov import MoVFunction
+from pemoe.ops.mov import MoVActFunction, MoVFunction
 
 __all__ = ["AVAILABLE", "mov", "mov_linear", "mov_ffn", "molora_linear", "resolve_implementation"]
 
@@ -156,8 +156,8 @@ def mov_ffn(
 
         y = kernel.mov_ffn(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize)
         return y.reshape(x.shape)
-    a = reference.ACTIVATIONS[activation](F.linear(x2d, wi_0))
-    a = MoVFunction.apply(a, None, None, router, experts, probs, top_k, renormalize)
+    # the activation runs inside the Function, which keeps x·wi_0ᵀ instead of act(x·wi_0ᵀ) for the backward
+    a = MoVActFunction.apply(F.linear(x2d, wi_0), router, experts, probs, top_k, renormalize, activation)
     if wi_1 is not None:
         a = a * F.linear(x2d, wi_1)
     return F.linear(a, wo).reshape(x.shape)

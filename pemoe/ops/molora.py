@@ -13,9 +13,11 @@ Backward (W frozen):
     dU′ = dy @ (scale·B_cat)ᵀ;  d B_cat = scale · U′ᵀ dy;  dU = dU′ · p
     dp[t,e] = Σ_r dU′·U;  dlogits = softmax/top-k backward of dp
     dx = dy W + [dU | dlogits] @ [A_cat | router]ᵀ       (one extra GEMM of depth E·r + E)
-    [d A_cat | d router] = xᵀ [dU | dlogits]              (one GEMM)
-Saved: x (the op's input, kept by the caller anyway), U ([T, E·r], small) and p_soft
-([E, T] float32; tokens innermost so the softmax over E is a fast reduction).
+    [d A_cat | d router] = xᵀ [dU | dlogits]              (one GEMM, run as ([dU | dlogits]ᵀ x)ᵀ: the
+                                                           skinny-output form is ~1.5x faster on the CPU)
+Saved: x (the op's input, kept by the caller anyway), U ([T, E·r], small) and the router logits
+([E, T] in the compute dtype; for float32 x they share U's storage, the one GEMM's output). p_soft
+is recomputed from the logits in the backward (a softmax over [E, T]: bitwise the forward's).
 """
 
 from __future__ import annotations
@@ -77,17 +79,18 @@ class MoLoRAFunction(torch.autograd.Function):
         y = F.linear(x, weight, bias)
         b_cat = lora_b.to(x.dtype).reshape(num_experts * rank, -1)
         y.addmm_(_scale_by_probs(u, p, rank), b_cat, alpha=scale)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, router, probs, p_soft, u)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, router, probs, logits, u)
         ctx.scale, ctx.top_k, ctx.renormalize = scale, top_k, renormalize
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_a, lora_b, router, probs, p_soft, u = ctx.saved_tensors
+        x, weight, lora_a, lora_b, router, probs, logits, u = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_b_lora, need_router, need_probs = ctx.needs_input_grad[:7]
         num_experts, k, rank = lora_a.shape
         dt, cd = x.dtype, compute_dtype(x.dtype)
         t = x.shape[0]
+        p_soft = None if logits is None else torch.softmax(logits, dim=0)
         p = _weights(probs, p_soft, ctx.top_k, ctx.renormalize, cd)
         b_cat = lora_b.to(dt).reshape(num_experts * rank, -1)
 
@@ -109,7 +112,7 @@ class MoLoRAFunction(torch.autograd.Function):
             a_cols = _cat_a(lora_a, dt) if dlogits is None else torch.cat([_cat_a(lora_a, dt), router.to(dt)], dim=1)
             dx = torch.mm(dy, weight).addmm_(d_cols, a_cols.t())
         if need_a or (need_router and dlogits is not None):
-            d_params = torch.mm(x.t(), d_cols).to(cd)  # [K, E·r (+ E)]
+            d_params = torch.mm(d_cols.t(), x).to(cd).t()  # [K, E·r (+ E)] = xᵀ d_cols
             if need_a:
                 d_a = d_params[:, : num_experts * rank].reshape(k, num_experts, rank).permute(1, 0, 2)
                 d_a = d_a.to(lora_a.dtype)

@@ -11,9 +11,18 @@ Backward (the base weight is frozen, so no weight gradient unless asked for):
     d router       = Σ_{t,g} h[t,g,:]ᵀ dlogits[t,g,:]
     dh             = dy·s + dlogits @ routerᵀ,   dx = dh @ W  (mov_linear)
 Saved for backward: h in the activation dtype (the op's own input for ``mov``; for
-``mov_linear`` it would cost a second GEMM to recompute) and p_soft in float32 ([G, E, T]). s is
-recomputed (one small batched matmul). Sentence routing passes the probabilities in from
-outside (``probs``, [T, E]); their gradient is returned to autograd.
+``mov_linear`` it would cost a second GEMM to recompute). s is recomputed (one small batched
+matmul). p_soft ([G, E, T] float32: E/D of h's element count) is kept only for wide groups
+(D >= :data:`KEEP_PROBS_MIN_DIM`, e.g. the T5 FFN site, D = d_ff, where it is ~3 % of h at E = 30 and
+recomputing it would cost a [T, D] x [D, E] matmul); for narrow ones (attention heads, D = d_kv = 64:
+47 % of h at E = 30) it is recomputed from h in the backward (a batched matmul and a softmax over E,
+bitwise the forward's). Sentence routing passes the probabilities in from outside (``probs``,
+[T, E]); their gradient is returned to autograd.
+
+The FFN site of ``mov_ffn`` (SPEC §2) runs as :class:`MoVActFunction`: y = mov(act(z)) with the
+activation inside the Function. It saves the pre-activation z (which the activation's own backward
+would keep anyway) instead of h = act(z), and recomputes h in the backward (one elementwise pass):
+one [T, F] tensor less per FFN site than act followed by :class:`MoVFunction`.
 """
 
 from __future__ import annotations
@@ -22,7 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from pemoe.ops import _router
-from pemoe.reference import compute_dtype
+from pemoe.reference import ACTIVATIONS, compute_dtype
+
+#: d act(z) / dz applied to an upstream gradient, per activation name of :data:`pemoe.reference.ACTIVATIONS`
+#: (the same ATen kernels autograd runs for ``F.gelu`` / ``F.relu``, so the fused FFN site's gradients are
+#: bitwise those of the unfused one).
+ACTIVATION_GRADS = {
+    "gelu_new": lambda dh, z: torch.ops.aten.gelu_backward(dh, z, approximate="tanh"),
+    "gelu": lambda dh, z: torch.ops.aten.gelu_backward(dh, z),
+    "relu": lambda dh, z: torch.ops.aten.threshold_backward(dh, z, 0),
+}
 
 # ------------------------------------------------------------------------------------------
 # Forward / backward pieces on flattened tensors. Layouts: h [T, G, D]; experts [G, E, D];
@@ -49,27 +67,50 @@ def _scaling(p, experts, dtype):
     """
     if p is None:  # (IA)3
         return experts[:, 0, :].to(dtype)
-    return torch.bmm(p.to(dtype).transpose(1, 2), experts.to(dtype)).transpose(0, 1)
+    return _scaling_gtd(p, experts, dtype).transpose(0, 1)
+
+
+def _scaling_gtd(p, experts, dtype):
+    """s in a fresh contiguous [G, T, D] tensor (the batched matmul's own layout)."""
+    return torch.bmm(p.to(dtype).transpose(1, 2), experts.to(dtype))
+
+
+#: p_soft is saved for the backward when the group width D is at least this, else recomputed from h.
+KEEP_PROBS_MIN_DIM = 256
+
+
+def _probs_to_keep(p_soft, experts):
+    return p_soft if p_soft is not None and experts.shape[2] >= KEEP_PROBS_MIN_DIM else None
+
+
+def router_softmax(h, router, experts, probs):
+    """p_soft [G, E, T] in the compute dtype when the router reads h (None for (IA)3 / sentence routing)."""
+    if probs is not None or router is None:
+        return None
+    groups, num_experts, dim = experts.shape
+    h_cd = h.to(compute_dtype(h.dtype))
+    # logits[g, e, t] = Σ_d router[d, e] · h[t, g, d], one router shared by the groups
+    logits = torch.bmm(router.to(h_cd.dtype).t().expand(groups, num_experts, dim), h_cd.permute(1, 2, 0))
+    return torch.softmax(logits, dim=1)
 
 
 def mov_forward(h, router, experts, probs, top_k, renormalize):
     """Returns (y [T, G, D] in h's dtype, p_soft [G, E, T] float32 or None)."""
-    groups, num_experts, dim = experts.shape
-    p_soft = None
-    if probs is None and router is not None:
-        h_cd = h.to(compute_dtype(h.dtype))
-        # logits[g, e, t] = Σ_d router[d, e] · h[t, g, d], one router shared by the groups
-        logits = torch.bmm(router.to(h_cd.dtype).t().expand(groups, num_experts, dim), h_cd.permute(1, 2, 0))
-        p_soft = torch.softmax(logits, dim=1)
+    p_soft = router_softmax(h, router, experts, probs)
     p = _routing_weights(h, router, experts, probs, p_soft, top_k, renormalize)
     return h * _scaling(p, experts, h.dtype), p_soft
 
 
 def mov_backward(dy, h, router, experts, probs, p_soft, top_k, renormalize, needs):
-    """Returns (dh [T, G, D], d_router [D, E], d_experts [G, E, D], d_probs [T, E]); unneeded ones None."""
+    """Returns (dh [T, G, D], d_router [D, E], d_experts [G, E, D], d_probs [T, E]); unneeded ones None.
+
+    ``p_soft`` None with a router that reads h: recomputed from h (see the module docstring).
+    """
     need_h, need_router, need_experts, need_probs = needs
+    if p_soft is None:
+        p_soft = router_softmax(h, router, experts, probs)
     cd = compute_dtype(h.dtype)
-    T, G, D = h.shape
+    G, D = h.shape[1:]
     p = _routing_weights(h, router, experts, probs, p_soft, top_k, renormalize)
     self_routed = p is not None and probs is None
 
@@ -89,10 +130,16 @@ def mov_backward(dy, h, router, experts, probs, p_soft, top_k, renormalize, need
                 if need_router:  # Σ_{t,g} h[t,g,:]ᵀ dlogits[g,:,t]
                     d_router = torch.bmm(dlogits, h_cd.transpose(0, 1)).sum(0).t()
     if need_h:
-        dh = (dy * _scaling(p, experts, dy.dtype)).contiguous()
-        if dlogits is not None:  # dh[t,g,:] += dlogits[g,:,t] @ routerᵀ
-            dlogits_rows = dlogits.permute(2, 0, 1).reshape(T * G, dlogits.shape[1]).to(dh.dtype)
-            dh.view(T * G, D).addmm_(dlogits_rows, router.t().to(dh.dtype))
+        if p is None:  # (IA)3
+            dh = (dy * _scaling(p, experts, dy.dtype)).contiguous()
+        else:
+            # per group, in the [G, T, D] layout of the batched matmuls: dh_g = dy_g·s_g (+ dlogits_gᵀ routerᵀ),
+            # then one copy back to [T, G, D] (no transposing copy of the [E, T]-major dlogits)
+            dh = _scaling_gtd(p, experts, dy.dtype).mul_(dy.transpose(0, 1))
+            if dlogits is not None:
+                num_experts = dlogits.shape[1]
+                dh.baddbmm_(dlogits.transpose(1, 2).to(dh.dtype), router.t().to(dh.dtype).expand(G, num_experts, D))
+            dh = dh.transpose(0, 1).contiguous()
     return dh, d_router, d_experts, d_probs
 
 
@@ -111,7 +158,7 @@ class MoVFunction(torch.autograd.Function):
         h = h2d.view(h2d.shape[0], groups, dim)
         y, p_soft = mov_forward(h, router, experts, probs, top_k, renormalize)
         save_x = weight is not None and weight.requires_grad
-        ctx.save_for_backward(h, router, experts, probs, p_soft, weight, x if save_x else None)
+        ctx.save_for_backward(h, router, experts, probs, _probs_to_keep(p_soft, experts), weight, x if save_x else None)
         ctx.top_k, ctx.renormalize = top_k, renormalize
         return y.reshape(h2d.shape)
 
@@ -147,3 +194,46 @@ class MoVFunction(torch.autograd.Function):
         if d_probs is not None:
             d_probs = d_probs.to(probs.dtype)
         return dx, dw, db, d_router, d_experts, d_probs, None, None
+
+
+class MoVActFunction(torch.autograd.Function):
+    """y = mov(act(z)) on flattened pre-activations z [T, G·D] (the FFN site, SPEC §2), act by name.
+
+    Saves z instead of h = act(z) and recomputes h in the backward; dz = act'(z) · dh through
+    :data:`ACTIVATION_GRADS`. Same values and gradients as ``act`` followed by :class:`MoVFunction`.
+    """
+
+    @staticmethod
+    def forward(ctx, z, router, experts, probs, top_k, renormalize, activation):
+        groups, _, dim = experts.shape
+        h = ACTIVATIONS[activation](z).view(z.shape[0], groups, dim)
+        y, p_soft = mov_forward(h, router, experts, probs, top_k, renormalize)
+        ctx.save_for_backward(z, router, experts, probs, _probs_to_keep(p_soft, experts))
+        ctx.top_k, ctx.renormalize, ctx.activation = top_k, renormalize, activation
+        return y.reshape(z.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, router, experts, probs, p_soft = ctx.saved_tensors
+        need_z, need_router, need_experts, need_probs = ctx.needs_input_grad[:4]
+        groups, _, dim = experts.shape
+        h = ACTIVATIONS[ctx.activation](z).view(z.shape[0], groups, dim)
+        dh, d_router, d_experts, d_probs = mov_backward(
+            dy.reshape(h.shape),
+            h,
+            router,
+            experts,
+            probs,
+            p_soft,
+            ctx.top_k,
+            ctx.renormalize,
+            (need_z, need_router, need_experts, need_probs),
+        )
+        dz = None if dh is None else ACTIVATION_GRADS[ctx.activation](dh.view(z.shape), z)
+        if d_router is not None:
+            d_router = d_router.to(router.dtype)
+        if d_experts is not None:
+            d_experts = d_experts.to(experts.dtype)
+        if d_probs is not None:
+            d_probs = d_probs.to(probs.dtype)
+        return dz, d_router, d_experts, d_probs, None, None, None
