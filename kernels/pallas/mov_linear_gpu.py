@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .mov_linear import _check as _check_common
+
 __all__ = ["ExportCase", "MoVLinearGPUBlocks", "get_default", "mov_linear", "export_cases"]
 
 
@@ -142,29 +144,10 @@ def _mov_linear_kernel(
 
 
 def _check(x, weight, bias, router, experts, top_k, probs) -> tuple[int, int, int]:
-    if top_k is not None:
-        raise NotImplementedError("pallas (gpu) mov_linear: top-k routing is not implemented in the kernel yet")
-    if probs is not None:
-        raise NotImplementedError("pallas (gpu) mov_linear: sentence routing (probs) is not implemented yet")
-    if x.ndim != 2 or weight.ndim != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x must be [T, K] and weight [N, K], got x {list(x.shape)} and weight {list(weight.shape)}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x and weight must share one dtype, got {x.dtype} and {weight.dtype}")
-    if experts.ndim != 3:
-        raise ValueError(f"experts must be [G, E, D], got {list(experts.shape)}")
-    groups, num_experts, dim = experts.shape
-    if groups * dim != weight.shape[0]:
-        raise ValueError(
-            f"experts [G, E, D] = {list(experts.shape)} needs N = G*D = {groups * dim}, got {weight.shape[0]}"
-        )
+    """The TPU kernel's checks (same arguments, same rules), plus the Triton tile rule on the head width."""
+    groups, num_experts, dim = _check_common(x, weight, bias, router, experts, top_k, probs)
     if not _pow2(dim) or dim < 16:
         raise NotImplementedError(f"pallas (gpu) mov_linear: D must be a power of two ≥ 16 (Triton tiles), got {dim}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be [N] = [{weight.shape[0]}], got {list(bias.shape)}")
-    if router is None and num_experts != 1:
-        raise ValueError(f"router is required when E > 1 (E = {num_experts})")
-    if router is not None and tuple(router.shape) != (dim, num_experts):
-        raise ValueError(f"router must be [D, E] = [{dim}, {num_experts}], got {list(router.shape)}")
     return groups, num_experts, dim
 
 
