@@ -583,6 +583,17 @@ def test_pallas_gpu_kernel_never_sees_a_partial_row_block():
     assert jax.eval_shape(fn, *args).shape == (100, 128)
 
 
+def test_pallas_gpu_kernel_refuses_what_it_cannot_tile():
+    from pemoe.kernels.pallas import mov_linear_gpu as kernel
+
+    s = jax.ShapeDtypeStruct
+    x, router = s((8, 48), jnp.float32), s((24, 4), jnp.float32)
+    with pytest.raises(NotImplementedError, match="D must be a power of two"):  # D = 24
+        jax.eval_shape(lambda: kernel.mov_linear(x, s((48, 48), jnp.float32), None, router, s((2, 4, 24), jnp.float32)))
+    with pytest.raises(ValueError, match="router must be"):  # the shared checks still apply
+        jax.eval_shape(lambda: kernel.mov_linear(x, s((64, 48), jnp.float32), None, router, s((4, 4, 16), jnp.float32)))
+
+
 def test_pallas_gpu_blocks_are_validated():
     from pemoe.kernels.pallas.mov_linear_gpu import MoVLinearGPUBlocks, get_default
 
