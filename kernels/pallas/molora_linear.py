@@ -58,6 +58,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ._tpu import LANES, SUBLANES, check_output_block, check_reduction_block
+
 __all__ = [
     "LANES",
     "SUBLANES",
@@ -72,7 +74,6 @@ __all__ = [
 ]
 
 #: TPU vreg tile: the last two dims of a block are multiples of (SUBLANES, LANES) or the full dims.
-SUBLANES, LANES = 8, 128
 #: VMEM the default tiles may use (TPU v4's default scoped-VMEM limit is 16 MiB).
 VMEM_BUDGET = 16 * 2**20
 #: Activation dtypes the kernel takes (TPU has no float64).
@@ -116,27 +117,9 @@ class MoLoRALinearBlocks:
 
     def validate(self, *, t: int, n: int, k: int) -> None:
         """Raise ValueError if these blocks cannot tile T = t, N = n, K = k."""
-        if self.block_m != t:
-            if self.block_m % SUBLANES:
-                raise ValueError(
-                    f"block_m must equal T = {t} or be a multiple of {SUBLANES} (TPU sublanes), got {self.block_m}"
-                )
-            if self.block_m > t:
-                raise ValueError(f"block_m = {self.block_m} is larger than T = {t}; use block_m = T")
-        if self.block_n != n:
-            if self.block_n % LANES:
-                raise ValueError(
-                    f"block_n must equal N = {n} or be a multiple of {LANES} (TPU lanes), got {self.block_n}"
-                )
-            if self.block_n > n:
-                raise ValueError(f"block_n = {self.block_n} is larger than N = {n}; use block_n = N")
-        if self.block_k != k:
-            if self.block_k % LANES:
-                raise ValueError(
-                    f"block_k must equal K = {k} or be a multiple of {LANES} (TPU lanes), got {self.block_k}"
-                )
-            if k % self.block_k:
-                raise ValueError(f"block_k must divide K = {k} (no partial reduction block), got {self.block_k}")
+        check_output_block("block_m", self.block_m, "T", t, SUBLANES)
+        check_output_block("block_n", self.block_n, "N", n, LANES)
+        check_reduction_block("block_k", self.block_k, "K", k)
 
     def vmem_bytes(self, *, num_experts: int, rank: int, itemsize: int, routing: int = TOKEN_ROUTER) -> int:
         """Estimated VMEM use: double-buffered input/output blocks plus the float32 scratch."""

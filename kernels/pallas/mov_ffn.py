@@ -74,6 +74,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from ._tpu import LANES, SUBLANES, check_output_block, check_reduction_block
+
 __all__ = [
     "ACTIVATIONS",
     "LANES",
@@ -93,7 +95,6 @@ __all__ = [
 ]
 
 #: TPU vreg tile: the last two dims of a block are multiples of (SUBLANES, LANES) or the full dims.
-SUBLANES, LANES = 8, 128
 #: VMEM one kernel may use (double-buffered blocks + scratch): 16 MiB is the default scoped VMEM limit of
 #: TPU v4 / v5e; the defaults keep 4 MiB of it free for Mosaic's own scratch.
 VMEM_BUDGET = 16 * 2**20
@@ -174,30 +175,10 @@ class MoVFFNBlocks:
 
     def validate(self, *, t: int, f: int, k: int, e: int = 1, itemsize: int = 2, gated: bool = True) -> None:
         """Raise ValueError if these blocks cannot tile T = t, F = f, M = k (model width) on TPU."""
-        if self.block_t != t:
-            if self.block_t % SUBLANES:
-                raise ValueError(
-                    f"block_t must equal T = {t} or be a multiple of {SUBLANES} (TPU sublanes), got {self.block_t}"
-                )
-            if self.block_t > t:
-                raise ValueError(f"block_t = {self.block_t} is larger than T = {t}; use block_t = T")
+        check_output_block("block_t", self.block_t, "T", t, SUBLANES)
         for name, size, dim in (("up_block_f", f, "F"), ("up_block_k", k, "M"), ("down_block_k", f, "F")):
-            value = getattr(self, name)
-            if value == size:
-                continue
-            if value % LANES:
-                raise ValueError(
-                    f"{name} must equal {dim} = {size} or be a multiple of {LANES} (TPU lanes), got {value}"
-                )
-            if size % value:
-                raise ValueError(f"{name} must divide {dim} = {size} (no partial reduction block), got {value}")
-        if self.down_block_n != k:
-            if self.down_block_n % LANES:
-                raise ValueError(
-                    f"down_block_n must equal M = {k} or be a multiple of {LANES} (TPU lanes), got {self.down_block_n}"
-                )
-            if self.down_block_n > k:
-                raise ValueError(f"down_block_n = {self.down_block_n} is larger than M = {k}; use down_block_n = M")
+            check_reduction_block(name, getattr(self, name), dim, size)
+        check_output_block("down_block_n", self.down_block_n, "M", k, LANES)
         usage = self.vmem_bytes(e=e, itemsize=itemsize, gated=gated)
         for kernel, used in zip(("(a) up", "(b) down"), usage, strict=True):
             if used > VMEM_BUDGET:

@@ -32,10 +32,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ._tpu import LANES, SUBLANES, check_output_block, check_reduction_block
+
 __all__ = ["LANES", "SUBLANES", "MoVLinearBlocks", "get_default", "mov_linear"]
 
 #: TPU vreg tile: the last two dims of a block are multiples of (SUBLANES, LANES) or the full dims.
-SUBLANES, LANES = 8, 128
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,13 +67,7 @@ class MoVLinearBlocks:
 
     def validate(self, *, t: int, n: int, k: int, dim: int) -> None:
         """Raise ValueError if these blocks cannot tile T = t, N = n, K = k with heads of width dim."""
-        if self.block_m != t:
-            if self.block_m % SUBLANES:
-                raise ValueError(
-                    f"block_m must equal T = {t} or be a multiple of {SUBLANES} (TPU sublanes), got {self.block_m}"
-                )
-            if self.block_m > t:
-                raise ValueError(f"block_m = {self.block_m} is larger than T = {t}; use block_m = T")
+        check_output_block("block_m", self.block_m, "T", t, SUBLANES)
         if self.block_n != n:
             if self.block_n % LANES:
                 raise ValueError(
@@ -85,13 +80,7 @@ class MoVLinearBlocks:
                 )
             if self.block_n > n:
                 raise ValueError(f"block_n = {self.block_n} is larger than N = {n}; use block_n = N")
-        if self.block_k != k:
-            if self.block_k % LANES:
-                raise ValueError(
-                    f"block_k must equal K = {k} or be a multiple of {LANES} (TPU lanes), got {self.block_k}"
-                )
-            if k % self.block_k:
-                raise ValueError(f"block_k must divide K = {k} (no partial reduction block), got {self.block_k}")
+        check_reduction_block("block_k", self.block_k, "K", k)
 
 
 def get_default(t: int, n: int, k: int, dim: int) -> MoVLinearBlocks:
