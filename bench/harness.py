@@ -253,9 +253,10 @@ def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
 
 
 def _sample_cpu(fn: Callable[[], object], reps: int) -> list[float]:
-    """``reps`` wall-clock samples (ms) of ``fn()``, gc disabled while timing."""
+    """``reps`` wall-clock samples (ms) of ``fn()``, gc disabled while timing (collected first when it was on)."""
     out = []
-    gc.collect()
+    if gc.isenabled():
+        gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -339,13 +340,23 @@ def time_interleaved(
     if device.type == "cuda":
         torch.cuda.synchronize()
     samples: dict[str, list[float]] = {n: [] for n in names}
-    t0 = time.perf_counter()
-    for r in range(max_rounds):
-        if r >= min_rounds and time.perf_counter() - t0 > budget_s:
-            break
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            samples[name] += _sample(fns[name], reps, device)
+    # One garbage collection before the rounds, none between them: a collection between batches made the
+    # next JAX call on the CPU up to 1.8x slower (bf16 T5-large linear: 9.7 ms instead of 5.3 ms), an
+    # artefact that hit small and large programs unequally.
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for r in range(max_rounds):
+            if r >= min_rounds and time.perf_counter() - t0 > budget_s:
+                break
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                samples[name] += _sample(fns[name], reps, device)
+    finally:
+        if was_enabled:
+            gc.enable()
     return {n: _quantiles(s) for n, s in samples.items()}
 
 

@@ -3,17 +3,22 @@
 Ops ``jax_mov_linear``, ``jax_molora_linear`` and ``jax_mov_ffn`` use the PyTorch benches' shapes, input
 values (their ``make_inputs``, converted to JAX arrays: activations and frozen weights in the benchmarked
 dtype, adapters float32) and cost formulas (bench/mov_linear.py, bench/molora_linear.py, bench/mov_ffn.py),
-so the two frameworks are timed on the same problem. Run them with
+so the two frameworks are timed on the same problem. The frozen weights (:data:`FROZEN_WEIGHTS`) are held in
+Flax's [in, out] layout, as pemoe's Flax layers hold their base kernels; the pemoe.jax providers get their
+transpose (SPEC §1's torch layout) inside the jitted function, exactly as those layers pass it. Run them with
 ``pemoe bench --ops jax_mov_linear,jax_molora_linear,jax_mov_ffn`` or ``python -m bench.jax_ops``; they are
 not in the default ``pemoe bench`` run (about 40 XLA compiles would double its duration).
 
 Providers (each a pure function of the inputs dict, compiled with ``jax.jit``):
-  ``linear``        the floor: the plain frozen op, ``x @ W.T + b`` (mov_ffn: the plain T5 v1.1 gated-GELU
-                    FFN ``(gelu_new(x wi_0ᵀ) * (x wi_1ᵀ)) woᵀ``); only x is differentiated
+  ``linear``        the floor: the plain frozen op ``x @ W + b`` in its fastest form (:func:`dense`; mov_ffn:
+                    the plain T5 v1.1 gated-GELU FFN ``(gelu_new(x wi_0) * (x wi_1)) wo``); only x is
+                    differentiated
   ``pemoe-xla``     ``pemoe.jax.<op>(..., implementation="xla")`` (the CPU default)
   ``reference``     ``implementation="reference"`` (the jnp transcription of SPEC §1, plain autodiff)
   ``pemoe-pallas``, ``pemoe-triton``  where pemoe.jax has them, on the backend they compile for (TPU;
                     GPU): skipped on the CPU, where they would run in an interpreter (a correctness tool)
+  ``matmuls-only``  jax_molora_linear only: a yardstick, not MoLoRA — the floor plus the adapter's
+                    unavoidable matrix products with no routing (bench/molora_linear.py:matmuls_only)
 Routers are None at E = 1 ((IA)3 and LoRA), as in the PyTorch benches.
 
 Modes (one jitted function per provider and mode, compiled and run once before timing; each timed call
@@ -86,8 +91,13 @@ def _jax_unavailable(device: torch.device) -> str | None:
     return None
 
 
+#: Inputs that are frozen weights, [out, in] in the torch benches; here held transposed, [in, out].
+FROZEN_WEIGHTS = ("weight", "wi_0", "wi_1", "wo")
+
+
 def to_jax(inputs: dict[str, torch.Tensor], device: torch.device) -> dict:
-    """The torch inputs as JAX arrays on ``device``'s JAX device, same values and dtypes."""
+    """The torch inputs as JAX arrays on ``device``'s JAX device, same values and dtypes; the
+    :data:`FROZEN_WEIGHTS` transposed to Flax's [in, out] layout (stored so, not a view)."""
     import jax
     import jax.numpy as jnp
 
@@ -96,7 +106,10 @@ def to_jax(inputs: dict[str, torch.Tensor], device: torch.device) -> dict:
     for k, v in inputs.items():
         if v.dtype not in _JNP_DTYPES:
             raise TypeError(f"input {k!r}: dtype {v.dtype} has no JAX twin here; expected one of {list(_JNP_DTYPES)}")
-        arr = jnp.asarray(v.detach().float().cpu().numpy(), dtype=_JNP_DTYPES[v.dtype])  # exact: upcast, back
+        values = v.detach().float().cpu().numpy()
+        if k in FROZEN_WEIGHTS:
+            values = np.ascontiguousarray(values.T)
+        arr = jnp.asarray(values, dtype=_JNP_DTYPES[v.dtype])  # exact: upcast, back
         out[k] = jax.device_put(arr, dev)
     return out
 
@@ -112,8 +125,23 @@ def _gelu_new(t):
     return jax.nn.gelu(t, approximate=True)
 
 
+def dense(x, kernel):
+    """The plain frozen matmul x @ kernel (kernel [in, out]) in x's dtype, in its fastest form on XLA CPU.
+
+    Float32 accumulation is requested (``preferred_element_type``) and the product rounded once: for 16-bit x
+    this is what makes XLA CPU run its native bf16 GEMM (T5-large, T = 2048, bfloat16, 2 cores: 5.3 ms, against
+    10.4 ms for a bare ``x @ kernel``, which XLA runs as a float32 GEMM on upcast copies). pemoe.jax's frozen
+    GEMMs are written the same way (pemoe.jax.xla.linear), so the floor is the best plain op, not a slow one.
+    """
+    import jax.numpy as jnp
+
+    from pemoe.jax.reference import compute_dtype
+
+    return jnp.matmul(x, kernel, preferred_element_type=compute_dtype(x.dtype)).astype(x.dtype)
+
+
 def _mov_linear_floor(i: dict):
-    return i["x"] @ i["weight"].T + i["bias"]
+    return dense(i["x"], i["weight"]) + i["bias"]
 
 
 def _mov_linear_op(impl: str) -> Callable[[dict], object]:
@@ -121,13 +149,13 @@ def _mov_linear_op(impl: str) -> Callable[[dict], object]:
         from pemoe import jax as pj
 
         router = None if i["experts"].shape[1] == 1 else i["router"]
-        return pj.mov_linear(i["x"], i["weight"], router, i["experts"], bias=i["bias"], implementation=impl)
+        return pj.mov_linear(i["x"], i["weight"].T, router, i["experts"], bias=i["bias"], implementation=impl)
 
     return forward
 
 
 def _molora_floor(i: dict):
-    return i["x"] @ i["weight"].T + i["bias"]
+    return dense(i["x"], i["weight"]) + i["bias"]
 
 
 def _molora_op(impl: str) -> Callable[[dict], object]:
@@ -137,15 +165,34 @@ def _molora_op(impl: str) -> Callable[[dict], object]:
         num_experts, _, rank = i["lora_a"].shape
         router = None if num_experts == 1 else i["router"]
         return pj.molora_linear(
-            i["x"], i["weight"], i["lora_a"], i["lora_b"], router, scale=16 / rank, bias=i["bias"], implementation=impl
+            i["x"],
+            i["weight"].T,
+            i["lora_a"],
+            i["lora_b"],
+            router,
+            scale=16 / rank,
+            bias=i["bias"],
+            implementation=impl,
         )
 
     return forward
 
 
+def _molora_matmuls_only(i: dict):
+    """JAX twin of bench/molora_linear.py:matmuls_only: x Wᵀ + b + (x·[A_cat | router])[:, :E·r]·B_cat."""
+    import jax.numpy as jnp
+
+    x = i["x"]
+    num_experts, k, rank = i["lora_a"].shape
+    a_cat = jnp.transpose(i["lora_a"].astype(x.dtype), (1, 0, 2)).reshape(k, num_experts * rank)
+    cols = a_cat if num_experts == 1 else jnp.concatenate([a_cat, i["router"].astype(x.dtype)], axis=1)
+    u = (x @ cols)[:, : num_experts * rank]
+    return dense(x, i["weight"]) + i["bias"] + u @ i["lora_b"].astype(x.dtype).reshape(num_experts * rank, -1)
+
+
 def _mov_ffn_floor(i: dict):
     x = i["x"]
-    return (_gelu_new(x @ i["wi_0"].T) * (x @ i["wi_1"].T)) @ i["wo"].T
+    return dense(_gelu_new(dense(x, i["wi_0"])) * dense(x, i["wi_1"]), i["wo"])
 
 
 def _mov_ffn_op(impl: str) -> Callable[[dict], object]:
@@ -154,7 +201,14 @@ def _mov_ffn_op(impl: str) -> Callable[[dict], object]:
 
         router = None if i["experts"].shape[1] == 1 else i["router"]
         return pj.mov_ffn(
-            i["x"], i["wi_0"], i["wo"], router, i["experts"], wi_1=i["wi_1"], activation="gelu_new", implementation=impl
+            i["x"],
+            i["wi_0"].T,
+            i["wo"].T,
+            router,
+            i["experts"],
+            wi_1=i["wi_1"].T,
+            activation="gelu_new",
+            implementation=impl,
         )
 
     return forward
@@ -390,6 +444,9 @@ BENCHES: dict[str, OpBench] = {
     "jax_molora_linear": _bench("jax_molora_linear", molora_linear, _molora_floor, _molora_op, molora_linear.TRAINABLE),
     "jax_mov_ffn": _bench("jax_mov_ffn", mov_ffn, _mov_ffn_floor, _mov_ffn_op, mov_ffn.TRAINABLE),
 }
+BENCHES["jax_molora_linear"].providers["matmuls-only"] = Provider(
+    "matmuls-only", _molora_matmuls_only, molora_linear.TRAINABLE, unavailable=_jax_unavailable
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,10 @@
 
 Providers: ``linear`` (floor: the frozen ``F.linear(x, W, b)``, only x requires grad), ``pemoe-torch``,
 ``pemoe-triton`` (skipped where pemoe has no Triton implementation), ``reference`` and
-``authors-einsum`` (the MoLoRA paper's formulation, written inline below) and, on E = 1 shapes
-(``--full``), ``peft-lora`` (PEFT's LoRA, alpha = 16, on the same frozen linear). Run
-``python -m bench.molora_linear`` (the same options as ``pemoe bench``).
+``authors-einsum`` (the MoLoRA paper's formulation, written inline below), ``matmuls-only`` (a yardstick,
+not MoLoRA: the frozen linear plus only the adapter's unavoidable matrix products, see
+:func:`matmuls_only`) and, on E = 1 shapes (``--full``), ``peft-lora`` (PEFT's LoRA, alpha = 16, on the
+same frozen linear). Run ``python -m bench.molora_linear`` (the same options as ``pemoe bench``).
 
 Cost formula (:func:`cost`; s = bytes per activation element, R = E·r):
   fwd     FLOPs 2TKN + 2TK(R + E) + 2TRN + TN;   bytes s(TK + NK + N + TN) + 4(KR + RN + KE)
@@ -106,6 +107,25 @@ def _authors(i: dict[str, torch.Tensor]) -> torch.Tensor:
     return base + _scale(i) * torch.einsum("te,ten->tn", p.to(x.dtype), delta)
 
 
+def matmuls_only(i: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A yardstick, not MoLoRA: x Wᵀ + b + (x·A_cat)·B_cat, the experts summed unweighted.
+
+    The matrix products any MoLoRA formulation must make beside the frozen linear (2TK(E·r + E) + 2T·E·r·N
+    FLOPs: 8.8 % of the linear's at T5-large, E = 10, r = 4), issued as pemoe's ``"torch"`` issues them — the
+    shrink and the router logits as one GEMM x·[A_cat | router] (router in x's dtype here, cheaper than
+    pemoe's float32 router for 16-bit x), the expand accumulated into the output — with no softmax, routing
+    or scaling. Its ratio to the linear is what these FLOPs alone cost on the machine, a floor for any
+    composition of torch ops; its gradients cost what theirs cost.
+    """
+    x = i["x"]
+    num_experts, k, rank = i["lora_a"].shape
+    a_cat = i["lora_a"].to(x.dtype).permute(1, 0, 2).reshape(k, num_experts * rank)
+    router = _router(i)
+    cols = a_cat if router is None else torch.cat([a_cat, router.to(x.dtype)], dim=1)
+    u = (x @ cols)[:, : num_experts * rank]
+    return F.linear(x, i["weight"], i["bias"]).addmm_(u, i["lora_b"].to(x.dtype).reshape(num_experts * rank, -1))
+
+
 def _peft_lora_module(i: dict[str, torch.Tensor]) -> torch.nn.Module:
     """PEFT's LoRA (r, alpha = 16) on a frozen nn.Linear sharing the bench's weight; A and B set to lora_a/b."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -127,6 +147,7 @@ def _only_lora(shape: dict[str, int]) -> str | None:
 
 
 PROVIDERS = standard_providers(_floor, _pemoe, _authors, TRAINABLE)
+PROVIDERS["matmuls-only"] = Provider("matmuls-only", matmuls_only, TRAINABLE)
 PROVIDERS["peft-lora"] = Provider("peft-lora", peft_module_forward(_peft_lora_module), ("x",), supports=_only_lora)
 BENCH = OpBench(OP, shapes, make_inputs, PROVIDERS, scale_keys=("K", "N"), cost=cost)
 

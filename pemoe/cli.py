@@ -13,6 +13,7 @@ lives in the checkout's ``bench/`` package (see bench/harness.py for exactly wha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import pathlib
 import sys
@@ -120,6 +121,13 @@ def build_parser(benches: dict) -> argparse.ArgumentParser:
         help="more reps; adds T5 base and XL widths and tokens 16 and 512",
     )
     b.set_defaults(full=False)
+    b.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=None,
+        help="time every case over exactly this many interleaved rounds (default: the --quick / --full time "
+        "budget); more rounds give steadier medians on a noisy machine",
+    )
     # Testing aid: divide the model widths by this factor (tiny shapes for fast tests).
     b.add_argument("--shape-scale", type=_positive_int, default=1, help=argparse.SUPPRESS)
     from pemoe.params import METHODS, T5_V1_1
@@ -161,6 +169,8 @@ def run_bench(args: argparse.Namespace, benches: dict) -> int:
         if args.full
         else harness.Settings(warmup=2, reps=2, min_rounds=4, max_rounds=10, budget_s=2.5)
     )
+    if args.rounds is not None:
+        settings = dataclasses.replace(settings, min_rounds=args.rounds, max_rounds=args.rounds)
     out_dir: pathlib.Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out_dir / "results.csv", out_dir / "results.md", out_dir / "ratios.png"

@@ -121,3 +121,22 @@ def test_shape_restricted_providers_are_reported(tmp_path, capsys):
     assert "skipped mov_linear / peft-ia3 at T=8,K=64,N=64,G=16,E=10: PEFT's IA3 is the E = 1 case only" in out
     assert "skipped mov_linear / peft-lora: not a provider of this op" in out
     assert "PEFT's IA3 is the E = 1 case only" in (tmp_path / "results.md").read_text()
+
+
+def test_rounds_sets_the_number_of_interleaved_rounds(tmp_path, monkeypatch):
+    """--rounds N: every provider is timed in exactly N rounds of ``reps`` calls, whatever the time budget."""
+    from bench import harness
+
+    batches = []
+    real = harness._sample
+
+    def sample(fn, reps, device):
+        batches.append(reps)
+        return real(fn, reps, device)
+
+    monkeypatch.setattr(harness, "_sample", sample)
+    argv = [*TINY, "--out", str(tmp_path), "--providers", "pemoe-torch", "--modes", "fwd"]
+    assert main([*argv, "--rounds", "7"]) == 0
+    assert len(batches) == 2 * 7  # linear and pemoe-torch, 7 rounds each
+    with pytest.raises(SystemExit):
+        main([*argv, "--rounds", "0"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pemoe import ops
+from pemoe.ops import molora as molora_module
 from tests.helpers import assert_within_rule, cast_inputs, run_with_grads
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -254,6 +255,17 @@ class TestMoLoRALinearTorch(MoLoRALinearCases):
     implementation = "torch"
 
 
+class TestMoLoRALinearTorchFusedColumns(MoLoRALinearCases):
+    """The ``"torch"`` forward that runs float32 x's shrink and router as extra columns of the base GEMM
+    (pemoe.ops.molora.FUSED_COLUMNS_MIN_TOKENS tokens and more), here for every token count."""
+
+    implementation = "torch"
+
+    @pytest.fixture(autouse=True)
+    def _fuse_columns_always(self, monkeypatch):
+        monkeypatch.setattr(molora_module, "FUSED_COLUMNS_MIN_TOKENS", 1)
+
+
 class TestMoLoRALinearAuto(MoLoRALinearCases):
     """ "auto" must resolve to a real implementation and pass the same checks."""
 
@@ -262,3 +274,30 @@ class TestMoLoRALinearAuto(MoLoRALinearCases):
 
 class TestMoVLinearAuto(MoVLinearCases):
     implementation = "auto"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_molora_fused_columns_output_layout_and_in_place_use(dtype):
+    """At FUSED_COLUMNS_MIN_TOKENS tokens, float32 y is the first N columns of x·[Wᵀ | A_cat | router]
+    (row stride padded to FUSED_COLUMNS_MULTIPLE) as a tensor of its own, not an autograd view: in-place
+    ops on it work and give the gradients of the out-of-place ones. 16-bit x keeps separate GEMMs."""
+    torch.manual_seed(0)
+    t, k, n, e, r = molora_module.FUSED_COLUMNS_MIN_TOKENS, 40, 72, 5, 3
+    x = torch.randn(2, t // 2, k).to(dtype).requires_grad_()
+    weight, bias = (torch.randn(n, k) * k**-0.5).to(dtype), torch.randn(n).to(dtype)
+    lora_a, lora_b, router = _adapter(e, k, r, std=0.3), _adapter(e, r, n, std=0.3), _adapter(k, e, std=0.5)
+    leaves = (x, lora_a, lora_b, router)
+
+    def run(in_place):
+        y = ops.molora_linear(x, weight, lora_a, lora_b, router, scale=2.0, bias=bias, implementation="torch")
+        y = y.mul_(3.0).add_(1.0) if in_place else y * 3.0 + 1.0
+        return y, torch.autograd.grad(y.float().square().sum(), leaves)
+
+    y, grads = run(True)
+    y_ref, grads_ref = run(False)
+    multiple = molora_module.FUSED_COLUMNS_MULTIPLE
+    row = -(-(n + e * r + e) // multiple) * multiple if dtype == torch.float32 else n
+    assert y.shape == (2, t // 2, n) and y.stride()[1:] == (row, 1)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

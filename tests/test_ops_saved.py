@@ -3,7 +3,8 @@
 Values and gradients of these ops are checked against the reference in tests/test_ops.py; here: the
 fused FFN site (activation inside :class:`MoVActFunction`) equals act followed by :class:`MoVFunction`
 bit for bit while keeping one [T, F] tensor less; MoV keeps only h (the router softmax is recomputed);
-MoLoRA keeps only x, its U|logits GEMM output and the parameters (the softmax is recomputed).
+MoLoRA keeps only x, its U|logits GEMM output and the parameters (the softmax is recomputed), and
+when that GEMM is the base GEMM's extra columns, copies of U and the logits rather than the output.
 """
 
 from __future__ import annotations
@@ -105,6 +106,24 @@ def test_molora_keeps_x_its_shrink_output_and_the_logits_only(dtype):
         assert sorted(saved.values()) == [t * (e * r + e) * 4]
     else:  # U in x's dtype; the float32 logits [E, T] from x32 (SPEC §5)
         assert sorted(saved.values()) == sorted([t * e * r * 2, t * e * 4])
+
+
+def test_molora_fused_columns_keep_u_and_logits_not_the_gemm_output():
+    """Float32 x from FUSED_COLUMNS_MIN_TOKENS tokens on: U and the logits are columns of the base GEMM's
+    output, which y shares; they are saved as copies of their own, so the [T, N + …] buffer (y) is not kept."""
+    torch.manual_seed(0)
+    t, k, n, e, r = 513, 40, 24, 5, 3
+    x = torch.randn(t, k, requires_grad=True)
+    weight = torch.randn(n, k)
+    lora_a = torch.randn(e, k, r, requires_grad=True)
+    lora_b = torch.randn(e, r, n, requires_grad=True)
+    router = torch.randn(k, e, requires_grad=True)
+    params = (x, weight, lora_a, lora_b, router)
+    saved, y = _saved_storages(
+        lambda: MoLoRAFunction.apply(x, weight, None, lora_a, lora_b, router, None, 4.0, None, False), params
+    )
+    assert y.stride() == (48, 1)  # n + e·r + e = 44 columns, padded to 48
+    assert sorted(saved.values()) == sorted([t * e * r * 4, t * e * 4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -197,7 +197,7 @@ def mov_linear(
         y = pallas.mov_linear(_flat(x), weight, bias, router, experts, top_k=top_k, interpret=pallas_interpret())
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
     probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
-    h = reference.linear(_flat(x), weight, bias)  # frozen GEMM: plain autodiff (residuals are inputs)
+    h = xla.linear(_flat(x), weight, bias)  # frozen GEMM: plain autodiff (residuals are inputs)
     y = xla.mov_site(h, None if probs is not None else router, experts, probs, top_k, renormalize)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
@@ -268,11 +268,11 @@ def mov_ffn(
             probs=probs, top_k=top_k, renormalize=renormalize, interpret=pallas_interpret(),
         )  # fmt: skip
         return y.reshape(x.shape)
-    a = reference.ACTIVATIONS[activation](reference.linear(x2d, wi_0))
+    a = reference.ACTIVATIONS[activation](xla.linear(x2d, wi_0))
     a = xla.mov_site(a, None if probs is not None else router, experts, probs, top_k, renormalize)
     if wi_1 is not None:
-        a = a * reference.linear(x2d, wi_1)
-    return reference.linear(a, wo).reshape(x.shape)
+        a = a * xla.linear(x2d, wi_1)
+    return xla.linear(a, wo).reshape(x.shape)
 
 
 def molora_linear(

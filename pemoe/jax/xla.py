@@ -84,6 +84,19 @@ def probs_backward(dp: jax.Array, p_soft: jax.Array, top_k: int | None, renormal
     return dlogits - p_soft * dlogits.sum(axis=-1, keepdims=True)
 
 
+def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x Wᵀ + b, weight [N, K] (torch Linear layout), accumulated in float32 (or wider) and rounded to x's dtype.
+
+    The frozen GEMM of the MoV ops. ``preferred_element_type`` is what lets XLA CPU run a 16-bit dot natively
+    (its YNNPACK bf16 GEMM) when the weight is the transpose of a [K, N] array, as pemoe's Flax layers pass
+    their kernel: measured at T5-large (T = 2048, K = N = 1024, bfloat16, 2 cores with AVX512-BF16) 5.3 ms
+    against 10.4 ms for ``x @ kernel``, which XLA runs as a float32 GEMM on upcast copies. A torch-layout
+    [N, K] weight gets the float32 GEMM either way. Values: the float32-accumulated product, rounded once.
+    """
+    y = jnp.matmul(x, weight.T, preferred_element_type=compute_dtype(x.dtype)).astype(x.dtype)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
 def _dot(a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
     """a @ b with float32 (or wider) accumulation, result in out_dtype."""
     acc = compute_dtype(jnp.result_type(a.dtype, b.dtype))

@@ -83,12 +83,16 @@ def _probs_to_keep(p_soft, experts):
     return p_soft if p_soft is not None and experts.shape[2] >= KEEP_PROBS_MIN_DIM else None
 
 
-def router_softmax(h, router, experts, probs):
-    """p_soft [G, E, T] in the compute dtype when the router reads h (None for (IA)3 / sentence routing)."""
+def router_softmax(h, router, experts, probs, h_cd=None):
+    """p_soft [G, E, T] in the compute dtype when the router reads h (None for (IA)3 / sentence routing).
+
+    ``h_cd``: h already in the compute dtype, when the caller has made that copy anyway.
+    """
     if probs is not None or router is None:
         return None
     groups, num_experts, dim = experts.shape
-    h_cd = h.to(compute_dtype(h.dtype))
+    if h_cd is None:
+        h_cd = h.to(compute_dtype(h.dtype))
     # logits[g, e, t] = Σ_d router[d, e] · h[t, g, d], one router shared by the groups
     logits = torch.bmm(router.to(h_cd.dtype).t().expand(groups, num_experts, dim), h_cd.permute(1, 2, 0))
     return torch.softmax(logits, dim=1)
@@ -107,28 +111,35 @@ def mov_backward(dy, h, router, experts, probs, p_soft, top_k, renormalize, need
     ``p_soft`` None with a router that reads h: recomputed from h (see the module docstring).
     """
     need_h, need_router, need_experts, need_probs = needs
-    if p_soft is None:
-        p_soft = router_softmax(h, router, experts, probs)
     cd = compute_dtype(h.dtype)
     G, D = h.shape[1:]
+    self_routed = router is not None and probs is None
+    need_adapter_terms = need_experts or need_probs or (self_routed and (need_router or need_h))
+    # One compute-dtype copy of h serves the router recompute, the adapter gradients and d router: each
+    # fresh [T, G, D] temporary is a pass over memory and, on the CPU, page faults on first touch.
+    h_cd = h.to(cd) if need_adapter_terms or (self_routed and p_soft is None) else None
+    if p_soft is None:
+        p_soft = router_softmax(h, router, experts, probs, h_cd)
     p = _routing_weights(h, router, experts, probs, p_soft, top_k, renormalize)
-    self_routed = p is not None and probs is None
 
     dh = d_router = d_experts = d_probs = None
     dlogits = None
-    if need_experts or need_probs or (self_routed and (need_router or need_h)):
-        h_cd = h.to(cd)
-        dy_h = (dy.to(cd) * h_cd).transpose(0, 1)  # [G, T, D], float32 for the adapter gradients
+    if need_adapter_terms:
+        # [G, T, D], float32 for the adapter gradients; the mixed-dtype product promotes dy as it reads
+        # it (bitwise dy.to(cd) * h_cd, without a float32 copy of dy)
+        dy_h = torch.mul(h_cd, dy).transpose(0, 1)
         if need_experts:
             d_experts = dy_h.sum(1).unsqueeze(1) if p is None else torch.bmm(p, dy_h)  # [G, E, D]
         if p is not None and (need_probs or self_routed):
             dp = torch.bmm(experts.to(cd), dy_h.transpose(1, 2))  # [G, E, T] = Σ_d experts·dy·h
+            del dy_h  # freed before the [T, G, D] temporaries of dh are allocated
             if probs is not None:
                 d_probs = dp.sum(0).t()
             else:
                 dlogits = _router.probs_backward(dp, p_soft, top_k, renormalize, dim=1)
                 if need_router:  # Σ_{t,g} h[t,g,:]ᵀ dlogits[g,:,t]
                     d_router = torch.bmm(dlogits, h_cd.transpose(0, 1)).sum(0).t()
+    del h_cd
     if need_h:
         if p is None:  # (IA)3
             dh = (dy * _scaling(p, experts, dy.dtype)).contiguous()
