@@ -179,15 +179,16 @@ def _molora_op(impl: str) -> Callable[[dict], object]:
 
 
 def _molora_matmuls_only(i: dict):
-    """JAX twin of bench/molora_linear.py:matmuls_only: x Wᵀ + b + (x·[A_cat | router])[:, :E·r]·B_cat."""
+    """JAX twin of bench/molora_linear.py:matmuls_only: x Wᵀ + b + (x·[A_cat | router])[:, :E·r]·B_cat, every
+    product in :func:`dense`'s form (float32 accumulation requested, as pemoe.jax's are)."""
     import jax.numpy as jnp
 
     x = i["x"]
     num_experts, k, rank = i["lora_a"].shape
     a_cat = jnp.transpose(i["lora_a"].astype(x.dtype), (1, 0, 2)).reshape(k, num_experts * rank)
     cols = a_cat if num_experts == 1 else jnp.concatenate([a_cat, i["router"].astype(x.dtype)], axis=1)
-    u = (x @ cols)[:, : num_experts * rank]
-    return dense(x, i["weight"]) + i["bias"] + u @ i["lora_b"].astype(x.dtype).reshape(num_experts * rank, -1)
+    u = dense(x, cols)[:, : num_experts * rank]
+    return dense(x, i["weight"]) + i["bias"] + dense(u, i["lora_b"].astype(x.dtype).reshape(num_experts * rank, -1))
 
 
 def _mov_ffn_floor(i: dict):
