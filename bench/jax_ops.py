@@ -17,8 +17,6 @@ Providers (each a pure function of the inputs dict, compiled with ``jax.jit``):
   ``reference``     ``implementation="reference"`` (the jnp transcription of SPEC §1, plain autodiff)
   ``pemoe-pallas``, ``pemoe-triton``  where pemoe.jax has them, on the backend they compile for (TPU;
                     GPU): skipped on the CPU, where they would run in an interpreter (a correctness tool)
-  ``matmuls-only``  jax_molora_linear only: a yardstick, not MoLoRA — the floor plus the adapter's
-                    unavoidable matrix products with no routing (bench/molora_linear.py:matmuls_only)
 Routers are None at E = 1 ((IA)3 and LoRA), as in the PyTorch benches.
 
 Modes (one jitted function per provider and mode, compiled and run once before timing; each timed call
@@ -176,19 +174,6 @@ def _molora_op(impl: str) -> Callable[[dict], object]:
         )
 
     return forward
-
-
-def _molora_matmuls_only(i: dict):
-    """JAX twin of bench/molora_linear.py:matmuls_only: x Wᵀ + b + (x·[A_cat | router])[:, :E·r]·B_cat, every
-    product in :func:`dense`'s form (float32 accumulation requested, as pemoe.jax's are)."""
-    import jax.numpy as jnp
-
-    x = i["x"]
-    num_experts, k, rank = i["lora_a"].shape
-    a_cat = jnp.transpose(i["lora_a"].astype(x.dtype), (1, 0, 2)).reshape(k, num_experts * rank)
-    cols = a_cat if num_experts == 1 else jnp.concatenate([a_cat, i["router"].astype(x.dtype)], axis=1)
-    u = dense(x, cols)[:, : num_experts * rank]
-    return dense(x, i["weight"]) + i["bias"] + dense(u, i["lora_b"].astype(x.dtype).reshape(num_experts * rank, -1))
 
 
 def _mov_ffn_floor(i: dict):
@@ -445,9 +430,6 @@ BENCHES: dict[str, OpBench] = {
     "jax_molora_linear": _bench("jax_molora_linear", molora_linear, _molora_floor, _molora_op, molora_linear.TRAINABLE),
     "jax_mov_ffn": _bench("jax_mov_ffn", mov_ffn, _mov_ffn_floor, _mov_ffn_op, mov_ffn.TRAINABLE),
 }
-BENCHES["jax_molora_linear"].providers["matmuls-only"] = Provider(
-    "matmuls-only", _molora_matmuls_only, molora_linear.TRAINABLE, unavailable=_jax_unavailable
-)
 
 
 def main(argv: list[str] | None = None) -> int:

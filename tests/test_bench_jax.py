@@ -2,8 +2,7 @@
 
 Provider correctness: each JAX provider's jitted output, and the gradients its ``fwd_bwd`` and ``bwd``
 closures compute (x and the adapters; the floor: x), against the PyTorch benches' own providers on the same
-inputs — the torch ``reference`` for the JAX ops, the torch ``linear`` floor for the JAX floor, the torch
-``matmuls-only`` yardstick for its JAX twin — held to the
+inputs — the torch ``reference`` for the JAX ops, the torch ``linear`` floor for the JAX floor — held to the
 tolerance rule of tests/helpers.py (``max|out − truth| ≤ 2·max|ref − truth| + atol·max(|truth|, 1)``, truth =
 the torch provider in float64, ref = the torch provider in the tested dtype).
 
@@ -40,9 +39,7 @@ CASES = [
     for p in RUNNABLE
     for e, dt in ((1, torch.float32), (5, torch.float32), (5, torch.bfloat16))
     if dt == torch.float32 or p == "pemoe-xla"
-] + [("jax_molora_linear", "matmuls-only", e, torch.float32) for e in (1, 5)]
-#: the torch bench provider each JAX provider is held to (the JAX ops: the torch reference)
-TORCH_TWIN = {"linear": "linear", "matmuls-only": "matmuls-only"}
+]
 
 
 def _np(a) -> torch.Tensor:
@@ -71,7 +68,7 @@ def test_provider_matches_torch(op: str, provider: str, e: int, dtype: torch.dty
     prov = bench.providers[provider]
     assert jax_ops.harness.unavailable_reason(op, prov, CPU) is None
     torch_bench = TORCH_BENCHES[op]
-    torch_prov = torch_bench.PROVIDERS[TORCH_TWIN.get(provider, "reference")]
+    torch_prov = torch_bench.PROVIDERS["linear" if provider == "linear" else "reference"]
     assert set(prov.trainable) == set(torch_prov.trainable)
     inputs = bench.make_inputs(dict(TINY[op], E=e), dtype, CPU)
     arrays = jax_ops.to_jax(inputs, CPU)

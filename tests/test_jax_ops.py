@@ -584,3 +584,29 @@ def test_bad_input_raises_at_trace_time():
 def test_reference_module_has_the_public_ops():
     for op in ("mov", "mov_linear", "mov_ffn", "molora_linear"):
         assert callable(getattr(jax_reference, op)) and op in pj.AVAILABLE
+
+
+@pytest.mark.parametrize("op", ["mov_linear", "mov_ffn", "molora_linear"])
+def test_xla_bf16_products_accumulate_in_float32(op):
+    """Every dot of the bf16 ``"xla"`` forward asks for a float32 result (``preferred_element_type``), rounded
+    afterwards: the numerics SPEC §5 asks for, and the only form in which XLA CPU runs bf16 dots natively
+    (pemoe.jax.xla.linear). Checked on the jaxpr with the frozen weights passed the way the Flax layers pass
+    them, as the transpose of an [in, out] kernel."""
+    t = 33
+    if op == "mov_linear":
+        arrays, static = cast(mov_linear_inputs(t, 10), jnp.bfloat16)
+        frozen = ("weight",)
+    elif op == "mov_ffn":
+        arrays, static = cast(mov_ffn_inputs(t, 10), jnp.bfloat16)
+        frozen = ("wi_0", "wi_1", "wo")
+    else:
+        arrays, static = cast(molora_inputs(t, 10, 4), jnp.bfloat16)
+        frozen = ("weight",)
+    kernels = {k: jnp.asarray(arrays.pop(k).T) for k in frozen}  # Flax layout [in, out]
+
+    def forward(arrays, kernels):
+        return getattr(pj, op)(**arrays, **{k: v.T for k, v in kernels.items()}, **static, implementation="xla")
+
+    lines = [line for line in str(jax.make_jaxpr(forward)(arrays, kernels)).splitlines() if "dot_general[" in line]
+    assert lines
+    assert not [line for line in lines if ":bf16[" in line.split("=")[0]], lines

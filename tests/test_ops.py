@@ -301,3 +301,20 @@ def test_molora_fused_columns_output_layout_and_in_place_use(dtype):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_molora_fused_columns_compile_without_graph_breaks(tmp_path, monkeypatch):
+    """Under torch.compile the fused-columns forward is not used (its storage sharing would break the graph):
+    fullgraph compilation succeeds at FUSED_COLUMNS_MIN_TOKENS tokens and matches eager."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    t, k, n, e, r = molora_module.FUSED_COLUMNS_MIN_TOKENS, 24, 40, 3, 2
+    x, weight = torch.randn(t, k), torch.randn(n, k)
+    lora_a, lora_b, router = _adapter(e, k, r, std=0.3), _adapter(e, r, n, std=0.3), _adapter(k, e, std=0.5)
+
+    def f(x):
+        return ops.molora_linear(x, weight, lora_a, lora_b, router, scale=2.0, implementation="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)

@@ -178,7 +178,12 @@ def molora_linear(
     implementation: str = "auto",
 ) -> torch.Tensor:
     """x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e. x [..., K], weight [N, K] (frozen), lora_a [E, K, r],
-    lora_b [E, r, N], router [K, E] (None for LoRA, E = 1), scale = alpha / r. Returns [..., N]."""
+    lora_b [E, r, N], router [K, E] (None for LoRA, E = 1), scale = alpha / r. Returns [..., N].
+
+    With ``"torch"``, float32 x of :data:`pemoe.ops.molora.FUSED_COLUMNS_MIN_TOKENS` tokens or more gets an
+    output whose rows are strided (the first N columns of one GEMM's [T, N + E·r + E (padded)] output, which
+    also holds the shrink and the router logits): views that keep the last dimension work, in-place ops
+    work; call ``.contiguous()`` where a contiguous tensor is needed."""
     _checks.check_molora(x, weight, bias, lora_a, lora_b, router, scale=scale, top_k=top_k, router_input=router_input)
     _checks.check_same_device(
         x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, router=router, router_input=router_input

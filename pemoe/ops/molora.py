@@ -142,7 +142,9 @@ class MoLoRAFunction(torch.autograd.Function):
         num_experts, _, rank = lora_a.shape
         cd = compute_dtype(x.dtype)
         router_reads_x = router if probs is None else None
-        if x.dtype == cd and x.shape[0] >= FUSED_COLUMNS_MIN_TOKENS:
+        # (not under torch.compile: sharing the GEMM output's storage is a graph break for Dynamo, and
+        # Inductor plans its own GEMMs)
+        if x.dtype == cd and x.shape[0] >= FUSED_COLUMNS_MIN_TOKENS and not torch.compiler.is_compiling():
             y, u, logits = _fused_forward(
                 x, weight, bias, _cat_a(lora_a, x.dtype), None if router_reads_x is None else router_reads_x.to(cd)
             )
