@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pemoe import ops, reference
+from pemoe.ops.molora import FUSED_COLUMNS_MIN_TOKENS as MOLORA_FUSED_MIN_TOKENS
 from pemoe.ops.molora import MoLoRAFunction
 from pemoe.ops.mov import ACTIVATION_GRADS, MoVActFunction, MoVFunction
 
@@ -90,31 +91,16 @@ def test_mov_ffn_keeps_the_pre_activation_not_the_activation(gated):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_molora_keeps_x_its_shrink_output_and_the_logits_only(dtype):
+@pytest.mark.parametrize("t", [33, 513])
+def test_molora_keeps_x_its_shrink_output_and_the_logits_only(dtype, t):
+    """513 tokens: float32 x runs the shrink and router as extra columns of the base GEMM (pemoe.ops.molora.
+    FUSED_COLUMNS_MIN_TOKENS); U and the logits are then saved as copies of their own, so the [T, N + …]
+    output that y shares is not kept."""
+    assert 33 < MOLORA_FUSED_MIN_TOKENS <= 513
     torch.manual_seed(0)
-    t, k, n, e, r = 33, 40, 24, 5, 3
+    k, n, e, r = 40, 24, 5, 3
     x = torch.randn(t, k, dtype=dtype, requires_grad=True)
     weight = torch.randn(n, k, dtype=dtype)
-    lora_a = torch.randn(e, k, r, requires_grad=True)
-    lora_b = torch.randn(e, r, n, requires_grad=True)
-    router = torch.randn(k, e, requires_grad=True)
-    params = (x, weight, lora_a, lora_b, router)
-    saved, _ = _saved_storages(
-        lambda: MoLoRAFunction.apply(x, weight, None, lora_a, lora_b, router, None, 4.0, None, False), params
-    )
-    if dtype == torch.float32:  # one GEMM output x @ [A_cat | router]: U and the logits share a storage
-        assert sorted(saved.values()) == [t * (e * r + e) * 4]
-    else:  # U in x's dtype; the float32 logits [E, T] from x32 (SPEC §5)
-        assert sorted(saved.values()) == sorted([t * e * r * 2, t * e * 4])
-
-
-def test_molora_fused_columns_keep_u_and_logits_not_the_gemm_output():
-    """Float32 x from FUSED_COLUMNS_MIN_TOKENS tokens on: U and the logits are columns of the base GEMM's
-    output, which y shares; they are saved as copies of their own, so the [T, N + …] buffer (y) is not kept."""
-    torch.manual_seed(0)
-    t, k, n, e, r = 513, 40, 24, 5, 3
-    x = torch.randn(t, k, requires_grad=True)
-    weight = torch.randn(n, k)
     lora_a = torch.randn(e, k, r, requires_grad=True)
     lora_b = torch.randn(e, r, n, requires_grad=True)
     router = torch.randn(k, e, requires_grad=True)
@@ -122,8 +108,13 @@ def test_molora_fused_columns_keep_u_and_logits_not_the_gemm_output():
     saved, y = _saved_storages(
         lambda: MoLoRAFunction.apply(x, weight, None, lora_a, lora_b, router, None, 4.0, None, False), params
     )
-    assert y.stride() == (48, 1)  # n + e·r + e = 44 columns, padded to 48
-    assert sorted(saved.values()) == sorted([t * e * r * 4, t * e * 4])
+    if dtype == torch.bfloat16:  # U in x's dtype; the float32 logits [E, T] from x32 (SPEC §5)
+        assert sorted(saved.values()) == sorted([t * e * r * 2, t * e * 4])
+    elif t < MOLORA_FUSED_MIN_TOKENS:  # one GEMM output x @ [A_cat | router]: U and the logits share a storage
+        assert sorted(saved.values()) == [t * (e * r + e) * 4]
+    else:
+        assert y.stride() == (48, 1)  # n + e·r + e = 44 columns, padded to 48
+        assert sorted(saved.values()) == sorted([t * e * r * 4, t * e * 4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
