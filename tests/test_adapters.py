@@ -264,9 +264,17 @@ def test_ia3_equals_peft_ia3(kind):
     _compare_with_peft(peft_model, ours, _peft_pairs(peft_model, ours, mapping))
 
 
+@pytest.mark.parametrize("fused_columns", [False, True], ids=["separate-shrink", "fused-columns"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_lora_equals_peft_lora(kind):
+def test_lora_equals_peft_lora(kind, fused_columns, monkeypatch):
+    """fused-columns: the float32 shrink as extra columns of the base GEMM (pemoe.ops.molora, used from
+    FUSED_COLUMNS_MIN_TOKENS tokens; forced here for the tiny batch) against PEFT as well."""
     from peft import LoraConfig, get_peft_model
+
+    from pemoe.ops import molora as molora_module
+
+    if fused_columns:
+        monkeypatch.setattr(molora_module, "FUSED_COLUMNS_MIN_TOKENS", 1)
 
     base = hf_t5(kind, seed=12)
     ours = copy.deepcopy(base)
