@@ -110,7 +110,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pemoe.kernels.triton import routing
+from pemoe.kernels.triton import routing, tiles
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 logger = logging.getLogger("pemoe")
@@ -219,11 +219,7 @@ def _forward_probs(
     if ROUTING == 1:
         p, p_soft = routing.router_probs(logits, offs_e, E, TOP_K, RENORMALIZE)
     elif ROUTING == 2:
-        p = tl.load(
-            probs_ptr + rows[:, None] * stride_pt + offs_e[None, :] * stride_pe,
-            mask=m_mask[:, None] & (offs_e[None, :] < E),
-            other=0.0,
-        )
+        p = tiles.load_tile(probs_ptr, rows * stride_pt, offs_e * stride_pe, m_mask, offs_e < E)
         p_soft = p
     else:
         p = tl.where(offs_e[None, :] < E, 1.0, 0.0) + tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
@@ -515,30 +511,16 @@ def _molora_fused_forward_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < K
-            x_tile = tl.load(
-                x_ptr + rows[:, None] * stride_xt + kk[None, :] * stride_xk,
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            w_tile = tl.load(
-                weight_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
+            x_tile = tiles.load_tile(x_ptr, rows * stride_xt, kk * stride_xk, m_mask, k_mask)
+            w_tile = tiles.load_tile(weight_ptr, kk * stride_wk, offs_n * stride_wn, k_mask, n_mask)
             acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
             if tile == 0:
-                a_tile = tl.load(
-                    lora_a_ptr + expert[None, :] * stride_ae + kk[:, None] * stride_ak + rank[None, :] * stride_ar,
-                    mask=k_mask[:, None] & col_real[None, :],
-                    other=0.0,
+                a_tile = tiles.load_tile(
+                    lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real
                 )
                 acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
                 if ROUTING == 1:
-                    router_tile = tl.load(
-                        router_ptr + kk[:, None] * stride_rk + offs_e[None, :] * stride_re,
-                        mask=k_mask[:, None] & (offs_e[None, :] < E),
-                        other=0.0,
-                    )
+                    router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
                     logits = _dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
 
         if tile == 0:
@@ -551,34 +533,20 @@ def _molora_fused_forward_kernel(
             # the first program of each row block saves U and p_soft for backward
             if SAVE_FOR_BACKWARD:
                 if pid_n == 0:
-                    tl.store(
-                        u_ptr + rows[:, None] * stride_ut + (expert * R + rank)[None, :],
-                        acc_u,
-                        mask=m_mask[:, None] & col_real[None, :],
-                    )
+                    tiles.store_tile(u_ptr, rows * stride_ut, expert * R + rank, acc_u, m_mask, col_real)
                     if ROUTING == 1:
-                        tl.store(
-                            p_soft_ptr + rows[:, None] * stride_st + offs_e[None, :],
-                            p_soft,
-                            mask=m_mask[:, None] & (offs_e[None, :] < E),
-                        )
+                        tiles.store_tile(p_soft_ptr, rows * stride_st, offs_e, p_soft, m_mask, offs_e < E)
 
         # ---- expand: E·r extra columns of K, acc += U′ · B_cat
-        b_tile = tl.load(
-            lora_b_ptr + expert[:, None] * stride_be + rank[:, None] * stride_br + offs_n[None, :] * stride_bn,
-            mask=col_real[:, None] & n_mask[None, :],
-            other=0.0,
+        b_tile = tiles.load_tile(
+            lora_b_ptr, expert * stride_be + rank * stride_br, offs_n * stride_bn, col_real, n_mask
         )
         acc = tl.dot(u_scaled, b_tile.to(DT), acc, input_precision=DOT_PRECISION)
 
         # ---- epilogue: bias, one store of the y tile
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            y_ptr + rows[:, None] * stride_yt + offs_n[None, :] * stride_yn,
-            acc.to(y_ptr.dtype.element_ty),
-            mask=m_mask[:, None] & n_mask[None, :],
-        )
+        tiles.store_tile(y_ptr, rows * stride_yt, offs_n * stride_yn, acc.to(y_ptr.dtype.element_ty), m_mask, n_mask)
 
 
 _ROW_PASS_KEY = ["tokens_bucket", "K", "E", "R", "ROUTING"]
@@ -625,23 +593,11 @@ def _molora_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        x_tile = tl.load(
-            x_ptr + rows[:, None] * stride_xt + kk[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        a_tile = tl.load(
-            lora_a_ptr + expert[None, :] * stride_ae + kk[:, None] * stride_ak + rank[None, :] * stride_ar,
-            mask=k_mask[:, None] & col_real[None, :],
-            other=0.0,
-        )
+        x_tile = tiles.load_tile(x_ptr, rows * stride_xt, kk * stride_xk, m_mask, k_mask)
+        a_tile = tiles.load_tile(lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
         acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
         if ROUTING == 1:
-            router_tile = tl.load(
-                router_ptr + kk[:, None] * stride_rk + offs_e[None, :] * stride_re,
-                mask=k_mask[:, None] & (offs_e[None, :] < E),
-                other=0.0,
-            )
+            router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
             logits = _dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
 
     p, p_soft = _forward_probs(
@@ -655,11 +611,7 @@ def _molora_shrink_kernel(
     if SAVE_FOR_BACKWARD:
         tl.store(u_ptr + rows[:, None] * stride_ut + cols, acc_u, mask=u_mask)
         if ROUTING == 1:
-            tl.store(
-                p_soft_ptr + rows[:, None] * stride_st + offs_e[None, :],
-                p_soft,
-                mask=m_mask[:, None] & (offs_e[None, :] < E),
-            )
+            tiles.store_tile(p_soft_ptr, rows * stride_st, offs_e, p_soft, m_mask, offs_e < E)
 
 
 _GEMM_KEY = ["tokens_bucket", "N", "K", "E", "R", "ROUTER_TAIL"]
@@ -710,16 +662,8 @@ def _molora_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < K
-        a_tile = tl.load(
-            a_ptr + rows[:, None] * stride_am + kk[None, :] * stride_ak,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        b_tile = tl.load(
-            b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
+        a_tile = tiles.load_tile(a_ptr, rows * stride_am, kk * stride_ak, m_mask, k_mask)
+        b_tile = tiles.load_tile(b_ptr, kk * stride_bk, offs_n * stride_bn, k_mask, n_mask)
         acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
 
     # ---- the E·R tail: extra reduction columns c = e·RANK_PAD + j, TAIL_STEP at a time
@@ -728,39 +672,19 @@ def _molora_gemm_kernel(
         expert = offs_c // RANK_PAD
         rank = offs_c % RANK_PAD
         real = (expert < E) & (rank < R)
-        t_tile = tl.load(
-            tail_ptr + rows[:, None] * stride_tm + (expert * R + rank)[None, :],
-            mask=m_mask[:, None] & real[None, :],
-            other=0.0,
-        )
-        ad_tile = tl.load(
-            adapter_ptr + expert[:, None] * stride_ae + rank[:, None] * stride_ar + offs_n[None, :] * stride_an,
-            mask=real[:, None] & n_mask[None, :],
-            other=0.0,
-        )
+        t_tile = tiles.load_tile(tail_ptr, rows * stride_tm, expert * R + rank, m_mask, real)
+        ad_tile = tiles.load_tile(adapter_ptr, expert * stride_ae + rank * stride_ar, offs_n * stride_an, real, n_mask)
         acc = tl.dot(t_tile, ad_tile.to(DT), acc, input_precision=DOT_PRECISION)
     if ROUTER_TAIL:
         offs_e = tl.arange(0, BLOCK_E)
-        lg = tl.load(
-            logits_ptr + rows[:, None] * stride_lm + offs_e[None, :],
-            mask=m_mask[:, None] & (offs_e[None, :] < E),
-            other=0.0,
-        )
-        rt = tl.load(
-            router_ptr + offs_e[:, None] * stride_re + offs_n[None, :] * stride_rn,
-            mask=(offs_e[:, None] < E) & n_mask[None, :],
-            other=0.0,
-        )
+        lg = tiles.load_tile(logits_ptr, rows * stride_lm, offs_e, m_mask, offs_e < E)
+        rt = tiles.load_tile(router_ptr, offs_e * stride_re, offs_n * stride_rn, offs_e < E, n_mask)
         acc = _dot_fp32(lg, rt, acc, DT, DOT_PRECISION)
 
     # ---- epilogue: bias, one store
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
-    )
+    tiles.store_tile(out_ptr, rows * stride_om, offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), m_mask, n_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -825,15 +749,9 @@ def _molora_grad_u_kernel(
         for n0 in range(0, N, BLOCK_K):
             nn = n0 + offs_k
             n_mask = nn < N
-            dy_tile = tl.load(
-                dy_ptr + rows[:, None] * stride_dyt + nn[None, :] * stride_dyn,
-                mask=m_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            b_t_tile = tl.load(
-                lora_b_ptr + nn[:, None] * stride_bn + expert[None, :] * stride_be + rank[None, :] * stride_br,
-                mask=n_mask[:, None] & col_real[None, :],
-                other=0.0,
+            dy_tile = tiles.load_tile(dy_ptr, rows * stride_dyt, nn * stride_dyn, m_mask, n_mask)
+            b_t_tile = tiles.load_tile(
+                lora_b_ptr, nn * stride_bn, expert * stride_be + rank * stride_br, n_mask, col_real
             )
             acc_g = tl.dot(dy_tile, b_t_tile.to(DT), acc_g, input_precision=DOT_PRECISION)
         g = acc_g * scale
@@ -846,11 +764,7 @@ def _molora_grad_u_kernel(
                 d_route = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
             else:
                 d_route = dp
-            tl.store(
-                d_route_ptr + rows[:, None] * stride_drt + offs_e[None, :],
-                d_route,
-                mask=m_mask[:, None] & (offs_e[None, :] < E),
-            )
+            tiles.store_tile(d_route_ptr, rows * stride_drt, offs_e, d_route, m_mask, offs_e < E)
 
 
 _WGRAD_KEY = ["tokens_bucket", "C", "E", "R", "rows_per_chunk", "HAS_RHS", "HAS_RHS2"]
@@ -916,42 +830,22 @@ def _molora_wgrad_kernel(
         tt = t0 + offs_t
         t_mask = tt < end  # this chunk's rows only, whatever BLOCK_T
         rows = tt.to(tl.int64)
-        lhs_t = tl.load(
-            lhs_ptr + rows[None, :] * stride_lt + offs_c[:, None] * stride_lc,
-            mask=c_mask[:, None] & t_mask[None, :],
-            other=0.0,
-        )
+        lhs_t = tiles.load_tile(lhs_ptr, offs_c * stride_lc, rows * stride_lt, c_mask, t_mask)
         if HAS_RHS:
-            rhs = tl.load(
-                rhs_ptr + rows[:, None] * stride_rt + (expert * R + rank)[None, :],
-                mask=t_mask[:, None] & col_real[None, :],
-                other=0.0,
-            )
+            rhs = tiles.load_tile(rhs_ptr, rows * stride_rt, expert * R + rank, t_mask, col_real)
             acc = tl.dot(lhs_t, rhs, acc, input_precision=DOT_PRECISION)
         if HAS_RHS2:
-            rhs2 = tl.load(
-                rhs2_ptr + rows[:, None] * stride_r2t + offs_e[None, :],
-                mask=t_mask[:, None] & e_on[None, :],
-                other=0.0,
-            )
+            rhs2 = tiles.load_tile(rhs2_ptr, rows * stride_r2t, offs_e, t_mask, e_on)
             acc2 = _dot_exact_a(lhs_t, rhs2, acc2, DT, DOT_PRECISION)
         if ROW_SUM:
             acc_s += tl.sum(lhs_t.to(tl.float32), axis=1)
 
     z = chunk.to(tl.int64)
     if HAS_RHS:
-        tl.store(
-            out_ptr + z * stride_oz + offs_c[:, None] * stride_oc + expert[None, :] * stride_oe
-            + rank[None, :] * stride_or,
-            acc,
-            mask=c_mask[:, None] & col_real[None, :],
-        )  # fmt: skip
+        cols = expert * stride_oe + rank * stride_or
+        tiles.store_tile(out_ptr + z * stride_oz, offs_c * stride_oc, cols, acc, c_mask, col_real)
     if HAS_RHS2:
-        tl.store(
-            out2_ptr + z * stride_o2z + offs_c[:, None] * stride_o2c + offs_e[None, :],
-            acc2,
-            mask=c_mask[:, None] & e_on[None, :],
-        )
+        tiles.store_tile(out2_ptr + z * stride_o2z, offs_c * stride_o2c, offs_e, acc2, c_mask, e_on)
     if ROW_SUM:
         tl.store(rowsum_ptr + z * stride_sz + offs_c, acc_s, mask=c_on)
 

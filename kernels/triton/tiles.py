@@ -1,0 +1,26 @@
+"""Masked 2-D tile loads and stores shared by the Triton kernels.
+
+A tile is addressed by two 1-D vectors of element offsets (strides already applied by the caller):
+element (i, j) lives at ``ptr + row_offsets[i] + col_offsets[j]`` and is in bounds where
+``row_mask[i] & col_mask[j]``. Out-of-bounds elements load as 0 (so they add nothing to a dot) and are
+not stored.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptr, row_offsets, col_offsets, row_mask, col_mask):
+    """The [len(row_offsets), len(col_offsets)] tile at ptr, 0 where masked."""
+    return tl.load(
+        ptr + row_offsets[:, None] + col_offsets[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+    )
+
+
+@triton.jit
+def store_tile(ptr, row_offsets, col_offsets, value, row_mask, col_mask):
+    """Stores ``value`` (a [len(row_offsets), len(col_offsets)] tile) at ptr where not masked."""
+    tl.store(ptr + row_offsets[:, None] + col_offsets[None, :], value, mask=row_mask[:, None] & col_mask[None, :])
