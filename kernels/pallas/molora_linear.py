@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ._blocks import check_positive_ints
 from ._tpu import LANES, SUBLANES, check_output_block, check_reduction_block
 
 __all__ = [
@@ -110,10 +111,7 @@ class MoLoRALinearBlocks:
     block_k: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self)
 
     def validate(self, *, t: int, n: int, k: int) -> None:
         """Raise ValueError if these blocks cannot tile T = t, N = n, K = k."""

@@ -37,13 +37,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from ._blocks import check_positive_ints, check_triton_tile
 from .molora_linear import GIVEN_PROBS, NO_ROUTER, TOKEN_ROUTER, _check, _dot, _dot_nt, _top_k_mask
 
 __all__ = ["MoLoRALinearGPUBlocks", "get_default", "gpu_widths", "molora_linear", "export_cases"]
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def _next_pow2(v: int) -> int:
@@ -76,14 +73,9 @@ class MoLoRALinearGPUBlocks:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self)
         for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if not _pow2(value) or value < 16:
-                raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles), got {value}")
+            check_triton_tile(name, getattr(self, name))
 
     def validate(self, *, k: int) -> None:
         """Raise ValueError if these blocks cannot tile K = k."""

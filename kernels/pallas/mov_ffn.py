@@ -74,6 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from ._blocks import check_positive_ints, check_triton_tile
 from ._tpu import LANES, SUBLANES, check_output_block, check_reduction_block
 
 __all__ = [
@@ -143,10 +144,7 @@ class MoVFFNBlocks:
     down_block_k: int = 512
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field.name} must be a positive int, got {value!r}")
+        check_positive_ints(self)
 
     def vmem_bytes(self, *, e: int, itemsize: int, gated: bool = True) -> tuple[int, int]:
         """Estimated VMEM bytes of kernels (a) and (b): every block double-buffered, plus the scratch (the
@@ -241,18 +239,13 @@ class MoVFFNTritonBlocks:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field.name} must be a positive int, got {value!r}")
+        check_positive_ints(self)
 
     def validate(self, *, t: int = 0, f: int = 0, k: int = 0, e: int = 1, itemsize: int = 2, gated: bool = True):
         """Raise ValueError naming the broken rule (the problem sizes do not constrain GPU blocks)."""
         del t, f, k, e, itemsize, gated
         for name in ("block_t", "up_block_f", "up_block_k", "down_block_n", "down_block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16 (Triton tensor shapes, tl.dot), got {value}")
+            check_triton_tile(name, getattr(self, name))
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
 

@@ -33,13 +33,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from ._blocks import check_positive_ints, check_triton_tile, is_pow2
 from .mov_linear import _check as _check_common
 
 __all__ = ["ExportCase", "MoVLinearGPUBlocks", "get_default", "mov_linear", "export_cases"]
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -64,14 +61,9 @@ class MoVLinearGPUBlocks:
     num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self)
         for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if not _pow2(value) or value < 16:
-                raise ValueError(f"{name} must be a power of two ≥ 16 (Triton tiles), got {value}")
+            check_triton_tile(name, getattr(self, name))
 
     def validate(self, *, n: int, k: int, dim: int) -> None:
         """Raise ValueError if these blocks cannot tile N = n, K = k with heads of width dim."""
@@ -146,7 +138,7 @@ def _mov_linear_kernel(
 def _check(x, weight, bias, router, experts, top_k, probs) -> tuple[int, int, int]:
     """The TPU kernel's checks (same arguments, same rules), plus the Triton tile rule on the head width."""
     groups, num_experts, dim = _check_common(x, weight, bias, router, experts, top_k, probs)
-    if not _pow2(dim) or dim < 16:
+    if not is_pow2(dim) or dim < 16:
         raise NotImplementedError(f"pallas (gpu) mov_linear: D must be a power of two ≥ 16 (Triton tiles), got {dim}")
     return groups, num_experts, dim
 
