@@ -29,13 +29,9 @@ import argparse
 import json
 import pathlib
 import shutil
-import sys
 import time
 
 import torch
-
-if __package__ in (None, ""):  # run as a script: make the checkout importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from pemoe.train.data import SYNTHETIC_TASKS, load_dataset
 from pemoe.train.evaluate import format_table, rank_classification, routing_statistics

@@ -44,7 +44,6 @@ import os
 import pathlib
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -163,10 +162,10 @@ def peft_module_forward(
 
 
 def op_main(op: str, argv: list[str] | None) -> int:
-    """``python -m bench.<op> [pemoe bench options]``: ``pemoe bench`` for this op only."""
-    from pemoe.cli import main as cli_main
+    """``python -m pemoe.bench.<op> [pemoe bench options]``: ``pemoe bench`` for this op only."""
+    from pemoe.bench.runner import main
 
-    return cli_main(["bench", "--ops", op, *(sys.argv[1:] if argv is None else argv)])
+    return main(argv, ops=(op,), prog=f"pemoe.bench.{op}")
 
 
 @dataclass

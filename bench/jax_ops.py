@@ -6,7 +6,7 @@ dtype, adapters float32) and cost formulas (bench/mov_linear.py, bench/molora_li
 so the two frameworks are timed on the same problem. The frozen weights (:data:`FROZEN_WEIGHTS`) are held in
 Flax's [in, out] layout, as pemoe's Flax layers hold their base kernels; the pemoe.jax providers get their
 transpose (SPEC §1's torch layout) inside the jitted function, exactly as those layers pass it. Run them with
-``pemoe bench --ops jax_mov_linear,jax_molora_linear,jax_mov_ffn`` or ``python -m bench.jax_ops``; they are
+``pemoe bench --ops jax_mov_linear,jax_molora_linear,jax_mov_ffn`` or ``python -m pemoe.bench.jax_ops``; they are
 not in the default ``pemoe bench`` run (about 40 XLA compiles would double its duration).
 
 Providers (each a pure function of the inputs dict, compiled with ``jax.jit``):
@@ -42,14 +42,13 @@ import io
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from bench import harness, molora_linear, mov_ffn, mov_linear
-from bench.harness import OpBench, Provider
+from pemoe.bench import harness, molora_linear, mov_ffn, mov_linear
+from pemoe.bench.harness import OpBench, Provider
 
 OPS = ("jax_mov_linear", "jax_molora_linear", "jax_mov_ffn")
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -357,9 +356,9 @@ def run_group(
     sink: harness.CsvSink,
     log: Callable[[str], None] = print,
 ) -> None:
-    """:func:`bench.harness.run_group` for the JAX ops: saved_mb / out_mb, then each mode's times, ratios and
-    rates (:func:`bench.harness.write_mode_rows`), timed round robin by :func:`bench.harness.time_interleaved`
-    on wall-clock time (every call blocks until its results are ready)."""
+    """:func:`.harness.run_group` for the JAX ops: saved_mb / out_mb, then each mode's times, ratios and rates
+    (:func:`.harness.write_mode_rows`), timed round robin by :func:`.harness.time_interleaved` on wall-clock
+    time (every call blocks until its results are ready)."""
     import jax
     import jax.numpy as jnp
 
@@ -433,13 +432,10 @@ BENCHES: dict[str, OpBench] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.jax_ops [pemoe bench options]``: the three JAX ops (``--ops`` narrows them)."""
-    from pemoe.cli import main as cli_main
+    """``python -m pemoe.bench.jax_ops [pemoe bench options]``: the three JAX ops (``--ops`` narrows them)."""
+    from pemoe.bench.runner import main as run_main
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--ops" not in args:
-        args = ["--ops", ",".join(OPS), *args]
-    return cli_main(["bench", *args])
+    return run_main(argv, ops=OPS, prog="pemoe.bench.jax_ops")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Providers: ``linear`` (floor: the frozen ``F.linear(x, W, b)``, only x requires 
 ``authors-einsum`` (the MoLoRA paper's formulation, written inline below), ``matmuls-only`` (a yardstick,
 not MoLoRA: the frozen linear plus only the adapter's unavoidable matrix products, see
 :func:`matmuls_only`) and, on E = 1 shapes (``--full``), ``peft-lora`` (PEFT's LoRA, alpha = 16, on the
-same frozen linear). Run ``python -m bench.molora_linear`` (the same options as ``pemoe bench``).
+same frozen linear). Run ``python -m pemoe.bench.molora_linear`` (the same options as ``pemoe bench``).
 
 Cost formula (:func:`cost`; s = bytes per activation element, R = E·r):
   fwd     FLOPs 2TKN + 2TK(R + E) + 2TRN + TN;   bytes s(TK + NK + N + TN) + 4(KR + RN + KE)
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import OpBench, Provider, op_main, peft_module_forward, standard_providers
 from pemoe import ops
+from pemoe.bench.harness import OpBench, Provider, op_main, peft_module_forward, standard_providers
 
 OP = "molora_linear"
 TRAINABLE = ("x", "router", "lora_a", "lora_b")
@@ -153,7 +153,7 @@ BENCH = OpBench(OP, shapes, make_inputs, PROVIDERS, scale_keys=("K", "N"), cost=
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.molora_linear [pemoe bench options]``: this op only."""
+    """``python -m pemoe.bench.molora_linear [pemoe bench options]``: this op only."""
     return op_main(OP, argv)
 
 

@@ -4,7 +4,7 @@ Providers: ``linear`` (floor: the plain frozen T5 FFN ``F.linear(act(F.linear(x,
 wo)``, only x requires grad), ``pemoe-torch``, ``pemoe-triton`` (skipped where pemoe has no Triton
 implementation), ``reference``, ``authors-einsum`` (the MoV paper's formulation, inline) and, on E = 1
 shapes (``--full``), ``peft-ia3`` (PEFT's IA3 with wo as a feed-forward module, which scales wo's input:
-the same (IA)3 by SPEC §2). Run ``python -m bench.mov_ffn`` (the same options as ``pemoe bench``).
+the same (IA)3 by SPEC §2). Run ``python -m pemoe.bench.mov_ffn`` (the same options as ``pemoe bench``).
 
 Cost formula (:func:`cost`; s = bytes per activation element):
   fwd     FLOPs 6TMF + 4TFE + 3TF;  bytes s(2TM + 3MF) + 8FE
@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import OpBench, Provider, op_main, peft_module_forward, standard_providers
-from bench.mov_linear import authors_mov
 from pemoe import ops
+from pemoe.bench.harness import OpBench, Provider, op_main, peft_module_forward, standard_providers
+from pemoe.bench.mov_linear import authors_mov
 
 OP = "mov_ffn"
 TRAINABLE = ("x", "router", "experts")
@@ -134,7 +134,7 @@ BENCH = OpBench(OP, shapes, make_inputs, PROVIDERS, scale_keys=("M", "F"), cost=
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.mov_ffn [pemoe bench options]``: this op only."""
+    """``python -m pemoe.bench.mov_ffn [pemoe bench options]``: this op only."""
     return op_main(OP, argv)
 
 

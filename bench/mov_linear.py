@@ -3,7 +3,7 @@
 Providers: ``linear`` (floor: the frozen ``F.linear(x, W, b)``, only x requires grad), ``pemoe-torch``,
 ``pemoe-triton`` (skipped where pemoe has no Triton implementation), ``reference``,
 ``authors-einsum`` (the MoV paper's formulation, written inline below) and, on E = 1 shapes (``--full``),
-``peft-ia3`` (PEFT's IA3 on the same frozen linear). Run ``python -m bench.mov_linear`` (the same options
+``peft-ia3`` (PEFT's IA3 on the same frozen linear). Run ``python -m pemoe.bench.mov_linear`` (the same options
 as ``pemoe bench``).
 
 Cost formula (:func:`cost`; s = bytes per activation element, D = N / G):
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import OpBench, Provider, op_main, peft_module_forward, standard_providers
 from pemoe import ops
+from pemoe.bench.harness import OpBench, Provider, op_main, peft_module_forward, standard_providers
 
 OP = "mov_linear"
 TRAINABLE = ("x", "router", "experts")
@@ -124,7 +124,7 @@ BENCH = OpBench(OP, shapes, make_inputs, PROVIDERS, scale_keys=("K", "N"), cost=
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.mov_linear [pemoe bench options]``: this op only."""
+    """``python -m pemoe.bench.mov_linear [pemoe bench options]``: this op only."""
     return op_main(OP, argv)
 
 

@@ -20,7 +20,7 @@ The loss is the model's cross-entropy; ``step`` adds ``torch.optim.Adafactor`` (
 the paper's optimizer) over the trainable parameters. The pemoe and reference providers report
 ``ratio_vs_peft-ia3`` / ``ratio_vs_peft-lora`` beside ``ratio_vs_floor``. ``saved_mb`` counts the
 activations the step's graph keeps for backward (the model's own weights excluded). Run
-``pemoe bench --ops t5_step`` or ``python -m bench.t5_step`` (not in the default quick run: a step
+``pemoe bench --ops t5_step`` or ``python -m pemoe.bench.t5_step`` (not in the default quick run: a step
 takes about a second here).
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.harness import OpBench, Provider, op_main
+from pemoe.bench.harness import OpBench, Provider, op_main
 
 OP = "t5_step"
 FLOOR = "t5-frozen"
@@ -235,7 +235,7 @@ BENCH = OpBench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.t5_step [pemoe bench options]``: this benchmark only."""
+    """``python -m pemoe.bench.t5_step [pemoe bench options]``: this benchmark only."""
     return op_main(OP, argv)
 
 

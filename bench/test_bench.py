@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import harness, molora_linear, mov_ffn, mov_linear
+from pemoe.bench import harness, molora_linear, mov_ffn, mov_linear
 
 BENCHES = {b.OP: b.BENCH for b in (mov_linear, molora_linear, mov_ffn)}
 CASES = [(op, p) for op, b in BENCHES.items() for p in b.providers]

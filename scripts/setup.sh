@@ -25,3 +25,17 @@ fi
 JAXLIB_VERSION=$(.venv/bin/python -c "import jaxlib; print(jaxlib.__version__)")
 "${PIP[@]}" absl-py
 "${PIP[@]}" --no-deps --upgrade --target .venv/cuda-export "jax-cuda12-plugin==$JAXLIB_VERSION" "jax-triton==0.3.1"
+# What was resolved (pip takes the newest transformers/peft/jax on every fresh install): one look finds the next
+# upstream change.
+.venv/bin/python - <<'PY'
+import importlib.metadata as md
+
+names = ["torch", "triton", "jax", "jaxlib", "flax", "transformers", "peft", "safetensors", "kernels", "pemoe"]
+found = {name: md.version(name) for name in names if any(True for _ in md.distributions(name=name))}
+export = {d.metadata["Name"]: d.version for d in md.distributions(path=[".venv/cuda-export"])}
+print("scripts/setup.sh resolved:")
+for name in names:
+    print(f"  {name:<18} {found.get(name, 'not installed')}")
+for name in ("jax-triton", "jax-cuda12-plugin"):
+    print(f"  {name:<18} {export.get(name, export.get(name.replace('-', '_'), 'not installed'))} (.venv/cuda-export)")
+PY

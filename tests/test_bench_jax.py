@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import jax_ops, molora_linear, mov_ffn, mov_linear
+from pemoe.bench import jax_ops, molora_linear, mov_ffn, mov_linear
 from pemoe.cli import main
 from tests.helpers import assert_within_rule
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import harness, molora_linear, mov_ffn, mov_linear
+from pemoe.bench import harness, molora_linear, mov_ffn, mov_linear
 from tests.helpers import assert_within_rule
 
 TINY = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import harness, t5_step
+from pemoe.bench import harness, t5_step
 
 TINY = dict(t5_step.shapes(False)[0], M=32, F=64, H=2, Dkv=8, layers=1, V=64, S=12, L=5, B=2)
 

@@ -74,7 +74,7 @@ def test_unknown_names_exit_with_the_valid_ones(tmp_path, capsys, args, valid):
 
 
 def test_interrupted_run_keeps_finished_rows(tmp_path, monkeypatch):
-    from bench import mov_linear
+    from pemoe.bench import mov_linear
 
     prov = mov_linear.PROVIDERS["pemoe-torch"]
     real = prov.forward
@@ -100,7 +100,7 @@ def test_bwd_mode_and_throughput_columns(tmp_path):
     assert main([*TINY, "--out", str(tmp_path), "--modes", "fwd,bwd", "--providers", "pemoe-torch"]) == 0
     rows = _rows(tmp_path / "results.csv")
     assert {r["mode"] for r in rows if r["metric"] == "time_ms"} == {"fwd", "bwd"}
-    from bench.mov_linear import cost
+    from pemoe.bench.mov_linear import cost
 
     shape = {"T": 8, "K": 64, "N": 64, "G": 16, "E": 10}
     for mode in ("fwd", "bwd"):
@@ -125,7 +125,7 @@ def test_shape_restricted_providers_are_reported(tmp_path, capsys):
 
 def test_rounds_sets_the_number_of_interleaved_rounds(tmp_path, monkeypatch):
     """--rounds N: every provider is timed in exactly N rounds of ``reps`` calls, whatever the time budget."""
-    from bench import harness
+    from pemoe.bench import harness
 
     batches = []
     real = harness._sample

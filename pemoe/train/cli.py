@@ -140,7 +140,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
         "--parallel",
         choices=["auto", "none", "ddp", "fsdp"],
         default="auto",
-        help="data parallelism under torchrun (torchrun --nproc-per-node N -m pemoe.cli train ...): ddp, or fsdp "
+        help="data parallelism under torchrun (torchrun --nproc-per-node N -m pemoe train ...): ddp, or fsdp "
         "(FSDP2: backbone sharded per T5 block); --batch-size is the global micro-batch, split over the ranks; "
         "auto: ddp when WORLD_SIZE > 1, else none",
     )

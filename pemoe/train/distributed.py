@@ -1,6 +1,6 @@
 """Data-parallel ``pemoe train`` over ``torch.distributed``: DDP and FSDP2 (``fully_shard``).
 
-Launch the same ``pemoe train`` command under ``torchrun`` (``torchrun --nproc-per-node N -m pemoe.cli train ...``);
+Launch the same ``pemoe train`` command under ``torchrun`` (``torchrun --nproc-per-node N -m pemoe train ...``);
 :func:`setup` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and starts the process
 group: gloo on the CPU, NCCL with device ``cuda:LOCAL_RANK`` when CUDA is available.
 
@@ -336,7 +336,7 @@ def setup(parallel: str, *, method: str, optimizer: str, batch_size: int) -> Par
         if parallel in ("ddp", "fsdp"):
             raise ValueError(
                 f"--parallel {parallel} needs a torchrun launch (RANK / WORLD_SIZE are not set): "
-                f"torchrun --nproc-per-node N -m pemoe.cli train ... --parallel {parallel}"
+                f"torchrun --nproc-per-node N -m pemoe train ... --parallel {parallel}"
             )
         return ParallelContext(method=method)
     rank, world_size, local_rank = world
