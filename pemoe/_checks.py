@@ -8,6 +8,7 @@ and the expected shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,13 +43,25 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
-def check_top_k(top_k: int | None, num_experts: int) -> None:
+def check_routing(top_k: int | None, renormalize: bool, num_experts: int) -> None:
+    """``top_k`` None or an int in [1, E]; ``renormalize`` a bool (a string such as "no" is not taken as True)."""
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__} {renormalize!r}")
     if top_k is None:
         return
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+
+
+def check_finite_number(name: str, value: object, what: str) -> float:
+    """A finite Python int or float (``what`` says what it is); returns it as a float."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python float ({what}), got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite ({what}), got {value}")
+    return float(value)
 
 
 def check_router(
@@ -59,6 +72,7 @@ def check_router(
     router_input: torch.Tensor | None,
     tokens_shape: tuple[int, ...],
     in_name: str,
+    experts_source: str = "",
     check_array: ArrayCheck = None,
 ) -> None:
     """Router [in, E]; ``router_input`` (sentence routing) broadcastable to tokens_shape + (in,)."""
@@ -91,7 +105,9 @@ def check_router(
         in_name = "router_input"
     if tuple(router.shape) != (in_features, num_experts):
         raise ValueError(
-            f"router must have shape [{in_features}, {num_experts}] ([{in_name} width, num_experts]), "
+            f"router must have shape [{in_features}, {num_experts}] ([{in_name} width, num_experts]"
+            + (f"; num_experts = {num_experts} from {experts_source}" if experts_source else "")
+            + "), "
             f"got {_shape(router)}"
         )
 
@@ -103,6 +119,7 @@ def check_mov(
     *,
     top_k: int | None,
     router_input: torch.Tensor | None,
+    renormalize: bool = False,
     h_name: str = "h",
     width: int | None = None,
     check_array: ArrayCheck = None,
@@ -132,9 +149,10 @@ def check_mov(
         router_input=router_input,
         tokens_shape=tokens_shape,
         in_name="D",
+        experts_source=f"experts {_shape(experts)}",
         check_array=check_array,
     )
-    check_top_k(top_k, num_experts)
+    check_routing(top_k, renormalize, num_experts)
     return groups, num_experts, dim
 
 
@@ -163,6 +181,25 @@ def check_linear(
         check_array("bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [{weight.shape[0]}] ([N]), got {_shape(bias)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(
+                f"x and bias must share one dtype (the frozen base runs in the activation dtype), "
+                f"got x {x.dtype} and bias {bias.dtype}"
+            )
+
+
+def check_frozen(**weights: torch.Tensor | None) -> None:
+    """The frozen base weights must not require grad while autograd records (SPEC §3: no implementation
+    computes a weight gradient). Under ``torch.no_grad()`` nothing is recorded, so anything goes."""
+    if not torch.is_grad_enabled():
+        return
+    for name, w in weights.items():
+        if w is not None and w.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but it is a frozen base weight: pemoe's ops compute no gradient for it "
+                f"(SPEC §3). Freeze it ({name}.requires_grad_(False)), pass {name}.detach(), or call the op "
+                "under torch.no_grad()"
+            )
 
 
 def check_molora(
@@ -176,6 +213,7 @@ def check_molora(
     scale: float,
     top_k: int | None,
     router_input: torch.Tensor | None,
+    renormalize: bool = False,
     check_array: ArrayCheck = None,
 ) -> tuple[int, int]:
     """Validate a MoLoRA call; returns (E, r)."""
@@ -198,8 +236,7 @@ def check_molora(
             f"lora_b must have shape [E, r, N] = [{num_experts}, {rank}, {n}] (E, r from lora_a, N from weight), "
             f"got {_shape(lora_b)}"
         )
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python float (alpha / r), got {type(scale).__name__}")
+    check_finite_number("scale", scale, "alpha / r")
     check_router(
         router,
         in_features=k,
@@ -207,7 +244,8 @@ def check_molora(
         router_input=router_input,
         tokens_shape=tuple(x.shape[:-1]),
         in_name="K",
+        experts_source=f"lora_a {_shape(lora_a)}",
         check_array=check_array,
     )
-    check_top_k(top_k, num_experts)
+    check_routing(top_k, renormalize, num_experts)
     return num_experts, rank

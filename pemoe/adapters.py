@@ -57,8 +57,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
+import os
 import pathlib
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -126,6 +129,8 @@ class _Config:
                 raise TypeError(f"{name}.top_k must be an int or None, got {self.top_k!r}")
             if not 1 <= self.top_k <= self.num_experts:
                 raise ValueError(f"{name}.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if not isinstance(self.renormalize, bool):
+            raise TypeError(f"{name}.renormalize must be a bool, got {self.renormalize!r}")
         if self.sites is not None:
             if isinstance(self.sites, str):
                 object.__setattr__(self, "sites", (self.sites,))
@@ -197,6 +202,8 @@ class MoLoRAConfig(_Config):
         _positive_int(type(self).__name__, "rank", self.rank)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             raise TypeError(f"{type(self).__name__}.alpha must be a number, got {self.alpha!r}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"{type(self).__name__}.alpha must be finite (scale = alpha / rank), got {self.alpha}")
         object.__setattr__(self, "alpha", float(self.alpha))
 
 
@@ -484,9 +491,19 @@ def _config_for_compare(config: AdapterConfig) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
-    """Save the adapter parameters alone (safetensors, float32 as trained), config in the metadata."""
+    """Save the adapter parameters alone (safetensors, float32 as trained), config in the metadata.
+
+    The file is written whole or not at all: to a temporary file beside ``path``, then renamed over it, so a
+    failed save never leaves a half-written file (nor damages one already at ``path``). ``path`` must name a
+    file in an existing folder: a missing folder raises ``FileNotFoundError``, a folder ``IsADirectoryError``.
+    """
     from safetensors.torch import save_file
 
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"save_adapter: {path} is a directory; give the path of a file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"save_adapter: the folder {path.parent} of {path} does not exist")
     state = _require_injected(model)
     tensors = {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
     metadata = {
@@ -495,18 +512,39 @@ def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
         "pemoe_config": json.dumps(state["config"].to_dict()),
         "pemoe_saved_from": state["model"],
     }
-    save_file(tensors, str(path), metadata=metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _read_adapter_file(path: str | pathlib.Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
+    """The config and tensors of a :func:`save_adapter` file; ``ValueError`` naming the file if it is not one."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "pemoe_config" not in meta:
-            raise ValueError(f"{path} is not a pemoe adapter file (no 'pemoe_config' in its safetensors metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return config_from_dict(json.loads(meta["pemoe_config"])), tensors
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an adapter file (give the path of a .safetensors file)")
+    if not path.exists():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "pemoe_config" not in meta:
+                raise ValueError(f"{path} is not a pemoe adapter file (no 'pemoe_config' in its safetensors metadata)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from e
+    try:
+        config = config_from_dict(json.loads(meta["pemoe_config"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: its 'pemoe_config' metadata is not a valid adapter config: {e}") from e
+    return config, tensors
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> dict[str, nn.Parameter]:

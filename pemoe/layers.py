@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pemoe import ops
-from pemoe._checks import check_top_k
+from pemoe._checks import check_finite_number, check_routing
 
 __all__ = ["MoV", "IA3", "MoVLinear", "MoLoRALinear", "LoRALinear", "ParameterCount", "count_parameters"]
 
@@ -126,7 +126,7 @@ class MoV(_AdapterModule):
             _check_positive(name, v)
         if router_input_features is not None:
             _check_positive("router_input_features", router_input_features)
-        check_top_k(top_k, num_experts)
+        check_routing(top_k, renormalize, num_experts)
         self.num_groups, self.dim, self.num_experts = num_groups, dim, num_experts
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
         self.router_input_features = router_input_features
@@ -262,9 +262,10 @@ class MoLoRALinear(_AdapterModule):
         _check_positive("rank", rank)
         if router_input_features is not None:
             _check_positive("router_input_features", router_input_features)
-        check_top_k(top_k, num_experts)
+        check_routing(top_k, renormalize, num_experts)
         self.router_input_features = router_input_features
-        self.num_experts, self.rank, self.alpha = num_experts, rank, float(alpha)
+        self.num_experts, self.rank = num_experts, rank
+        self.alpha = check_finite_number("alpha", alpha, "scale = alpha / rank")
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
         k, n, dev = base.in_features, base.out_features, base.weight.device
         self.lora_a = nn.Parameter(

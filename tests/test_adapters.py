@@ -686,3 +686,70 @@ def test_pemoe_inject_is_the_function():
     model = pemoe_t5("v1.0")
     assert pemoe.inject(model, IA3Config()).trainable == 2 * (6 * 32 + 2 * 40)
     assert pemoe.adapters.adapter_config(model) == IA3Config(sites=("k", "v", "ffn"))
+
+
+def _damaged_files(good: bytes) -> dict[str, bytes]:
+    header_len = int.from_bytes(good[:8], "little")
+    return {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "random": bytes(torch.randint(0, 256, (len(good),), generator=torch.Generator().manual_seed(0)).tolist()),
+        "header-length": (len(good) * 4).to_bytes(8, "little") + good[8:],  # header runs past the file's end
+        "header-json": good[:8] + b"{" * header_len + good[8 + header_len :],  # header bytes that are not JSON
+        "config-json": good.replace(b'"pemoe_config":"{', b'"pemoe_config":"[', 1),  # metadata not a config
+    }
+
+
+@pytest.mark.parametrize("injected", [False, True], ids=["fresh", "injected"])
+def test_loading_a_damaged_file_names_it_and_changes_nothing(tmp_path, injected):
+    src = pemoe_t5("v1.1")
+    inject(src, MoVConfig(num_experts=2))
+    good_path = tmp_path / "good.safetensors"
+    save_adapter(src, good_path)
+    good = good_path.read_bytes()
+    model = pemoe_t5("v1.1")
+    if injected:
+        inject(model, MoVConfig(num_experts=2))
+    snap, config = _snapshot(model), adapter_config(model)
+    cases = _damaged_files(good)
+    assert set(cases) and all(v != good for v in cases.values())
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=str(path)) as e:
+            load_adapter(model, path)
+        assert type(e.value) is ValueError, (name, type(e.value))
+        _assert_unchanged(model, snap)
+        assert adapter_config(model) == config, name
+    with pytest.raises(ValueError, match=f"{tmp_path} is a directory"):
+        load_adapter(model, tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors does not exist"):
+        load_adapter(model, tmp_path / "nope.safetensors")
+    _assert_unchanged(model, snap)
+    load_adapter(model, good_path)  # the good file still loads into the same model
+
+
+def test_save_adapter_names_bad_paths_and_writes_atomically(tmp_path, monkeypatch):
+    model = pemoe_t5("v1.1")
+    inject(model, MoVConfig(num_experts=2))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        save_adapter(model, tmp_path / "missing" / "a.safetensors")
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory"):
+        save_adapter(model, tmp_path)
+    path = tmp_path / "a.safetensors"
+    save_adapter(model, path)
+    before = path.read_bytes()
+    _randomize_adapters(model)
+
+    import safetensors.torch
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, path)
+    assert path.read_bytes() == before  # the good file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]  # no temporary file left behind

@@ -140,21 +140,132 @@ def test_auto_choice_is_reported(caplog):
     assert ops.resolve_implementation("mov_linear", "auto", torch.device("cpu")) == "torch"
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_empty_batch(impl):
-    x = torch.randn(0, K, requires_grad=True)
-    a = mov_linear_args(x=x, router=torch.randn(D, E, requires_grad=True), experts=torch.ones(G, E, D).requires_grad_())
-    y = ops.mov_linear(**a, implementation=impl)
-    assert y.shape == (0, N)
-    y.sum().backward()
-    assert x.grad.shape == (0, K) and torch.equal(a["router"].grad, torch.zeros(D, E))
-    assert torch.equal(a["experts"].grad, torch.zeros(G, E, D))
-    x2 = torch.randn(2, 0, K, requires_grad=True)
-    a = molora_args(x=x2, router=torch.randn(K, E, requires_grad=True))
-    y2 = ops.molora_linear(**a, implementation=impl)
-    assert y2.shape == (2, 0, N)
-    y2.sum().backward()
-    assert x2.grad.shape == (2, 0, K) and torch.equal(a["router"].grad, torch.zeros(K, E))
+# Every implementation of the three fused ops, Triton's (in the interpreter) included. Their inputs use a head
+# width of 16 (the Triton MoV kernels take D in {16, 32, 64, 128}).
+FUSED_IMPLEMENTATIONS = ["reference", "torch", "triton"]
+TD, TF = 16, 24
+
+
+def fused_args(op: str, t: int = T, **over) -> dict:
+    """Valid inputs for ``op`` (mov_linear, mov_ffn or molora_linear) that every implementation accepts."""
+    if op == "mov_linear":
+        args = mov_linear_args(
+            x=torch.randn(t, K), weight=torch.randn(G * TD, K), router=torch.randn(TD, E), experts=torch.ones(G, E, TD)
+        )
+    elif op == "mov_ffn":
+        args = dict(
+            x=torch.randn(t, K), wi_0=torch.randn(TF, K), wo=torch.randn(K, TF), router=torch.randn(TF, E),
+            experts=1 + 0.1 * torch.randn(1, E, TF), wi_1=torch.randn(TF, K),
+        )  # fmt: skip
+    else:
+        args = molora_args(x=torch.randn(t, K))
+    args.update(over)
+    return args
+
+
+FUSED_OPS = ["mov_linear", "mov_ffn", "molora_linear"]
+ADAPTER_PARAMS = {"mov_linear": ("router", "experts"), "mov_ffn": ("router", "experts"),
+                  "molora_linear": ("lora_a", "lora_b", "router")}  # fmt: skip
+FROZEN = {"mov_linear": ("weight",), "mov_ffn": ("wi_0", "wi_1", "wo"), "molora_linear": ("weight",)}
+
+
+@pytest.mark.parametrize("impl", FUSED_IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_empty_batch(impl, op):
+    """Zero tokens: every implementation returns the empty output, an empty dx and zero parameter gradients."""
+    for lead in ((0,), (2, 0)):
+        args = fused_args(op)
+        args["x"] = torch.randn(*lead, K, requires_grad=True)
+        for name in ADAPTER_PARAMS[op]:
+            args[name].requires_grad_()
+        y = getattr(ops, op)(**args, implementation=impl)
+        assert y.shape[:-1] == lead, (op, y.shape)
+        y.sum().backward()
+        assert args["x"].grad.shape == args["x"].shape
+        for name in ADAPTER_PARAMS[op]:
+            assert torch.equal(args[name].grad, torch.zeros_like(args[name])), name
+
+
+@pytest.mark.parametrize("impl", FUSED_IMPLEMENTATIONS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_molora_scale_must_be_finite(impl, bad):
+    with pytest.raises(ValueError, match=f"scale must be finite \\(alpha / r\\), got {bad}"):
+        ops.molora_linear(**molora_args(scale=bad), implementation=impl)
+
+
+@pytest.mark.parametrize(
+    "op, impl", [(op, i) for op in FUSED_OPS for i in FUSED_IMPLEMENTATIONS] + [("mov", "reference"), ("mov", "torch")]
+)
+@pytest.mark.parametrize("bad", ["no", 1, None])
+def test_renormalize_must_be_a_bool(impl, op, bad):
+    if op == "mov":
+        args = dict(h=torch.randn(T, G * D), router=torch.randn(D, E), experts=torch.ones(G, E, D))
+    else:
+        args = fused_args(op)
+    with pytest.raises(TypeError, match=f"renormalize must be a bool, got {type(bad).__name__} {bad!r}"):
+        getattr(ops, op)(**args, top_k=2, renormalize=bad, implementation=impl)
+
+
+def test_layers_and_configs_refuse_bad_alpha_and_renormalize():
+    from pemoe import MoLoRAConfig, MoVConfig
+    from pemoe.layers import MoLoRALinear, MoV, MoVLinear
+
+    base = torch.nn.Linear(K, N)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        MoLoRALinear(base, 2, 2, alpha=float("nan"))
+    with pytest.raises(ValueError, match="MoLoRAConfig.alpha must be finite"):
+        MoLoRAConfig(alpha=float("inf"))
+    for make in (
+        lambda: MoLoRALinear(base, 2, 2, top_k=1, renormalize="no"),
+        lambda: MoVLinear(base, G, 2, top_k=1, renormalize="no"),
+        lambda: MoV(G, D, 2, top_k=1, renormalize="no"),
+    ):
+        with pytest.raises(TypeError, match="renormalize must be a bool, got str 'no'"):
+            make()
+    for config in (MoVConfig, MoLoRAConfig):
+        with pytest.raises(TypeError, match=f"{config.__name__}.renormalize must be a bool, got 'no'"):
+            config(num_experts=2, top_k=1, renormalize="no")
+
+
+@pytest.mark.parametrize("impl", FUSED_IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", FUSED_OPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_adapter_parameters_are_computed_in_float32(impl, op, dtype):
+    """One behaviour for every implementation: 16-bit adapter parameters give exactly what their float32
+    values give, and their gradients come back in their own dtype."""
+    args = fused_args(op)
+    for name in ADAPTER_PARAMS[op]:
+        args[name] = args[name].to(dtype).requires_grad_()
+    upcast = {k: (v.detach().float().requires_grad_() if k in ADAPTER_PARAMS[op] else v) for k, v in args.items()}
+    fn = getattr(ops, op)
+    y, y32 = fn(**args, implementation=impl), fn(**upcast, implementation=impl)
+    assert torch.equal(y, y32)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y32.backward(g)
+    for name in ADAPTER_PARAMS[op]:
+        assert args[name].grad.dtype == dtype, name
+        assert torch.equal(args[name].grad, upcast[name].grad.to(dtype)), name
+
+
+@pytest.mark.parametrize("impl", FUSED_IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_frozen_weights_that_require_grad_are_refused(impl, op):
+    """SPEC §3: no implementation computes a base-weight gradient, so none accepts a weight that asks for one
+    while autograd records; under torch.no_grad() the same call runs."""
+    for name in FROZEN[op]:
+        args = fused_args(op)
+        args[name].requires_grad_()
+        with pytest.raises(ValueError, match=f"{name} requires grad, but it is a frozen base weight"):
+            getattr(ops, op)(**args, implementation=impl)
+        with torch.no_grad():
+            assert getattr(ops, op)(**args, implementation=impl).shape[0] == T
+
+
+def test_bias_must_share_the_activation_dtype():
+    for impl in FUSED_IMPLEMENTATIONS:
+        with pytest.raises(TypeError, match="x and bias must share one dtype"):
+            ops.molora_linear(**molora_args(bias=torch.randn(N, dtype=torch.float64)), implementation=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

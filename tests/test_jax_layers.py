@@ -224,6 +224,17 @@ def test_training_updates_only_the_adapters():
         (lambda: MoLoRALinear(_base(), num_experts=2, top_k=3, rngs=nnx.Rngs(0)), ValueError, "top_k"),
         (lambda: MoV(0, 8, rngs=nnx.Rngs(0)), ValueError, "num_groups"),
         (lambda: MoLoRALinear(nn.Linear(4, 4), rngs=nnx.Rngs(0)), TypeError, "flax.nnx.Linear"),
+        (lambda: MoLoRALinear(_base(), alpha=float("nan"), rngs=nnx.Rngs(0)), ValueError, "alpha must be finite"),
+        (
+            lambda: MoLoRALinear(_base(), num_experts=2, top_k=1, renormalize="no", rngs=nnx.Rngs(0)),
+            TypeError,
+            "renormalize must be a bool, got str 'no'",
+        ),
+        (
+            lambda: MoVLinear(_base(), num_groups=G, num_experts=2, top_k=1, renormalize=1, rngs=nnx.Rngs(0)),
+            TypeError,
+            "renormalize must be a bool, got int 1",
+        ),
     ],
 )
 def test_bad_configuration(build, exc, match):

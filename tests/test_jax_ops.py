@@ -152,13 +152,13 @@ def _f32(a) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 
-def mov_linear_inputs(t, e, *, top_k=None, renormalize=False, sentence=False, bias=True, seed=0):
+def mov_linear_inputs(t, e, *, top_k=None, renormalize=False, sentence=False, bias=True, seed=0, dim=D):
     rng = _rng(seed)
-    n = G * D
+    n = G * dim
     args = dict(
         x=_f32(rng.standard_normal((t, K))),
         weight=_f32(rng.standard_normal((n, K)) * K**-0.5),
-        experts=_f32(1.0 + 0.3 * rng.standard_normal((G, e, D))),
+        experts=_f32(1.0 + 0.3 * rng.standard_normal((G, e, dim))),
         top_k=top_k,
         renormalize=renormalize,
     )
@@ -169,7 +169,7 @@ def mov_linear_inputs(t, e, *, top_k=None, renormalize=False, sentence=False, bi
         args["router_input"] = _f32(rng.standard_normal((2, 9)))
         args["router"] = _f32(0.5 * rng.standard_normal((9, e)))
     elif e > 1:
-        args["router"] = _f32(0.5 * rng.standard_normal((D, e)))
+        args["router"] = _f32(0.5 * rng.standard_normal((dim, e)))
     else:
         args["router"] = None
     return args
@@ -478,20 +478,23 @@ def test_unknown_implementation():
         pj.mov(**arrays, **static, implementation="cuda")
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-def test_empty_batch(impl):
-    arrays, static = cast(mov_linear_inputs(1, 3), jnp.float32)
-    arrays["x"] = jnp.zeros((0, K))
-    y, vjp = jax.vjp(lambda a: pj.mov_linear(**a, **static, implementation=impl), arrays)
-    assert y.shape == (0, G * D)
-    (grads,) = vjp(jnp.zeros_like(y))
-    assert grads["x"].shape == (0, K) and not np.asarray(grads["router"]).any()
-    arrays, static = cast(molora_inputs(1, 3), jnp.float32)
-    arrays["x"] = jnp.zeros((2, 0, K))
-    y, vjp = jax.vjp(lambda a: pj.molora_linear(**a, **static, implementation=impl), arrays)
-    assert y.shape == (2, 0, 72)
-    (grads,) = vjp(jnp.ones_like(y))
-    assert grads["x"].shape == (2, 0, K) and not np.asarray(grads["lora_a"]).any()
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "triton"])
+def test_empty_batch(impl, monkeypatch):
+    """Zero tokens: every implementation returns the empty output, an empty dx and zero parameter gradients."""
+    monkeypatch.setenv("PEMOE_PALLAS_INTERPRET", "1")
+    cases = [
+        ("mov_linear", mov_linear_inputs(1, 3, dim=16), (0, K), "router"),  # D = 16: every kernel's head width
+        ("mov_ffn", mov_ffn_inputs(1, 3), (0, K), "experts"),
+        ("molora_linear", molora_inputs(1, 3), (2, 0, K), "lora_a"),
+    ]
+    for op, inputs, x_shape, param in cases:
+        arrays, static = cast(inputs, jnp.float32)
+        arrays["x"] = jnp.zeros(x_shape)
+        y, vjp = jax.vjp(lambda a, op=op, static=static: getattr(pj, op)(**a, **static, implementation=impl), arrays)
+        assert y.shape[:-1] == x_shape[:-1], op
+        (grads,) = vjp(jnp.ones_like(y))
+        assert grads["x"].shape == x_shape, op
+        assert grads[param].shape == arrays[param].shape and not np.asarray(grads[param]).any(), op
 
 
 # ------------------------------------------------------------------------------------------
@@ -572,6 +575,43 @@ def test_bad_input(case):
     call, exc, match = BAD_INPUTS[case]
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "op, impl",
+    [
+        (op, impl)
+        for op in ("mov_linear", "mov_ffn", "molora_linear")
+        for impl in ("reference", "xla", "pallas", "triton")
+    ]
+    + [("mov", "reference"), ("mov", "xla")],
+)
+def test_scale_and_renormalize_are_checked_by_every_implementation(op, impl, monkeypatch):
+    monkeypatch.setenv("PEMOE_PALLAS_INTERPRET", "1")
+    call = {"mov": _mov_call, "mov_linear": _mov_linear_call, "mov_ffn": _ffn_call, "molora_linear": _molora_call}[op]
+    with pytest.raises(TypeError, match="renormalize must be a bool, got str 'no'"):
+        call(top_k=2, renormalize="no", implementation=impl)()
+    if op == "molora_linear":
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"scale must be finite \\(alpha / r\\), got {bad}"):
+                call(scale=bad, implementation=impl)()
+
+
+def test_pallas_mov_ffn_names_the_experts_when_their_count_differs_from_the_router():
+    from pemoe.jax import pallas
+
+    arrays, static = cast(mov_ffn_inputs(3, 4), jnp.float32)
+    experts = jnp.ones((1, 5, arrays["experts"].shape[2]))
+    with pytest.raises(
+        ValueError, match=r"experts must be \[1, E, F\] with E = 4 \(the router's E\), got shape \[1, 5, 56\]"
+    ):
+        pallas.mov_ffn(
+            arrays["x"], arrays["wi_0"], arrays["wo"], arrays["router"], experts, wi_1=arrays["wi_1"], interpret=True
+        )
+    with pytest.raises(
+        ValueError, match=r"router must have shape \[56, 5\] .*num_experts = 5 from experts \[1, 5, 56\]"
+    ):
+        _ffn_call(experts=experts, implementation="pallas")()
 
 
 def test_bad_input_raises_at_trace_time():

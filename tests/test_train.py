@@ -362,7 +362,7 @@ def test_eval_data_without_choices_is_refused(tmp_path):
 
 def test_finetune_report_micro(tmp_path):
     """bench/finetune_report.py end to end on its micro size (two runs): files and routing sums."""
-    from bench.finetune_report import main as report
+    from pemoe.bench.finetune_report import main as report
 
     assert report(["--size", "micro", "--out", str(tmp_path), "--only", "ia3,mov", "--no-paper-optimizer-run"]) == 0
     summary = (tmp_path / "summary.md").read_text()
@@ -381,3 +381,32 @@ def test_finetune_report_micro(tmp_path):
 def test_fresh_run_refuses_an_out_dir_with_checkpoints(mov_checkpoint):
     with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
         train(_cfg(mov_checkpoint, max_steps=1, grad_accum=1))
+
+
+def _tree(root: pathlib.Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_cli_resume_from_a_damaged_checkpoint_fails_in_one_line(tmp_path, capsys, framework):
+    """A truncated adapter.safetensors, optimizer.safetensors or state.json: one line naming the file, exit 2,
+    the run directory untouched."""
+    args = ["train", "--init", TINY, "--data", DATA, "--method", "mov", "--num-experts", "2", "--batch-size", "2",
+            "--max-input-len", "48", "--no-progress", "--log-every", "0", "--framework", framework]  # fmt: skip
+    run = tmp_path / "run"
+    assert main([*args, "--max-steps", "1", "--out", str(run)]) == 0
+    ckpt = latest_checkpoint(run)
+    capsys.readouterr()
+    for name in ("adapter.safetensors", "optimizer.safetensors", "state.json"):
+        file = ckpt / name
+        good = file.read_bytes()
+        file.write_bytes(good[: len(good) // 2])
+        before = _tree(run)
+        assert main([*args, "--max-steps", "2", "--out", str(run), "--resume"]) == 2, name
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("pemoe train: error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert str(file) in errors[0] and "truncated or damaged" in errors[0], err
+        assert _tree(run) == before, name
+        file.write_bytes(good)
+    assert main([*args, "--max-steps", "2", "--out", str(run), "--resume"]) == 0  # the repaired run resumes

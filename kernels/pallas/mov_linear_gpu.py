@@ -166,6 +166,8 @@ def mov_linear(
     _, num_experts, dim = _check(x, weight, bias, router, experts, top_k, probs)
     t, k = x.shape
     n = weight.shape[0]
+    if t == 0:  # no token: nothing to launch (a row block needs T >= 1)
+        return jnp.zeros((0, n), x.dtype)
     blocks = blocks or get_default(t, n, k, dim)
     blocks.validate(n=n, k=k, dim=dim)
 

@@ -111,6 +111,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, tiles
+from pemoe.kernels.triton.autograd import zero_grads
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 logger = logging.getLogger("pemoe")
@@ -954,8 +955,6 @@ def _check_kernel_inputs(x, weight, bias, lora_a, lora_b, router, probs) -> None
     """What the kernels support beyond pemoe's argument checks: dtypes, devices, non-empty x, adapter width."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [T, K] (flattened tokens), got shape {list(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError("x must hold at least one token (shape [T, K] with T >= 1), got T = 0")
     if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"molora_linear Triton kernels support x in float16, bfloat16 or float32, got {x.dtype}")
     if weight.dtype != x.dtype:
@@ -1317,6 +1316,10 @@ class MoLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
+        ctx.empty = x.shape[0] == 0
+        if ctx.empty:  # no tokens: nothing to launch; the gradients are empty (dx) or zero (the parameters)
+            ctx.save_for_backward(x, weight, bias, lora_a, lora_b, router, probs)
+            return x.new_empty((0, weight.shape[0]))
         y, u, p_soft = molora_forward(
             x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule
         )
@@ -1327,6 +1330,8 @@ class MoLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.empty:
+            return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None, None, None)
         x, weight, lora_a, lora_b, router, probs, u, p_soft = ctx.saved_tensors
         scale, top_k, renormalize, bias_dtype = ctx.args
         need_x, _, need_bias, need_a, need_b, need_router, need_probs = ctx.needs_input_grad[:7]

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing
+from pemoe.kernels.triton.autograd import zero_grads
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
@@ -596,8 +597,8 @@ def _check_inputs(
                 + (" (TRITON_INTERPRET=1 is set)" if INTERPRET else "")
             )
     T, M = x.shape
-    if T == 0 or M == 0:
-        raise ValueError(f"mov_ffn (triton): x must have T >= 1 tokens and M >= 1 features, got {list(x.shape)}")
+    if M == 0:
+        raise ValueError(f"mov_ffn (triton): x must have M >= 1 features, got {list(x.shape)}")
     if wi_0.dim() != 2 or wi_0.shape[1] != M:
         raise ValueError(f"mov_ffn (triton): wi_0 must have shape [F, M] = [F, {M}], got {list(wi_0.shape)}")
     F = wi_0.shape[0]
@@ -608,7 +609,7 @@ def _check_inputs(
             raise ValueError(f"mov_ffn (triton): {name} must have shape {list(shape)}, got {list(w.shape)}")
         if w.dtype != x.dtype:
             raise TypeError(f"mov_ffn (triton): {name} must have x's dtype {x.dtype}, got {w.dtype}")
-        if w.requires_grad:
+        if w.requires_grad and torch.is_grad_enabled():
             raise NotImplementedError(
                 f"mov_ffn (triton): {name} requires grad, but the kernels treat the base FFN weights as frozen "
                 "(no weight gradient); freeze it or use implementation='torch'"
@@ -896,6 +897,10 @@ class MoVFFNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize):
+        ctx.empty = x.shape[0] == 0
+        if ctx.empty:  # no tokens: nothing to launch; the gradients are empty (dx) or zero (the parameters)
+            ctx.save_for_backward(x, wi_0, wi_1, wo, router, experts, probs)
+            return x.new_empty((0, wo.shape[0]))
         need = any(ctx.needs_input_grad[i] for i in (0, 4, 5, 6))
         prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
         y, inter, p_soft = _forward(x, wi_0, wi_1, wo, router, experts, probs, prob, save_p_soft=need)
@@ -907,6 +912,8 @@ class MoVFFNFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        if ctx.empty:
+            return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None)
         x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, d_router, d_experts, d_probs = _backward(

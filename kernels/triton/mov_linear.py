@@ -534,7 +534,7 @@ def _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize) -> _
             raise NotImplementedError(
                 f"mov_linear (triton): {name} must be float32 (adapter parameters), got {t.dtype}"
             )
-    if weight.requires_grad:
+    if weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
             "mov_linear (triton): the base weight is frozen in these kernels (no weight gradient); "
             "call weight.requires_grad_(False) or use implementation='torch'"

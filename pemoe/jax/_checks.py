@@ -40,7 +40,8 @@ def check_float_array(name: str, t: object, *, ndim: int | None = None, min_ndim
 
 #: The structural checks (shapes, E, r, top_k, routing) are pemoe._checks' own, run with the array
 #: check above: one set of rules and messages for both frameworks.
-check_top_k = _checks.check_top_k
+check_routing = _checks.check_routing
+check_finite_number = _checks.check_finite_number
 check_router = functools.partial(_checks.check_router, check_array=check_float_array)
 check_mov = functools.partial(_checks.check_mov, check_array=check_float_array)
 check_linear = functools.partial(_checks.check_linear, check_array=check_float_array)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pemoe.jax import ops
-from pemoe.jax._checks import check_top_k
+from pemoe.jax._checks import check_finite_number, check_routing
 
 __all__ = ["AdapterParam", "MoV", "IA3", "MoVLinear", "MoLoRALinear", "LoRALinear", "num_adapter_parameters"]
 
@@ -112,7 +112,7 @@ class MoV(_Routed):
             _check_positive(name, v)
         if router_input_features is not None:
             _check_positive("router_input_features", router_input_features)
-        check_top_k(top_k, num_experts)
+        check_routing(top_k, renormalize, num_experts)
         self.num_groups, self.dim, self.num_experts = num_groups, dim, num_experts
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
         self.router_input_features = router_input_features
@@ -163,7 +163,7 @@ class MoVLinear(_Routed):
             _check_positive("router_input_features", router_input_features)
         if base.out_features % num_groups:
             raise ValueError(f"num_groups={num_groups} must divide base.out_features={base.out_features}")
-        check_top_k(top_k, num_experts)
+        check_routing(top_k, renormalize, num_experts)
         dim = base.out_features // num_groups
         self.num_groups, self.dim, self.num_experts = num_groups, dim, num_experts
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
@@ -211,8 +211,9 @@ class MoLoRALinear(_Routed):
         _check_positive("rank", rank)
         if router_input_features is not None:
             _check_positive("router_input_features", router_input_features)
-        check_top_k(top_k, num_experts)
-        self.num_experts, self.rank, self.alpha = num_experts, rank, float(alpha)
+        check_routing(top_k, renormalize, num_experts)
+        self.num_experts, self.rank = num_experts, rank
+        self.alpha = check_finite_number("alpha", alpha, "scale = alpha / rank")
         self.top_k, self.renormalize, self.implementation = top_k, renormalize, implementation
         self.router_input_features = router_input_features
         k, n = base.in_features, base.out_features

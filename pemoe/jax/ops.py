@@ -143,7 +143,7 @@ def mov(
 
     router [D, E] float32 (None for (IA)3, E = 1); experts [G, E, D] float32. Returns h's shape and dtype.
     """
-    _checks.check_mov(h, router, experts, top_k=top_k, router_input=router_input)
+    _checks.check_mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
     impl = resolve_implementation("mov", implementation)
     if impl == "reference":
         return reference.mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
@@ -167,7 +167,14 @@ def mov_linear(
     """mov(x Wᵀ + b): x [..., K], weight [N, K] (frozen, torch Linear layout), N = G·D. Returns [..., N]."""
     _checks.check_linear(x, weight, bias)
     _checks.check_mov(
-        x, router, experts, top_k=top_k, router_input=router_input, h_name="weight output", width=weight.shape[0]
+        x,
+        router,
+        experts,
+        top_k=top_k,
+        renormalize=renormalize,
+        router_input=router_input,
+        h_name="weight output",
+        width=weight.shape[0],
     )
     impl = resolve_implementation("mov_linear", implementation)
     if impl == "reference":
@@ -234,7 +241,14 @@ def mov_ffn(
     if wo.dtype != x.dtype:
         raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
     _checks.check_mov(
-        x, router, experts, top_k=top_k, router_input=router_input, h_name="wi_0 output", width=wi_0.shape[0]
+        x,
+        router,
+        experts,
+        top_k=top_k,
+        renormalize=renormalize,
+        router_input=router_input,
+        h_name="wi_0 output",
+        width=wi_0.shape[0],
     )
     impl = resolve_implementation("mov_ffn", implementation)
     if impl == "reference":
@@ -291,7 +305,18 @@ def molora_linear(
 ) -> jax.Array:
     """x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e. x [..., K], weight [N, K] (frozen), lora_a [E, K, r],
     lora_b [E, r, N], router [K, E] (None for LoRA, E = 1), scale = alpha / r. Returns [..., N]."""
-    _checks.check_molora(x, weight, bias, lora_a, lora_b, router, scale=scale, top_k=top_k, router_input=router_input)
+    _checks.check_molora(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        router,
+        scale=scale,
+        top_k=top_k,
+        renormalize=renormalize,
+        router_input=router_input,
+    )
     impl = resolve_implementation("molora_linear", implementation)
     if impl == "reference":
         return reference.molora_linear(

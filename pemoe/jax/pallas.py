@@ -338,5 +338,11 @@ def mov_ffn(
     Every input gets a gradient (the XLA backward), the frozen weights' included.
     """
     backend = backend or ("gpu" if jax.default_backend() == "gpu" else "tpu")
+    routing = ("probs", probs) if probs is not None else ("router", router)
+    if routing[1] is not None and experts.ndim == 3 and routing[1].shape[-1] != experts.shape[1]:
+        raise ValueError(
+            f"experts must be [1, E, F] with E = {routing[1].shape[-1]} (the {routing[0]}'s E), got shape "
+            f"[{', '.join(map(str, experts.shape))}]"
+        )
     kernel_kw = (blocks, backend, interpret)
     return _mov_ffn(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, kernel_kw)

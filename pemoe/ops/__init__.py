@@ -8,7 +8,16 @@ Every op takes ``implementation=``:
     ``molora_linear``) on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``;
   * ``"auto"`` — the best available for the inputs' device; the choice is logged on the
     ``pemoe`` logger and returned by :func:`resolve_implementation`.
-Arguments are validated the same way for every implementation (see :mod:`pemoe._checks`).
+Arguments are validated the same way for every implementation (see :mod:`pemoe._checks`), and every
+implementation treats them alike:
+  * adapter parameters (experts, routers, lora_a, lora_b) may be of any floating dtype; the router,
+    softmax and expert math runs in float32 (float64 for float64 parameters, except in ``"triton"``,
+    which computes in float32) and their gradients come back in their own dtype;
+  * the frozen base weights (``weight``, ``wi_0``, ``wi_1``, ``wo``) get no gradient (SPEC §3): one that
+    requires grad while autograd records is refused with a ``ValueError`` (freeze it or call under
+    ``torch.no_grad()``); ``x``, ``bias`` and ``router_input`` are differentiable;
+  * values are not inspected: a NaN or inf in the inputs or parameters propagates to the outputs of the
+    tokens it touches (checking would cost a device-to-host read per call).
 
 Routing options shared by all ops: ``top_k`` (keep the k most probable experts; no
 renormalisation unless ``renormalize=True``) and ``router_input`` (sentence routing: the
@@ -33,6 +42,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
+def _float32(*adapter_params: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Adapter parameters as the Triton kernels take them: float32 (a differentiable cast where they are not;
+    their gradients come back in their own dtype)."""
+    return [None if t is None else t.float() for t in adapter_params]
+
+
 def _sentence_probs(router_input, router, tokens_shape, top_k, renormalize):
     """Sentence-routing probabilities per token [T, E] (autograd flows back to router_input)."""
     if router_input is None:
@@ -55,7 +70,7 @@ def mov(
 
     router [D, E] float32 (None for (IA)3, E = 1); experts [G, E, D] float32. Returns h's shape and dtype.
     """
-    _checks.check_mov(h, router, experts, top_k=top_k, router_input=router_input)
+    _checks.check_mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
     _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input)
     impl = resolve_implementation("mov", implementation, h.device)
     if impl == "reference":
@@ -80,9 +95,17 @@ def mov_linear(
     """mov(x Wᵀ + b): x [..., K], weight [N, K] (frozen), N = G·D. Returns [..., N] in x's dtype."""
     _checks.check_linear(x, weight, bias)
     _checks.check_mov(
-        x, router, experts, top_k=top_k, router_input=router_input, h_name="weight output", width=weight.shape[0]
+        x,
+        router,
+        experts,
+        top_k=top_k,
+        renormalize=renormalize,
+        router_input=router_input,
+        h_name="weight output",
+        width=weight.shape[0],
     )
     _checks.check_same_device(x=x, weight=weight, bias=bias, router=router, experts=experts, router_input=router_input)
+    _checks.check_frozen(weight=weight)
     impl = resolve_implementation("mov_linear", implementation, x.device)
     if impl == "reference":
         return reference.mov_linear(
@@ -92,6 +115,7 @@ def mov_linear(
     if impl == "triton":
         from pemoe.kernels.triton import mov_linear as kernel
 
+        router, experts, probs = _float32(router, experts, probs)
         y = kernel.mov_linear(_flat(x), weight, bias, router, experts, probs, top_k, renormalize)
     else:
         y = MoVFunction.apply(_flat(x), weight, bias, router, experts, probs, top_k, renormalize)
@@ -130,11 +154,19 @@ def mov_ffn(
     if wo.dtype != x.dtype:
         raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
     _checks.check_mov(
-        x, router, experts, top_k=top_k, router_input=router_input, h_name="wi_0 output", width=wi_0.shape[0]
+        x,
+        router,
+        experts,
+        top_k=top_k,
+        renormalize=renormalize,
+        router_input=router_input,
+        h_name="wi_0 output",
+        width=wi_0.shape[0],
     )
     _checks.check_same_device(
         x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, router_input=router_input
     )
+    _checks.check_frozen(wi_0=wi_0, wi_1=wi_1, wo=wo)
     impl = resolve_implementation("mov_ffn", implementation, x.device)
     if impl == "reference":
         return reference.mov_ffn(
@@ -154,6 +186,7 @@ def mov_ffn(
     if impl == "triton":
         from pemoe.kernels.triton import mov_ffn as kernel
 
+        router, experts, probs = _float32(router, experts, probs)
         y = kernel.mov_ffn(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize)
         return y.reshape(x.shape)
     # the activation runs inside the Function, which keeps x·wi_0ᵀ instead of act(x·wi_0ᵀ) for the backward
@@ -184,10 +217,22 @@ def molora_linear(
     output whose rows are strided (the first N columns of one GEMM's [T, N + E·r + E (padded)] output, which
     also holds the shrink and the router logits): views that keep the last dimension work, in-place ops
     work; call ``.contiguous()`` where a contiguous tensor is needed."""
-    _checks.check_molora(x, weight, bias, lora_a, lora_b, router, scale=scale, top_k=top_k, router_input=router_input)
+    _checks.check_molora(
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        router,
+        scale=scale,
+        top_k=top_k,
+        renormalize=renormalize,
+        router_input=router_input,
+    )
     _checks.check_same_device(
         x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, router=router, router_input=router_input
     )
+    _checks.check_frozen(weight=weight)
     impl = resolve_implementation("molora_linear", implementation, x.device)
     if impl == "reference":
         return reference.molora_linear(
@@ -206,6 +251,7 @@ def molora_linear(
     if impl == "triton":
         from pemoe.kernels.triton import molora_linear as kernel
 
+        lora_a, lora_b, router, probs = _float32(lora_a, lora_b, router, probs)
         y = kernel.molora_linear(
             _flat(x), weight, bias, lora_a, lora_b, router, probs, float(scale), top_k, renormalize
         )

@@ -412,13 +412,11 @@ def _load_checkpoint(
     identity: dict,
 ) -> tuple[dict, Any, dict]:
     """(trainable, opt_state, state.json) of a checkpoint written by this loop; stream is restored."""
-    from safetensors.numpy import load_file
-
     state = loop._read_checkpoint_state(path, identity, names, framework=FRAMEWORK)
     adapters.load_adapter(bundle.model, path / "adapter.safetensors")  # checks config, keys and shapes
     weights = adapters.adapter_state_dict(bundle.model)
     trainable = {n: jnp.asarray(weights[n].detach().numpy()) for n in names}
-    opt_state = _unflatten_state(opt_template, load_file(str(path / "optimizer.safetensors")), path)
+    opt_state = _unflatten_state(opt_template, loop.read_tensors(path / "optimizer.safetensors", "np"), path)
     stream.load_state_dict(state["data_stream"])
     return trainable, opt_state, state
 

@@ -25,7 +25,7 @@ SIGINT (Ctrl-C): the step in progress is finished, a checkpoint is written, and 
 with ``interrupted=True`` (``pemoe train`` exits 130); a second SIGINT interrupts at once. The handler is
 installed only when :func:`train` runs in the main thread.
 
-Data parallel (:mod:`pemoe.train.distributed`): the same command under ``torchrun --nproc-per-node N -m pemoe.cli
+Data parallel (:mod:`pemoe.train.distributed`): the same command under ``torchrun --nproc-per-node N -m pemoe
 train ... [--parallel ddp|fsdp]`` splits every global batch (``batch_size`` stays the global micro-batch) over
 the ranks and gives the single-process result up to float32 summation order; rank 0 writes the same files and
 checkpoints (full tensors), which resume at any world size.
@@ -423,7 +423,12 @@ def _read_checkpoint_state(path: pathlib.Path, identity: dict, param_names: list
     state_file = path / "state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a complete pemoe train checkpoint (no state.json)")
-    state = json.loads(state_file.read_text())
+    try:
+        state = json.loads(state_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{state_file} is not valid JSON (truncated or damaged?): {e}") from e
+    if not isinstance(state, dict) or not {"identity", "param_names", "step", "data_stream"} <= state.keys():
+        raise ValueError(f"{state_file} is not a pemoe train checkpoint state (its JSON lacks the run's fields)")
     if state.get("format") != CKPT_FORMAT or state.get("version") != CKPT_VERSION:
         raise CheckpointMismatch(f"{path}: not a {CKPT_FORMAT} v{CKPT_VERSION} checkpoint")
     written_by = state.get("framework", "torch")
@@ -439,6 +444,20 @@ def _read_checkpoint_state(path: pathlib.Path, identity: dict, param_names: list
     if state["param_names"] != param_names:
         raise CheckpointMismatch(f"checkpoint {path}: its trainable parameters differ from this model's")
     return state
+
+
+def read_tensors(file: pathlib.Path, framework: str = "pt") -> dict:
+    """Every tensor of a checkpoint's safetensors ``file`` (``framework``: "pt" torch, "np" numpy); a file that
+    is missing, truncated or damaged raises ``FileNotFoundError`` / ``ValueError`` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: not a complete pemoe train checkpoint")
+    try:
+        with safe_open(str(file), framework=framework) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or damaged?): {e}") from e
 
 
 def _commit_checkpoint(tmp: pathlib.Path, final: pathlib.Path, keep: int) -> pathlib.Path:
@@ -513,12 +532,10 @@ def _load_checkpoint(
     identity: dict,
     par: ParallelContext | None = None,
 ) -> dict:
-    from safetensors.torch import load_file
-
     par = par if par is not None else ParallelContext()
     state = _read_checkpoint_state(path, identity, [n for n, _ in named], framework="torch")
     if cfg.method == "full":
-        weights = load_file(str(path / "model.safetensors"))
+        weights = read_tensors(path / "model.safetensors")
         with torch.no_grad():
             for n, p in named:
                 if tuple(weights[n].shape) != tuple(p.shape):
@@ -528,7 +545,7 @@ def _load_checkpoint(
         adapters.load_adapter(model, path / "adapter.safetensors")
     if state["optimizer"]["class"] != type(optimizer).__name__:
         raise CheckpointMismatch(f"checkpoint {path}: optimizer {state['optimizer']['class']}")
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors = read_tensors(path / "optimizer.safetensors")
     opt_state: dict[int, dict] = {}
     opt_params = [p for group in optimizer.param_groups for p in group["params"]]
     for key, t in tensors.items():
