@@ -1,22 +1,30 @@
 """Running pemoe's Triton kernels under the Triton interpreter (``TRITON_INTERPRET=1``).
 
 There is no GPU on the development machines, so the kernels are proven on the CPU by the
-interpreter. Three things about it matter here, and each is handled explicitly:
+interpreter. Four things about it matter here, and each is handled explicitly:
 
 1. **bfloat16 is broken upstream** (triton 3.9): the interpreter stores bfloat16 as raw
    ``uint16`` and (a) ``tl.dot`` on bfloat16 operands multiplies those integers, (b) the
    float32 → bfloat16 cast truncates instead of rounding to nearest even, and (c) arithmetic on
-   bfloat16 values is integer arithmetic. :func:`patch_bfloat16` fixes (a) and (b) — exact
+   bfloat16 values is integer arithmetic. :func:`patch_interpreter` fixes (a) and (b) — exact
    bf16 → fp32 operands for ``tl.dot`` (a GPU multiplies bf16 exactly and accumulates in
    float32) and round-to-nearest-even casts — and turns (c) into a loud ``TypeError``: our
    kernels do all arithmetic in float32, so a bfloat16 operand of an element-wise op is a
    kernel bug that would be silently wrong in the interpreter. ``tests/test_triton_interpreter.py``
    shows each upstream defect on an unpatched builder and the patched results.
-2. **Autotuning**: ``triton.autotune`` benchmarks each configuration with ``do_bench``, which
+2. **TF32 is not emulated upstream**: the interpreter multiplies float32 operands exactly whatever
+   ``input_precision`` a ``tl.dot`` asks for, while a GPU's ``tf32`` dot keeps 10 mantissa bits of
+   each operand (the PTX Triton emits feeds float32 registers to ``mma.*.tf32`` without a rounding
+   ``cvt``: the hardware truncates) and ``tf32x3`` sums three such products of the operands' high and
+   low parts. :func:`patch_interpreter` emulates both, so tolerance tests see what a GPU computes.
+3. **Autotuning**: ``triton.autotune`` benchmarks each configuration with ``do_bench``, which
    needs a GPU. :func:`do_bench` is the stand-in our kernels pass to ``triton.autotune``: on a
    GPU it is ``triton.testing.do_bench``; in the interpreter it does not time anything and
    reports equal costs, so the first configuration that survives pruning (the default) runs.
-3. **Traffic**: :class:`count_traffic` counts the bytes every load and store of the interpreted
+   Inside :class:`autotune_every_config` it does what a GPU does instead: every candidate runs once
+   on the same buffers, in order, and then the winner (the first or the last) runs again, so a
+   kernel whose buffers need ``reset_to_zero`` / ``restore_value`` between runs shows it.
+4. **Traffic**: :class:`count_traffic` counts the bytes every load and store of the interpreted
    kernels moves (masked-off lanes excluded), which the HBM-traffic models are checked against.
 
 This module never imports the rest of pemoe.
@@ -39,13 +47,62 @@ _UNPATCHED: dict[str, object] = {}
 _PATCHED_NAMES = ("cast_impl", "create_fp_ext", "create_fp_trunc", "create_fp_to_fp", "create_dot", "binary_op")
 
 
+#: State of :class:`autotune_every_config`: the winner rule ("first" / "last") while active, and the
+#: number of candidate runs so far (their order gives the stand-in costs).
+_tuning: dict = {"winner": None, "runs": 0}
+
+
 def do_bench(kernel_call, quantiles=None, **kwargs):
-    """``do_bench`` for ``triton.autotune``: the real one on a GPU, equal costs in the interpreter."""
+    """``do_bench`` for ``triton.autotune``: the real one on a GPU; in the interpreter equal costs (nothing
+    runs), or inside :class:`autotune_every_config` one run of the candidate and a cost by its position."""
     if INTERPRET:
-        return [0.0, 0.0, 0.0] if quantiles is not None else 0.0
+        if _tuning["winner"] is None:
+            return [0.0, 0.0, 0.0] if quantiles is not None else 0.0
+        kernel_call()
+        _tuning["runs"] += 1
+        cost = float(_tuning["runs"] if _tuning["winner"] == "first" else -_tuning["runs"])
+        return [cost, cost, cost] if quantiles is not None else cost
     import triton.testing
 
     return triton.testing.do_bench(kernel_call, quantiles=quantiles, **kwargs)
+
+
+def autotuners(*modules) -> list:
+    """The ``triton.autotune`` kernels defined in ``modules`` (for :class:`autotune_every_config`)."""
+    from triton.runtime.autotuner import Autotuner
+
+    return [v for m in modules for v in vars(m).values() if isinstance(v, Autotuner)]
+
+
+class autotune_every_config:
+    """Context manager: under ``TRITON_INTERPRET=1``, autotune as a GPU does.
+
+    Every configuration that survives pruning runs once, in order, on the same buffers as the real launch,
+    then the winner runs: ``winner="first"`` (the first candidate, the default configuration, runs after
+    all the others) or ``"last"``. The ``kernels``' tuning caches are emptied on entry and on exit, so
+    each launch inside tunes afresh and later launches return to the default configuration.
+
+    with autotune_every_config(autotuners(mov_linear), winner="last"):
+        y = run_the_op()
+    """
+
+    def __init__(self, kernels, winner: str = "first") -> None:
+        if not INTERPRET:
+            raise RuntimeError("autotune_every_config needs TRITON_INTERPRET=1 (a GPU runs the real autotuner)")
+        if winner not in ("first", "last"):
+            raise ValueError(f"winner must be 'first' or 'last', got {winner!r}")
+        self.kernels, self.winner = list(kernels), winner
+
+    def __enter__(self) -> autotune_every_config:
+        for k in self.kernels:
+            k.cache.clear()
+        _tuning["winner"] = self.winner
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _tuning["winner"] = None
+        for k in self.kernels:
+            k.cache.clear()
 
 
 def _bf16_to_f32(u16):
@@ -63,8 +120,35 @@ def _f32_to_bf16(f32):
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
-def patch_bfloat16() -> None:
-    """Make the interpreter's bfloat16 handling match the GPU's (see the module docstring).
+def _tf32(a):
+    """float32 ``a`` with the 13 low mantissa bits cleared: the operand a GPU's tf32 dot multiplies."""
+    import numpy as np
+
+    return (np.ascontiguousarray(a, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def tf32_matmul(a, b, precision: str):
+    """a·b (float32 operands, float32 result) as a GPU's ``tl.dot`` computes it for ``precision`` "tf32"
+    (truncated operands), "tf32x3" (hi·hi + hi·lo + lo·hi of the truncated high and low parts) or "ieee"."""
+    import numpy as np
+
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    if precision == "ieee":
+        return np.matmul(a, b, dtype=np.float32)
+    a_hi, b_hi = _tf32(a), _tf32(b)
+    if precision == "tf32":
+        return np.matmul(a_hi, b_hi, dtype=np.float32)
+    a_lo, b_lo = _tf32(a - a_hi), _tf32(b - b_hi)
+    return (
+        np.matmul(a_hi, b_lo, dtype=np.float32)
+        + np.matmul(a_lo, b_hi, dtype=np.float32)
+        + np.matmul(a_hi, b_hi, dtype=np.float32)
+    )
+
+
+def patch_interpreter() -> None:
+    """Make the interpreter's bfloat16 handling and float32 dot precision match the GPU's (see the module
+    docstring).
 
     Idempotent; applied automatically when :mod:`pemoe.kernels.triton` is imported with
     ``TRITON_INTERPRET=1``, and logged on the ``pemoe`` logger.
@@ -100,6 +184,10 @@ def patch_bfloat16() -> None:
         return original_fp_to_fp(self, src, dst_type, rounding_mode)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.float32 and b.dtype.scalar == tl.float32 and d.dtype.scalar == tl.float32:
+            precision = {"TF32": "tf32", "TF32x3": "tf32x3"}.get(getattr(input_precision, "name", ""), "ieee")
+            out = tf32_matmul(a.data, b.data, precision) + d.data
+            return ti.TensorHandle(out.astype(np.float32), tl.float32)
         if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
             a_data = _bf16_to_f32(a.data) if a.dtype.scalar == tl.bfloat16 else a.data.astype(np.float32)
             b_data = _bf16_to_f32(b.data) if b.dtype.scalar == tl.bfloat16 else b.data.astype(np.float32)
@@ -122,11 +210,15 @@ def patch_bfloat16() -> None:
     builder.create_dot = create_dot
     builder.binary_op = binary_op
     _patched = True
-    logger.info("pemoe.kernels.triton: patched the Triton interpreter's bfloat16 dot and casts (see interpreter.py)")
+    logger.info(
+        "pemoe.kernels.triton: patched the Triton interpreter's bfloat16 dot and casts, and made its float32 dots "
+        "emulate tf32 / tf32x3 (see interpreter.py)"
+    )
 
 
-class unpatched_bfloat16:
-    """Context manager restoring the interpreter's own bfloat16 handling (to show its defects in tests)."""
+class unpatched_interpreter:
+    """Context manager restoring the interpreter's own bfloat16 handling and exact float32 dots (to show their
+    defects in tests)."""
 
     def __enter__(self):
         from triton.runtime import interpreter as ti
