@@ -228,6 +228,31 @@ def test_strided_inputs_give_the_contiguous_result():
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
+def test_router_gradient_survives_tiny_d_logits_in_float16():
+    """d router = xᵀ·d logits with d logits far below float16's smallest normal (6e-5; dy ~ 1e-7 makes them
+    ~1e-6): the kernel scales them by powers of two before their float16 hi/lo split. Unscaled, their low
+    parts vanish and the gradient is 2 % off; scaled, it keeps float16-grade relative accuracy (3e-4: the
+    float16 casts of the adapters for the tensor-core dots bound it)."""
+    x, weight, bias, lora_a, lora_b, router = _molora_inputs(t=64, k=40, e=4, dtype=torch.float16)
+    router = router.clone().requires_grad_()
+    dy = (torch.randn(64, 72) * 1e-7).half()
+    y = kernel.molora_linear(x, weight, bias, lora_a, lora_b, router, None, 4.0, None, False)
+    (got,) = torch.autograd.grad(y, router, dy)
+    ref = reference_molora(x.double(), weight.double(), bias.double(), lora_a, lora_b, router.double(), dy.double())
+    rel = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+    assert ref.abs().max().item() < 1e-4 and rel < 2e-3, (ref.abs().max().item(), rel)
+
+
+def reference_molora(x, weight, bias, lora_a, lora_b, router, dy):
+    """d router of the reference op in float64."""
+    from pemoe import reference
+
+    r = router.clone().requires_grad_()
+    y = reference.molora_linear(x, weight, lora_a.double(), lora_b.double(), r, scale=4.0, bias=bias)
+    (g,) = torch.autograd.grad(y, r, dy)
+    return g
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_router_is_float32_accurate_with_16_bit_activations(dtype):
     """SPEC §5: logits = x32 · router in float32. The kernel multiplies the 16-bit x by a hi/lo split of the
@@ -256,15 +281,15 @@ def test_unsupported_activation_dtype_is_refused():
 
 
 @pytest.mark.parametrize("name", ["lora_a", "lora_b", "router"])
-def test_adapters_must_be_float32(name):
+def test_kernel_launcher_takes_float32_adapters(name):
+    """The launcher takes float32 adapter parameters; the public op casts other dtypes for it
+    (tests/test_bad_input.py: the same result as float32 values, for every implementation)."""
     x, weight, bias, lora_a, lora_b, router = _molora_inputs()
     args = dict(lora_a=lora_a, lora_b=lora_b, router=router)
     args[name] = args[name].to(torch.bfloat16)
     with pytest.raises(TypeError, match=f"{name} must be float32"):
         kernel.molora_linear(x, weight, bias, args["lora_a"], args["lora_b"], args["router"], None, 4.0, None, False)
-    # the same error reaches the public op
-    with pytest.raises(TypeError, match=f"{name} must be float32"):
-        ops.molora_linear(x, weight, **args, scale=4.0, implementation="triton")
+    assert ops.molora_linear(x, weight, **args, scale=4.0, implementation="triton").shape == (37, 72)
 
 
 def test_weight_gradient_is_refused():
@@ -273,10 +298,9 @@ def test_weight_gradient_is_refused():
         kernel.molora_linear(x, weight.requires_grad_(), bias, lora_a, lora_b, router, None, 4.0, None, False)
 
 
-def test_empty_batch_and_wrong_rank_are_refused():
+def test_empty_batch_gives_an_empty_output_and_wrong_rank_is_refused():
     x, weight, bias, lora_a, lora_b, router = _molora_inputs()
-    with pytest.raises(ValueError, match="at least one token"):
-        kernel.molora_linear(x[:0], weight, bias, lora_a, lora_b, router, None, 4.0, None, False)
+    assert kernel.molora_linear(x[:0], weight, bias, lora_a, lora_b, router, None, 4.0, None, False).shape == (0, 72)
     with pytest.raises(ValueError, match=r"x must be 2-D \[T, K\]"):
         kernel.molora_linear(x[None], weight, bias, lora_a, lora_b, router, None, 4.0, None, False)
 

@@ -83,8 +83,9 @@ columns" are reshapes to [BLOCK_M, BLOCK_E, RANK_PAD].
 
 Numerics. Every dot accumulates in float32; softmax and routing math are float32. Router logits stay
 float32-accurate with 16-bit activations: x (exact in its dtype) times a hi/lo split of the float32
-router (two dots of width BLOCK_E ≥ 16; r_hi + r_lo carries 16 mantissa bits in bfloat16, 22 in
-float16); the dlogits·routerᵀ and xᵀ·dlogits products use the same splits. U′ and dU are rounded once,
+router (:mod:`.split_dot`: two dots; router_hi + router_lo carry 16 mantissa bits in bfloat16, 22 in
+float16); the dlogits·routerᵀ and xᵀ·dlogits products use the same splits, in float16 after scaling the
+d logits by powers of two (they fall far below float16's smallest normal). U′ and dU are rounded once,
 float32 -> activation dtype (round to nearest even), because they are A-operands of tensor-core dots:
 the same rounding the one-kernel schedule applies in registers, so both schedules feed the expand
 identical U′ values given identical U. float32 activations use ``input_precision="ieee"`` dots
@@ -110,7 +111,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pemoe.kernels.triton import routing, tiles
+from pemoe.kernels.triton import routing, split_dot, tiles
 from pemoe.kernels.triton.autograd import zero_grads
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
@@ -152,29 +153,6 @@ def _scale_per_expert(u, p, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, RANK_P
 def _sum_per_expert(v, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr):
     """[BLOCK_M, BLOCK_E]: the sum of each expert's RANK_PAD columns of v [BLOCK_M, BLOCK_E·RANK_PAD]."""
     return tl.sum(tl.reshape(v, (BLOCK_M, BLOCK_E, RANK_PAD)), axis=2)
-
-
-@triton.jit
-def _dot_exact_a(a, b32, acc, DT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a · b32 with ``a`` exact in DT and b32 float32: b split into DT hi + lo (float32-grade)."""
-    if DT == tl.float32:
-        return tl.dot(a, b32, acc, input_precision=DOT_PRECISION)
-    else:
-        b_hi = b32.to(DT)
-        acc = tl.dot(a, b_hi, acc)
-        return tl.dot(a, (b32 - b_hi.to(tl.float32)).to(DT), acc)
-
-
-@triton.jit
-def _dot_fp32(a32, b32, acc, DT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a32 · b32 for float32 tiles: "ieee" for float32, else a_hi b_hi + a_hi b_lo + a_lo b_hi in DT."""
-    if DT == tl.float32:
-        return tl.dot(a32, b32, acc, input_precision=DOT_PRECISION)
-    else:
-        a_hi = a32.to(DT)
-        a_lo = (a32 - a_hi.to(tl.float32)).to(DT)
-        acc = _dot_exact_a(a_hi, b32, acc, DT, DOT_PRECISION)
-        return tl.dot(a_lo, b32.to(DT), acc)
 
 
 @triton.jit
@@ -522,7 +500,7 @@ def _molora_fused_forward_kernel(
                 acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
                 if ROUTING == 1:
                     router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
-                    logits = _dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
+                    logits = split_dot.dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
 
         if tile == 0:
             # ---- routing weights p [BLOCK_M, BLOCK_E] (float32; padded experts 0), U′ = scale·U·p
@@ -599,7 +577,7 @@ def _molora_shrink_kernel(
         acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
         if ROUTING == 1:
             router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
-            logits = _dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
+            logits = split_dot.dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
 
     p, p_soft = _forward_probs(
         logits, probs_ptr, rows, m_mask, offs_e, E, stride_pt, stride_pe,
@@ -680,7 +658,7 @@ def _molora_gemm_kernel(
         offs_e = tl.arange(0, BLOCK_E)
         lg = tiles.load_tile(logits_ptr, rows * stride_lm, offs_e, m_mask, offs_e < E)
         rt = tiles.load_tile(router_ptr, offs_e * stride_re, offs_n * stride_rn, offs_e < E, n_mask)
-        acc = _dot_fp32(lg, rt, acc, DT, DOT_PRECISION)
+        acc = split_dot.dot_split(lg, rt, acc, DT, DOT_PRECISION)
 
     # ---- epilogue: bias, one store
     if HAS_BIAS:
@@ -837,7 +815,7 @@ def _molora_wgrad_kernel(
             acc = tl.dot(lhs_t, rhs, acc, input_precision=DOT_PRECISION)
         if HAS_RHS2:
             rhs2 = tiles.load_tile(rhs2_ptr, rows * stride_r2t, offs_e, t_mask, e_on)
-            acc2 = _dot_exact_a(lhs_t, rhs2, acc2, DT, DOT_PRECISION)
+            acc2 = split_dot.dot_exact_a_scaled_b(lhs_t, rhs2, acc2, DT, DOT_PRECISION)  # rhs2: d logits
         if ROW_SUM:
             acc_s += tl.sum(lhs_t.to(tl.float32), axis=1)
 
@@ -1329,6 +1307,7 @@ class MoLoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, dy):
         if ctx.empty:
             return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None, None, None)

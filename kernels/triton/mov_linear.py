@@ -47,15 +47,21 @@ E ≤ 64, float16 / bfloat16 / float32 activations with float32 adapters, a froz
 tensors under TRITON_INTERPRET=1). x and W may be strided; the small adapter tensors are made contiguous.
 
 Autotuning: FORWARD_CONFIGS / BACKWARD_CONFIGS are data; ``legal_config`` prunes them per problem (whole
-heads per tile, tl.dot's 16×16×16 minimum for every E including E = 1, shared-memory budget, row bucket),
+heads per tile, tl.dot's 16×16×16 minimum for every E including E = 1, shared-memory budget, row bucket) and
+``candidate_configs`` orders the survivors, spill-free defaults first (``default_safe``),
 keyed on (T bucket, N, K, D, BLOCK_E, routing, dtypes). ``aot_cases()`` lists every configuration that
 survives pruning for T5-shaped problems; the first survivor of each list is the default.
 
-Numerics: every tl.dot accumulates in float32. The main GEMM reads x and W in their dtype; the epilogue
-dots (router logits, merge and their backward) take float32 operands with ``input_precision="tf32"`` for
-16-bit activations (operand rounding ≤ 2^-10, at or below the output's own rounding) and ``"ieee"`` for float32
-activations (float32 runs every dot in ieee precision: a correctness path, not a fast one). Element-wise
-math is float32; the output is cast to x's dtype at the store.
+Numerics: every tl.dot accumulates in float32. The main GEMM reads x and W in their dtype. The epilogue
+products (router logits, merge and their backward) must be float32-grade: with float32 activations they are
+``"ieee"`` dots (a correctness path, not a fast one); with 16-bit activations they run on 16-bit tensor
+cores through :mod:`.split_dot` — the router reads h rounded to the activation dtype (as the reference's
+router does) times a hi/lo split of the float32 router, and the other float32 operands are split into
+16-bit hi/lo parts (three dots; float16 scales them by powers of two first). Not TF32: the PTX feeds
+float32 registers to ``mma.tf32`` without a rounding ``cvt``, so the hardware truncates each operand to 10
+mantissa bits, a bias that breaks the tolerance rule (the interpreter emulates it: :mod:`.interpreter`);
+``tf32x3`` fixes that but spills on sm_80 at the default tiles (two float32 copies of h). Element-wise math is
+float32; the output is cast to x's dtype at the store.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pemoe.kernels.triton import routing
+from pemoe.kernels.triton import routing, split_dot
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 #: Head widths (D) the kernels support: tiles hold whole heads and tl.dot needs D ≥ 16, a power of two.
@@ -99,10 +105,12 @@ def _linear_tile(
     HAS_BIAS: tl.constexpr, MAIN_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """h tile = x[offs_m, :] · W[offs_n, :]ᵀ (+ bias) as a float32 [BLOCK_M, BLOCK_N] accumulator."""
+    """h tile = x[offs_m, :] · W[offs_n, :]ᵀ (+ bias) as a float32 [BLOCK_M, BLOCK_N] accumulator.
+
+    offs_m is int64 (row offsets T·K pass 2^31 at long contexts); W's row offsets are widened here."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
     row_ok = offs_m[:, None] < T
     col_ok = offs_n[None, :] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -155,9 +163,12 @@ def _fwd_configs() -> list[triton.Config]:
     """Forward tile configurations, best first for T5 shapes (the first legal one is the default)."""
     table = [
         # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+        (64, 128, 64, 8, 8, 3),  # 16-bit activations (spill-free on sm_80 with the split epilogue, wgmma on sm_90)
+        (32, 64, 32, 8, 8, 3),  # float32 activations (no tensor cores: accumulators in registers); E > 16
         (128, 128, 64, 8, 8, 3),
-        (128, 64, 64, 8, 8, 3),  # many experts: one head a tile (spill-free with E = 60)
-        (32, 64, 32, 8, 8, 3),  # float32 activations (no tensor cores: accumulators in registers)
+        (128, 64, 64, 8, 8, 3),  # many experts: one head a tile (wgmma on sm_90 with E = 60)
+        (64, 64, 64, 8, 8, 3),
+        (64, 64, 32, 8, 8, 3),
         (16, 128, 32, 8, 8, 3),  # float32 activations, D = 128
         (16, 64, 32, 8, 8, 3),  # float32 activations, many experts
         (128, 64, 64, 8, 4, 4),
@@ -183,14 +194,15 @@ def _bwd_configs() -> list[triton.Config]:
     table = [
         # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
         # the defaults (first legal per shape), chosen spill-free on sm_80 and sm_90 by the AOT reports:
-        (64, 64, 64, 8, 3),  # (IA)3 and sentence routing (64 rows: wgmma on sm_90)
+        (64, 64, 64, 8, 3),  # (IA)3 (64 rows: wgmma on sm_90)
         (32, 64, 32, 8, 3),  # token routing, D = 64, E ≤ 16
-        (16, 64, 64, 8, 3),  # many experts (BLOCK_E > 16): 16-row tiles
+        (16, 64, 32, 8, 3),  # many experts (BLOCK_E > 16): 16-row tiles; float32 (IA)3 and sentence routing
+        (16, 64, 64, 8, 3),
         (32, 128, 32, 8, 3),  # D = 128
-        (16, 64, 32, 8, 3),  # float32 activations, (IA)3 and sentence routing
+        (16, 128, 16, 8, 3),  # 16-bit sentence routing; D = 128 token routing
         (16, 64, 16, 8, 3),  # float32 activations, many experts
-        (16, 128, 16, 8, 3),  # float32 activations, D = 128
         (16, 128, 32, 8, 3),
+        (64, 64, 16, 8, 3),  # wgmma on sm_90 for 16-bit sentence routing
         (64, 64, 64, 4, 3),
         (128, 64, 64, 8, 3),
         (64, 128, 64, 8, 3),
@@ -271,20 +283,51 @@ def legal_config(
     return REDUCE_ROWS % bm == 0
 
 
+def default_safe(
+    config: triton.Config, head_dim: int, block_e: int, itemsize: int, backward: bool, routing: int
+) -> bool:
+    """Whether a legal configuration may be a default: no register spills on sm_80 nor sm_90 (calibrated on
+    the AOT reports). Some legal configurations spill on sm_80 only and stay autotuning candidates: on sm_90
+    they are the wgmma tiles. With 16-bit activations (the split epilogue of :mod:`.split_dot`):
+
+    * forward with BLOCK_E > 16 (E = 60): BLOCK_M ≤ 32 (64-row tiles spill on sm_80);
+    * backward with sentence routing: BLOCK_M, BLOCK_K ≤ 16 (only 16 × 128 × 16 stays in sm_80's registers);
+    * backward with token routing and D = 128: BLOCK_M ≤ 16.
+    """
+    if itemsize == 4:
+        return True  # legal_config's float32 rules are calibrated for spill-free tiles already
+    bm, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    if not backward:
+        return block_e <= 16 or bm <= 32
+    if routing == ROUTING_SENTENCE:
+        return bm <= 16 and bk <= 16
+    return not (routing == ROUTING_TOKEN and head_dim >= 128 and bm > 16)
+
+
+def candidate_configs(
+    configs: list[triton.Config],
+    head_dim: int,
+    block_e: int,
+    m_bucket: int,
+    itemsize: int,
+    backward: bool,
+    routing: int,
+) -> list[triton.Config]:
+    """The legal configurations in tuning order: the :func:`default_safe` ones first (in table order), so
+    the first is the default (what the interpreter and the AOT defaults run), then the others."""
+    legal = [c for c in configs if legal_config(c, head_dim, block_e, m_bucket, itemsize, backward, routing)]
+    safe = [c for c in legal if default_safe(c, head_dim, block_e, itemsize, backward, routing)]
+    if not safe:
+        raise ValueError(f"mov_linear: no tile configuration for D={head_dim}, BLOCK_E={block_e}, M_BUCKET={m_bucket}")
+    return safe + [c for c in legal if c not in safe]
+
+
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     itemsize, backward = args["x_ptr"].element_size(), "REDUCE_ROWS" in args
-    kept = [
-        c
-        for c in configs
-        if legal_config(c, args["HEAD_DIM"], args["BLOCK_E"], args["M_BUCKET"], itemsize, backward, args["ROUTING"])
-    ]
-    if not kept:
-        raise ValueError(
-            f"mov_linear: no tile configuration for D={args['HEAD_DIM']}, BLOCK_E={args['BLOCK_E']}, "
-            f"M_BUCKET={args['M_BUCKET']}"
-        )
-    return kept
+    return candidate_configs(
+        configs, args["HEAD_DIM"], args["BLOCK_E"], args["M_BUCKET"], itemsize, backward, args["ROUTING"]
+    )
 
 
 _TUNING_KEY = ["M_BUCKET", "N", "K", "HEAD_DIM", "BLOCK_E", "ROUTING"]
@@ -312,6 +355,7 @@ def mov_linear_fwd_kernel(
 ):  # fmt: skip
     """y [T, N] = mov(x [T, K] · W [N, K]ᵀ + b); p_soft [T, G, E] float32 written when SAVE_P_SOFT."""
     HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     # ---- tile: grouped ordering so that GROUP_M row tiles reuse each W column tile from L2
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -321,7 +365,8 @@ def mov_linear_fwd_kernel(
     group_rows = min(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_rows
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit row offsets: T·K, T·N and T·G·E elements pass 2^31 at long contexts (x, y, p_soft addresses)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     head0 = pid_n * HEADS
 
@@ -340,8 +385,11 @@ def mov_linear_fwd_kernel(
             offs_e = tl.arange(0, BLOCK_E)
             offs_d = tl.arange(0, HEAD_DIM)
             router = tl.load(router_ptr + offs_d[:, None] * E + offs_e[None, :], mask=offs_e[None, :] < E, other=0.0)
-            h_rows = tl.reshape(h, (BLOCK_M * HEADS, HEAD_DIM))
-            logits = tl.dot(h_rows, router, input_precision=EPILOGUE_PRECISION)
+            # the router reads h in the activation dtype, as the reference does (h = x·Wᵀ + b, rounded),
+            # times a hi/lo split of the float32 router: float32-grade logits on 16-bit tensor cores
+            h_rows = tl.reshape(h.to(DT), (BLOCK_M * HEADS, HEAD_DIM))
+            logits = tl.zeros((BLOCK_M * HEADS, BLOCK_E), dtype=tl.float32)
+            logits = split_dot.dot_exact_a(h_rows, router, logits, DT, EPILOGUE_PRECISION)
             p, p_soft = routing.router_probs(logits, offs_e, E, TOP_K, RENORMALIZE)
             if SAVE_P_SOFT:
                 row_m, row_g, row_ok = _head_rows(offs_m, head0, T, G, HEAD_DIM, BLOCK_M, BLOCK_N)
@@ -350,7 +398,8 @@ def mov_linear_fwd_kernel(
             p_heads = tl.reshape(p, (BLOCK_M, HEADS * BLOCK_E))
         else:  # sentence routing: the given probs, the same for every head
             p_heads = _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E, HEADS)
-        s = tl.dot(p_heads, experts, input_precision=EPILOGUE_PRECISION)
+        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s = split_dot.dot_split(p_heads, experts, s, DT, EPILOGUE_PRECISION)
 
     # ---- store y = h ⊙ s in the activation dtype
     y = h * s
@@ -359,7 +408,13 @@ def mov_linear_fwd_kernel(
 
 
 @triton.autotune(
-    configs=BACKWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune}, do_bench=do_bench
+    configs=BACKWARD_CONFIGS,
+    key=_TUNING_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+    # a tile writes only its first head's slots of these (the others stay zero): autotuning runs every
+    # candidate on the same buffers, so they are zeroed before each candidate and before the winner
+    reset_to_zero=["d_router_part_ptr", "d_probs_part_ptr"],
+    do_bench=do_bench,
 )
 @triton.jit
 def mov_linear_bwd_kernel(
@@ -387,6 +442,7 @@ def mov_linear_bwd_kernel(
     d_probs_part   [G, T, E]         Σ over the tile's heads of dp, at the tile's first head (zero-filled)
     """
     HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     # ---- program: one column tile × one chunk of REDUCE_ROWS tokens; consecutive programs share the
     # column tile, so the programs in flight stream one W column tile while x stays in L2
     pid = tl.program_id(0)
@@ -394,7 +450,7 @@ def mov_linear_bwd_kernel(
     chunk = pid % num_chunks
     pid_n = pid // num_chunks
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    head0 = pid_n * HEADS
+    head0 = pid_n.to(tl.int64) * HEADS  # 64-bit: d_probs_part's head0·T·E passes 2^31 at long contexts
     offs_e = tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n[None, :] < N
@@ -412,7 +468,7 @@ def mov_linear_bwd_kernel(
 
     chunk_rows = min(REDUCE_ROWS, T - chunk * REDUCE_ROWS)
     for sub in range(0, tl.cdiv(chunk_rows, BLOCK_M)):
-        offs_m = chunk * REDUCE_ROWS + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = chunk.to(tl.int64) * REDUCE_ROWS + sub * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit rows
         row_ok = offs_m[:, None] < T
         # ---- recompute h, load dy
         h = _linear_tile(
@@ -438,14 +494,15 @@ def mov_linear_bwd_kernel(
                 p_heads = tl.reshape(p, (BLOCK_M, HEADS * BLOCK_E))
             else:
                 p_heads = _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E, HEADS)
-            s = tl.dot(p_heads, experts, input_precision=EPILOGUE_PRECISION)
+            s = split_dot.dot_split(p_heads, experts, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DT, EPILOGUE_PRECISION)
             dh = dy * s
             # ---- d experts: the diagonal blocks of pᵀ·dyh
             if NEED_D_EXPERTS:
-                d_experts_acc = tl.dot(tl.trans(p_heads), dyh, d_experts_acc, input_precision=EPILOGUE_PRECISION)
+                d_experts_acc = split_dot.dot_split(tl.trans(p_heads), dyh, d_experts_acc, DT, EPILOGUE_PRECISION)
             # ---- dp = dyh · expertsᵀ, then d probs (sentence) or d logits (token)
             if NEED_D_ROUTING or (ROUTING == 1 and NEED_DH):
-                dp_heads = tl.dot(dyh, tl.trans(experts), input_precision=EPILOGUE_PRECISION)
+                dp_heads = tl.zeros((BLOCK_M, HEADS * BLOCK_E), dtype=tl.float32)
+                dp_heads = split_dot.dot_split(dyh, tl.trans(experts), dp_heads, DT, EPILOGUE_PRECISION)
                 if ROUTING == 2:
                     d_probs = tl.sum(tl.reshape(dp_heads, (BLOCK_M, HEADS, BLOCK_E)), axis=1)
                     ptrs = d_probs_part_ptr + (head0 * T + offs_m[:, None]) * E + offs_e[None, :]
@@ -455,12 +512,13 @@ def mov_linear_bwd_kernel(
                     dlogits = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
                     dlogits = tl.where(row_valid[:, None], dlogits, 0.0)
                     if NEED_D_ROUTING:
-                        h_rows = tl.reshape(h, (BLOCK_M * HEADS, HEAD_DIM))
-                        d_router_acc = tl.dot(
-                            tl.trans(h_rows), dlogits, d_router_acc, input_precision=EPILOGUE_PRECISION
+                        h_rows = tl.reshape(h.to(DT), (BLOCK_M * HEADS, HEAD_DIM))  # as the forward's router
+                        d_router_acc = split_dot.dot_exact_a_scaled_b(
+                            tl.trans(h_rows), dlogits, d_router_acc, DT, EPILOGUE_PRECISION
                         )
                     if NEED_DH:
-                        dh_router = tl.dot(dlogits, tl.trans(router), input_precision=EPILOGUE_PRECISION)
+                        dh_router = tl.zeros((BLOCK_M * HEADS, HEAD_DIM), dtype=tl.float32)
+                        dh_router = split_dot.dot_split(dlogits, tl.trans(router), dh_router, DT, EPILOGUE_PRECISION)
                         dh += tl.reshape(dh_router, (BLOCK_M, BLOCK_N))
         # ---- store dh in the activation dtype
         if NEED_DH:
@@ -534,11 +592,6 @@ def _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize) -> _
             raise NotImplementedError(
                 f"mov_linear (triton): {name} must be float32 (adapter parameters), got {t.dtype}"
             )
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError(
-            "mov_linear (triton): the base weight is frozen in these kernels (no weight gradient); "
-            "call weight.requires_grad_(False) or use implementation='torch'"
-        )
     return plan_problem(
         x2d.shape[0],
         x2d.shape[1],
@@ -572,7 +625,7 @@ def plan_problem(
 ) -> _Problem:
     """The kernels' limits checked on shapes alone, and the launch description: x [T, K], weight [N, K],
     experts [G, E, D], router [D, E] (None: (IA)3), probs [T, E] (sentence routing), activations of
-    ``itemsize`` bytes (4: float32, ieee dots; 2: float16/bfloat16, tf32 epilogue dots)."""
+    ``itemsize`` bytes (4: float32, ieee dots; 2: float16/bfloat16, split 16-bit epilogue dots)."""
     G, E, D = experts_shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(
@@ -600,7 +653,7 @@ def plan_problem(
     return _Problem(
         T=T, K=K, N=N, G=G, E=E, D=D, routing=routing_mode, top_k=k, renormalize=bool(renormalize and k),
         block_e=max(16, triton.next_power_of_2(E)), m_bucket=max(16, triton.next_power_of_2(T)),
-        main_precision="ieee" if fp32 else "tf32", epilogue_precision="ieee" if fp32 else "tf32",
+        main_precision="ieee" if fp32 else "tf32", epilogue_precision="ieee",
         itemsize=itemsize,
     )  # fmt: skip
 
@@ -609,10 +662,7 @@ def default_config(pb: _Problem, backward: bool = False) -> triton.Config:
     """The configuration the kernel runs unless tuning picks another: the first legal one of
     FORWARD_CONFIGS (BACKWARD_CONFIGS), as the autotuner's pruning leaves them (AOT-checked spill-free)."""
     configs = BACKWARD_CONFIGS if backward else FORWARD_CONFIGS
-    for c in configs:
-        if legal_config(c, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing):
-            return c
-    raise ValueError(f"mov_linear: no tile configuration for D={pb.D}, BLOCK_E={pb.block_e}, M_BUCKET={pb.m_bucket}")
+    return candidate_configs(configs, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing)[0]
 
 
 def forward_grid(pb: _Problem, meta: dict) -> tuple[int]:
@@ -747,16 +797,18 @@ class MoVLinearFunction(torch.autograd.Function):
     """y = mov(x Wᵀ + b) on x [T, K] (W frozen). Saves x and p_soft, recomputes h in the backward."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, router, experts, probs, top_k, renormalize, config):
+    def forward(ctx, x2d, weight, bias, router, experts, probs, top_k, renormalize, config, save):
+        """``save``: autograd records this call (grad mode on and an input that needs a gradient), so p_soft
+        is written and the inputs kept; under ``torch.no_grad()`` the forward writes y alone."""
         pb = _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize)
-        need_x, _, need_b, need_router, need_experts, need_probs = ctx.needs_input_grad[:6]
-        any_grad = need_x or need_b or need_router or need_experts or need_probs
-        y, p_soft = mov_linear_forward(x2d, weight, bias, router, experts, probs, pb, any_grad, config)
-        ctx.save_for_backward(x2d, weight, bias, router, experts, probs, p_soft)
+        y, p_soft = mov_linear_forward(x2d, weight, bias, router, experts, probs, pb, save, config)
+        if save:
+            ctx.save_for_backward(x2d, weight, bias, router, experts, probs, p_soft)
         ctx.problem, ctx.config = pb, config
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, dy):
         x2d, weight, bias, router, experts, probs, p_soft = ctx.saved_tensors
         pb = ctx.problem
@@ -774,6 +826,7 @@ class MoVLinearFunction(torch.autograd.Function):
             d_router if need_router else None,
             d_experts if need_experts else None,
             d_probs if need_probs else None,
+            None,
             None,
             None,
             None,
@@ -811,9 +864,18 @@ def mov_linear(
         m_bucket = max(16, triton.next_power_of_2(x2d.shape[0]))
         if not all(legal_config(tiles, head_dim, block_e, m_bucket, x2d.element_size(), bwd) for bwd in (False, True)):
             raise ValueError(f"mov_linear (triton): config {config} is not legal for D={head_dim} (see legal_config)")
+    if weight.requires_grad and torch.is_grad_enabled():  # checked here: Function.forward runs without grad
+        raise NotImplementedError(
+            "mov_linear (triton): the base weight is frozen in these kernels (no weight gradient); "
+            "call weight.requires_grad_(False) or run under torch.no_grad()"
+        )
     contiguous = [t.contiguous() if t is not None else None for t in (bias, router, experts, probs)]
     bias, router, experts, probs = contiguous
-    return MoVLinearFunction.apply(x2d, weight, bias, router, experts, probs, top_k, renormalize, config)
+    # grad mode, not requires_grad alone: under torch.no_grad() nothing is saved (p_soft is 31 % more output)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2d, bias, router, experts, probs)
+    )
+    return MoVLinearFunction.apply(x2d, weight, bias, router, experts, probs, top_k, renormalize, config, save)
 
 
 # ------------------------------------------------------------------------------------------
@@ -910,10 +972,8 @@ def hbm_traffic(
     def pick(configs, given, backward):
         if given is not None:
             return given
-        for c in configs:
-            if legal_config(c, D, block_e, m_bucket, es, backward, mode):
-                return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-        raise ValueError("no legal configuration")
+        c = candidate_configs(configs, D, block_e, m_bucket, es, backward, mode)[0]
+        return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
     fc, bc = pick(FORWARD_CONFIGS, config, False), pick(BACKWARD_CONFIGS, backward_config, True)
     l2_fits = (T * K + N * K) * es <= L2_BYTES[capability] // 2
@@ -1037,7 +1097,7 @@ def aot_cases(
             x_strides = dict(stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1)
             common = dict(
                 HAS_BIAS=False, ROUTING=mode, TOP_K=top_k, RENORMALIZE=renormalize,
-                MAIN_PRECISION="ieee" if fp32 else "tf32", EPILOGUE_PRECISION="ieee" if fp32 else "tf32",
+                MAIN_PRECISION="ieee" if fp32 else "tf32", EPILOGUE_PRECISION="ieee",
                 HEAD_DIM=D, BLOCK_E=block_e,
             )  # fmt: skip
             p_soft = torch.empty(T, G, E) if mode == ROUTING_TOKEN else None
@@ -1067,9 +1127,7 @@ def aot_cases(
                 ),
             )
             for kind, kernel, configs, args, extra in kernels:
-                legal = [
-                    c for c in configs if legal_config(c, D, block_e, m_bucket, dtype.itemsize, kind == "bwd", mode)
-                ]
+                legal = candidate_configs(configs, D, block_e, m_bucket, dtype.itemsize, kind == "bwd", mode)
                 for i, c in enumerate(legal if all_configs else legal[:1]):
                     tiles = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                     cases.append(

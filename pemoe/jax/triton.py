@@ -309,9 +309,7 @@ def _configs(pb: ml._Problem, backward: bool, configs: str) -> tuple[triton.Conf
     if configs == "default":
         return (ml.default_config(pb, backward),)
     table = ml.BACKWARD_CONFIGS if backward else ml.FORWARD_CONFIGS
-    return tuple(
-        c for c in table if ml.legal_config(c, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing)
-    )
+    return tuple(ml.candidate_configs(table, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing))
 
 
 def _sizes(pb: ml._Problem) -> dict[str, int]:
