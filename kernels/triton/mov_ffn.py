@@ -268,6 +268,16 @@ def _prune(dims: dict[str, str], operand: str):
     return prune
 
 
+#: Autotuning key: a power-of-two bucket of T (T_BUCKET), not T — a new batch length within the bucket reuses
+#: the tuned configuration instead of stalling to re-tune (and to sync with the host) on every distinct T.
+_TUNING_KEY = ["T_BUCKET", "M", "F", "E"]
+
+
+def t_bucket(T: int) -> int:
+    """The autotuning bucket of T tokens: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(T))
+
+
 def _autotune(configs, key, dims, operand):
     return triton.autotune(
         configs=configs,
@@ -282,12 +292,12 @@ def _autotune(configs, key, dims, operand):
 # ------------------------------------------------------------------------------------------
 
 
-@_autotune(UP_CONFIGS, ["T", "M", "F", "E"], {"BLOCK_M": "T", "BLOCK_F": "F", "BLOCK_K": "M"}, "x_ptr")
+@_autotune(UP_CONFIGS, _TUNING_KEY, {"BLOCK_M": "T", "BLOCK_F": "F", "BLOCK_K": "M"}, "x_ptr")
 @triton.jit
 def _ffn_up_kernel(
     x_ptr, wi_0_ptr, wi_1_ptr, router_ptr,  # inputs: x [T, M], wi_0/wi_1 [F, M], router [F, E]
     inter_ptr, logits_part_ptr,  # outputs: u [T, F], logit partials [NUM_F_TILES, T, E] float32
-    T, M, F, E,
+    T, M, F, E, T_BUCKET,
     stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m, stride_rf, stride_re,
     stride_ut, stride_uf, stride_lj, stride_lt,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, ROUTE_LOGITS: tl.constexpr,
@@ -295,8 +305,8 @@ def _ffn_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ] and logits_part[pid_f] = act(x·wi_0ᵀ)[:, f-slice]·router[f-slice]."""
-    pid_m = tl.program_id(0)
-    pid_f = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
+    pid_f = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     # ---- main loop: h0 = x·wi_0ᵀ, g = x·wi_1ᵀ
@@ -331,12 +341,12 @@ def _ffn_up_kernel(
 # ------------------------------------------------------------------------------------------
 
 
-@_autotune(DOWN_CONFIGS, ["T", "M", "F", "E"], {"BLOCK_M": "T", "BLOCK_N": "M", "BLOCK_K": "F"}, "inter_ptr")
+@_autotune(DOWN_CONFIGS, _TUNING_KEY, {"BLOCK_M": "T", "BLOCK_N": "M", "BLOCK_K": "F"}, "inter_ptr")
 @triton.jit
 def _ffn_down_kernel(
     inter_ptr, wo_ptr, experts_ptr, logits_part_ptr, probs_ptr,  # inputs: u [T, F], wo [M, F], experts [E, F]
     y_ptr, p_soft_ptr,  # outputs: y [T, M], p_soft [T, E] float32 (only when SAVE_P_SOFT)
-    T, M, F, E, NUM_F_TILES,
+    T, M, F, E, T_BUCKET, NUM_F_TILES,
     stride_ut, stride_uf, stride_wom, stride_wof, stride_ee, stride_ef, stride_lj, stride_lt,
     stride_pt, stride_pe, stride_yt, stride_ym,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SAVE_P_SOFT: tl.constexpr,
@@ -344,8 +354,8 @@ def _ffn_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[rows, cols] = Σ_f u[rows, f]·s[rows, f]·wo[cols, f], s = p·experts from the logit partials."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
+    pid_n = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
@@ -353,12 +363,10 @@ def _ffn_down_kernel(
     # ---- prologue, once per row block: p [BLOCK_M, BLOCK_E] float32
     if ROUTING == "self":
         logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-        for j in range(0, NUM_F_TILES):  # fixed order: deterministic
-            logits += tl.load(
-                logits_part_ptr + j * stride_lj + offs_m[:, None] * stride_lt + offs_e[None, :],
-                mask=row_e_mask,
-                other=0.0,
-            )
+        part_ptr = logits_part_ptr
+        for _ in range(0, NUM_F_TILES):  # fixed order: deterministic; the pointer advances in 64 bits
+            logits += tl.load(part_ptr + offs_m[:, None] * stride_lt + offs_e[None, :], mask=row_e_mask, other=0.0)
+            part_ptr += stride_lj
         p, p_soft = routing.router_probs(logits, offs_e, E, TOP_K, RENORMALIZE)
         if SAVE_P_SOFT:
             if pid_n == 0:
@@ -399,12 +407,12 @@ def _ffn_down_kernel(
 # ------------------------------------------------------------------------------------------
 
 
-@_autotune(DOWN_BACKWARD_CONFIGS, ["T", "M", "F", "E"], {"BLOCK_M": "T", "BLOCK_F": "F", "BLOCK_K": "M"}, "dy_ptr")
+@_autotune(DOWN_BACKWARD_CONFIGS, _TUNING_KEY, {"BLOCK_M": "T", "BLOCK_F": "F", "BLOCK_K": "M"}, "dy_ptr")
 @triton.jit
 def _ffn_down_backward_kernel(
     dy_ptr, wo_ptr, inter_ptr, experts_ptr, p_ptr,  # inputs: dy [T, M], wo [M, F], u [T, F], experts [E, F], p [T, E]
     du_ptr, dp_part_ptr, dexperts_part_ptr,  # outputs: du [T, F], dp [NUM_F_TILES, T, E], d experts [NUM_M_TILES, E, F]
-    T, M, F, E,
+    T, M, F, E, T_BUCKET,
     stride_dyt, stride_dym, stride_wom, stride_wof, stride_ut, stride_uf, stride_ee, stride_ef,
     stride_pt, stride_pe, stride_dut, stride_duf, stride_dpj, stride_dpt, stride_dej, stride_dee,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -413,8 +421,8 @@ def _ffn_down_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dz = dy·wo[:, f-slice]; du = dz ⊙ s; partials of dp = (dz ⊙ u)·expertsᵀ and d experts = pᵀ·(dz ⊙ u)."""
-    pid_m = tl.program_id(0)
-    pid_f = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
+    pid_f = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_e = tl.arange(0, BLOCK_E)
@@ -487,13 +495,15 @@ def _router_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """dp = Σ_j dp_part[j] (fixed order); out = router_probs_backward(dp, p_soft) or dp."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit row offsets
     offs_e = tl.arange(0, BLOCK_E)
     mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
     idx = offs_m[:, None] * E + offs_e[None, :]
     dp = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    for j in range(0, NUM_F_TILES):
-        dp += tl.load(dp_part_ptr + j * stride_dpj + idx, mask=mask, other=0.0)
+    part_ptr = dp_part_ptr
+    for _ in range(0, NUM_F_TILES):  # the pointer advances in 64 bits: j·stride_dpj passes 2^31 at long T
+        dp += tl.load(part_ptr + idx, mask=mask, other=0.0)
+        part_ptr += stride_dpj
     if SELF_ROUTED:
         p_soft = _load_probs(p_soft_ptr, offs_m, offs_e, T, E, E, 1)
         dp = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
@@ -505,12 +515,12 @@ def _router_backward_kernel(
 # ------------------------------------------------------------------------------------------
 
 
-@_autotune(UP_BACKWARD_CONFIGS, ["T", "M", "F", "E"], {"BLOCK_M": "T", "BLOCK_F": "F", "BLOCK_K": "M"}, "x_ptr")
+@_autotune(UP_BACKWARD_CONFIGS, _TUNING_KEY, {"BLOCK_M": "T", "BLOCK_F": "F", "BLOCK_K": "M"}, "x_ptr")
 @triton.jit
 def _ffn_up_backward_kernel(
     x_ptr, wi_0_ptr, wi_1_ptr, router_ptr, du_ptr, dlogits_ptr,  # inputs (router [F, E], du [T, F], dlogits [T, E])
     dh0_ptr, dg_ptr, drouter_part_ptr,  # outputs: dh0, dg [T, F]; d router partials [NUM_M_TILES, F, E] float32
-    T, M, F, E,
+    T, M, F, E, T_BUCKET,
     stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m, stride_rf, stride_re,
     stride_dut, stride_duf, stride_dht, stride_dhf, stride_dgt, stride_dgf, stride_drj, stride_drf,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, SELF_ROUTED: tl.constexpr,
@@ -519,8 +529,8 @@ def _ffn_up_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dh0 = (du ⊙ g + dlogits·routerᵀ) ⊙ act'(h0), dg = du ⊙ a, d router partial = aᵀ·dlogits."""
-    pid_m = tl.program_id(0)
-    pid_f = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
+    pid_f = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_e = tl.arange(0, BLOCK_E)
@@ -631,11 +641,11 @@ def _check_inputs(
             raise ValueError(f"mov_ffn (triton): router must have shape [F, E] = [{F}, {E}], got {list(router.shape)}")
     elif tuple(probs.shape) != (T, E):
         raise ValueError(f"mov_ffn (triton): probs must have shape [T, E] = [{T}, {E}], got {list(probs.shape)}")
-    for name, t in tensors.items():  # the kernels index with 32-bit offsets
-        if t is not None and t.numel() >= 2**31:
-            raise ValueError(f"mov_ffn (triton): {name} has {t.numel()} elements; the kernels support < 2**31")
-    if T * F >= 2**31:
-        raise ValueError(f"mov_ffn (triton): T*F = {T * F} elements in [T, F] buffers; the kernels support < 2**31")
+    # Row (token) and partial-buffer offsets are 64-bit in every kernel; within a weight the column offsets
+    # (k · stride) stay 32-bit, so a frozen weight must hold fewer than 2^31 elements.
+    for name, w in (("wi_0", wi_0), ("wi_1", wi_1), ("wo", wo)):
+        if w is not None and w.numel() >= 2**31:
+            raise ValueError(f"mov_ffn (triton): {name} has {w.numel()} elements; the kernels support < 2**31")
     if top_k is not None and not 1 <= top_k <= E:
         raise ValueError(f"mov_ffn (triton): top_k must be in [1, E = {E}], got {top_k}")
     return T, M, F, E
@@ -710,7 +720,7 @@ def _up_launch(x, wi_0, wi_1, router, prob: _Problem):
     router = router if self_routed else logits_part
     args = dict(
         x_ptr=x, wi_0_ptr=wi_0, wi_1_ptr=wi_1, router_ptr=router, inter_ptr=inter, logits_part_ptr=logits_part,
-        T=T, M=M, F=F, E=E,
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
         stride_xt=x.stride(0), stride_xm=x.stride(1), stride_w0f=wi_0.stride(0), stride_w0m=wi_0.stride(1),
         stride_w1f=wi_1.stride(0), stride_w1m=wi_1.stride(1),
         stride_rf=router.stride(0) if self_routed else 0, stride_re=router.stride(1) if self_routed else 0,
@@ -733,7 +743,7 @@ def _down_launch(inter, wo, experts, logits_part, probs, num_f_tiles: int, prob:
     args = dict(
         inter_ptr=inter, wo_ptr=wo, experts_ptr=ex, logits_part_ptr=logits_part, probs_ptr=p_io,
         y_ptr=y, p_soft_ptr=p_io,
-        T=T, M=M, F=F, E=E, NUM_F_TILES=num_f_tiles,
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), NUM_F_TILES=num_f_tiles,
         stride_ut=inter.stride(0), stride_uf=inter.stride(1), stride_wom=wo.stride(0), stride_wof=wo.stride(1),
         stride_ee=ex.stride(0), stride_ef=ex.stride(1),
         stride_lj=logits_part.stride(0) if prob.mode == ROUTE_SELF else 0,
@@ -761,7 +771,7 @@ def _down_backward_launch(dy, wo, inter, experts, p, prob: _Problem, need_du, ne
     args = dict(
         dy_ptr=dy, wo_ptr=wo, inter_ptr=inter, experts_ptr=ex, p_ptr=p,
         du_ptr=du, dp_part_ptr=dp_part, dexperts_part_ptr=dex_part,
-        T=T, M=M, F=F, E=E,
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
         stride_dyt=dy.stride(0), stride_dym=dy.stride(1), stride_wom=wo.stride(0), stride_wof=wo.stride(1),
         stride_ut=inter.stride(0), stride_uf=inter.stride(1), stride_ee=ex.stride(0), stride_ef=ex.stride(1),
         stride_pt=p.stride(0) if has_p else 0, stride_pe=p.stride(1) if has_p else 0,
@@ -808,7 +818,7 @@ def _up_backward_launch(x, wi_0, wi_1, router, du, dlogits, prob: _Problem, need
     args = dict(
         x_ptr=x, wi_0_ptr=wi_0, wi_1_ptr=wi_1, router_ptr=router, du_ptr=du, dlogits_ptr=dlogits,
         dh0_ptr=dh0, dg_ptr=dg, drouter_part_ptr=dr_part,
-        T=T, M=M, F=F, E=E,
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
         stride_xt=x.stride(0), stride_xm=x.stride(1), stride_w0f=wi_0.stride(0), stride_w0m=wi_0.stride(1),
         stride_w1f=wi_1.stride(0), stride_w1m=wi_1.stride(1),
         stride_rf=router.stride(0) if self_routed else 0, stride_re=router.stride(1) if self_routed else 0,
@@ -896,12 +906,13 @@ class MoVFFNFunction(torch.autograd.Function):
     """y = ((act(x·wi_0ᵀ) ⊙ s) [⊙ x·wi_1ᵀ])·woᵀ with s the MoV merge; base weights frozen."""
 
     @staticmethod
-    def forward(ctx, x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize):
+    def forward(ctx, x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, need):
+        """``need``: autograd records this call (grad mode on and an input that needs a gradient), so the
+        intermediate and p_soft are kept; under ``torch.no_grad()`` nothing is."""
         ctx.empty = x.shape[0] == 0
         if ctx.empty:  # no tokens: nothing to launch; the gradients are empty (dx) or zero (the parameters)
             ctx.save_for_backward(x, wi_0, wi_1, wo, router, experts, probs)
             return x.new_empty((0, wo.shape[0]))
-        need = any(ctx.needs_input_grad[i] for i in (0, 4, 5, 6))
         prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
         y, inter, p_soft = _forward(x, wi_0, wi_1, wo, router, experts, probs, prob, save_p_soft=need)
         if need:
@@ -913,14 +924,14 @@ class MoVFFNFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         if ctx.empty:
-            return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None)
+            return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None, None)
         x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, d_router, d_experts, d_probs = _backward(
             dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, ctx.prob,
             (needs[0], needs[4], needs[5], needs[6]),
         )  # fmt: skip
-        return dx, None, None, None, d_router, d_experts, d_probs, None, None, None
+        return dx, None, None, None, d_router, d_experts, d_probs, None, None, None, None
 
 
 def mov_ffn(
@@ -941,7 +952,9 @@ def mov_ffn(
     ``router`` is None when E = 1 ((IA)3). Strided inputs are read through their strides.
     """
     _check_inputs(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k)
-    return MoVFFNFunction.apply(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize)
+    # grad mode, not requires_grad alone: under torch.no_grad() the forward keeps nothing for a backward
+    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, router, experts, probs))
+    return MoVFFNFunction.apply(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, need)
 
 
 # ------------------------------------------------------------------------------------------
