@@ -301,3 +301,31 @@ def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     for op in ("mov_linear", "mov_ffn", "molora_linear"):
         assert resolve_implementation(op, "auto", cuda) == "triton"
     assert resolve_implementation("mov", "auto", cuda) == "torch"  # no Triton kernel for the bare site
+
+
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_second_derivatives(op):
+    """ "reference" (plain autograd) has exact second derivatives; "torch" and "triton" (hand-written
+    backward passes) refuse them loudly instead of returning wrong ones."""
+    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in fused_args(op, t=4).items()}
+    names = ["x", *ADAPTER_PARAMS[op]]
+    for name in names:
+        args[name].requires_grad_()
+    rest = {k: v for k, v in args.items() if k not in names}
+
+    def fn(impl):
+        return lambda *tensors: getattr(ops, op)(**dict(zip(names, tensors, strict=True)), **rest, implementation=impl)
+
+    assert torch.autograd.gradgradcheck(fn("reference"), [args[n] for n in names])
+    for impl in ("torch", "triton"):
+        inputs = (
+            dict(args)
+            if impl == "torch"
+            else {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        )
+        x = inputs["x"].detach().requires_grad_()
+        inputs["x"] = x
+        y = getattr(ops, op)(**inputs, implementation=impl)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gx.sum().backward()

@@ -160,6 +160,7 @@ class MoLoRAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # hand-written backward: second derivatives would be wrong
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, router, probs, logits, u = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_b_lora, need_router, need_probs = ctx.needs_input_grad[:7]

@@ -168,6 +168,7 @@ class MoVFunction(torch.autograd.Function):
         return y.reshape(h2d.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # hand-written backward: second derivatives would be wrong
     def backward(ctx, dy):
         h, router, experts, probs, p_soft, weight, x = ctx.saved_tensors
         need_x, need_w, need_b, need_router, need_experts, need_probs = ctx.needs_input_grad[:6]
@@ -218,6 +219,7 @@ class MoVActFunction(torch.autograd.Function):
         return y.reshape(z.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # hand-written backward: second derivatives would be wrong
     def backward(ctx, dy):
         z, router, experts, probs, p_soft = ctx.saved_tensors
         need_z, need_router, need_experts, need_probs = ctx.needs_input_grad[:4]
