@@ -1,38 +1,29 @@
-"""Shared test helpers: input factories and the tolerance rule.
+"""Shared test helpers: input factories and the tolerance rule (:mod:`pemoe.testing`, also used by the GPU
+check: one rule for every test and check).
 
 Tolerance rule (SPEC §5, after flash-attention): for an implementation's output or gradient
 ``out`` computed from inputs in dtype ``dt``, with ``truth`` the reference computed in float64
 from the same (upcast) inputs and ``ref`` the reference computed eagerly in ``dt``:
 
     max|out - truth| <= 2 * max|ref - truth| + ATOL[dt] * max(max|truth|, 1)
-
-ATOL is one to two units in the last place of the dtype: an implementation may be at most
-twice as wrong as the plain reference, plus a rounding step at the tensor's scale.
 """
 
 from __future__ import annotations
 
 import torch
 
-ATOL = {
-    torch.float64: 1e-12,
-    torch.float32: 2e-6,
-    torch.float16: 2**-10,
-    torch.bfloat16: 2**-7,
-}
+from pemoe.testing import ATOL, check_rule
+
+__all__ = ["ATOL", "assert_within_rule", "cast_inputs", "run_with_grads"]
 
 
 def assert_within_rule(
     out: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str
 ) -> None:
-    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
-    out64, ref64, truth64 = out.double(), ref.double(), truth.double()
-    assert torch.isfinite(out64).all(), f"{what}: non-finite values"
-    err = (out64 - truth64).abs().max().item() if out.numel() else 0.0
-    ref_err = (ref64 - truth64).abs().max().item() if out.numel() else 0.0
-    scale = max(truth64.abs().max().item() if out.numel() else 0.0, 1.0)
-    bound = 2 * ref_err + ATOL[dtype] * scale
-    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e})"
+    c = check_rule(out, ref, truth, dtype)
+    assert c.shape_ok, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    assert c.finite, f"{what}: non-finite values"
+    assert c.ok, f"{what}: max error {c.err:.3e} > bound {c.bound:.3e} (reference error {c.ref_err:.3e})"
 
 
 def run_with_grads(fn, inputs: dict[str, torch.Tensor], grad_out: torch.Tensor | None = None):

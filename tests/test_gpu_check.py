@@ -1,0 +1,81 @@
+"""``python -m pemoe.bench.gpu_check``: its CPU-side logic in the dry mode (tiny shapes, the Triton and JAX
+kernels in their interpreters), a failing comparison making it exit 1, and its refusal without a GPU."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pemoe.bench import gpu_check
+from pemoe.kernels.triton import interpreter
+
+pytestmark = pytest.mark.skipif(not interpreter.INTERPRET, reason="the dry run needs TRITON_INTERPRET=1 (no GPU)")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cases_cover_the_matrix():
+    cases = gpu_check.correctness_cases(gpu_check.SHAPES, gpu_check.EXPERTS)
+    large = [c for c in cases if c.shape_name == "t5-large"]
+    for op in gpu_check.OPS:
+        got = {(c.dtype, c.experts, c.variant) for c in large if c.op == op}
+        want = {(dt, e, "soft") for dt in gpu_check.DTYPES.values() for e in (1, 10, 30)}
+        want |= {(torch.bfloat16, 10, "top2-renorm"), (torch.bfloat16, 10, "sentence")}
+        assert got == want, op
+        assert {c.shape_name for c in cases if c.op == op} == {"t5-large", "t5-xl", "llama-7b"}
+    llama = gpu_check.SHAPES["llama-7b"]
+    assert llama["mov_linear"]["K"] == 4096 and llama["mov_linear"]["N"] // llama["mov_linear"]["G"] == 128
+    assert llama["mov_ffn"]["F"] == 11008
+
+
+def test_dry_run_checks_every_case_and_writes_the_report(tmp_path):
+    assert gpu_check.main(["--dry-run", "--skip-timing", "--skip-jax", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "gpu_check.csv")
+    cases = gpu_check.correctness_cases(gpu_check.DRY_SHAPES, gpu_check.DRY_EXPERTS)
+    seen = {(r["op"], r["dtype"], r["E"], r["variant"]) for r in rows}
+    assert seen == {(c.op, str(c.dtype).removeprefix("torch."), str(c.experts), c.variant) for c in cases}
+    assert all(r["ok"] == "True" and r["implementation"] == "triton" for r in rows)
+    # output and every gradient: x and the adapter parameters (router_input too with sentence routing)
+    sentence = {r["tensor"] for r in rows if r["op"] == "molora_linear" and r["variant"] == "sentence"}
+    assert sentence == {"output", "dx", "drouter", "dlora_a", "dlora_b", "drouter_input"}
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert f"{len(rows)} of {len(rows)} comparisons within the tolerance rule" in md and "Failures" not in md
+
+
+def test_a_wrong_kernel_fails_the_check(tmp_path, monkeypatch):
+    from pemoe.kernels.triton import mov_linear
+
+    real = mov_linear.mov_linear
+    monkeypatch.setattr(mov_linear, "mov_linear", lambda *a, **k: real(*a, **k) * 1.01)
+    assert gpu_check.main(["--dry-run", "--skip-timing", "--skip-jax", "--out", str(tmp_path)]) == 1
+    failed = [r for r in _rows(tmp_path / "gpu_check.csv") if r["ok"] == "False"]
+    assert failed and {r["op"] for r in failed} == {"mov_linear"}
+    assert "## Failures" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_module_dry_run_with_timing_and_jax(tmp_path):
+    """The command as run (``python -m``): correctness, the JAX paths, timing (Triton not timed on a CPU)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pemoe.bench.gpu_check", "--dry-run", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _rows(tmp_path / "gpu_check.csv")
+    assert {r["implementation"] for r in rows} == {"triton", "jax-pallas", "jax-triton"}
+    timing = _rows(tmp_path / "results.csv")
+    assert {r["provider"] for r in timing} == {"linear", "authors-einsum", "peft-ia3", "peft-lora"}
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "## Timing" in md and "pemoe-triton not timed" in md
+
+
+def test_refuses_to_run_without_a_gpu_unless_dry(tmp_path):
+    cmd = [sys.executable, "-m", "pemoe.bench.gpu_check", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no CUDA device here" in done.stderr
