@@ -79,3 +79,14 @@ def test_refuses_to_run_without_a_gpu_unless_dry(tmp_path):
     cmd = [sys.executable, "-m", "pemoe.bench.gpu_check", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "no CUDA device here" in done.stderr
+
+
+def test_traffic_report_covers_every_op_and_shape():
+    from pemoe.bench import traffic_report
+
+    rows = traffic_report.rows()
+    assert len(rows) == 3 * len(gpu_check.SHAPES)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] in gpu_check.OPS and cells[1] in gpu_check.SHAPES
+        assert float(cells[3].rstrip("x")) >= 0.999 and float(cells[6].rstrip("x")) >= 0.999  # ≥ the minimum
