@@ -329,3 +329,23 @@ def test_second_derivatives(op):
         (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             gx.sum().backward()
+
+
+@pytest.mark.parametrize("impl", FUSED_IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", FUSED_OPS)
+def test_autocast_casts_activations_and_frozen_weights(impl, op):
+    """Under torch.autocast every implementation computes what it computes on inputs cast to the autocast
+    dtype (as nn.Linear does), returns that dtype, and leaves the adapter parameters' gradients float32."""
+    args = fused_args(op)
+    for name in ADAPTER_PARAMS[op]:
+        args[name].requires_grad_()
+    x = args["x"].requires_grad_()
+    frozen = ("x", *FROZEN[op], "bias")
+    cast = {k: (v.detach().bfloat16() if k in frozen and v is not None else v) for k, v in args.items()}
+    want = getattr(ops, op)(**cast, implementation=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = getattr(ops, op)(**args, implementation=impl)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    got.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    assert all(args[n].grad.dtype == torch.float32 for n in ADAPTER_PARAMS[op])

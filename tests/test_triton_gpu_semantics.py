@@ -165,3 +165,21 @@ def _child_env() -> dict:
     import os
 
     return dict(os.environ, TRITON_INTERPRET="1")
+
+
+def test_kernels_launch_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: forward and backward run under launch_device(tensor's
+    device) (torch.cuda.device for a CUDA tensor; here, on the interpreter's CPU tensors, it is recorded)."""
+    from pemoe.kernels.triton import autograd
+
+    assert isinstance(autograd.launch_device(torch.device("cuda", 1)), torch.cuda.device)
+    assert autograd.launch_device(torch.device("cuda", 1)).idx == 1
+    seen = []
+    real = autograd.launch_device
+    monkeypatch.setattr(autograd, "launch_device", lambda d: seen.append(d) or real(d))
+    for op, make in OPS.items():
+        seen.clear()
+        args = make()
+        args["experts" if "experts" in args else "lora_a"].requires_grad_()
+        getattr(ops, op)(**args, implementation="triton").float().sum().backward()
+        assert seen == [torch.device("cpu")] * 2, (op, seen)  # forward, backward

@@ -112,7 +112,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, split_dot, tiles
-from pemoe.kernels.triton.autograd import zero_grads
+from pemoe.kernels.triton.autograd import on_first_tensors_device, zero_grads
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 logger = logging.getLogger("pemoe")
@@ -1293,6 +1293,7 @@ class MoLoRALinearFunction(torch.autograd.Function):
     """y = molora(x, W, b, lora_a, lora_b, router | probs) on x [T, K]; W frozen. Saves x, U and p_soft."""
 
     @staticmethod
+    @on_first_tensors_device
     def forward(ctx, x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
         ctx.empty = x.shape[0] == 0
         if ctx.empty:  # no tokens: nothing to launch; the gradients are empty (dx) or zero (the parameters)
@@ -1307,7 +1308,8 @@ class MoLoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
+    @torch.autograd.function.once_differentiable
+    @on_first_tensors_device  # the kernels' backward is not itself differentiable
     def backward(ctx, dy):
         if ctx.empty:
             return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None, None, None)

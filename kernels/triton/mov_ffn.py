@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing
-from pemoe.kernels.triton.autograd import zero_grads
+from pemoe.kernels.triton.autograd import on_first_tensors_device, zero_grads
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
@@ -906,6 +906,7 @@ class MoVFFNFunction(torch.autograd.Function):
     """y = ((act(x·wi_0ᵀ) ⊙ s) [⊙ x·wi_1ᵀ])·woᵀ with s the MoV merge; base weights frozen."""
 
     @staticmethod
+    @on_first_tensors_device
     def forward(ctx, x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, need):
         """``need``: autograd records this call (grad mode on and an input that needs a gradient), so the
         intermediate and p_soft are kept; under ``torch.no_grad()`` nothing is."""
@@ -922,6 +923,7 @@ class MoVFFNFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @on_first_tensors_device
     def backward(ctx, dy):
         if ctx.empty:
             return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None, None)

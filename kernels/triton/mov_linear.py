@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, split_dot
+from pemoe.kernels.triton.autograd import on_first_tensors_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 #: Head widths (D) the kernels support: tiles hold whole heads and tl.dot needs D ≥ 16, a power of two.
@@ -797,6 +798,7 @@ class MoVLinearFunction(torch.autograd.Function):
     """y = mov(x Wᵀ + b) on x [T, K] (W frozen). Saves x and p_soft, recomputes h in the backward."""
 
     @staticmethod
+    @on_first_tensors_device
     def forward(ctx, x2d, weight, bias, router, experts, probs, top_k, renormalize, config, save):
         """``save``: autograd records this call (grad mode on and an input that needs a gradient), so p_soft
         is written and the inputs kept; under ``torch.no_grad()`` the forward writes y alone."""
@@ -808,7 +810,8 @@ class MoVLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
+    @torch.autograd.function.once_differentiable
+    @on_first_tensors_device  # the kernels' backward is not itself differentiable
     def backward(ctx, dy):
         x2d, weight, bias, router, experts, probs, p_soft = ctx.saved_tensors
         pb = ctx.problem

@@ -16,6 +16,8 @@ implementation treats them alike:
   * the frozen base weights (``weight``, ``wi_0``, ``wi_1``, ``wo``) get no gradient (SPEC §3): one that
     requires grad while autograd records is refused with a ``ValueError`` (freeze it or call under
     ``torch.no_grad()``); ``x``, ``bias`` and ``router_input`` are differentiable;
+  * under ``torch.autocast`` the fused linear ops (``mov_linear``, ``mov_ffn``, ``molora_linear``) cast x
+    and the frozen weights to the autocast dtype, as ``nn.Linear`` does, and return that dtype;
   * values are not inspected: a NaN or inf in the inputs or parameters propagates to the outputs of the
     tokens it touches (checking would cost a device-to-host read per call).
 
@@ -26,6 +28,9 @@ own activation; ``router`` is then [R, E]).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,39 @@ __all__ = ["AVAILABLE", "mov", "mov_linear", "mov_ffn", "molora_linear", "resolv
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+#: Device types torch.autocast knows (others, e.g. "meta", are never autocast).
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _autocast_aware(*frozen: str):
+    """Under ``torch.autocast`` for the activations' device type, the op runs as torch's own linear layers do:
+    the activations and the frozen weights (``frozen``) are cast to the autocast dtype (float64 is left as
+    autocast leaves it), adapter parameters keep their dtype, and the implementation runs with autocast off,
+    so every implementation sees the same dtypes and returns the autocast dtype."""
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            first = next(iter(bound.arguments.values()))
+            device_type = first.device.type if isinstance(first, torch.Tensor) else None
+            if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+                return fn(*args, **kwargs)
+            dtype = torch.get_autocast_dtype(device_type)
+            for name in (next(iter(bound.arguments)), *frozen):
+                t = bound.arguments.get(name)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
+                    bound.arguments[name] = t.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return fn(*bound.args, **bound.kwargs)
+
+        return op
+
+    return wrap
 
 
 def _float32(*adapter_params: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -80,6 +118,7 @@ def mov(
     return y.reshape(h.shape)
 
 
+@_autocast_aware("weight", "bias")
 def mov_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -122,6 +161,7 @@ def mov_linear(
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
+@_autocast_aware("wi_0", "wi_1", "wo")
 def mov_ffn(
     x: torch.Tensor,
     wi_0: torch.Tensor,
@@ -196,6 +236,7 @@ def mov_ffn(
     return F.linear(a, wo).reshape(x.shape)
 
 
+@_autocast_aware("weight", "bias")
 def molora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
