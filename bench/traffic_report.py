@@ -39,8 +39,8 @@ def rows() -> list[str]:
     from pemoe.bench import mov_ffn as b_ffn
     from pemoe.bench import mov_linear as b_mov
     from pemoe.kernels.triton import molora_linear as mo
-    from pemoe.kernels.triton import mov_ffn as mf
-    from pemoe.kernels.triton import mov_linear as ml
+    from pemoe.kernels.triton import mov_ffn_analysis as mf
+    from pemoe.kernels.triton import mov_linear_analysis as ml
 
     isz = torch.finfo(DTYPE).bits // 8
     out = []

@@ -17,6 +17,7 @@ import triton
 from pemoe import ops
 from pemoe.kernels.triton import interpreter
 from pemoe.kernels.triton import mov_ffn as kernels
+from pemoe.kernels.triton import mov_ffn_analysis as analysis
 from tests.helpers import assert_within_rule
 from tests.test_ops import DTYPES, K, MoVFFNCases, _experts, _router
 
@@ -249,7 +250,7 @@ def test_traffic_model_matches_the_interpreter(monkeypatch, case, tiles):
     if kw["router"] is not None:
         kw["router"].requires_grad_(need_router)
     kw["experts"].requires_grad_(need_experts)
-    model = kernels.hbm_traffic(
+    model = analysis.hbm_traffic(
         t, m, f, e, dtype=case["dtype"], gated=case["gated"], routing=case["routing"], needs=case["needs"]
     )
     with interpreter.count_traffic() as fwd:
@@ -263,7 +264,7 @@ def test_traffic_model_matches_the_interpreter(monkeypatch, case, tiles):
 
 def test_traffic_at_t5_large_shape():
     """The figures of the report: overhead over a plain FFN at T5-large FFN shape, default tiles."""
-    model = kernels.hbm_traffic(2048, 1024, 2816, 10, dtype=torch.bfloat16)
+    model = analysis.hbm_traffic(2048, 1024, 2816, 10, dtype=torch.bfloat16)
     print("\n" + model.summary())
     fwd, plain = model.total("forward", "unique"), model.plain("unique")
     # beyond a plain FFN: the logit partials (written once, read once), p_soft and the experts
@@ -272,7 +273,7 @@ def test_traffic_at_t5_large_shape():
     assert extra == 2 * f_tiles * 2048 * 10 * 4 + 2816 * 10 * 4 * 2 + 2048 * 10 * 4
     assert model.total("forward") < 1.15 * model.plain()  # spill-free default tiles (BLOCK_F = 64)
     big = {"BLOCK_M": 128, "BLOCK_F": 128, "BLOCK_K": 64}
-    big_tiles = kernels.hbm_traffic(
+    big_tiles = analysis.hbm_traffic(
         2048, 1024, 2816, 10, configs={"_ffn_up_kernel": big, "_ffn_down_kernel": {**big, "BLOCK_N": 128}}
     )
     print("with 128x128 tiles:\n" + big_tiles.summary())
@@ -290,7 +291,7 @@ def _compile(monkeypatch, selection):
 
     monkeypatch.setenv("PEMOE_AOT_SELECTION", selection)
     start = time.perf_counter()
-    reports = compile_module_in_subprocess("pemoe.kernels.triton.mov_ffn")
+    reports = compile_module_in_subprocess("pemoe.kernels.triton.mov_ffn_analysis")
     print(f"\n{len(reports)} compiles in {time.perf_counter() - start:.0f}s\n" + format_reports(reports))
     assert reports
     errors = [f"{r.name} sm_{r.capability}: {r.error}" for r in reports if r.error]

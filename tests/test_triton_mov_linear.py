@@ -20,6 +20,7 @@ import torch
 from pemoe import ops, reference
 from pemoe.kernels.triton import aot, interpreter
 from pemoe.kernels.triton import mov_linear as kernel
+from pemoe.kernels.triton import mov_linear_analysis as analysis
 from tests.helpers import run_with_grads
 from tests.test_ops import DTYPES, MoVLinearCases
 
@@ -285,7 +286,7 @@ def test_traffic_model_matches_the_interpreter(routing, e, bias, dtype):
     dy = torch.randn(t, n, dtype=dtype)
     with interpreter.count_traffic() as bwd:
         kernel.mov_linear_backward(x, w, b, router, experts, probs, p_soft, dy, pb, (True, True, True), TALL_TILES)
-    model = kernel.hbm_traffic(t, K, n, groups, e, dtype, TALL_TILES, TALL_TILES, routing=routing, bias=bias)
+    model = analysis.hbm_traffic(t, K, n, groups, e, dtype, TALL_TILES, TALL_TILES, routing=routing, bias=bias)
     f, bk = model.forward[0], model.backward[0]
     print(f"\n{routing}: forward issued model {f.issued_read}/{f.issued_written} interpreter {fwd.loaded}/{fwd.stored}")
     print(
@@ -298,7 +299,7 @@ def test_traffic_model_matches_the_interpreter(routing, e, bias, dtype):
 def test_forward_traffic_is_near_the_minimum_at_t5_large():
     """SPEC §6 target: modelled forward HBM bytes ≤ 1.1× the minimum (T5-large k/v, E = 10, bf16)."""
     for training in (False, True):
-        r = kernel.hbm_traffic(2048, 1024, 1024, 16, 10, torch.bfloat16, training=training)
+        r = analysis.hbm_traffic(2048, 1024, 1024, 16, 10, torch.bfloat16, training=training)
         ratio = r.forward_hbm / r.forward_minimum
         print(
             f"\nT5-large MoV-10 bf16 training={training}: forward HBM {r.forward_hbm / 2**20:.2f} MiB, "
@@ -322,7 +323,7 @@ def test_forward_traffic_is_near_the_minimum_at_t5_large():
 # tests; the slow test compiles everything aot_cases() lists (every configuration autotuning may choose).
 _AOT_DEFAULTS = """
 import dataclasses, json, torch
-from pemoe.kernels.triton import aot, mov_linear as m
+from pemoe.kernels.triton import aot, mov_linear_analysis as m
 cases = m.aot_cases(dtypes=(torch.bfloat16,), all_configs=False)
 cases += m.aot_cases(dtypes=(torch.float16, torch.float32), shapes=m.AOT_SHAPES[:1], all_configs=False)
 reports = [aot.compile_case(c, cc) for c in cases for cc in aot.CAPABILITIES]
@@ -378,7 +379,7 @@ def test_aot_default_configs_compile_without_spills_and_with_wgmma(_aot_defaults
     print(
         f"\n{aot.format_reports(reports + alternatives)}\n({len(reports)} compiles; waited {time.time() - start:.0f} s)"
     )
-    assert len(reports) == 2 * (2 * len(kernel.AOT_SHAPES) + 4)
+    assert len(reports) == 2 * (2 * len(analysis.AOT_SHAPES) + 4)
     assert all(r.default for r in reports)
     _check_reports(reports)
     # where the sm_90 default is mma.sync, autotuning on sm_90 has a spill-free wgmma tile to pick
@@ -394,7 +395,7 @@ def test_aot_default_configs_compile_without_spills_and_with_wgmma(_aot_defaults
 @pytest.mark.slow
 def test_aot_every_config_compiles():
     """Every configuration autotuning may choose, every example shape and dtype (aot_cases())."""
-    reports = aot.compile_module_in_subprocess("pemoe.kernels.triton.mov_linear")
+    reports = aot.compile_module_in_subprocess("pemoe.kernels.triton.mov_linear_analysis")
     print(f"\n{aot.format_reports(reports)}")
-    assert len(reports) == 2 * len(kernel.aot_cases())
+    assert len(reports) == 2 * len(analysis.aot_cases())
     _check_reports(reports)

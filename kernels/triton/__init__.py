@@ -1,8 +1,11 @@
 """Triton kernels (``pemoe.kernels.triton``): one module per fused op.
 
 Each op module reads top-down — ``@triton.jit`` kernels, launchers (validate, flatten,
-allocate, grid, launch), the ``torch.autograd.Function`` — and ends with ``aot_cases()``, the
-launches autotuning may choose, for the ahead-of-time compile checks in :mod:`.aot`.
+allocate, grid, launch), the ``torch.autograd.Function``. Its analysis lives beside it, off the runtime
+path: ``<op>_analysis`` holds the HBM-traffic model and ``aot_cases()``, the launches autotuning may
+choose, for the ahead-of-time compile checks in :mod:`.aot` (``molora_linear`` still holds its own, which
+its schedule choice uses at run time). Shared pieces: :mod:`.routing` (router math), :mod:`.split_dot`
+(float32-grade products on 16-bit tensor cores), :mod:`.tiles`, :mod:`.autograd`.
 
 Under ``TRITON_INTERPRET=1`` (the CPU here) importing this package patches the interpreter's
 broken bfloat16 handling and makes its float32 dots emulate TF32 (see :mod:`.interpreter`), and logs

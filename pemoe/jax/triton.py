@@ -95,7 +95,9 @@ import triton
 from pemoe.kernels.triton import interpreter
 from pemoe.kernels.triton import molora_linear as ml_lora
 from pemoe.kernels.triton import mov_ffn as mf
+from pemoe.kernels.triton import mov_ffn_analysis as mf_analysis
 from pemoe.kernels.triton import mov_linear as ml
+from pemoe.kernels.triton import mov_linear_analysis as ml_analysis
 
 __all__ = [
     "CAPABILITY_ENV",
@@ -1182,7 +1184,7 @@ class ExportProblem:
 
 
 def _ffn_problems() -> list[tuple[str, dict[str, Any]]]:
-    size = dict(T=mf.AOT_SHAPE["T"], M=mf.AOT_SHAPE["M"], F=mf.AOT_SHAPE["F"])
+    size = dict(T=mf_analysis.AOT_SHAPE["T"], M=mf_analysis.AOT_SHAPE["M"], F=mf_analysis.AOT_SHAPE["F"])
     return [  # T5-large FFN (d_model 1024, d_ff 2816): the variants of kernels/triton/mov_ffn.py's AOT cases
         ("t5-large E=10", size | dict(E=10)),
         ("t5-large ia3", size | dict(E=1, routing="none")),
@@ -1211,7 +1213,7 @@ def _molora_problems() -> list[tuple[str, dict[str, Any]]]:
     return problems
 
 
-#: Problems of the export report: mov_linear at the AOT shapes of kernels/triton/mov_linear.py, mov_ffn at
+#: Problems of the export report: mov_linear at the AOT shapes of kernels/triton/mov_linear_analysis.py, mov_ffn at
 #: T5-large FFN shape, molora_linear at T5-large attention shape (both schedules), each in bfloat16 and float32.
 EXPORT_PROBLEMS: tuple[ExportProblem, ...] = tuple(
     [
@@ -1221,7 +1223,7 @@ EXPORT_PROBLEMS: tuple[ExportProblem, ...] = tuple(
             dtype,
             tuple(dict(T=T, K=K, G=G, D=D, E=E, routing=routing, top_k=top_k or None, renormalize=renormalize).items()),
         )  # fmt: skip
-        for label, T, K, G, D, E, routing, top_k, renormalize in ml.AOT_SHAPES
+        for label, T, K, G, D, E, routing, top_k, renormalize in ml_analysis.AOT_SHAPES
         for dtype in ("bfloat16", "float32")
     ]
     + [
