@@ -61,7 +61,7 @@ import math
 import os
 import pathlib
 import re
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -512,8 +512,8 @@ def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
         "pemoe_config": json.dumps(state["config"].to_dict()),
         "pemoe_saved_from": state["model"],
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # a unique name beside the target: the same file system, so the rename is atomic
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)

@@ -62,13 +62,13 @@ def _autocast_aware(*frozen: str):
 
         @functools.wraps(fn)
         def op(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            first = next(iter(bound.arguments.values()))
-            device_type = first.device.type if isinstance(first, torch.Tensor) else None
+            x = args[0] if args else kwargs.get("x")  # every such op takes the activations x first
+            device_type = x.device.type if isinstance(x, torch.Tensor) else None
             if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
                 return fn(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs)
             dtype = torch.get_autocast_dtype(device_type)
-            for name in (next(iter(bound.arguments)), *frozen):
+            for name in ("x", *frozen):
                 t = bound.arguments.get(name)
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
                     bound.arguments[name] = t.to(dtype)
