@@ -134,8 +134,9 @@ def make_arguments(case: Case, device: torch.device) -> tuple[dict, tuple[str, .
     return kw, ("x", *params)
 
 
-def _run(op: str, kw: dict, grad_names: Sequence[str], implementation: str, grad_out: torch.Tensor | None):
-    """(output, {name: gradient}) of ``pemoe.ops.<op>`` on fresh leaves of ``kw``; grad_out None: the output only."""
+def _run(op: str, kw: dict, grad_names: Sequence[str], implementation: str, grad_out: torch.Tensor | None = None):
+    """(output, {name: gradient}, grad_out) of ``pemoe.ops.<op>`` on fresh leaves of ``kw``, differentiated
+    along ``grad_out`` (None: a seeded float64 normal of the output's shape, made here)."""
     from pemoe import ops
 
     leaves = {
@@ -143,13 +144,19 @@ def _run(op: str, kw: dict, grad_names: Sequence[str], implementation: str, grad
     }
     out = getattr(ops, op)(**leaves, implementation=implementation)
     if grad_out is None:
-        return out.detach(), {}
+        g = torch.Generator().manual_seed(2)
+        grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
     grads = torch.autograd.grad(out, [leaves[n] for n in grad_names], grad_out.to(out.dtype))
-    return out.detach(), dict(zip(grad_names, grads, strict=True))
+    return out.detach(), dict(zip(grad_names, grads, strict=True)), grad_out
 
 
-def _upcast(kw: dict, dtype: torch.dtype) -> dict:
-    return {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in kw.items()}
+def _references(op: str, kw: dict, names: Sequence[str]):
+    """(grad_out, (truth, its gradients), (ref, its gradients)): the reference in float64 from the upcast
+    inputs and in the inputs' dtype, both along one grad_out, as the tolerance rule compares them."""
+    truth_kw = {k: (v.to(torch.float64) if torch.is_tensor(v) else v) for k, v in kw.items()}
+    truth, truth_grads, grad_out = _run(op, truth_kw, names, "reference")
+    ref, ref_grads, _ = _run(op, kw, names, "reference", grad_out)
+    return grad_out, (truth, truth_grads), (ref, ref_grads)
 
 
 def check_case(case: Case, device: torch.device, implementation: str = "triton") -> list[dict]:
@@ -157,14 +164,10 @@ def check_case(case: Case, device: torch.device, implementation: str = "triton")
     from pemoe.testing import check_rule
 
     kw, names = make_arguments(case, device)
-    truth_kw = _upcast(kw, torch.float64)
-    probe, _ = _run(case.op, truth_kw, names, "reference", None)
-    grad_out = torch.randn(probe.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
-    truth, truth_grads = _run(case.op, truth_kw, names, "reference", grad_out)
-    ref, ref_grads = _run(case.op, kw, names, "reference", grad_out)
+    grad_out, (truth, truth_grads), (ref, ref_grads) = _references(case.op, kw, names)
     rows = []
     try:
-        out, grads = _run(case.op, kw, names, implementation, grad_out)
+        out, grads, _ = _run(case.op, kw, names, implementation, grad_out)
     except Exception as e:  # noqa: BLE001 - a kernel that raises is a failed check, reported with its error
         return [_row(case, implementation, "all", None, error=f"{type(e).__name__}: {e}")]
     for tensor, got, want, eager in [("output", out, truth, ref)] + [
@@ -264,12 +267,7 @@ def run_jax(
     for op in OPS:
         case = Case(op, "jax", case_shapes[op], torch.bfloat16, experts)
         kw, names = make_arguments(case, device)  # the torch reference runs where the tensors are
-        truth_kw = _upcast(kw, torch.float64)
-        probe, _ = _run(op, truth_kw, names, "reference", None)
-        grad_out = torch.randn(probe.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        grad_out = grad_out.to(device)
-        truth, truth_grads = _run(op, truth_kw, names, "reference", grad_out)
-        ref, ref_grads = _run(op, kw, names, "reference", grad_out)
+        grad_out, (truth, truth_grads), (ref, ref_grads) = _references(op, kw, names)
 
         def to_jax(t: torch.Tensor):
             return jnp.asarray(t.detach().float().cpu().numpy()).astype(_jax_dtype(t.dtype))

@@ -1308,8 +1308,8 @@ class MoLoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    @on_first_tensors_device  # the kernels' backward is not itself differentiable
+    @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
+    @on_first_tensors_device
     def backward(ctx, dy):
         if ctx.empty:
             return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None, None, None)
