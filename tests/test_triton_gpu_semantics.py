@@ -174,9 +174,12 @@ def test_kernels_launch_on_their_tensors_device(monkeypatch):
 
     assert isinstance(autograd.launch_device(torch.device("cuda", 1)), torch.cuda.device)
     assert autograd.launch_device(torch.device("cuda", 1)).idx == 1
+    from pemoe.kernels.triton import molora_linear, mov_ffn, mov_linear
+
     seen = []
     real = autograd.launch_device
-    monkeypatch.setattr(autograd, "launch_device", lambda d: seen.append(d) or real(d))
+    for module in (mov_linear, mov_ffn, molora_linear):
+        monkeypatch.setattr(module, "launch_device", lambda d: seen.append(d) or real(d))
     for op, make in OPS.items():
         seen.clear()
         args = make()

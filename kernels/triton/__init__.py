@@ -1,11 +1,14 @@
 """Triton kernels (``pemoe.kernels.triton``): one module per fused op.
 
 Each op module reads top-down — ``@triton.jit`` kernels, launchers (validate, flatten,
-allocate, grid, launch), the ``torch.autograd.Function``. Its analysis lives beside it, off the runtime
-path: ``<op>_analysis`` holds the HBM-traffic model and ``aot_cases()``, the launches autotuning may
-choose, for the ahead-of-time compile checks in :mod:`.aot` (``molora_linear`` still holds its own, which
-its schedule choice uses at run time). Shared pieces: :mod:`.routing` (router math), :mod:`.split_dot`
-(float32-grade products on 16-bit tensor cores), :mod:`.tiles`, :mod:`.autograd`.
+allocate, grid, launch), then autograd: the forward and backward as ``torch.library`` custom ops
+(``pemoe::triton_<op>``, ``pemoe::triton_<op>_backward``) with fake kernels and a registered autograd
+formula, so ``torch.compile(fullgraph=True)`` traces them without a graph break. Its analysis lives
+beside it, off the runtime path: ``<op>_analysis`` holds the HBM-traffic model and ``aot_cases()``,
+the launches autotuning may choose, for the ahead-of-time compile checks in :mod:`.aot` (``molora_linear``
+still holds its own, which its schedule choice uses at run time). Shared pieces: :mod:`.routing` (router
+math), :mod:`.split_dot` (float32-grade products on 16-bit tensor cores), :mod:`.tiles`, :mod:`.autograd`
+(the launch device).
 
 Under ``TRITON_INTERPRET=1`` (the CPU here) importing this package patches the interpreter's
 broken bfloat16 handling and makes its float32 dots emulate TF32 (see :mod:`.interpreter`), and logs

@@ -112,7 +112,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, split_dot, tiles
-from pemoe.kernels.triton.autograd import on_first_tensors_device, zero_grads
+from pemoe.kernels.triton.autograd import launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 logger = logging.getLogger("pemoe")
@@ -605,24 +605,28 @@ _GEMM_KEY = ["tokens_bucket", "N", "K", "E", "R", "ROUTER_TAIL"]
 @triton.jit
 def _molora_gemm_kernel(
     # inputs: a [M, K], b [K, N] (strided views of the frozen weight), tail [M, E·R] (activation dtype),
-    # adapter viewed as [E, R, N] float32, logits [M, E] and router viewed as [E, N] (float32), bias [N]
-    a_ptr, b_ptr, tail_ptr, adapter_ptr, logits_ptr, router_ptr, bias_ptr,
+    # adapter viewed as [E, R, N] float32, logits [M, E] and router viewed as [E, N] (float32), bias [N],
+    # residual [M, N] (activation dtype)
+    a_ptr, b_ptr, tail_ptr, adapter_ptr, logits_ptr, router_ptr, bias_ptr, residual_ptr,
     # output [M, N]
     out_ptr,
     # sizes (tokens_bucket: autotune key only)
     M, N, K, E, R, tokens_bucket,
     # strides (tail and logits: unit column stride)
     stride_am, stride_ak, stride_bk, stride_bn, stride_tm, stride_ae, stride_ar, stride_an,
-    stride_lm, stride_re, stride_rn, stride_om, stride_on,
+    stride_lm, stride_re, stride_rn, stride_sm, stride_sn, stride_om, stride_on,
     # feature flags
-    HAS_BIAS: tl.constexpr, ROUTER_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUTER_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # block sizes
     BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, TAIL_STEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """out = a·b + tail·adapter_cat (+ logits·router, float32-grade) (+ bias), one [BLOCK_M, BLOCK_N] tile.
+    """out = a·b + tail·adapter_cat (+ logits·router, float32-grade) (+ bias) (+ residual), one [BLOCK_M, BLOCK_N]
+    tile.
 
     Forward expand: a = x, b = Wᵀ, tail = U′, adapter = lora_b ([E, R, N]): y = x·Wᵀ + U′·B_cat + b.
+    Adapter-only forward expand (a frozen layer that runs its own forward): K = 0, residual = that layer's
+    output: y = base + U′·B_cat; its backward dx: K = 0 (no dy·W term).
     Backward dx: a = dy, b = W, tail = dU, adapter = lora_a seen as [E, R, K], logits = dlogits, router = routerᵀ:
     dx = dy·W + dU·A_catᵀ + dlogits·routerᵀ. The tail adds E·R (padded BLOCK_E·RANK_PAD) columns to the
     reduction, TAIL_STEP at a time; adapter_cat[e·R + j, n] = adapter[e, j, n].
@@ -660,9 +664,11 @@ def _molora_gemm_kernel(
         rt = tiles.load_tile(router_ptr, offs_e * stride_re, offs_n * stride_rn, offs_e < E, n_mask)
         acc = split_dot.dot_split(lg, rt, acc, DT, DOT_PRECISION)
 
-    # ---- epilogue: bias, one store
+    # ---- epilogue: bias, residual, one store
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tiles.load_tile(residual_ptr, rows * stride_sm, offs_n * stride_sn, m_mask, n_mask).to(tl.float32)
     tiles.store_tile(out_ptr, rows * stride_om, offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), m_mask, n_mask)
 
 
@@ -926,7 +932,7 @@ class Launch:
 
 
 #: Array inputs of each launch role: its kernel's first pointer parameters (the following ones are outputs).
-LAUNCH_INPUTS = {"fused": 7, "shrink": 4, "expand": 7, "dx": 7, "grad_u": 5, "wgrad_a": 3, "wgrad_b": 3}
+LAUNCH_INPUTS = {"fused": 7, "shrink": 4, "expand": 8, "dx": 8, "grad_u": 5, "wgrad_a": 3, "wgrad_b": 3}
 
 
 def _check_kernel_inputs(x, weight, bias, lora_a, lora_b, router, probs) -> None:
@@ -935,7 +941,7 @@ def _check_kernel_inputs(x, weight, bias, lora_a, lora_b, router, probs) -> None
         raise ValueError(f"x must be 2-D [T, K] (flattened tokens), got shape {list(x.shape)}")
     if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"molora_linear Triton kernels support x in float16, bfloat16 or float32, got {x.dtype}")
-    if weight.dtype != x.dtype:
+    if weight is not None and weight.dtype != x.dtype:
         raise TypeError(f"x and weight must share one dtype, got x {x.dtype} and weight {weight.dtype}")
     if bias is not None and bias.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"bias must be float16, bfloat16 or float32 for the Triton kernels, got {bias.dtype}")
@@ -996,23 +1002,30 @@ def _bucket(t: int) -> int:
 
 
 def _gemm_launch(
-    role, a, b_strides, b, tail, adapter, adapter_strides, logits, router, router_strides, bias, out, flags
-):
-    """out [M, N] = a [M, K]·b + tail·adapter_cat (+ logits·router) (+ bias) with _molora_gemm_kernel."""
+    role, a, b_strides, b, tail, adapter, adapter_strides, logits, router, router_strides, bias, out, flags,
+    residual=None,
+):  # fmt: skip
+    """out [M, N] = a [M, K]·b + tail·adapter_cat (+ logits·router) (+ bias) (+ residual) with
+    _molora_gemm_kernel. ``b`` None: no base GEMM (K = 0; the adapter-only op)."""
     m, k = a.shape
+    if b is None:
+        k, b, b_strides = 0, a, (0, 0)  # the K loop runs no step: b is never read
     n = out.shape[1]
     num_experts = flags["E"]
     logits_ = logits if logits is not None else out
     router_ = router if router is not None else adapter
+    residual_ = residual if residual is not None else out
     args = (
-        a, b, tail, adapter, logits_, router_, bias if bias is not None else out,
+        a, b, tail, adapter, logits_, router_, bias if bias is not None else out, residual_,
         out,
         m, n, k, num_experts, flags["R"], _bucket(m),
         a.stride(0), a.stride(1), *b_strides, tail.stride(0), *adapter_strides,
-        logits_.stride(0), *(router_strides if router is not None else (0, 0)), out.stride(0), out.stride(1),
+        logits_.stride(0), *(router_strides if router is not None else (0, 0)),
+        residual_.stride(0), residual_.stride(1), out.stride(0), out.stride(1),
     )  # fmt: skip
     constexprs = dict(
         HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
         ROUTER_TAIL=logits is not None,
         DOT_PRECISION=flags["DOT_PRECISION"],
         BLOCK_E=flags["BLOCK_E"],
@@ -1026,13 +1039,14 @@ def _gemm_launch(
     return Launch(role, _molora_gemm_kernel, args, constexprs, grid)
 
 
-def _forward_plan(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
-    """Allocates the outputs and lists the launches of one forward schedule.
+def _forward_plan(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule, base=None):
+    """Allocates the outputs and lists the launches of one forward schedule. ``weight`` None: the adapter-only
+    op (two_kernel schedule, the expand without a base GEMM, accumulating onto ``base`` [T, N] when given).
 
     Returns ((y, U float32 | None, p_soft float32 | None), [Launch]).
     """
     t, k = x.shape
-    n = weight.shape[0]
+    n = lora_b.shape[2]
     num_experts, _, rank = lora_a.shape
     mode = _routing_mode(router, probs)
     flags = _flags(x.dtype, num_experts, rank, mode, top_k, renormalize)
@@ -1082,8 +1096,8 @@ def _forward_plan(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, 
     shrink = Launch("shrink", _molora_shrink_kernel, args, routing_flags, shrink_grid)
     sizes = dict(flags, E=num_experts, R=rank)
     expand = _gemm_launch(
-        "expand", x, (weight.stride(1), weight.stride(0)), weight, u_scaled, lora_b, lora_b.stride(),
-        None, None, None, bias, y, sizes,
+        "expand", x, (weight.stride(1), weight.stride(0)) if weight is not None else None, weight, u_scaled,
+        lora_b, lora_b.stride(), None, None, None, bias, y, sizes, residual=base,
     )  # fmt: skip
     return (y, u, p_soft), [shrink, expand]
 
@@ -1100,7 +1114,10 @@ def _auto_schedule(t, k, n, e, r, dtype, mode, save) -> str:
 def resolve_schedule(
     schedule: str, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, mode: int, save: bool
 ) -> str:
-    """The forward schedule a call runs: a forced one (``use_schedule``), the argument, or the model's pick."""
+    """The forward schedule a call runs: a forced one (``use_schedule``), the argument, or the model's pick;
+    always "two_kernel" for the adapter-only op (``weight`` None: no base GEMM to fuse the shrink into)."""
+    if weight is None:
+        return "two_kernel"
     if _FORCED_SCHEDULE[0] is not None:
         return _FORCED_SCHEDULE[0]
     if schedule == "auto":
@@ -1116,7 +1133,7 @@ Tensor = torch.Tensor
 
 def molora_forward(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
@@ -1127,13 +1144,15 @@ def molora_forward(
     renormalize: bool,
     save_for_backward: bool,
     schedule: str = "auto",
+    base: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Runs the forward kernels of ``schedule`` ("auto", "fused", "two_kernel"; a ``use_schedule`` context
     wins) on x [T, K]; returns (y [T, N], U float32 [T, E·r] | None, p_soft float32 [T, E] | None), the last
-    two when ``save_for_backward`` (p_soft with token routing only)."""
+    two when ``save_for_backward`` (p_soft with token routing only). ``weight`` None: the adapter-only op,
+    y = base + the adapter's delta (``base`` None: the delta alone)."""
     schedule = resolve_schedule(schedule, x, weight, lora_a, _routing_mode(router, probs), bool(save_for_backward))
     outputs, launches = _forward_plan(
-        x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save_for_backward, schedule
+        x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save_for_backward, schedule, base
     )
     for launch in launches:
         launch.run()
@@ -1141,9 +1160,10 @@ def molora_forward(
 
 
 def _backward_plan(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs):
-    """Allocates buffers and lists the backward launches. Returns (buffers dict, [Launch])."""
+    """Allocates buffers and lists the backward launches (``weight`` None: the adapter-only op, no dy·W in dx).
+    Returns (buffers dict, [Launch])."""
     t, k = x.shape
-    n = weight.shape[0]
+    n = lora_b.shape[2]
     num_experts, _, rank = lora_a.shape
     mode = _routing_mode(router, probs)
     need_dx, need_bias, need_a, need_b, need_router, need_probs = needs
@@ -1197,7 +1217,7 @@ def _backward_plan(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scal
             _gemm_launch(
                 "dx",
                 dy,
-                (weight.stride(0), weight.stride(1)),
+                (weight.stride(0), weight.stride(1)) if weight is not None else None,
                 weight,
                 buf["d_u"],
                 lora_a,
@@ -1251,7 +1271,7 @@ def _backward_plan(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scal
 def molora_backward(
     dy: Tensor,
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     router: Tensor | None,
@@ -1285,44 +1305,128 @@ def molora_backward(
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd: torch.library custom ops (opaque to torch.compile; their fake kernels give the output shapes from
+# the input shapes alone, so tracing never reads autotune state or the schedule model) and the entry point
 # ------------------------------------------------------------------------------------------------
 
 
-class MoLoRALinearFunction(torch.autograd.Function):
-    """y = molora(x, W, b, lora_a, lora_b, router | probs) on x [T, K]; W frozen. Saves x, U and p_soft."""
+def _absent(like: Tensor) -> Tensor:
+    """A custom op's output slot for a tensor that is not computed: an empty float32 tensor."""
+    return like.new_empty((0,), dtype=torch.float32)
 
-    @staticmethod
-    @on_first_tensors_device
-    def forward(ctx, x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
-        ctx.empty = x.shape[0] == 0
-        if ctx.empty:  # no tokens: nothing to launch; the gradients are empty (dx) or zero (the parameters)
-            ctx.save_for_backward(x, weight, bias, lora_a, lora_b, router, probs)
-            return x.new_empty((0, weight.shape[0]))
+
+@torch.library.custom_op("pemoe::triton_molora_linear", mutates_args=())
+def _forward_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    base: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    router: Tensor | None,
+    probs: Tensor | None,
+    scale: float,
+    top_k: int | None,
+    renormalize: bool,
+    save: bool,
+    schedule: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [T, N] in x's dtype, U [T, E·r] float32 when ``save``, p_soft [T, E] float32 when ``save`` with
+    token routing); empty where not computed. ``weight`` None: the adapter-only op (y = base + delta)."""
+    if x.shape[0] == 0:  # no tokens: nothing to launch
+        return x.new_empty((0, lora_b.shape[2])), _absent(x), _absent(x)
+    with launch_device(x.device):
         y, u, p_soft = molora_forward(
-            x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule
+            x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule, base
         )
-        if save:
-            ctx.save_for_backward(x, weight, lora_a, lora_b, router, probs, u, p_soft)
-            ctx.args = (scale, top_k, renormalize, bias.dtype if bias is not None else None)
-        return y
+    return y, (u if u is not None else _absent(x)), (p_soft if p_soft is not None else _absent(x))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
-    @on_first_tensors_device
-    def backward(ctx, dy):
-        if ctx.empty:
-            return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None, None, None)
-        x, weight, lora_a, lora_b, router, probs, u, p_soft = ctx.saved_tensors
-        scale, top_k, renormalize, bias_dtype = ctx.args
-        need_x, _, need_bias, need_a, need_b, need_router, need_probs = ctx.needs_input_grad[:7]
-        needs = (need_x, need_bias, need_a, need_b, need_router and router is not None, need_probs)
-        dx, d_bias, d_a, d_b, d_router, d_probs = molora_backward(
-            dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs
-        )
-        if d_bias is not None:
-            d_bias = d_bias.to(bias_dtype)
-        return dx, None, d_bias, d_a, d_b, d_router, d_probs, None, None, None, None, None
+
+@_forward_op.register_fake
+def _(x, weight, bias, base, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
+    T, (E, _, R) = x.shape[0], lora_a.shape
+    save = save and T > 0
+    u = x.new_empty((T, E * R), dtype=torch.float32) if save else _absent(x)
+    token = save and _routing_mode(router, probs) == TOKEN_ROUTER
+    p_soft = x.new_empty((T, E), dtype=torch.float32) if token else _absent(x)
+    return x.new_empty((T, lora_b.shape[2])), u, p_soft
+
+
+@torch.library.custom_op("pemoe::triton_molora_linear_backward", mutates_args=())
+def _backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    router: Tensor | None,
+    probs: Tensor | None,
+    u: Tensor,
+    p_soft: Tensor | None,
+    scale: float,
+    top_k: int | None,
+    renormalize: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx [T, K], d bias [N], d lora_a [E, K, r], d lora_b [E, r, N], d router [K, E], d probs [T, E]) for
+    needs = (dx, d bias, d lora_a, d lora_b, d router, d probs); dx in x's dtype, the others float32; empty
+    where not needed."""
+    if x.shape[0] == 0:  # no tokens: the parameter gradients are zero
+        n = lora_b.shape[2]
+        grads = (x.new_empty(x.shape), x.new_zeros((n,), dtype=torch.float32), torch.zeros_like(lora_a),
+                 torch.zeros_like(lora_b), torch.zeros_like(router) if router is not None else None,
+                 torch.zeros_like(probs) if probs is not None else None)  # fmt: skip
+    else:
+        with launch_device(x.device):
+            grads = molora_backward(
+                dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, tuple(needs)
+            )
+    return tuple(g if g is not None and need else _absent(x) for g, need in zip(grads, needs, strict=True))
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs):
+    (T, K), N, E = x.shape, lora_b.shape[2], lora_a.shape[0]
+    f32 = dict(dtype=torch.float32)
+    shapes = ((T, K), (N,), tuple(lora_a.shape), tuple(lora_b.shape), (K, E), (T, E))
+    return tuple(
+        (x.new_empty(shape) if i == 0 else x.new_empty(shape, **f32)) if need else _absent(x)
+        for i, (shape, need) in enumerate(zip(shapes, needs, strict=True))
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, base, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule = inputs
+    _, u, p_soft = output
+    token = _routing_mode(router, probs) == TOKEN_ROUTER
+    ctx.save_for_backward(x, weight, lora_a, lora_b, router, probs, u, p_soft if token else None)
+    ctx.args = (scale, top_k, renormalize, bias.dtype if bias is not None else None)
+
+
+@torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
+def _backward_autograd(ctx, dy, _d_u, _d_p_soft):
+    x, weight, lora_a, lora_b, router, probs, u, p_soft = ctx.saved_tensors
+    scale, top_k, renormalize, bias_dtype = ctx.args
+    need_x, _, need_bias, need_base, need_a, need_b, need_router, need_probs = ctx.needs_input_grad[:8]
+    mode = _routing_mode(router, probs)
+    needs = [
+        need_x,
+        need_bias,
+        need_a,
+        need_b,
+        need_router and mode == TOKEN_ROUTER,
+        need_probs and mode == GIVEN_PROBS,
+    ]
+    grads = torch.ops.pemoe.triton_molora_linear_backward(
+        dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs
+    )
+    dx, d_bias, d_a, d_b, d_router, d_probs = (g if need else None for g, need in zip(grads, needs, strict=True))
+    if d_bias is not None:
+        d_bias = d_bias.to(bias_dtype)
+    return dx, None, d_bias, dy if need_base else None, d_a, d_b, d_router, d_probs, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
 def molora_linear(
@@ -1354,10 +1458,43 @@ def molora_linear(
         )
     tensors = (x2d, bias, lora_a, lora_b, router if probs is None else None, probs)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return MoLoRALinearFunction.apply(
-        x2d, weight, bias, lora_a, lora_b, router if probs is None else None, probs, scale, top_k, renormalize, save,
-        schedule,
+    y, _, _ = torch.ops.pemoe.triton_molora_linear(
+        x2d, weight, bias, None, lora_a, lora_b, router if probs is None else None, probs, float(scale), top_k,
+        renormalize, save, schedule,
     )  # fmt: skip
+    return y
+
+
+def molora_adapter(
+    x2d: torch.Tensor,
+    base: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor | None,
+    probs: torch.Tensor | None,
+    scale: float,
+    top_k: int | None,
+    renormalize: bool,
+) -> torch.Tensor:
+    """The adapter-only op on x2d [T, K] -> [T, N] in x's dtype: base [T, N] (a frozen layer's own output,
+    e.g. a quantized linear's; None: zeros) + scale·Σ_e p_e (x A_e) B_e. The shrink kernel (router, U, U′),
+    then the expand GEMM with no base reduction (K = 0) whose epilogue adds ``base``; the backward is
+    molora_linear's without the dy·W term, and ``base`` gets dy."""
+    if base is not None and base.dtype != x2d.dtype:
+        raise TypeError(f"x and base must share one dtype, got x {x2d.dtype} and base {base.dtype}")
+    if base is not None and (base.device != x2d.device or tuple(base.shape) != (x2d.shape[0], lora_b.shape[2])):
+        raise ValueError(
+            f"base must be [T, N] = [{x2d.shape[0]}, {lora_b.shape[2]}] on x's device {x2d.device}, "
+            f"got {list(base.shape)} on {base.device}"
+        )
+    _check_kernel_inputs(x2d, None, None, lora_a, lora_b, router, probs)
+    tensors = (x2d, base, lora_a, lora_b, router if probs is None else None, probs)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, _, _ = torch.ops.pemoe.triton_molora_linear(
+        x2d, None, None, base, lora_a, lora_b, router if probs is None else None, probs, float(scale), top_k,
+        renormalize, save, "two_kernel",
+    )  # fmt: skip
+    return y
 
 
 # ------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing
-from pemoe.kernels.triton.autograd import on_first_tensors_device, zero_grads
+from pemoe.kernels.triton.autograd import launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
@@ -901,38 +901,122 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
     return dx, d_router, d_experts, d_probs
 
 
-class MoVFFNFunction(torch.autograd.Function):
-    """y = ((act(x·wi_0ᵀ) ⊙ s) [⊙ x·wi_1ᵀ])·woᵀ with s the MoV merge; base weights frozen."""
+# ------------------------------------------------------------------------------------------
+# Autograd: torch.library custom ops (opaque to torch.compile; their fake kernels give the output
+# shapes from the input shapes alone, so tracing never reads autotune state) and the entry point
+# ------------------------------------------------------------------------------------------
 
-    @staticmethod
-    @on_first_tensors_device
-    def forward(ctx, x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, need):
-        """``need``: autograd records this call (grad mode on and an input that needs a gradient), so the
-        intermediate and p_soft are kept; under ``torch.no_grad()`` nothing is."""
-        ctx.empty = x.shape[0] == 0
-        if ctx.empty:  # no tokens: nothing to launch; the gradients are empty (dx) or zero (the parameters)
-            ctx.save_for_backward(x, wi_0, wi_1, wo, router, experts, probs)
-            return x.new_empty((0, wo.shape[0]))
+Tensor = torch.Tensor
+
+
+def _absent(like: Tensor) -> Tensor:
+    """A custom op's output slot for a tensor that is not computed: an empty float32 tensor."""
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("pemoe::triton_mov_ffn", mutates_args=())
+def _forward_op(
+    x: Tensor,
+    wi_0: Tensor,
+    wi_1: Tensor | None,
+    wo: Tensor,
+    router: Tensor | None,
+    experts: Tensor,
+    probs: Tensor | None,
+    activation: str,
+    top_k: int | None,
+    renormalize: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [T, M], the intermediate u [T, F] in x's dtype, p_soft [T, E] float32 when ``save`` with token
+    routing, else empty). u is the wo GEMM's input, kept for the backward (under no grad it is simply freed)."""
+    T, F = x.shape[0], wi_0.shape[0]
+    if T == 0:  # no tokens: nothing to launch
+        return x.new_empty((0, wo.shape[0])), x.new_empty((0, F)), _absent(x)
+    prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
+    with launch_device(x.device):
+        y, inter, p_soft = _forward(x, wi_0, wi_1, wo, router, experts, probs, prob, save_p_soft=save)
+    return y, inter, (p_soft if p_soft is not None else _absent(x))
+
+
+@_forward_op.register_fake
+def _(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, save):
+    T, E = x.shape[0], experts.shape[1]
+    p_soft = x.new_empty((T, E), dtype=torch.float32) if save and _saves_p_soft(router, probs) else _absent(x)
+    return x.new_empty((T, wo.shape[0])), x.new_empty((T, wi_0.shape[0])), p_soft
+
+
+def _saves_p_soft(router: Tensor | None, probs: Tensor | None) -> bool:
+    return _routing_mode(router, probs) == ROUTE_SELF
+
+
+@torch.library.custom_op("pemoe::triton_mov_ffn_backward", mutates_args=())
+def _backward_op(
+    dy: Tensor,
+    x: Tensor,
+    wi_0: Tensor,
+    wi_1: Tensor | None,
+    wo: Tensor,
+    router: Tensor | None,
+    experts: Tensor,
+    probs: Tensor | None,
+    inter: Tensor,
+    p_soft: Tensor | None,
+    activation: str,
+    top_k: int | None,
+    renormalize: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx [T, M], d router [F, E], d experts [1, E, F], d probs [T, E]) for needs = (x, router, experts,
+    probs); the ones not computed (not needed, or not this routing's) are empty."""
+    need_x, need_router, need_experts, need_probs = needs
+    if x.shape[0] == 0:  # no tokens: the parameter gradients are zero
+        grads = (x.new_empty((0, x.shape[1])), torch.zeros_like(router) if router is not None else None,
+                 torch.zeros_like(experts), torch.zeros_like(probs) if probs is not None else None)  # fmt: skip
+    else:
         prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
-        y, inter, p_soft = _forward(x, wi_0, wi_1, wo, router, experts, probs, prob, save_p_soft=need)
-        if need:
-            ctx.save_for_backward(x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft)
-        ctx.prob = prob
-        return y
+        with launch_device(x.device):
+            grads = _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob, tuple(needs))
+    return tuple(g if g is not None and need else _absent(x) for g, need in zip(grads, needs, strict=True))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @on_first_tensors_device
-    def backward(ctx, dy):
-        if ctx.empty:
-            return (*zero_grads(ctx.saved_tensors, ctx.needs_input_grad), None, None, None, None)
-        x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dx, d_router, d_experts, d_probs = _backward(
-            dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, ctx.prob,
-            (needs[0], needs[4], needs[5], needs[6]),
-        )  # fmt: skip
-        return dx, None, None, None, d_router, d_experts, d_probs, None, None, None, None
+
+@_backward_op.register_fake
+def _(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, activation, top_k, renormalize, needs):
+    T, M, E, F = x.shape[0], x.shape[1], experts.shape[1], wi_0.shape[0]
+    mode = _routing_mode(router, probs)
+    f32 = dict(dtype=torch.float32)
+    return (
+        x.new_empty((T, M)) if needs[0] else _absent(x),
+        x.new_empty((F, E), **f32) if needs[1] and mode == ROUTE_SELF else _absent(x),
+        x.new_empty((1, E, F), **f32) if needs[2] else _absent(x),
+        x.new_empty((T, E), **f32) if needs[3] and mode == ROUTE_GIVEN else _absent(x),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, save = inputs
+    _, inter, p_soft = output
+    p_soft = p_soft if save and _saves_p_soft(router, probs) else None
+    ctx.save_for_backward(x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft)
+    ctx.args = (activation, top_k, renormalize)
+
+
+@torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
+def _backward_autograd(ctx, dy, _d_inter, _d_p_soft):
+    x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft = ctx.saved_tensors
+    activation, top_k, renormalize = ctx.args
+    n = ctx.needs_input_grad
+    mode = _routing_mode(router, probs)
+    needs = [n[0], n[4] and mode == ROUTE_SELF, n[5], n[6] and mode == ROUTE_GIVEN]
+    dx, d_router, d_experts, d_probs = torch.ops.pemoe.triton_mov_ffn_backward(
+        dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, activation, top_k, renormalize, needs
+    )
+    grads = [g if need else None for g, need in zip((dx, d_router, d_experts, d_probs), needs, strict=True)]
+    dx, d_router, d_experts, d_probs = grads
+    return dx, None, None, None, d_router, d_experts, d_probs, None, None, None, None
+
+
+_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
 def mov_ffn(
@@ -955,4 +1039,7 @@ def mov_ffn(
     _check_inputs(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k)
     # grad mode, not requires_grad alone: under torch.no_grad() the forward keeps nothing for a backward
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, router, experts, probs))
-    return MoVFFNFunction.apply(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, need)
+    y, _, _ = torch.ops.pemoe.triton_mov_ffn(
+        x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, need
+    )
+    return y

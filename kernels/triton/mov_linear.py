@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, split_dot
-from pemoe.kernels.triton.autograd import on_first_tensors_device
+from pemoe.kernels.triton.autograd import launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 #: Head widths (D) the kernels support: tiles hold whole heads and tl.dot needs D ≥ 16, a power of two.
@@ -789,50 +789,141 @@ def mov_linear_backward(x2d, weight, bias, router, experts, probs, p_soft, dy, p
 
 
 # ------------------------------------------------------------------------------------------
-# Autograd Function and entry point
+# Autograd: torch.library custom ops (opaque to torch.compile; their fake kernels give the output
+# shapes from the input shapes alone, so tracing never reads autotune state) and the entry point
 # ------------------------------------------------------------------------------------------
 
+Tensor = torch.Tensor
 
-class MoVLinearFunction(torch.autograd.Function):
-    """y = mov(x Wᵀ + b) on x [T, K] (W frozen). Saves x and p_soft, recomputes h in the backward."""
+#: Keys of a forced tile configuration, in the order the custom ops take them as a list of ints.
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
-    @staticmethod
-    @on_first_tensors_device
-    def forward(ctx, x2d, weight, bias, router, experts, probs, top_k, renormalize, config, save):
-        """``save``: autograd records this call (grad mode on and an input that needs a gradient), so p_soft
-        is written and the inputs kept; under ``torch.no_grad()`` the forward writes y alone."""
+
+def _config_list(config: dict | None) -> list[int] | None:
+    if config is None:
+        return None
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"mov_linear (triton): unknown config keys {sorted(unknown)}; expected some of {CONFIG_KEYS}")
+    return [int(config.get(k, -1)) for k in CONFIG_KEYS]
+
+
+def _config_dict(values: list[int] | None) -> dict | None:
+    return None if values is None else {k: v for k, v in zip(CONFIG_KEYS, values, strict=True) if v >= 0}
+
+
+def _saves_p_soft(router: Tensor | None, probs: Tensor | None, save: bool) -> bool:
+    """p_soft is written for the backward with token routing only (sentence routing gets probs; (IA)3 has none)."""
+    return save and router is not None and probs is None
+
+
+def _absent(like: Tensor) -> Tensor:
+    """A custom op's output slot for a tensor that is not computed: an empty float32 tensor."""
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("pemoe::triton_mov_linear", mutates_args=())
+def _forward_op(
+    x2d: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    router: Tensor | None,
+    experts: Tensor,
+    probs: Tensor | None,
+    top_k: int | None,
+    renormalize: bool,
+    save: bool,
+    config: list[int] | None,
+) -> tuple[Tensor, Tensor]:
+    """(y [T, N] in x's dtype, p_soft [T, G, E] float32 when saved for the backward, else empty)."""
+    with launch_device(x2d.device):
         pb = _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize)
-        y, p_soft = mov_linear_forward(x2d, weight, bias, router, experts, probs, pb, save, config)
-        if save:
-            ctx.save_for_backward(x2d, weight, bias, router, experts, probs, p_soft)
-        ctx.problem, ctx.config = pb, config
-        return y
+        y, p_soft = mov_linear_forward(x2d, weight, bias, router, experts, probs, pb, save, _config_dict(config))
+    return y, (p_soft if p_soft is not None else _absent(x2d))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @on_first_tensors_device  # the kernels' backward is not itself differentiable
-    def backward(ctx, dy):
-        x2d, weight, bias, router, experts, probs, p_soft = ctx.saved_tensors
-        pb = ctx.problem
-        need_x, _, need_b, need_router, need_experts, need_probs = ctx.needs_input_grad[:6]
-        needs = (need_x or need_b, need_experts, need_router or need_probs)
-        dh, d_experts, d_router, d_probs = mov_linear_backward(
-            x2d, weight, bias, router, experts, probs, p_soft, dy, pb, needs, ctx.config
+
+@_forward_op.register_fake
+def _(x2d, weight, bias, router, experts, probs, top_k, renormalize, save, config):
+    G, E, _ = experts.shape
+    y = x2d.new_empty((x2d.shape[0], weight.shape[0]))
+    if _saves_p_soft(router, probs, save):
+        return y, x2d.new_empty((x2d.shape[0], G, E), dtype=torch.float32)
+    return y, _absent(x2d)
+
+
+@torch.library.custom_op("pemoe::triton_mov_linear_backward", mutates_args=())
+def _backward_op(
+    dy: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    router: Tensor | None,
+    experts: Tensor,
+    probs: Tensor | None,
+    p_soft: Tensor | None,
+    top_k: int | None,
+    renormalize: bool,
+    needs: list[bool],
+    config: list[int] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dh [T, N], d_experts [G, E, D], d_router [D, E], d_probs [T, E]) for needs = (dh, d experts,
+    d routing); the ones not computed (not needed, or not this routing's) are empty."""
+    with launch_device(x2d.device):
+        pb = _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize)
+        grads = mov_linear_backward(
+            x2d, weight, bias, router, experts, probs, p_soft, dy, pb, tuple(needs), _config_dict(config)
         )
-        dx = torch.matmul(dh, weight) if need_x else None
-        db = dh.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else None
-        return (
-            dx,
-            None,
-            db,
-            d_router if need_router else None,
-            d_experts if need_experts else None,
-            d_probs if need_probs else None,
-            None,
-            None,
-            None,
-            None,
-        )
+    return tuple(g if g is not None else _absent(x2d) for g in grads)
+
+
+@_backward_op.register_fake
+def _(dy, x2d, weight, bias, router, experts, probs, p_soft, top_k, renormalize, needs, config):
+    need_dh, need_experts, need_routing = needs
+    token, sentence = router is not None and probs is None, probs is not None
+    G, E, D = experts.shape
+    f32 = dict(dtype=torch.float32)
+    return (
+        x2d.new_empty((x2d.shape[0], weight.shape[0])) if need_dh else _absent(x2d),
+        x2d.new_empty((G, E, D), **f32) if need_experts else _absent(x2d),
+        x2d.new_empty((D, E), **f32) if need_routing and token else _absent(x2d),
+        x2d.new_empty((x2d.shape[0], E), **f32) if need_routing and sentence else _absent(x2d),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, weight, bias, router, experts, probs, top_k, renormalize, save, config = inputs
+    p_soft = output[1] if _saves_p_soft(router, probs, save) else None
+    ctx.save_for_backward(x2d, weight, bias, router, experts, probs, p_soft)
+    ctx.args = (top_k, renormalize, config)
+
+
+@torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
+def _backward(ctx, dy, _d_p_soft):
+    x2d, weight, bias, router, experts, probs, p_soft = ctx.saved_tensors
+    top_k, renormalize, config = ctx.args
+    need_x, _, need_b, need_router, need_experts, need_probs = ctx.needs_input_grad[:6]
+    needs = [need_x or need_b, need_experts, need_router or need_probs]
+    dh, d_experts, d_router, d_probs = torch.ops.pemoe.triton_mov_linear_backward(
+        dy, x2d, weight, bias, router, experts, probs, p_soft, top_k, renormalize, needs, config
+    )
+    token, sentence = router is not None and probs is None, probs is not None
+    dx = torch.matmul(dh, weight) if need_x else None
+    db = dh.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else None
+    return (
+        dx,
+        None,
+        db,
+        d_router if need_router and token else None,
+        d_experts if need_experts else None,
+        d_probs if need_probs and sentence else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mov_linear(
@@ -866,7 +957,8 @@ def mov_linear(
         m_bucket = max(16, triton.next_power_of_2(x2d.shape[0]))
         if not all(legal_config(tiles, head_dim, block_e, m_bucket, x2d.element_size(), bwd) for bwd in (False, True)):
             raise ValueError(f"mov_linear (triton): config {config} is not legal for D={head_dim} (see legal_config)")
-    if weight.requires_grad and torch.is_grad_enabled():  # checked here: Function.forward runs without grad
+    _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize)  # the kernels' limits, before any launch
+    if weight.requires_grad and torch.is_grad_enabled():  # checked here: the custom op runs below autograd
         raise NotImplementedError(
             "mov_linear (triton): the base weight is frozen in these kernels (no weight gradient); "
             "call weight.requires_grad_(False) or run under torch.no_grad()"
@@ -877,4 +969,7 @@ def mov_linear(
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x2d, bias, router, experts, probs)
     )
-    return MoVLinearFunction.apply(x2d, weight, bias, router, experts, probs, top_k, renormalize, config, save)
+    y, _ = torch.ops.pemoe.triton_mov_linear(
+        x2d, weight, bias, router, experts, probs, top_k, renormalize, save, _config_list(config)
+    )
+    return y
