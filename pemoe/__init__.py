@@ -11,7 +11,7 @@ from pemoe.adapters import (
     save_adapter,
     sentence_routing,
 )
-from pemoe.ops import molora_linear, mov, mov_ffn, mov_linear
+from pemoe.ops import molora_adapter, molora_linear, mov, mov_ffn, mov_linear
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "mov_linear",
     "mov_ffn",
     "molora_linear",
+    "molora_adapter",
     "inject",
     "MoVConfig",
     "IA3Config",

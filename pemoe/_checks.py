@@ -220,6 +220,50 @@ def check_molora(
     check_array = check_array or check_float_tensor
     check_linear(x, weight, bias, check_array=check_array)
     n, k = weight.shape
+    return _check_lora_experts(
+        x, k, n, "weight", lora_a, lora_b, router, scale, top_k, router_input, renormalize, check_array
+    )
+
+
+def check_molora_adapter(
+    x: torch.Tensor,
+    base: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor | None,
+    *,
+    scale: float,
+    top_k: int | None,
+    router_input: torch.Tensor | None,
+    renormalize: bool = False,
+    check_array: ArrayCheck = None,
+) -> tuple[int, int]:
+    """Validate an adapter-only MoLoRA call (no frozen weight; N from lora_b, ``base`` [..., N] in x's dtype);
+    returns (E, r)."""
+    check_array = check_array or check_float_tensor
+    check_array("x", x, min_ndim=1)
+    check_array("lora_b", lora_b, ndim=3)
+    n = lora_b.shape[2]
+    if n == 0:
+        raise ValueError(f"lora_b must have shape [E, r, N] with N >= 1 output features, got {_shape(lora_b)}")
+    if base is not None:
+        check_array("base", base, min_ndim=1)
+        want = list(x.shape[:-1]) + [n]
+        if list(base.shape) != want:
+            raise ValueError(
+                f"base must have shape [..., N] = {want} (x's leading dims, N from lora_b), got {_shape(base)}"
+            )
+        if base.dtype != x.dtype:
+            raise TypeError(f"x and base must share one dtype, got x {x.dtype} and base {base.dtype}")
+    return _check_lora_experts(
+        x, x.shape[-1], n, "lora_b", lora_a, lora_b, router, scale, top_k, router_input, renormalize, check_array
+    )
+
+
+def _check_lora_experts(
+    x, k, n, n_source, lora_a, lora_b, router, scale, top_k, router_input, renormalize, check_array
+) -> tuple[int, int]:
+    """lora_a [E, K, r], lora_b [E, r, N] (N from ``n_source``), scale, router and routing; returns (E, r)."""
     check_array("lora_a", lora_a, ndim=3)
     check_array("lora_b", lora_b, ndim=3)
     num_experts, k_a, rank = lora_a.shape
@@ -233,7 +277,7 @@ def check_molora(
         )
     if tuple(lora_b.shape) != (num_experts, rank, n):
         raise ValueError(
-            f"lora_b must have shape [E, r, N] = [{num_experts}, {rank}, {n}] (E, r from lora_a, N from weight), "
+            f"lora_b must have shape [E, r, N] = [{num_experts}, {rank}, {n}] (E, r from lora_a, N from {n_source}), "
             f"got {_shape(lora_b)}"
         )
     check_finite_number("scale", scale, "alpha / r")

@@ -14,6 +14,7 @@ Shapes (T = tokens, all leading dims flattened):
     mov_linear(x [..., K], weight [N, K], router, experts)        -> [..., N]
     mov_ffn(x [..., M], wi_0 [F, M], wo [M, F], router [F, E], experts [1, E, F]) -> [..., M]
     molora_linear(x [..., K], weight [N, K], lora_a [E, K, r], lora_b [E, r, N], router [K, E]) -> [..., N]
+    molora_adapter(x [..., K], lora_a, lora_b, router, base [..., N])  -> [..., N]  (no frozen weight)
 (IA)3 and LoRA are the E = 1 cases (``ia3``, ``lora_linear``).
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "mov_linear",
     "mov_ffn",
     "molora_linear",
+    "molora_adapter",
     "ia3",
     "lora_linear",
 ]
@@ -144,6 +146,20 @@ def mov_ffn(
     return F.linear(a, wo)
 
 
+def _molora_delta(x, lora_a, lora_b, router, top_k, renormalize, router_input):
+    """Σ_e p_e (x A_e) B_e [..., N] in the compute dtype (unscaled), from the [..., E, N] per-expert outputs."""
+    cd = compute_dtype(x.dtype)
+    x32 = x.to(cd)
+    if router is None:  # LoRA: E = 1
+        p = torch.ones(x.shape[:-1] + (1,), dtype=cd, device=x.device)
+    elif router_input is None:
+        p = router_probs(x32, router, top_k=top_k, renormalize=renormalize)
+    else:
+        p = sentence_router_probs(router_input, router, tuple(x.shape[:-1]), top_k=top_k, renormalize=renormalize)
+    per_expert = torch.einsum("...k,ekr,ern->...en", x32, lora_a.to(cd), lora_b.to(cd))  # [..., E, N]
+    return torch.einsum("...e,...en->...n", p, per_expert)
+
+
 def molora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -158,18 +174,28 @@ def molora_linear(
     router_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x Wᵀ + b + scale * Σ_e p_e (x A_e) B_e, the per-expert outputs mixed (not A, B merged)."""
-    cd = compute_dtype(x.dtype)
     base = F.linear(x, weight, bias)
-    x32 = x.to(cd)
-    if router is None:  # LoRA: E = 1
-        p = torch.ones(x.shape[:-1] + (1,), dtype=cd, device=x.device)
-    elif router_input is None:
-        p = router_probs(x32, router, top_k=top_k, renormalize=renormalize)
-    else:
-        p = sentence_router_probs(router_input, router, tuple(x.shape[:-1]), top_k=top_k, renormalize=renormalize)
-    per_expert = torch.einsum("...k,ekr,ern->...en", x32, lora_a.to(cd), lora_b.to(cd))  # [..., E, N]
-    delta = torch.einsum("...e,...en->...n", p, per_expert)
-    return (base.to(cd) + scale * delta).to(x.dtype)
+    delta = _molora_delta(x, lora_a, lora_b, router, top_k, renormalize, router_input)
+    return (base.to(delta.dtype) + scale * delta).to(x.dtype)
+
+
+def molora_adapter(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor | None,
+    *,
+    scale: float,
+    base: torch.Tensor | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MoLoRA without its frozen linear: y = base + scale * Σ_e p_e (x A_e) B_e, ``base`` [..., N] the frozen
+    layer's own output (e.g. a quantized linear's), none: the adapter's delta alone."""
+    delta = _molora_delta(x, lora_a, lora_b, router, top_k, renormalize, router_input)
+    y = scale * delta if base is None else base.to(delta.dtype) + scale * delta
+    return y.to(x.dtype)
 
 
 def ia3(h: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:

@@ -157,15 +157,20 @@ def fused_args(op: str, t: int = T, **over) -> dict:
             x=torch.randn(t, K), wi_0=torch.randn(TF, K), wo=torch.randn(K, TF), router=torch.randn(TF, E),
             experts=1 + 0.1 * torch.randn(1, E, TF), wi_1=torch.randn(TF, K),
         )  # fmt: skip
+    elif op == "molora_adapter":
+        args = molora_args(x=torch.randn(t, K), base=torch.randn(t, N))
+        del args["weight"]
     else:
         args = molora_args(x=torch.randn(t, K))
     args.update(over)
     return args
 
 
-FUSED_OPS = ["mov_linear", "mov_ffn", "molora_linear"]
+FUSED_OPS = ["mov_linear", "mov_ffn", "molora_linear", "molora_adapter"]
 ADAPTER_PARAMS = {"mov_linear": ("router", "experts"), "mov_ffn": ("router", "experts"),
-                  "molora_linear": ("lora_a", "lora_b", "router")}  # fmt: skip
+                  "molora_linear": ("lora_a", "lora_b", "router"),
+                  "molora_adapter": ("lora_a", "lora_b", "router")}  # fmt: skip
+#: The frozen base weights of the ops that take them (molora_adapter takes the base layer's output instead).
 FROZEN = {"mov_linear": ("weight",), "mov_ffn": ("wi_0", "wi_1", "wo"), "molora_linear": ("weight",)}
 
 
@@ -176,6 +181,8 @@ def test_empty_batch(impl, op):
     for lead in ((0,), (2, 0)):
         args = fused_args(op)
         args["x"] = torch.randn(*lead, K, requires_grad=True)
+        if "base" in args:
+            args["base"] = torch.randn(*lead, N)
         for name in ADAPTER_PARAMS[op]:
             args[name].requires_grad_()
         y = getattr(ops, op)(**args, implementation=impl)
@@ -249,7 +256,7 @@ def test_16_bit_adapter_parameters_are_computed_in_float32(impl, op, dtype):
 
 
 @pytest.mark.parametrize("impl", FUSED_IMPLEMENTATIONS)
-@pytest.mark.parametrize("op", FUSED_OPS)
+@pytest.mark.parametrize("op", list(FROZEN))
 def test_frozen_weights_that_require_grad_are_refused(impl, op):
     """SPEC §3: no implementation computes a base-weight gradient, so none accepts a weight that asks for one
     while autograd records; under torch.no_grad() the same call runs."""
@@ -260,6 +267,27 @@ def test_frozen_weights_that_require_grad_are_refused(impl, op):
             getattr(ops, op)(**args, implementation=impl)
         with torch.no_grad():
             assert getattr(ops, op)(**args, implementation=impl).shape[0] == T
+
+
+@pytest.mark.parametrize("impl", FUSED_IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        ({"base": torch.randn(T, N + 1)}, ValueError, r"base must have shape \[\.\.\., N\] = \[6, 16\]"),
+        ({"base": torch.randn(T + 1, N)}, ValueError, r"base must have shape \[\.\.\., N\] = \[6, 16\]"),
+        ({"base": torch.randn(T, N, dtype=torch.float64)}, TypeError, r"x and base must share one dtype"),
+        ({"base": [[0.0]]}, TypeError, r"base must be a torch.Tensor"),
+        ({"lora_b": torch.randn(E + 1, R, N)}, ValueError, r"lora_b must have shape \[E, r, N\] = \[3, 2, 16\]"),
+        ({"lora_b": torch.randn(E, R, 0)}, ValueError, r"N >= 1 output features"),
+        ({"lora_a": torch.randn(E, K + 1, R)}, ValueError, r"lora_a must have shape \[E, K, r\] = \[3, 16, 2\]"),
+        ({"router": torch.randn(K, E + 1)}, ValueError, r"router must have shape \[16, 3\]"),
+        ({"scale": float("nan")}, ValueError, r"scale must be finite"),
+        ({"top_k": 4}, ValueError, r"top_k must be in \[1, num_experts=3\]"),
+    ],
+)
+def test_molora_adapter_rejects(impl, over, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.molora_adapter(**fused_args("molora_adapter", **over), implementation=impl)
 
 
 def test_bias_must_share_the_activation_dtype():
@@ -340,7 +368,7 @@ def test_autocast_casts_activations_and_frozen_weights(impl, op):
     for name in ADAPTER_PARAMS[op]:
         args[name].requires_grad_()
     x = args["x"].requires_grad_()
-    frozen = ("x", *FROZEN[op], "bias")
+    frozen = ("x", *FROZEN.get(op, ()), "bias", "base")
     cast = {k: (v.detach().bfloat16() if k in frozen and v is not None else v) for k, v in args.items()}
     want = getattr(ops, op)(**cast, implementation=impl)
     with torch.autocast("cpu", dtype=torch.bfloat16):

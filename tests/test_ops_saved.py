@@ -106,7 +106,7 @@ def test_molora_keeps_x_its_shrink_output_and_the_logits_only(dtype, t):
     router = torch.randn(k, e, requires_grad=True)
     params = (x, weight, lora_a, lora_b, router)
     saved, y = _saved_storages(
-        lambda: MoLoRAFunction.apply(x, weight, None, lora_a, lora_b, router, None, 4.0, None, False), params
+        lambda: MoLoRAFunction.apply(x, weight, None, None, lora_a, lora_b, router, None, 4.0, None, False), params
     )
     if dtype == torch.bfloat16:  # U in x's dtype; the float32 logits [E, T] from x32 (SPEC §5)
         assert sorted(saved.values()) == sorted([t * e * r * 2, t * e * 4])

@@ -11,7 +11,8 @@ import torch
 
 from pemoe import ops
 from pemoe.kernels.triton import interpreter
-from tests.test_ops import DTYPES, MoLoRALinearCases
+from tests.helpers import run_with_grads
+from tests.test_ops import DTYPES, MoLoRAAdapterCases, MoLoRALinearCases
 
 pytestmark = pytest.mark.skipif(not interpreter.INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
 
@@ -558,3 +559,58 @@ def test_aot_every_default_config(monkeypatch):
 @pytest.mark.slow
 def test_aot_every_config(monkeypatch):
     _aot(monkeypatch, defaults_only=False)
+
+
+class TestMoLoRAAdapterTriton(MoLoRAAdapterCases):
+    """The adapter-only op: the shrink kernel, then the expand GEMM with no base reduction (K = 0) adding base."""
+
+    implementation = "triton"
+    known_router_grad_failures = ((torch.float16, 1, 10),)
+
+    def test_equals_molora_linear_on_the_linears_output(self):
+        """base = x Wᵀ + b (float32) gives the fused molora_linear's output and gradients, to float32 rounding."""
+        inputs = self.inputs(23, 4)
+        inputs.pop("base")
+        weight, bias = torch.randn(72, 40) * 40**-0.5, torch.randn(72)
+        params = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+
+        def adapter(**kw):
+            base = torch.nn.functional.linear(kw["x"], weight, bias)
+            return ops.molora_adapter(**kw, base=base, implementation="triton")
+
+        def linear(**kw):
+            return ops.molora_linear(**kw, weight=weight, bias=bias, implementation="triton")
+
+        out, grads = run_with_grads(adapter, inputs)
+        want, want_grads = run_with_grads(linear, inputs)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        assert set(grads) == set(want_grads) == set(params)
+        for name in params:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-4, msg=name)
+
+    @pytest.mark.parametrize("case", ["soft", "sentence", "lora"])
+    def test_gradcheck_float64(self, case):
+        """float64 is refused (the kernels run 16-bit and float32 activations), never computed otherwise."""
+        inputs = self.inputs(5, 1 if case == "lora" else 4, 2, sentence=case == "sentence")
+        for name in ("x", "base"):
+            inputs[name] = inputs[name].double()
+        with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+            ops.molora_adapter(**inputs, implementation="triton")
+
+
+@pytest.mark.usefixtures("small_chunks")
+class TestMoLoRAAdapterMultiTile(MoLoRAAdapterCases):
+    implementation = "triton"
+
+    def check(self, inputs, dtype):
+        with kernel.use_configs(**_small_configs()):
+            super().check(inputs, dtype)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("e,r,kw", MULTI_TILE_CASES, ids=MULTI_TILE_IDS)
+    def test_matches_reference(self, dtype, e, r, kw):
+        self.check(self.inputs(37, e, r, **kw), dtype)
+
+    # the inherited tests not re-run here (covered by TestMoLoRAAdapterTriton)
+    test_without_base = test_top_k = test_sentence_routing = test_gradcheck_float64 = None
+    test_equals_molora_linear_on_the_linears_output = None

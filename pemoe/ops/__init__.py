@@ -1,11 +1,15 @@
-"""Functional API (SPEC §1): ``mov``, ``mov_linear``, ``mov_ffn``, ``molora_linear``.
+"""Functional API (SPEC §1): ``mov``, ``mov_linear``, ``mov_ffn``, ``molora_linear``, and ``molora_adapter`` (MoLoRA
+on top of a frozen layer that runs its own forward, SPEC §2).
 
 Every op takes ``implementation=``:
   * ``"reference"`` — the einsum transcription in :mod:`pemoe.reference` (plain autograd);
   * ``"torch"`` — reformulated eager ops with a memory-saving ``torch.autograd.Function``
     (the CPU default; runs on any device);
   * ``"triton"`` — fused Triton kernels (``pemoe.kernels.triton``; ``mov_linear``, ``mov_ffn``,
-    ``molora_linear``) on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``;
+    ``molora_linear``) on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``; they enter
+    autograd as ``torch.library`` custom ops (``torch.ops.pemoe.triton_<op>``), so
+    ``torch.compile(fullgraph=True)`` traces a model using them without a graph break, as it traces
+    ``"torch"`` (plain aten ops);
   * ``"auto"`` — the best available for the inputs' device; the choice is logged on the
     ``pemoe`` logger and returned by :func:`resolve_implementation`.
 Arguments are validated the same way for every implementation (see :mod:`pemoe._checks`), and every
@@ -40,7 +44,7 @@ from pemoe.ops._dispatch import AVAILABLE, resolve_implementation
 from pemoe.ops.molora import MoLoRAFunction
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
-__all__ = ["AVAILABLE", "mov", "mov_linear", "mov_ffn", "molora_linear", "resolve_implementation"]
+__all__ = ["AVAILABLE", "mov", "mov_linear", "mov_ffn", "molora_linear", "molora_adapter", "resolve_implementation"]
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -298,6 +302,58 @@ def molora_linear(
         )
     else:
         y = MoLoRAFunction.apply(
-            _flat(x), weight, bias, lora_a, lora_b, router, probs, float(scale), top_k, renormalize
+            _flat(x), weight, bias, None, lora_a, lora_b, router, probs, float(scale), top_k, renormalize
         )
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+@_autocast_aware("base")
+def molora_adapter(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor | None,
+    *,
+    scale: float,
+    base: torch.Tensor | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+    router_input: torch.Tensor | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """MoLoRA without its frozen linear: base + scale·Σ_e p_e (x A_e) B_e, for a frozen layer that runs its own
+    forward (a quantized linear: bitsandbytes, torchao). x [..., K], lora_a [E, K, r], lora_b [E, r, N],
+    router [K, E] (None for LoRA, E = 1), ``base`` [..., N] in x's dtype: the frozen layer's output (None: the
+    delta alone). Router, shrink, per-expert scaling and expand in one pass, never a [T, E, N] tensor; the
+    expand accumulates into (a copy of) ``base``. Returns [..., N] in x's dtype; ``base`` gets the gradient dy.
+    """
+    _checks.check_molora_adapter(
+        x, base, lora_a, lora_b, router, scale=scale, top_k=top_k, renormalize=renormalize, router_input=router_input
+    )
+    _checks.check_same_device(x=x, base=base, lora_a=lora_a, lora_b=lora_b, router=router, router_input=router_input)
+    impl = resolve_implementation("molora_adapter", implementation, x.device)
+    if impl == "reference":
+        return reference.molora_adapter(
+            x,
+            lora_a,
+            lora_b,
+            router,
+            scale=scale,
+            base=base,
+            top_k=top_k,
+            renormalize=renormalize,
+            router_input=router_input,
+        )
+    n = lora_b.shape[2]
+    probs = _sentence_probs(router_input, router, tuple(x.shape[:-1]), top_k, renormalize)
+    base2d = None if base is None else base.reshape(-1, n)
+    if impl == "triton":
+        from pemoe.kernels.triton import molora_linear as kernel
+
+        lora_a, lora_b, router, probs = _float32(lora_a, lora_b, router, probs)
+        y = kernel.molora_adapter(_flat(x), base2d, lora_a, lora_b, router, probs, float(scale), top_k, renormalize)
+    else:
+        y = MoLoRAFunction.apply(
+            _flat(x), None, None, base2d, lora_a, lora_b, router, probs, float(scale), top_k, renormalize
+        )
+    return y.reshape(x.shape[:-1] + (n,))

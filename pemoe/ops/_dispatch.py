@@ -15,6 +15,7 @@ AVAILABLE: dict[str, tuple[str, ...]] = {
     "mov_linear": ("reference", "torch", "triton"),
     "mov_ffn": ("reference", "torch", "triton"),
     "molora_linear": ("reference", "torch", "triton"),
+    "molora_adapter": ("reference", "torch", "triton"),
 }
 
 _announced: set[tuple[str, str, str]] = set()

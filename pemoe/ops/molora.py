@@ -12,6 +12,8 @@ N + E·r + E, padded to :data:`FUSED_COLUMNS_MULTIPLE`), not a view, so in-place
 The expand accumulates into the base output in place (``addmm_``): measured on the CPU, this
 is cheaper than one GEMM over the concatenated K, [x | U′] @ [Wᵀ ; scale·B_cat], which must
 first copy x and W.
+Without a frozen weight (the adapter-only op, for bases that run their own forward, e.g. quantized linears),
+y = base + U′ @ (scale · B_cat): the expand accumulates into a copy of the base layer's output.
 Backward (W frozen):
     dU′ = dy @ (scale·B_cat)ᵀ;  d B_cat = scale · U′ᵀ dy;  dU = dU′ · p
     dp[t,e] = Σ_r dU′·U;  dlogits = softmax/top-k backward of dp
@@ -134,23 +136,31 @@ def _scale_by_probs(u: torch.Tensor, p: torch.Tensor | None, rank: int) -> torch
     return (u.view(t, num_experts, rank) * p.t().to(u.dtype).unsqueeze(-1)).view(t, num_experts * rank)
 
 
+def _adapter_output(x: torch.Tensor, base: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The adapter-only op's output before the expand accumulates into it: a copy of ``base`` [T, N] (the frozen
+    layer's own output; never written in place), zeros without one."""
+    return x.new_zeros((x.shape[0], n)) if base is None else base.clone(memory_format=torch.contiguous_format)
+
+
 class MoLoRAFunction(torch.autograd.Function):
-    """y = molora(x, W, b, lora_a, lora_b, router) on flattened x [T, K]."""
+    """y = molora(x, W, b, lora_a, lora_b, router) on flattened x [T, K]; with ``weight`` None the adapter-only
+    op: y = base + the adapter's delta, ``base`` [T, N] the frozen layer's own output (or None: zeros)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize):
+    def forward(ctx, x, weight, bias, base, lora_a, lora_b, router, probs, scale, top_k, renormalize):
         num_experts, _, rank = lora_a.shape
         cd = compute_dtype(x.dtype)
         router_reads_x = router if probs is None else None
         # (not under torch.compile: sharing the GEMM output's storage is a graph break for Dynamo, and
         # Inductor plans its own GEMMs)
-        if x.dtype == cd and x.shape[0] >= FUSED_COLUMNS_MIN_TOKENS and not torch.compiler.is_compiling():
+        fuse = x.dtype == cd and x.shape[0] >= FUSED_COLUMNS_MIN_TOKENS and not torch.compiler.is_compiling()
+        if weight is not None and fuse:
             y, u, logits = _fused_forward(
                 x, weight, bias, _cat_a(lora_a, x.dtype), None if router_reads_x is None else router_reads_x.to(cd)
             )
         else:
             u, logits = _shrink_and_logits(x, lora_a, router_reads_x)
-            y = F.linear(x, weight, bias)
+            y = F.linear(x, weight, bias) if weight is not None else _adapter_output(x, base, lora_b.shape[2])
         p_soft = None if logits is None else torch.softmax(logits, dim=0)
         p = _weights(probs, p_soft, top_k, renormalize, cd)
         b_cat = lora_b.to(x.dtype).reshape(num_experts * rank, -1)
@@ -163,7 +173,7 @@ class MoLoRAFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # hand-written backward: second derivatives would be wrong
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, router, probs, logits, u = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_b_lora, need_router, need_probs = ctx.needs_input_grad[:7]
+        need_x, need_w, need_b, need_base, need_a, need_b_lora, need_router, need_probs = ctx.needs_input_grad[:8]
         num_experts, k, rank = lora_a.shape
         dt, cd = x.dtype, compute_dtype(x.dtype)
         t = x.shape[0]
@@ -187,7 +197,7 @@ class MoLoRAFunction(torch.autograd.Function):
         d_cols = du if dlogits is None else torch.cat([du, dlogits.t().to(dt)], dim=1)
         if need_x:
             a_cols = _cat_a(lora_a, dt) if dlogits is None else torch.cat([_cat_a(lora_a, dt), router.to(dt)], dim=1)
-            dx = torch.mm(dy, weight).addmm_(d_cols, a_cols.t())
+            dx = torch.mm(d_cols, a_cols.t()) if weight is None else torch.mm(dy, weight).addmm_(d_cols, a_cols.t())
         if need_a or (need_router and dlogits is not None):
             d_params = torch.mm(d_cols.t(), x).to(cd).t()  # [K, E·r (+ E)] = xᵀ d_cols
             if need_a:
@@ -199,4 +209,5 @@ class MoLoRAFunction(torch.autograd.Function):
             dw = torch.mm(dy.t(), x)
         if need_b:
             db = dy.sum(0)
-        return dx, dw, db, d_a, d_b, d_router, d_probs, None, None, None
+        d_base = dy if need_base else None
+        return dx, dw, db, d_base, d_a, d_b, d_router, d_probs, None, None, None
