@@ -7,6 +7,13 @@
 * :class:`MoLoRALinear` — a frozen ``nn.Linear`` plus a soft mixture of LoRA adapters;
   :class:`LoRALinear` is its E = 1 form (no router).
 
+A frozen base whose weight the fused ops cannot read as a plain [N, K] matrix — a quantized linear
+(bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, a torchao-quantized ``nn.Linear``) or any ``nn.Linear``
+subclass with a forward of its own — runs its own forward, and the adapter runs on its output:
+``MoLoRALinear`` as ``ops.molora_adapter`` (router, shrink, mix and expand in one pass, added to the base
+output), ``MoVLinear`` as ``ops.mov`` on it. :func:`runs_own_forward` says which path a base takes; it is
+checked at every call, so a base quantized after wrapping takes the right one.
+
 Adapter parameters (experts, routers, lora_a, lora_b) are kept float32 whatever dtype the
 module is moved to (``.half()``, ``.to(torch.bfloat16)``): the ops cast them to the
 activation dtype where the math allows, and run the router in float32. (A float64 move keeps
@@ -29,7 +36,16 @@ from torch import nn
 from pemoe import ops
 from pemoe._checks import check_finite_number, check_routing
 
-__all__ = ["MoV", "IA3", "MoVLinear", "MoLoRALinear", "LoRALinear", "ParameterCount", "count_parameters"]
+__all__ = [
+    "MoV",
+    "IA3",
+    "MoVLinear",
+    "MoLoRALinear",
+    "LoRALinear",
+    "ParameterCount",
+    "count_parameters",
+    "runs_own_forward",
+]
 
 ROUTER_INIT_STD = 0.02
 LORA_A_INIT_STD = 0.02
@@ -90,6 +106,23 @@ def _router(in_features: int, num_experts: int, device) -> nn.Parameter | None:
         return None
     w = torch.empty(in_features, num_experts, dtype=torch.float32, device=device)
     return nn.Parameter(_normal(w, ROUTER_INIT_STD))
+
+
+def runs_own_forward(base: nn.Linear) -> bool:
+    """Whether the fused ops must leave ``base`` to its own forward: its forward is not ``nn.Linear``'s
+    (bitsandbytes' quantized linears), or its weight is not a plain floating [out_features, in_features]
+    tensor (torchao's quantized tensor subclasses, packed 4-bit storage)."""
+    if type(base).forward is not nn.Linear.forward:
+        return True
+    w = base.weight
+    plain = type(w.data) is torch.Tensor and w.dtype.is_floating_point
+    return not plain or tuple(w.shape) != (base.out_features, base.in_features)
+
+
+def _base_output(base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The base layer's own output, in x's dtype (a quantized linear may compute in another dtype)."""
+    y = base(x)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _freeze(base: nn.Linear) -> nn.Linear:
@@ -222,6 +255,14 @@ class MoVLinear(_AdapterModule):
 
     def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
         s = self.site
+        if runs_own_forward(self.base):
+            if s.implementation == "triton":
+                raise NotImplementedError(
+                    f"MoVLinear over {type(self.base).__name__} (a base that runs its own forward, e.g. a quantized "
+                    "linear) applies MoV to the base output with ops.mov, which has no Triton kernel; use "
+                    "implementation='auto' or 'torch'"
+                )
+            return s(_base_output(self.base, x), router_input=router_input)
         return ops.mov_linear(
             x,
             self.base.weight,
@@ -236,7 +277,8 @@ class MoVLinear(_AdapterModule):
 
 
 class MoLoRALinear(_AdapterModule):
-    """A frozen ``nn.Linear`` plus a soft mixture of E LoRA adapters of rank r (SPEC §1).
+    """A frozen ``nn.Linear`` (or quantized linear: see the module docstring) plus a soft mixture of E LoRA
+    adapters of rank r (SPEC §1).
 
     lora_a [E, K, r] init normal(0.02); lora_b [E, r, N] init zeros (so the layer starts as its
     base); router [K, E] init normal(0.02), None when E = 1 (LoRA); scale = alpha / r.
@@ -296,6 +338,19 @@ class MoLoRALinear(_AdapterModule):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+        if runs_own_forward(self.base):
+            return ops.molora_adapter(
+                x,
+                self.lora_a,
+                self.lora_b,
+                self.router,
+                scale=self.scale,
+                base=_base_output(self.base, x),
+                top_k=self.top_k,
+                renormalize=self.renormalize,
+                router_input=self._resolve_router_input(router_input),
+                implementation=self.implementation,
+            )
         return ops.molora_linear(
             x,
             self.base.weight,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv in the checkout and installs pemoe with its dev, hf (transformers, peft) and
-# triton extras (Triton's interpreter and compiler run the kernel tests on the CPU) and the jax extra.
+# Creates .venv in the checkout and installs pemoe with its dev, hf (transformers, peft), quant
+# (bitsandbytes, torchao) and triton extras (Triton's interpreter and compiler run the kernel tests on the CPU) and the jax extra.
 # On a machine with no torch yet it installs the CPU build of torch 2.13.0 first (from a local
 # wheel where one lies, else from the PyTorch CPU index), never a multi-GB CUDA build.
 # Set PEMOE_TORCH="torch==X" to install another torch (e.g. a CUDA build on a GPU machine).
@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-"${PIP[@]}" -e ".[dev,hf,triton,jax]"
+"${PIP[@]}" -e ".[dev,hf,triton,jax,quant]"
 # Lowering pemoe.jax's kernels for CUDA without a GPU (jax.export tests): jax-triton, and jaxlib's CUDA plugin of
 # the installed jaxlib's version without its PJRT runtime and CUDA libraries (--no-deps: ~8 MB instead of GBs).
 # They go to .venv/cuda-export, outside site-packages, because the plugin logs "Could not find cuda drivers" at
@@ -30,7 +30,10 @@ JAXLIB_VERSION=$(.venv/bin/python -c "import jaxlib; print(jaxlib.__version__)")
 .venv/bin/python - <<'PY'
 import importlib.metadata as md
 
-names = ["torch", "triton", "jax", "jaxlib", "flax", "transformers", "peft", "safetensors", "kernels", "pemoe"]
+names = [
+    "torch", "triton", "jax", "jaxlib", "flax", "transformers", "peft", "safetensors", "kernels", "bitsandbytes",
+    "torchao", "pemoe",
+]
 found = {name: md.version(name) for name in names if any(True for _ in md.distributions(name=name))}
 export = {d.metadata["Name"]: d.version for d in md.distributions(path=[".venv/cuda-export"])}
 print("scripts/setup.sh resolved:")
