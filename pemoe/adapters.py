@@ -1,10 +1,16 @@
-"""Drop-in adapters for T5: ``inject(model, config)``, adapter-only save/load, the authors' names.
+"""Drop-in adapters: ``inject(model, config)``, adapter-only save/load, the authors' (T5) names.
 
-``pemoe.inject(model, config)`` is :func:`inject` from this module (re-exported by ``pemoe``).
+``pemoe.inject(model, config)`` is :func:`inject` from this module (re-exported by ``pemoe``). Where the
+adapters go is :mod:`pemoe.placements`: built-in placements for T5 (below), for decoder-only models with
+``q_proj k_proj v_proj o_proj`` attention and ``gate_proj up_proj down_proj act_fn`` MLPs (Llama, Mistral,
+Qwen2, Qwen3, Gemma: MoV sites ``k v ffn`` with G = key/value heads under grouped-query attention;
+MoLoRA sites ``q k v o gate up down``) and for GPT-2 (MoV ``k v`` on c_attn's k and v blocks and ``ffn``;
+MoLoRA ``qkv o fc proj``), and ``target_modules=`` (names, a regex or ``"all-linear"``, as PEFT matches
+them) for any model. This module holds the configs, builds the modules and swaps them in all-or-nothing.
 
-Supported models: transformers' ``T5ForConditionalGeneration`` and :class:`pemoe.models.T5` (same
-module paths). ``inject`` replaces exactly the sites of SPEC §2 in every encoder and decoder block
-(self- and cross-attention) and freezes everything else:
+T5 (transformers' ``T5ForConditionalGeneration`` and :class:`pemoe.models.T5`, same module paths):
+``inject`` replaces exactly the sites of SPEC §2 in every encoder and decoder block (self- and
+cross-attention) and freezes everything else:
 
 * :class:`MoVConfig` / :class:`IA3Config`, sites ``k``, ``v``, ``ffn``: attention ``k`` and ``v``
   become :class:`~pemoe.layers.MoVLinear` (MoV per head, after the projection); ``ffn`` is MoV on
@@ -22,7 +28,15 @@ the SPEC §2 defaults above), ``top_k`` / ``renormalize`` (routing ablations), `
 (``"token"``: each router reads its site's activation; ``"sentence"``: every router reads one vector
 per sequence, [B, router_input_dim] with router_input_dim = d_model by default, given at run time with
 ``with sentence_routing(model, vectors): ...``) and ``implementation`` (passed to every op).
-MoLoRAConfig / LoRAConfig add ``rank`` and ``alpha`` (scale = alpha / rank).
+MoLoRAConfig / LoRAConfig add ``rank`` and ``alpha`` (scale = alpha / rank). ``target_modules`` (None:
+the built-in placement) replaces ``sites``; with it MoVConfig's ``num_groups`` sets G for every targeted
+linear (None: inferred, see :mod:`pemoe.placements`). Sentence routing on a decoder-only model reads
+[B, hidden_size] by default.
+
+Gradient checkpointing: transformers' ``gradient_checkpointing_enable`` (either ``use_reentrant``) itself
+makes the input embeddings' output require grad for models fed ``input_ids``, which reentrant checkpointing
+of frozen layers needs for the adapters' gradients; ``inject`` adds nothing (for other models call
+``model.enable_input_require_grads()`` as with PEFT).
 
 Adapter names (the keys of :func:`adapter_state_dict` and of saved files) are model-independent:
 ``<path of the replaced Linear>.<param>`` (``encoder.block.0.layer.0.SelfAttention.k.experts``) and,
@@ -71,6 +85,7 @@ from torch import nn
 
 from pemoe.layers import MoLoRALinear, MoV, MoVLinear, ParameterCount, count_parameters
 from pemoe.ops._dispatch import AVAILABLE
+from pemoe.placements import MoVActivation, PackedMoV, Site, as_linear, find_sites, is_linear
 
 __all__ = [
     "MoVConfig",
@@ -120,10 +135,12 @@ class _Config:
     router_input: str = "token"
     router_input_dim: int | None = None
     implementation: str = "auto"
+    target_modules: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         _positive_int(name, "num_experts", self.num_experts)
+        self._check_target_modules()
         if self.top_k is not None:
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
                 raise TypeError(f"{name}.top_k must be an int or None, got {self.top_k!r}")
@@ -155,20 +172,60 @@ class _Config:
                 f"{name}.implementation must be one of {list(IMPLEMENTATIONS)}, got {self.implementation!r}"
             )
 
+    def _check_target_modules(self) -> None:
+        name, target = type(self).__name__, self.target_modules
+        if target is None:
+            return
+        if isinstance(target, str):
+            try:
+                re.compile(target)
+            except re.error as e:
+                raise ValueError(f"{name}.target_modules={target!r} is not a valid regular expression: {e}") from e
+        else:
+            if not isinstance(target, (list, tuple)) or not all(isinstance(t, str) and t for t in target):
+                raise TypeError(
+                    f"{name}.target_modules must be a regex string, 'all-linear' or a list of module names, "
+                    f"got {target!r}"
+                )
+            if not target:
+                raise ValueError(f"{name}.target_modules must name at least one module")
+            object.__setattr__(self, "target_modules", tuple(target))
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "sites")
+        if self.sites is not None and tuple(self.sites) != default:
+            raise ValueError(f"{name}: give sites (a built-in placement) or target_modules, not both")
+        object.__setattr__(self, "sites", None)  # the targets decide the sites
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["sites"] = None if self.sites is None else list(self.sites)
+        if isinstance(self.target_modules, tuple):
+            d["target_modules"] = list(self.target_modules)
         return {"method": self.method, **d}
 
 
 @dataclass(frozen=True)
 class MoVConfig(_Config):
-    """MoV: soft mixture of (IA)3 vectors at k, v (per head) and on the FFN activation (site ``ffn``)."""
+    """MoV: soft mixture of (IA)3 vectors at k, v (per head) and on the FFN activation (site ``ffn``).
+
+    ``num_groups`` (with ``target_modules`` only): G for MoV on every targeted linear's output [..., G·D]
+    (None: inferred per module, see :mod:`pemoe.placements`).
+    """
 
     method: ClassVar[str] = "mov"
     valid_sites: ClassVar[tuple[str, ...]] = ("k", "v", "ffn")
     num_experts: int = 10
     sites: tuple[str, ...] | None = ("k", "v", "ffn")
+    num_groups: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_groups is not None:
+            _positive_int(type(self).__name__, "num_groups", self.num_groups)
+            if self.target_modules is None:
+                raise ValueError(
+                    f"{type(self).__name__}.num_groups is for target_modules; built-in placements use the "
+                    "model's own heads"
+                )
 
 
 @dataclass(frozen=True)
@@ -188,11 +245,16 @@ class IA3Config(MoVConfig):
 class MoLoRAConfig(_Config):
     """MoLoRA: soft mixture of LoRA adapters of rank ``rank`` (scale = alpha / rank).
 
-    ``sites=None``: q, k, v, o and wi_0, wo (v1.1) or wi, wo (v1.0).
+    ``sites=None``: T5: q, k, v, o and wi_0, wo (v1.1) or wi, wo (v1.0); Llama-like models: q, k, v, o, gate,
+    up, down; GPT-2: qkv (c_attn), o (attention c_proj), fc (c_fc), proj (MLP c_proj).
     """
 
     method: ClassVar[str] = "molora"
-    valid_sites: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "wi_0", "wi_1", "wi", "wo")
+    valid_sites: ClassVar[tuple[str, ...]] = (
+        *("q", "k", "v", "o", "wi_0", "wi_1", "wi", "wo"),  # T5
+        *("gate", "up", "down"),  # gated MLPs (Llama, Mistral, Qwen, Gemma)
+        *("qkv", "fc", "proj"),  # GPT-2
+    )
     num_experts: int = 10
     rank: int = 4
     alpha: float = 16.0
@@ -237,118 +299,57 @@ def config_from_dict(d: dict) -> AdapterConfig:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
     if d.get("sites") is not None:
         d["sites"] = tuple(d["sites"])
+    if isinstance(d.get("target_modules"), list):
+        d["target_modules"] = tuple(d["target_modules"])
     return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------
-# the T5 models and their sites
+# injection (the sites themselves: pemoe.placements)
 
 
-class MoVActivation(nn.Module):
-    """``site(act(h))``: the FFN MoV site of SPEC §2 in transformers' T5 (wraps the FFN's ``act``)."""
-
-    def __init__(self, act: nn.Module, site: MoV) -> None:
-        super().__init__()
-        self.act, self.site = act, site
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.site(self.act(h))
-
-
-def _is_pemoe_t5(model: nn.Module) -> bool:
-    from pemoe.models.t5 import T5
-
-    return isinstance(model, T5)
-
-
-def _is_hf_t5(model: nn.Module) -> bool:
-    try:
-        from transformers import T5ForConditionalGeneration
-    except ImportError:  # pragma: no cover - transformers is optional
-        return False
-    return isinstance(model, T5ForConditionalGeneration)
-
-
-def _check_t5(model: object) -> str:
-    if isinstance(model, nn.Module) and _is_pemoe_t5(model):
-        return "pemoe"
-    if isinstance(model, nn.Module) and _is_hf_t5(model):
-        return "transformers"
-    raise TypeError(
-        "pemoe.inject supports transformers' T5ForConditionalGeneration and pemoe.models.T5, "
-        f"got {type(model).__module__}.{type(model).__name__}"
-    )
-
-
-@dataclass
-class _Site:
-    key: str  # canonical site path (adapter names are key + "." + param)
-    parent: nn.Module  # module whose attribute is replaced / set
-    attr: str
-    kind: str  # "mov_linear", "mov_ffn", "molora"
-
-
-def _is_gated(ffn: nn.Module) -> bool:
-    return hasattr(ffn, "wi_0")
-
-
-def _resolve_sites(config: AdapterConfig, gated: bool) -> tuple[str, ...]:
-    if config.sites is not None:
-        sites = config.sites
-    elif isinstance(config, MoLoRAConfig):
-        sites = ("q", "k", "v", "o") + (("wi_0", "wo") if gated else ("wi", "wo"))
-    else:
-        sites = MoVConfig.valid_sites
-    ffn_names = {"wi_0", "wi_1", "wo"} if gated else {"wi", "wo"}
-    wrong = [s for s in sites if s in {"wi_0", "wi_1", "wi"} and s not in ffn_names]
-    if wrong:
-        kind = "T5 v1.1 gated FFN (wi_0, wi_1, wo)" if gated else "T5 v1.0 FFN (wi, wo)"
-        raise ValueError(f"{type(config).__name__}.sites: {wrong} not in this model's {kind}")
-    return tuple(sites)
-
-
-def _find_sites(model: nn.Module, config: AdapterConfig) -> tuple[tuple[str, ...], list[_Site]]:
-    blocks = [("encoder", i, b) for i, b in enumerate(model.encoder.block)]
-    blocks += [("decoder", i, b) for i, b in enumerate(model.decoder.block)]
-    gated = _is_gated(blocks[0][2].layer[-1].DenseReluDense)
-    sites = _resolve_sites(config, gated)
-    found: list[_Site] = []
-    for stack, i, block in blocks:
-        prefix = f"{stack}.block.{i}"
-        attentions = [(f"{prefix}.layer.0.SelfAttention", block.layer[0].SelfAttention)]
-        if stack == "decoder":
-            attentions.append((f"{prefix}.layer.1.EncDecAttention", block.layer[1].EncDecAttention))
-        ffn_path = f"{prefix}.layer.{len(block.layer) - 1}.DenseReluDense"
-        ffn = block.layer[-1].DenseReluDense
-        for site in sites:
-            if site in ("q", "k", "v", "o"):
-                kind = "molora" if isinstance(config, MoLoRAConfig) else "mov_linear"
-                found += [_Site(f"{path}.{site}", attn, site, kind) for path, attn in attentions]
-            elif site == "ffn":
-                found.append(_Site(f"{ffn_path}.mov", ffn, "mov" if _is_pemoe_t5(model) else "act", "mov_ffn"))
-            else:
-                found.append(_Site(f"{ffn_path}.{site}", ffn, site, "molora"))
-    return sites, found
-
-
-def _adapter_module(model: nn.Module, site: _Site) -> nn.Module:
+def _adapter_module(model: nn.Module, site: Site) -> nn.Module:
     """The module holding a site's adapter parameters (experts/router or lora_a/lora_b/router)."""
     m = getattr(site.parent, site.attr)
-    return m.site if isinstance(m, MoVActivation) else m
+    if isinstance(m, MoVActivation):
+        return m.site
+    if isinstance(m, PackedMoV):
+        return getattr(m, site.part)
+    return m
 
 
 def _site_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n in module._adapter_param_names if (p := getattr(module, n)) is not None}
 
 
+def _model_width(model: nn.Module) -> int:
+    """d_model (T5) or hidden_size (decoder models): the width of the hidden states a sentence vector matches."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    width = getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
+    if not isinstance(width, int):
+        raise ValueError(
+            f"sentence routing: cannot read the model width (config.d_model / config.hidden_size) of "
+            f"{type(model).__name__}; give router_input_dim"
+        )
+    return width
+
+
 def _router_input_features(model: nn.Module, config: AdapterConfig) -> int | None:
     if config.router_input != "sentence":
         return None
-    return config.router_input_dim or model.config.d_model
+    return config.router_input_dim or _model_width(model)
 
 
-def _build(model: nn.Module, config: AdapterConfig, site: _Site) -> nn.Module:
-    """The replacement module (or MoV site) for one site; does not touch the model."""
+def _device(module: nn.Module) -> torch.device | None:
+    p = next(module.parameters(), None)
+    return None if p is None else p.device
+
+
+def _build(model: nn.Module, config: AdapterConfig, group: list[Site]) -> nn.Module:
+    """The replacement of ``getattr(parent, attr)`` shared by the sites in ``group``; does not touch the model."""
+    site = group[0]
     common = dict(
         top_k=config.top_k,
         renormalize=config.renormalize,
@@ -357,22 +358,32 @@ def _build(model: nn.Module, config: AdapterConfig, site: _Site) -> nn.Module:
     )
     current = getattr(site.parent, site.attr, None)
     if site.kind == "mov_ffn":
-        ffn = site.parent
-        width = ffn.wo.in_features
-        mov = MoV(1, width, config.num_experts, device=ffn.wo.weight.device, **common)
-        if _is_pemoe_t5(model):
-            return mov
-        return MoVActivation(current, mov)
-    if not isinstance(current, nn.Linear):
-        raise TypeError(f"pemoe.inject: {site.key} must be a torch.nn.Linear, got {type(current).__name__}")
+        mov = MoV(1, site.width, config.num_experts, device=_device(site.parent), **common)
+        return mov if site.attr == "mov" else MoVActivation(current, mov)
+    if not is_linear(current):
+        raise TypeError(
+            f"pemoe.inject: {site.key} must be a torch.nn.Linear (or transformers' Conv1D), "
+            f"got {type(current).__name__}"
+        )
+    if site.kind == "mov_packed":
+        width = current.weight.shape[1] if not isinstance(current, nn.Linear) else current.out_features
+        dim = width // len(site.parts) // site.groups
+        sites = {s.part: MoV(s.groups, dim, config.num_experts, device=current.weight.device, **common) for s in group}
+        return PackedMoV(current, site.parts, sites)
+    base = as_linear(current)
     if site.kind == "mov_linear":
-        return MoVLinear(current, model.config.num_heads, config.num_experts, **common)
-    return MoLoRALinear(current, config.num_experts, config.rank, alpha=config.alpha, **common)
+        if base.out_features % site.groups:
+            raise ValueError(
+                f"pemoe.inject: {site.key} has {base.out_features} outputs, which num_groups={site.groups} "
+                "does not divide"
+            )
+        return MoVLinear(base, site.groups, config.num_experts, **common)
+    return MoLoRALinear(base, config.num_experts, config.rank, alpha=config.alpha, **common)
 
 
 def _injected(model: nn.Module) -> bool:
     return getattr(model, "_pemoe_adapter", None) is not None or any(
-        isinstance(m, (MoV, MoVLinear, MoLoRALinear, MoVActivation)) for m in model.modules()
+        isinstance(m, (MoV, MoVLinear, MoLoRALinear, MoVActivation, PackedMoV)) for m in model.modules()
     )
 
 
@@ -382,14 +393,26 @@ def _apply(model: nn.Module, config: AdapterConfig) -> Callable[[], None]:
         raise TypeError(
             f"config must be a MoVConfig, IA3Config, MoLoRAConfig or LoRAConfig, got {type(config).__name__}"
         )
-    kind = _check_t5(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pemoe.inject: model must be a torch.nn.Module, got {type(model).__name__}")
     if _injected(model):
         have = getattr(model, "_pemoe_adapter", None)
         raise ValueError(
             f"pemoe.inject: the model already has pemoe adapters ({have['config'] if have else 'unknown config'}); "
             "inject once per model (build or load a fresh backbone to change adapters)"
         )
-    sites, found = _find_sites(model, config)
+    kind, sites, found = find_sites(
+        model,
+        lora=isinstance(config, MoLoRAConfig),
+        sites=config.sites,
+        target_modules=config.target_modules,
+        num_groups=getattr(config, "num_groups", None),
+        owner=type(config).__name__,
+    )
+    # sites sharing one replaced module (GPT-2's packed k and v) are built together
+    groups: dict[tuple[int, str], list[Site]] = {}
+    for s in found:
+        groups.setdefault((id(s.parent), s.attr), []).append(s)
     # Freezing happens inside the layer constructors: remember every flag first.
     grad_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     replaced: list[tuple[nn.Module, str, object]] = []
@@ -402,7 +425,7 @@ def _apply(model: nn.Module, config: AdapterConfig) -> Callable[[], None]:
         model.__dict__.pop("_pemoe_adapter", None)
 
     try:
-        new = [(s, _build(model, config, s)) for s in found]
+        new = [(group[0], _build(model, config, group)) for group in groups.values()]
         for s, module in new:
             replaced.append((s.parent, s.attr, getattr(s.parent, s.attr, None)))
             setattr(s.parent, s.attr, module)
@@ -420,12 +443,15 @@ def _apply(model: nn.Module, config: AdapterConfig) -> Callable[[], None]:
 
 
 def inject(model: nn.Module, config: AdapterConfig) -> ParameterCount:
-    """Replace the SPEC §2 sites of a T5 (transformers' or pemoe's) with pemoe adapters, in place.
+    """Replace the sites of ``model`` (its built-in placement or ``config.target_modules``, see
+    :mod:`pemoe.placements`) with pemoe adapters, in place.
 
     Everything but the adapter parameters is frozen. Returns (and logs on the ``pemoe`` logger) the
-    trainable parameter count and its share of all parameters. Raises TypeError for a model that is
-    not a supported T5, ValueError for a model that already has adapters or sites it lacks; on any
-    error the model is left unchanged.
+    trainable parameter count and its share of all parameters. Raises TypeError for a model with no
+    built-in placement and no ``target_modules`` or a targeted module that is not a linear (naming its
+    path and type), ValueError for a model that already has adapters, sites it lacks, ``target_modules``
+    matching nothing or ``num_groups`` not dividing a target's width; on any error the model is left
+    unchanged.
     """
     _apply(model, config)
     count = count_parameters(model)
@@ -436,8 +462,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> ParameterCount:
 @contextlib.contextmanager
 def sentence_routing(model: nn.Module, router_input: torch.Tensor) -> Iterator[None]:
     """Run a sentence-routed model: every router reads ``router_input`` [B, R] (one vector per sequence,
-    e.g. a pooled instruction embedding; R = ``config.router_input_dim``, d_model by default) instead of
-    the token's activation, broadcast over that sequence's tokens in the encoder and the decoder.
+    e.g. a pooled instruction embedding; R = ``config.router_input_dim``, by default d_model (T5) or
+    hidden_size (decoder-only models)) instead of the token's activation, broadcast over that sequence's
+    tokens (in T5's encoder and decoder; in a decoder-only model at every generation step, cached or not).
 
         with pemoe.adapters.sentence_routing(model, pooled):  # pooled [B, R]
             loss = model(**batch).loss

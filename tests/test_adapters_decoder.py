@@ -1,0 +1,483 @@
+"""pemoe.inject on decoder-only transformers models (Llama, Mistral, Qwen2, Qwen3, Gemma2, GPT-2) and with
+target_modules on any model: placement and counts, equality with PEFT, fresh adapters = base, generation with
+and without the KV cache, gradient checkpointing, half precision, save/load, bad input.
+
+Tolerance: the single rule of tests/helpers.py (pemoe.testing.check_rule). For a pemoe float32 output or
+gradient ``out``, ``ref`` is the same quantity from the peer in float32 (PEFT, or the base model for fresh
+adapters) and ``truth`` from that peer in float64 with the same (upcast) weights:
+max|out - truth| <= 2·max|ref - truth| + ATOL[float32]·max(max|truth|, 1).
+Gradient checkpointing: ``ref`` is the float32 gradient without checkpointing, ``truth`` the float64 one
+(recomputation may sum in another order). Cached and uncached decoding: the greedy tokens must be equal.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pemoe.adapters import (
+    IA3Config,
+    LoRAConfig,
+    MoLoRAConfig,
+    MoVConfig,
+    adapter_config,
+    adapter_state_dict,
+    config_from_dict,
+    inject,
+    load_adapter,
+    save_adapter,
+    sentence_routing,
+)
+from pemoe.layers import MoLoRALinear, MoVLinear
+from pemoe.placements import Conv1DLinear, MoVActivation, PackedMoV
+from tests.decoder_tiny import FAMILIES, decoder, dims, ids
+from tests.helpers import assert_within_rule
+
+LLAMA_LIKE = [f for f in FAMILIES if f != "gpt2"]
+
+
+def _randomize(model, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_state_dict(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _snapshot(model):
+    return (
+        {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        adapter_config(model),
+    )
+
+
+def _assert_unchanged(model, snap):
+    params, modules, config = snap
+    now = dict(model.named_parameters())
+    assert list(now) == list(params)
+    for n, (t, rg) in params.items():
+        assert torch.equal(now[n], t) and now[n].requires_grad == rg, n
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert adapter_config(model) == config
+
+
+# ---------------------------------------------------------------------------------------------
+# placement and counts (SPEC §2, decoder-only table), derived here from the configs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sites_and_counts_follow_spec(family):
+    model = decoder(family)
+    d = dims(model)
+    L, H, hd, G, F = d["layers"], d["hidden"], d["head_dim"], d["kv_heads"], d["intermediate"]
+    Q, KV = d["heads"] * hd, G * hd  # query and key/value widths
+    E, r = 3, 4
+    total = sum(p.numel() for p in model.parameters())
+
+    ia3 = copy.deepcopy(model)
+    assert inject(ia3, IA3Config()).trainable == L * (2 * KV + F)  # k, v and the FFN activation
+    mov = copy.deepcopy(model)
+    count = inject(mov, MoVConfig(num_experts=E))
+    # k, v: experts [G, E, hd] + router [hd, E] each; FFN: experts [1, E, F] + router [F, E]
+    assert count.trainable == L * E * (2 * KV + 2 * hd + 2 * F)
+    assert count.total == total + count.trainable
+    state = adapter_state_dict(mov)
+    attn = "transformer.h.0.attn.c_attn." if family == "gpt2" else "model.layers.0.self_attn."
+    k = attn + ("k" if family == "gpt2" else "k_proj")
+    assert state[f"{k}.experts"].shape == (G, E, hd) and state[f"{k}.router"].shape == (hd, E)
+    mlp = "transformer.h.1.mlp" if family == "gpt2" else "model.layers.1.mlp"
+    assert state[f"{mlp}.mov.experts"].shape == (1, E, F)
+    assert not any("q_proj" in key or "lm_head" in key or "embed" in key or "wte" in key for key in state)
+
+    # LoRA r: every linear of attention and MLP; each adds r·(in + out)
+    if family == "gpt2":
+        linears = [(H, 3 * H), (H, H), (H, F), (F, H)]  # c_attn, attn c_proj, c_fc, mlp c_proj
+        sites = ("qkv", "o", "fc", "proj")
+    else:
+        linears = [(H, Q), (H, KV), (H, KV), (Q, H), (H, F), (H, F), (F, H)]  # q k v o gate up down
+        sites = ("q", "k", "v", "o", "gate", "up", "down")
+    lora = copy.deepcopy(model)
+    assert inject(lora, LoRAConfig(rank=r)).trainable == L * sum(r * (i + o) for i, o in linears)
+    assert adapter_config(lora).sites == sites
+    molora = copy.deepcopy(model)
+    routers = sum(i for i, _ in linears) * E  # each router [in, E]
+    assert inject(molora, MoLoRAConfig(num_experts=E, rank=r)).trainable == L * (
+        E * sum(r * (i + o) for i, o in linears) + routers
+    )
+    assert not any("lm_head" in key or "wte" in key for key in adapter_state_dict(molora))
+
+
+def test_module_kinds_and_no_weight_copies():
+    llama = decoder("llama")
+    inject(llama, MoVConfig(num_experts=2))
+    attn, mlp = llama.model.layers[0].self_attn, llama.model.layers[0].mlp
+    assert isinstance(attn.k_proj, MoVLinear) and isinstance(attn.v_proj, MoVLinear)
+    assert isinstance(attn.q_proj, nn.Linear) and isinstance(attn.o_proj, nn.Linear)
+    assert attn.k_proj.site.num_groups == 2 and attn.k_proj.site.dim == 16  # GQA: kv heads, head_dim
+    assert isinstance(mlp.act_fn, MoVActivation)
+    gpt2 = decoder("gpt2")
+    weights = {n: p for n, p in gpt2.named_parameters() if n.endswith("c_attn.weight") or n.endswith("c_fc.weight")}
+    inject(gpt2, LoRAConfig())
+    c_attn = gpt2.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, MoLoRALinear) and isinstance(c_attn.base, Conv1DLinear)
+    # the view shares the Conv1D's parameter: no copy of the frozen weight
+    assert c_attn.base.conv.weight is weights["transformer.h.0.attn.c_attn.weight"]
+    assert c_attn.weight.shape == (96, 32) and c_attn.weight.data_ptr() == c_attn.base.conv.weight.data_ptr()
+    gpt2_mov = decoder("gpt2")
+    inject(gpt2_mov, MoVConfig(num_experts=2))
+    packed = gpt2_mov.transformer.h[0].attn.c_attn
+    assert isinstance(packed, PackedMoV) and packed.parts == ("q", "k", "v")
+    assert {n for n, _ in packed.named_children()} == {"base", "k", "v"}
+
+
+# ---------------------------------------------------------------------------------------------
+# fresh adapters reproduce the base model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_adapters_reproduce_the_base(family):
+    model = decoder(family)
+    x = ids(model)
+    with torch.no_grad():
+        ref = model(x).logits
+        truth = copy.deepcopy(model).double()(x).logits
+    for config in (IA3Config(), LoRAConfig(), MoVConfig(num_experts=10), MoLoRAConfig(num_experts=4)):
+        m = copy.deepcopy(model)
+        inject(m, config)
+        with torch.no_grad():
+            out = m(x).logits
+        assert_within_rule(out, ref, truth, torch.float32, f"{family} fresh {type(config).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# equality with PEFT (E = 1): logits and adapter gradients
+
+
+def _run(model, x):
+    out = model(x, labels=x)
+    out.loss.backward()
+    return out.logits.detach()
+
+
+def _check_peer(ours, peft_model, views, x, what):
+    """views: our adapter key -> (PEFT parameter, fn(PEFT tensor) -> tensor in our layout)."""
+    with torch.no_grad():
+        for key, p in adapter_state_dict(ours).items():
+            q, view = views[key]
+            p.copy_(view(q))
+    truth_model = copy.deepcopy(peft_model).double()
+    truth_params = dict(truth_model.named_parameters())
+    peft_names = {id(q): n for n, q in peft_model.named_parameters()}
+    ref, truth, out = _run(peft_model, x), _run(truth_model, x), _run(ours, x)
+    assert_within_rule(out, ref, truth, torch.float32, f"{what} logits")
+    for key, p in adapter_state_dict(ours).items():
+        q, view = views[key]
+        g_truth = view(truth_params[peft_names[id(q)]].grad)
+        assert p.grad is not None and p.grad.abs().max() > 0, key
+        assert_within_rule(p.grad, view(q.grad), g_truth, torch.float32, f"{what} grad {key}")
+    assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ia3_equals_peft_ia3(family):
+    """Sites: k_proj, v_proj (output) and down_proj (input, feed-forward) in PEFT; GPT-2: PEFT scales all of
+    c_attn's output, so its q block is held at 1 (pemoe never scales q) and only its k and v blocks are
+    compared; the FFN site is PEFT's scaling of the MLP c_proj's input."""
+    from peft import IA3Config as PeftIA3Config
+    from peft import get_peft_model
+
+    base = decoder(family, seed=11)
+    ours = copy.deepcopy(base)
+    inject(ours, IA3Config(implementation="torch"))
+    if family == "gpt2":
+        peft_config = PeftIA3Config(
+            target_modules=["attn.c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True
+        )
+    else:
+        peft_config = PeftIA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    peft_model = get_peft_model(base, peft_config)
+    params = dict(peft_model.named_parameters())
+    d = dims(base)
+    G, hd, H = d["kv_heads"], d["head_dim"], d["hidden"]
+    with torch.no_grad():  # PEFT starts at ones: make the vectors matter
+        for n, q in params.items():
+            if "ia3_l" in n:
+                q.copy_(1 + 0.5 * torch.randn_like(q))
+                if family == "gpt2" and "c_attn" in n:
+                    q[:H] = 1  # the q block: not a pemoe site
+
+    views = {}
+    for key in adapter_state_dict(ours):
+        path = key[: -len(".experts")]
+        if path.endswith(".mov"):  # FFN activation <-> PEFT's scaling of down_proj's (c_proj's) input [1, F]
+            down = "c_proj" if family == "gpt2" else "down_proj"
+            q = params[f"base_model.model.{path[: -len('.mov')]}.{down}.ia3_l.default"]
+            views[key] = (q, lambda t: t.reshape(1, 1, -1))
+        elif family == "gpt2":  # c_attn.{k,v} <-> rows [H, 2H) / [2H, 3H) of PEFT's [3H, 1]
+            c_attn, part = path.rsplit(".", 1)
+            lo = {"k": H, "v": 2 * H}[part]
+            q = params[f"base_model.model.{c_attn}.ia3_l.default"]
+            views[key] = (q, lambda t, lo=lo: t[lo : lo + H].reshape(G, 1, hd))
+        else:  # k/v output [G·hd, 1] <-> experts [G, 1, hd]
+            views[key] = (params[f"base_model.model.{path}.ia3_l.default"], lambda t: t.reshape(G, 1, hd))
+    assert len({id(q) for q, _ in views.values()}) == sum(1 for q in params.values() if q.requires_grad)
+    _check_peer(ours, peft_model, views, ids(base, seed=7), f"{family} IA3")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_equals_peft_lora(family):
+    from peft import LoraConfig, get_peft_model
+
+    base = decoder(family, seed=12)
+    ours = copy.deepcopy(base)
+    inject(ours, LoRAConfig(rank=4, alpha=16, implementation="torch"))
+    if family == "gpt2":
+        targets = ["c_attn", "c_proj", "c_fc"]
+    else:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=family == "gpt2"),
+    )
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():  # PEFT's B starts at zero: make the update matter
+        for n, q in params.items():
+            if "lora_B" in n:
+                q.normal_(0, 0.2)
+    views = {}
+    for key in adapter_state_dict(ours):
+        path, param = key.rsplit(".", 1)
+        q = params[f"base_model.model.{path}.{'lora_A' if param == 'lora_a' else 'lora_B'}.default.weight"]
+        views[key] = (q, lambda t: t.t().unsqueeze(0))  # [r, K] -> [1, K, r]; [N, r] -> [1, r, N]
+    assert len(views) == sum(1 for q in params.values() if q.requires_grad)
+    _check_peer(ours, peft_model, views, ids(base, seed=8), f"{family} LoRA")
+
+
+# ---------------------------------------------------------------------------------------------
+# generation, gradient checkpointing, dtypes
+
+
+CONFIGS = {
+    "MoV-3": MoVConfig(num_experts=3),
+    "MoLoRA-3": MoLoRAConfig(num_experts=3, rank=2),
+    "MoV-3-sentence": MoVConfig(num_experts=3, router_input="sentence"),
+    "MoLoRA-3-sentence": MoLoRAConfig(num_experts=3, rank=2, router_input="sentence"),
+}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_generate_with_and_without_the_kv_cache(family, name):
+    config = CONFIGS[name]
+    model = decoder(family, seed=3)
+    x = ids(model, seed=4, length=5)
+    with torch.no_grad():
+        base = model(x).logits
+    inject(model, config)
+    _randomize(model, scale=0.5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
+    routing = torch.randn(x.shape[0], model.config.hidden_size) if config.router_input == "sentence" else None
+    with torch.no_grad():
+        if routing is None:
+            cached = model.generate(x, use_cache=True, **kwargs)
+            plain = model.generate(x, use_cache=False, **kwargs)
+            logits = model(x).logits
+        else:
+            with sentence_routing(model, routing):
+                cached = model.generate(x, use_cache=True, **kwargs)
+                plain = model.generate(x, use_cache=False, **kwargs)
+                logits = model(x).logits
+    assert cached.shape == (x.shape[0], x.shape[1] + 8)
+    assert cached.tolist() == plain.tolist()
+    assert (logits - base).abs().max() > 1e-3  # the adapters take part
+    if routing is not None:  # router [hidden, E]: reads the sentence vector
+        router = next(p for k, p in adapter_state_dict(model).items() if k.endswith(".router"))
+        assert router.shape == (model.config.hidden_size, 3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("config", [MoVConfig(num_experts=3), MoLoRAConfig(num_experts=3)], ids=["MoV-3", "MoLoRA-3"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, config):
+    """transformers' gradient_checkpointing_enable calls enable_input_require_grads itself for models fed
+    input_ids, so reentrant checkpointing with frozen embeddings needs nothing from pemoe."""
+    model = decoder(family, seed=5)
+    inject(model, config)
+    _randomize(model)
+    model.train()
+    x = ids(model, seed=6)
+
+    def grads(m):
+        m.zero_grad(set_to_none=True)
+        m(x, labels=x).loss.backward()
+        return {k: p.grad.clone() for k, p in adapter_state_dict(m).items()}
+
+    truth = grads(copy.deepcopy(model).double())
+    ref = grads(model)
+    assert all(g.abs().max() > 0 for g in ref.values())
+    for reentrant in (True, False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert model.is_gradient_checkpointing
+        got = grads(model)
+        model.gradient_checkpointing_disable()
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert_within_rule(got[k], ref[k], truth[k], torch.float32, f"use_reentrant={reentrant} grad {k}")
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_keeps_adapters_float32(family, dtype):
+    model = decoder(family)
+    x = ids(model)
+    with torch.no_grad():
+        ref = model(x).logits
+    inject(model, MoVConfig(num_experts=3) if dtype == torch.float16 else MoLoRAConfig(num_experts=3))
+    model.half() if dtype == torch.float16 else model.to(torch.bfloat16)
+    assert {p.dtype for p in adapter_state_dict(model).values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
+    out = model(x, labels=x)
+    assert out.logits.dtype == dtype and torch.isfinite(out.logits).all()
+    assert (out.logits.float() - ref).abs().max() <= 0.1 * ref.abs().max()
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_state_dict(model).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# target_modules
+
+
+def test_target_modules_names_regex_and_all_linear():
+    llama = decoder("llama")
+    names = copy.deepcopy(llama)
+    inject(names, MoLoRAConfig(num_experts=2, target_modules=["q_proj", "mlp.down_proj"]))
+    keys = {k.rsplit(".", 1)[0] for k in adapter_state_dict(names)}
+    assert keys == {f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    assert adapter_config(names).sites is None
+    regex = copy.deepcopy(llama)
+    inject(regex, LoRAConfig(target_modules=r"model\.layers\.1\.self_attn\.(k|v)_proj"))
+    assert {k.rsplit(".", 1)[0] for k in adapter_state_dict(regex)} == {
+        "model.layers.1.self_attn.k_proj",
+        "model.layers.1.self_attn.v_proj",
+    }
+    every = copy.deepcopy(llama)
+    inject(every, LoRAConfig(target_modules="all-linear"))
+    assert len({k.rsplit(".", 1)[0] for k in adapter_state_dict(every)}) == 2 * 7  # not lm_head
+    gpt2 = decoder("gpt2")  # tied LM head: excluded too
+    inject(gpt2, LoRAConfig(target_modules="all-linear"))
+    assert len({k.rsplit(".", 1)[0] for k in adapter_state_dict(gpt2)}) == 2 * 4
+
+
+def test_target_modules_mov_groups():
+    llama = decoder("llama")
+    d = dims(llama)
+    inferred = copy.deepcopy(llama)  # k_proj: parent has head_dim -> kv heads; gate_proj: one group
+    inject(inferred, MoVConfig(num_experts=2, target_modules=["k_proj", "gate_proj", "act_fn"]))
+    state = adapter_state_dict(inferred)
+    assert state["model.layers.0.self_attn.k_proj.experts"].shape == (d["kv_heads"], 2, d["head_dim"])
+    assert state["model.layers.0.mlp.gate_proj.experts"].shape == (1, 2, d["intermediate"])
+    assert state["model.layers.0.mlp.mov.experts"].shape == (1, 2, d["intermediate"])  # act_fn's output
+    given = copy.deepcopy(llama)
+    inject(given, MoVConfig(num_experts=2, num_groups=8, target_modules=["k_proj", "gate_proj"]))
+    state = adapter_state_dict(given)
+    assert state["model.layers.1.self_attn.k_proj.experts"].shape == (8, 2, 32 // 8)
+    assert state["model.layers.1.mlp.gate_proj.experts"].shape == (8, 2, 96 // 8)
+
+
+def test_target_modules_on_a_model_without_a_built_in_placement(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))
+    snap = _snapshot(model)
+    with pytest.raises(TypeError, match=r"got torch\.nn\.modules\.container\.Sequential.*target_modules"):
+        inject(model, MoLoRAConfig())
+    _assert_unchanged(model, snap)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        want = model(x)
+    count = inject(model, MoLoRAConfig(num_experts=2, rank=2, target_modules="all-linear"))
+    assert count.trainable == 2 * 2 * (8 + 12) + 2 * 8 + 2 * 2 * (12 + 4) + 2 * 12
+    with torch.no_grad():
+        assert torch.equal(model(x), want)  # lora_b = 0
+    _randomize(model)
+    with torch.no_grad():
+        want = model(x)
+    save_adapter(model, tmp_path / "seq.safetensors")
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))
+    assert load_adapter(fresh, tmp_path / "seq.safetensors") == adapter_config(model)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+
+
+def test_config_round_trip_with_target_modules(tmp_path):
+    for config in (
+        MoVConfig(num_experts=3, target_modules=["k_proj", "v_proj"], num_groups=2),
+        LoRAConfig(target_modules=r".*\.(q|v)_proj"),
+        MoLoRAConfig(target_modules="all-linear"),
+        MoLoRAConfig(sites=("q", "gate")),
+    ):
+        back = config_from_dict(config.to_dict())
+        assert back == config and hash(back) == hash(config)
+    assert MoVConfig(target_modules=["k_proj"]).target_modules == ("k_proj",)
+    model = decoder("mistral")
+    inject(model, MoVConfig(num_experts=2, target_modules=["v_proj"], num_groups=4))
+    _randomize(model)
+    save_adapter(model, tmp_path / "a.safetensors")
+    fresh = decoder("mistral")
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    x = ids(model)
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: clear errors, model unchanged
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="give sites .* or target_modules, not both"):
+        MoLoRAConfig(sites=("q",), target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"target_modules='\(' is not a valid regular expression"):
+        LoRAConfig(target_modules="(")
+    with pytest.raises(ValueError, match="target_modules must name at least one module"):
+        LoRAConfig(target_modules=[])
+    with pytest.raises(TypeError, match="target_modules must be a regex string, 'all-linear' or a list"):
+        LoRAConfig(target_modules=["q_proj", 3])
+    with pytest.raises(ValueError, match="MoVConfig.num_groups is for target_modules"):
+        MoVConfig(num_groups=2)
+    with pytest.raises(ValueError, match="MoVConfig.num_groups must be an int >= 1, got 0"):
+        MoVConfig(num_groups=0, target_modules=["k_proj"])
+
+
+def test_bad_injections_leave_the_model_unchanged():
+    model = decoder("llama")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module of LlamaForCausalLM"):
+        inject(model, LoRAConfig(target_modules=["nope"]))
+    _assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match=r"target_modules='layers.*' matches no module of LlamaForCausalLM"):
+        inject(model, LoRAConfig(target_modules=r"layers\.9.*"))
+    _assert_unchanged(model, snap)
+    with pytest.raises(TypeError, match=r"matches model\.layers\.0\.mlp \(transformers\..*LlamaMLP\), which is not"):
+        inject(model, MoLoRAConfig(target_modules=["q_proj", "mlp"]))
+    _assert_unchanged(model, snap)
+    # q_proj (64 outputs) takes 64 groups; v_proj (32) cannot: met after q_proj was built, all is undone
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.v_proj has 32 outputs, which num_groups=64"):
+        inject(model, MoVConfig(num_experts=2, num_groups=64, target_modules=["q_proj", "v_proj"]))
+    _assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match=r"\['wi_0'\] not in this model's sites \(q, k, v, o, gate, up, down\)"):
+        inject(model, MoLoRAConfig(sites=("q", "wi_0")))
+    _assert_unchanged(model, snap)
+    gpt2 = decoder("gpt2")
+    snap = _snapshot(gpt2)
+    with pytest.raises(ValueError, match=r"\['gate'\] not in this model's sites \(qkv, o, fc, proj\)"):
+        inject(gpt2, LoRAConfig(sites=("gate",)))
+    _assert_unchanged(gpt2, snap)
+    inject(gpt2, IA3Config())
+    snap = _snapshot(gpt2)
+    with pytest.raises(ValueError, match="already has pemoe adapters"):
+        inject(gpt2, LoRAConfig(target_modules="all-linear"))
+    _assert_unchanged(gpt2, snap)
