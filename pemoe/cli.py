@@ -25,15 +25,16 @@ def build_parser(benches: dict) -> argparse.ArgumentParser:
         "bench", help="benchmark the ops against the frozen-linear floor", description=runner.DESCRIPTION
     )
     runner.add_arguments(b, benches)
-    from pemoe.params import METHODS, T5_V1_1
+    from pemoe.params import METHODS, MODELS
 
     pp = sub.add_parser(
         "params",
-        help="trainable-parameter table of the adapters on T5 v1.1 (meta device, no weights)",
+        help="trainable-parameter table of the adapters on T5 v1.1 and decoder LLMs (meta device, no weights)",
         description="Trainable parameters (absolute and %% of the base model) of (IA)3, MoV, LoRA and MoLoRA "
-        "on T5 v1.1 small/base/large/xl/xxl, counted on models built on the meta device.",
+        "on T5 v1.1 small/base/large/xl/xxl and Llama-3-8B, Qwen3-8B, Mistral-7B shapes, counted on models "
+        "built on the meta device.",
     )
-    pp.add_argument("--sizes", type=csv_list(list(T5_V1_1), "size"), default=list(T5_V1_1), help="comma list")
+    pp.add_argument("--sizes", type=csv_list(MODELS, "size"), default=list(MODELS), help="comma list")
     pp.add_argument("--methods", type=csv_list(list(METHODS), "method"), default=list(METHODS), help="comma list")
     from pemoe.train.cli import add_eval_parser, add_train_parser
 
