@@ -437,7 +437,8 @@ def find_sites(
     num_groups: int | None = None,
     owner: str = "config",
 ) -> tuple[str, tuple[str, ...] | None, list[Site]]:
-    """(model kind, resolved site names or None for target_modules, sites) of ``model``; changes nothing.
+    """(model kind: ``"pemoe"`` / ``"transformers"`` / ``"torch"``, resolved site names or None for
+    target_modules, sites) of ``model``; changes nothing.
 
     ``lora``: MoLoRA/LoRA sites, else MoV/(IA)3 sites. ``sites``: site names of the built-in placement
     (None: its defaults). Raises TypeError for a model with no built-in placement and no target_modules,
@@ -446,7 +447,7 @@ def find_sites(
     if not isinstance(model, nn.Module):
         raise TypeError(f"pemoe.inject: model must be a torch.nn.Module, got {type(model).__name__}")
     pemoe_t5, hf_t5 = is_pemoe_t5(model), is_hf_t5(model)
-    kind = "pemoe" if pemoe_t5 else "transformers"
+    kind = "pemoe" if pemoe_t5 else "transformers" if type(model).__module__.startswith("transformers.") else "torch"
     if target_modules is not None:
         return kind, None, _target_sites(model, lora, target_modules, num_groups, owner)
     if pemoe_t5 or hf_t5:
