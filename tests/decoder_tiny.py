@@ -1,7 +1,7 @@
 """Tiny random-weight decoder-only transformers models (one per family pemoe.inject places), built offline.
 
 Every family has 2 layers and grouped-query attention where the family has it (4 query heads, 2 key/value
-heads); Qwen3 and Gemma2 use head_dim 24 ≠ hidden / heads = 16 (as the real models do, head_dim is not
+heads); Qwen3 and Gemma2/3 use head_dim 24 ≠ hidden / heads = 16 (as the real models do, head_dim is not
 hidden / heads there); Qwen2 has q/k/v biases; GPT-2 packs q, k, v in one Conv1D. Dropout is off and the
 attention is eager (float64 runs for the tolerance rule's truth). Norm weights are randomised so that
 every block's scale matters.
@@ -43,6 +43,7 @@ def _builders() -> dict:
         "qwen2": _llama_like(t.Qwen2Config, t.Qwen2ForCausalLM),
         "qwen3": _llama_like(t.Qwen3Config, t.Qwen3ForCausalLM, head_dim=24),
         "gemma2": _llama_like(t.Gemma2Config, t.Gemma2ForCausalLM, head_dim=24),
+        "gemma3": _llama_like(t.Gemma3TextConfig, t.Gemma3ForCausalLM, head_dim=24),
         "gpt2": lambda: t.GPT2LMHeadModel(
             t.GPT2Config(
                 **GPT2,
@@ -57,7 +58,7 @@ def _builders() -> dict:
     }
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 
 
 def decoder(family: str, seed: int = 0) -> nn.Module:

@@ -36,7 +36,15 @@ from pemoe.placements import Conv1DLinear, MoVActivation, PackedMoV
 from tests.decoder_tiny import FAMILIES, decoder, dims, ids
 from tests.helpers import assert_within_rule
 
-LLAMA_LIKE = [f for f in FAMILIES if f != "gpt2"]
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models are tiny: one intra-op thread is fastest, and steady when other jobs share the cores
+    (threads spinning for a busy core made each tiny matmul take milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _randomize(model, seed=0, scale=0.3):
@@ -387,6 +395,43 @@ def test_target_modules_mov_groups():
     assert state["model.layers.1.mlp.gate_proj.experts"].shape == (8, 2, 96 // 8)
 
 
+def test_target_modules_can_name_the_built_in_sites():
+    """The built-in placement spelled as target_modules: the same adapter names, shapes and logits."""
+    llama = decoder("qwen3")
+    x = ids(llama)
+    for built_in, targets in (
+        (MoVConfig(num_experts=3), MoVConfig(num_experts=3, target_modules=["k_proj", "v_proj", "act_fn"])),
+        (LoRAConfig(), LoRAConfig(target_modules=[f"{n}_proj" for n in ("q", "k", "v", "o", "gate", "up", "down")])),
+    ):
+        a, b = copy.deepcopy(llama), copy.deepcopy(llama)
+        inject(a, built_in)
+        inject(b, targets)
+        _randomize(a)
+        sa, sb = adapter_state_dict(a), adapter_state_dict(b)
+        assert sorted(sa) == sorted(sb) and all(sa[k].shape == sb[k].shape for k in sa)
+        with torch.no_grad():
+            for k in sa:
+                sb[k].copy_(sa[k])
+            assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_target_modules_mov_on_gpt2_conv1d():
+    gpt2 = decoder("gpt2")
+    x = ids(gpt2)
+    with torch.no_grad():
+        ref = gpt2(x).logits
+        truth = copy.deepcopy(gpt2).double()(x).logits
+    inject(gpt2, MoVConfig(num_experts=4, target_modules=["c_attn", "c_fc"]))
+    state = adapter_state_dict(gpt2)
+    # c_attn [3·32 outputs]: its attention's head_dim 8 gives 12 groups (q, k and v heads); c_fc: one group
+    assert state["transformer.h.0.attn.c_attn.experts"].shape == (12, 4, 8)
+    assert state["transformer.h.0.mlp.c_fc.experts"].shape == (1, 4, 128)
+    assert isinstance(gpt2.transformer.h[0].attn.c_attn.base, Conv1DLinear)
+    with torch.no_grad():
+        out = gpt2(x).logits
+    assert_within_rule(out, ref, truth, torch.float32, "fresh MoV on Conv1D outputs")
+
+
 def test_target_modules_on_a_model_without_a_built_in_placement(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))
@@ -408,6 +453,7 @@ def test_target_modules_on_a_model_without_a_built_in_placement(tmp_path):
     torch.manual_seed(0)
     fresh = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))
     assert load_adapter(fresh, tmp_path / "seq.safetensors") == adapter_config(model)
+    assert model._pemoe_adapter["model"] == "torch"
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
 
