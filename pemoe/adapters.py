@@ -86,6 +86,7 @@ from torch import nn
 from pemoe.layers import MoLoRALinear, MoV, MoVLinear, ParameterCount, count_parameters
 from pemoe.ops._dispatch import AVAILABLE
 from pemoe.placements import MoVActivation, PackedMoV, Site, as_linear, find_sites, is_linear
+from pemoe.placements._common import out_features
 
 __all__ = [
     "MoVConfig",
@@ -366,8 +367,7 @@ def _build(model: nn.Module, config: AdapterConfig, group: list[Site]) -> nn.Mod
             f"got {type(current).__name__}"
         )
     if site.kind == "mov_packed":
-        width = current.weight.shape[1] if not isinstance(current, nn.Linear) else current.out_features
-        dim = width // len(site.parts) // site.groups
+        dim = out_features(current) // len(site.parts) // site.groups
         sites = {s.part: MoV(s.groups, dim, config.num_experts, device=current.weight.device, **common) for s in group}
         return PackedMoV(current, site.parts, sites)
     base = as_linear(current)

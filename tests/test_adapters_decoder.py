@@ -415,6 +415,25 @@ def test_target_modules_can_name_the_built_in_sites():
             assert torch.equal(a(x).logits, b(x).logits)
 
 
+def test_target_modules_on_t5_match_its_built_in_mov_sites():
+    """transformers' T5: k and v take the attention's key_value_proj_dim heads, ``act`` is the FFN site."""
+    from tests.t5_tiny import batch, hf_t5
+
+    model = hf_t5("v1.1")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    inject(a, MoVConfig(num_experts=3))
+    inject(b, MoVConfig(num_experts=3, target_modules=["k", "v", "act"]))
+    _randomize(a)
+    sa, sb = adapter_state_dict(a), adapter_state_dict(b)
+    assert sorted(sa) == sorted(sb) and all(sa[k].shape == sb[k].shape for k in sa)
+    ids_, mask, dec, _ = batch()
+    with torch.no_grad():
+        for k in sa:
+            sb[k].copy_(sa[k])
+        want = a(input_ids=ids_, attention_mask=mask, decoder_input_ids=dec).logits
+        assert torch.equal(b(input_ids=ids_, attention_mask=mask, decoder_input_ids=dec).logits, want)
+
+
 def test_target_modules_mov_on_gpt2_conv1d():
     gpt2 = decoder("gpt2")
     x = ids(gpt2)
