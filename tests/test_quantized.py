@@ -176,3 +176,65 @@ def test_a_base_quantized_after_wrapping_takes_the_adapter_path():
     want = ops.molora_linear(x, w, layer.lora_a, layer.lora_b, layer.router, scale=layer.scale, bias=lin.bias,
                              implementation="reference")  # fmt: skip
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def _quantize_decoder(model: nn.Module) -> nn.Module:
+    """Every linear of the decoder layers (not the LM head) as an nf4 Linear4bit with the same weights."""
+    for name, module in list(model.named_modules()):
+        for attr, child in list(module.named_children()):
+            if type(child) is nn.Linear and ".layers." in f"{name}.{attr}.":
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=torch.float32, quant_type="nf4",
+                )  # fmt: skip
+                q.load_state_dict(child.state_dict())
+                setattr(module, attr, q.to("cpu"))
+    return model
+
+
+def _dequantized_twin(quantized: nn.Module, plain: nn.Module) -> nn.Module:
+    """``plain`` (same architecture) with each Linear4bit of ``quantized`` as an nn.Linear of its dequantized
+    weight."""
+    modules = dict(quantized.named_modules())
+    for name, module in list(plain.named_modules()):
+        for attr, child in list(module.named_children()):
+            q = modules.get(f"{name}.{attr}" if name else attr)
+            if isinstance(q, bnb.nn.Linear4bit):
+                with torch.no_grad():
+                    child.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state))
+    return plain
+
+
+@pytest.mark.parametrize("method", ["mov", "molora"])
+def test_inject_into_an_nf4_llama_equals_the_dequantized_model(method):
+    """pemoe.inject on a Llama whose decoder linears are bitsandbytes nf4: logits and every adapter gradient
+    equal the same adapters on the model with the dequantized weights (float32, within the rule's atol)."""
+    import copy
+
+    from pemoe.adapters import MoLoRAConfig, MoVConfig, adapter_state_dict, inject, load_adapter_state_dict
+    from tests import decoder_tiny
+
+    plain = decoder_tiny.decoder("llama")
+    quantized = _quantize_decoder(copy.deepcopy(plain))
+    twin = _dequantized_twin(quantized, copy.deepcopy(plain))
+    config = MoVConfig(num_experts=3) if method == "mov" else MoLoRAConfig(num_experts=2, rank=4)
+    inject(quantized, config)
+    inject(twin, config)
+    with torch.no_grad():
+        for p in adapter_state_dict(quantized).values():
+            p.add_(0.3 * torch.randn_like(p))
+    load_adapter_state_dict(twin, {k: v.detach() for k, v in adapter_state_dict(quantized).items()})
+    trainable = {n for n, p in quantized.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("experts", "router", "lora_a", "lora_b") for n in trainable)
+    ids = decoder_tiny.ids(plain)
+
+    def logits_and_grads(model):
+        out = model(input_ids=ids).logits
+        params = adapter_state_dict(model)
+        return out, dict(zip(params, torch.autograd.grad(out.square().mean(), list(params.values())), strict=True))
+
+    got, got_grads = logits_and_grads(quantized)
+    want, want_grads = logits_and_grads(twin)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for key, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[key], grad, rtol=1e-3, atol=1e-6, msg=key)
