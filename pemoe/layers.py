@@ -120,9 +120,20 @@ def runs_own_forward(base: nn.Linear) -> bool:
 
 
 def _base_output(base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The base layer's own output, in x's dtype (a quantized linear may compute in another dtype)."""
+    """The base layer's own output, which must come in x's dtype (or the autocast dtype under autocast), as
+    nn.Linear's does: another dtype would silently change the adapter's precision, so it is refused."""
     y = base(x)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    expected = {x.dtype}
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        expected.add(torch.get_autocast_dtype(x.device.type))
+    if not isinstance(y, torch.Tensor) or y.dtype not in expected:
+        got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(
+            f"the frozen base {type(base).__name__} returned {got} for {x.dtype} input; pemoe's adapter on top of "
+            f"it expects {' or '.join(sorted(str(d) for d in expected))} (as nn.Linear returns): set the base's "
+            "compute/output dtype to the activations' dtype"
+        )
+    return y
 
 
 def _freeze(base: nn.Linear) -> nn.Linear:

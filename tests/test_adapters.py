@@ -561,7 +561,7 @@ def test_non_t5_models_are_refused():
     for model in (nn.Sequential(nn.Linear(4, 4)), T5EncoderModel(HFConfig(num_layers=1, d_model=8, d_ff=8, d_kv=2))):
         snap = _snapshot(model)
         with pytest.raises(
-            TypeError, match=f"supports transformers' T5ForConditionalGeneration .* got .*{type(model).__name__}"
+            ValueError, match=f"supports transformers' T5ForConditionalGeneration .* got .*{type(model).__name__}"
         ):
             inject(model, MoVConfig())
         _assert_unchanged(model, snap)

@@ -455,7 +455,7 @@ def test_target_modules_on_a_model_without_a_built_in_placement(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))
     snap = _snapshot(model)
-    with pytest.raises(TypeError, match=r"got torch\.nn\.modules\.container\.Sequential.*target_modules"):
+    with pytest.raises(ValueError, match=r"got torch\.nn\.modules\.container\.Sequential.*target_modules"):
         inject(model, MoLoRAConfig())
     _assert_unchanged(model, snap)
     x = torch.randn(5, 8)

@@ -238,3 +238,18 @@ def test_inject_into_an_nf4_llama_equals_the_dequantized_model(method):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for key, grad in want_grads.items():
         torch.testing.assert_close(got_grads[key], grad, rtol=1e-3, atol=1e-6, msg=key)
+
+
+class _WrongDtypeLinear(nn.Linear):
+    """A linear that runs its own forward and returns float64 for float32 input."""
+
+    def forward(self, x):
+        return super().forward(x).double()
+
+
+@pytest.mark.parametrize("layer", [MoLoRALinear, MoVLinear])
+def test_a_base_output_of_an_unexpected_dtype_is_refused(layer):
+    base = _WrongDtypeLinear(K, N).requires_grad_(False)
+    wrapped = layer(base, 2, 4) if layer is MoLoRALinear else layer(base, 4, 2)
+    with pytest.raises(TypeError, match=r"_WrongDtypeLinear returned torch.float64 for torch.float32 input"):
+        wrapped(torch.randn(3, K))

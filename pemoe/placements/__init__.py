@@ -129,8 +129,9 @@ def find_sites(
     target_modules, sites) of ``model``; changes nothing.
 
     ``lora``: MoLoRA/LoRA sites, else MoV/(IA)3 sites. ``sites``: site names of the built-in placement
-    (None: its defaults). Raises TypeError for a model with no built-in placement and no target_modules,
-    ValueError for site names the model lacks or a target_modules that matches nothing.
+    (None: its defaults). Raises TypeError for a model that is not an nn.Module; ValueError for a model with no
+    built-in placement and no target_modules (saying how to name targets), site names the model lacks or a
+    target_modules that matches nothing.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"pemoe.inject: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -142,8 +143,8 @@ def find_sites(
         resolved, found = t5_sites(model, lora, sites, owner)
         return kind, resolved, found
     modules = _decoder_modules(model)
-    if not modules:
-        raise TypeError(
+    if not modules:  # a module of the wrong kind for this call: a value error, as PEFT's get_peft_model raises
+        raise ValueError(
             f"pemoe.inject supports {BUILT_IN}; got {type(model).__module__}.{type(model).__name__}, which has "
             "no built-in placement. Name the sites with target_modules, e.g. "
             "MoLoRAConfig(target_modules='all-linear') or MoVConfig(target_modules=['k_proj', 'v_proj'])"

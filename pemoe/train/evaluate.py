@@ -183,7 +183,7 @@ def format_table(results: dict[str, EvalResult], examples: Sequence[Example] | N
 def default_routing_site(model: nn.Module) -> str:
     """The paper's Figure-5 site: the FFN of the last encoder block (MoV: its ``mov`` site; MoLoRA:
     ``wi_0`` / ``wi``); for an adapter config without FFN sites, the last encoder block's first site."""
-    from pemoe.adapters import _require_injected
+    from pemoe.injection import _require_injected
 
     sites = list(_require_injected(model)["sites"])
     last = len(model.encoder.block) - 1
@@ -200,8 +200,9 @@ def default_routing_site(model: nn.Module) -> str:
 
 def _site_router_probs(model: nn.Module, site_key: str):
     """(module to hook, fn(hook input) -> probs [..., E]) for a routed site."""
-    from pemoe.adapters import MoVActivation, _adapter_module, _require_injected
+    from pemoe.injection import _adapter_module, _require_injected
     from pemoe.layers import MoLoRALinear, MoV, MoVLinear
+    from pemoe.placements import MoVActivation
 
     state = _require_injected(model)
     if site_key not in state["sites"]:

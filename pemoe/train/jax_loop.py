@@ -65,7 +65,7 @@ import optax
 import torch
 from torch import nn
 
-from pemoe import adapters
+from pemoe import adapters, layers
 from pemoe.models.t5 import T5Config
 from pemoe.models.t5_jax import params_from_torch, t5_logits
 from pemoe.train import loop
@@ -593,7 +593,7 @@ def train(
     result = JaxTrainResult(
         step=step, interrupted=False, start_step=step, skipped_lines=list(data.skipped), rank=process
     )
-    count = adapters.count_parameters(bundle.model)
+    count = layers.count_parameters(bundle.model)
     result.trainable, result.total, result.bundle = count.trainable, count.total, bundle
     run_config = {
         **cfg.to_dict(),

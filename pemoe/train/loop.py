@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pemoe import adapters
+from pemoe import adapters, layers, serialization
 from pemoe.models.t5 import T5, T5Config
 from pemoe.train.data import Batch, Dataset, DataStream, encode_batch, load_dataset
 from pemoe.train.distributed import PARALLEL_MODES, ParallelContext, setup
@@ -387,7 +387,7 @@ def _identity(cfg: TrainConfig, bundle: ModelBundle, data: Dataset) -> dict:
         "train_config": {
             k: v for k, v in cfg.to_dict().items() if k not in RUN_TIME_FIELDS and k not in adapter_fields
         },
-        "adapter_config": None if ac is None else adapters._config_for_compare(ac),
+        "adapter_config": None if ac is None else serialization._config_for_compare(ac),
         "model": {"kind": bundle.kind, "config": bundle.t5_config, "fingerprint": bundle.fingerprint},
         "tokenizer": bundle.tokenizer.spec(),
         "data": {"source": data.source, "fingerprint": data.fingerprint, "num_examples": len(data.examples)},
@@ -797,7 +797,7 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
         torch.manual_seed(cfg.seed + 1)  # dropout stream (the init used cfg.seed)
         par.seed(cfg.seed + 1)
     result = TrainResult(step=step, interrupted=False, start_step=step, skipped_lines=list(data.skipped), rank=par.rank)
-    count = adapters.count_parameters(model)
+    count = layers.count_parameters(model)
     result.trainable, result.total, result.bundle = count.trainable, count.total, bundle
     if par.is_main:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))

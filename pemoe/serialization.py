@@ -1,0 +1,233 @@
+"""Adapter files: :func:`save_adapter` / :func:`load_adapter` (one safetensors file holding the adapter
+tensors and the config as JSON metadata; written atomically, refused whole when they do not fit the model),
+:func:`load_adapter_state_dict`, and the authors' (T5X) parameter names (:func:`authors_name`,
+:func:`to_authors_state`, :func:`from_authors_state`; the table: :mod:`pemoe.adapters`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import uuid
+
+import torch
+from torch import nn
+
+from pemoe.config import AdapterConfig, MoVConfig, config_from_dict
+from pemoe.injection import _apply, _require_injected, adapter_config, adapter_state_dict
+
+FORMAT_VERSION = "1"
+
+
+def _config_for_compare(config: AdapterConfig) -> dict:
+    d = config.to_dict()
+    d.pop("implementation")  # a run-time choice, not part of the adapter's identity
+    return d
+
+
+def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
+    """Save the adapter parameters alone (safetensors, float32 as trained), config in the metadata.
+
+    The file is written whole or not at all: to a temporary file beside ``path``, then renamed over it, so a
+    failed save never leaves a half-written file (nor damages one already at ``path``). ``path`` must name a
+    file in an existing folder: a missing folder raises ``FileNotFoundError``, a folder ``IsADirectoryError``.
+    """
+    from safetensors.torch import save_file
+
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"save_adapter: {path} is a directory; give the path of a file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"save_adapter: the folder {path.parent} of {path} does not exist")
+    state = _require_injected(model)
+    tensors = {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+    metadata = {
+        "format": "pt",
+        "pemoe_format": FORMAT_VERSION,
+        "pemoe_config": json.dumps(state["config"].to_dict()),
+        "pemoe_saved_from": state["model"],
+    }
+    # a unique name beside the target: the same file system, so the rename is atomic
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_adapter_file(path: str | pathlib.Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a :func:`save_adapter` file; ``ValueError`` naming the file if it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an adapter file (give the path of a .safetensors file)")
+    if not path.exists():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "pemoe_config" not in meta:
+                raise ValueError(f"{path} is not a pemoe adapter file (no 'pemoe_config' in its safetensors metadata)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from e
+    try:
+        config = config_from_dict(json.loads(meta["pemoe_config"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: its 'pemoe_config' metadata is not a valid adapter config: {e}") from e
+    return config, tensors
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> dict[str, nn.Parameter]:
+    params = adapter_state_dict(model)
+    missing, unexpected = [k for k in params if k not in tensors], [k for k in tensors if k not in params]
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} does not fit this model: {len(missing)} missing key(s) {missing[:4]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:4]}"
+        )
+    for k, p in params.items():
+        if tuple(tensors[k].shape) != tuple(p.shape):
+            raise ValueError(f"{what}: {k} has shape {list(tensors[k].shape)}, the model's is {list(p.shape)}")
+    return params
+
+
+def load_adapter(model: nn.Module, path: str | pathlib.Path) -> AdapterConfig:
+    """Load adapters saved by :func:`save_adapter` into ``model`` (bit-exact copy); returns their config.
+
+    A model without adapters is injected with the file's config first. A model with adapters must
+    have the file's config (``implementation`` aside): mismatching fields, keys or shapes raise
+    ValueError naming them, and the model is left unchanged.
+    """
+    saved, tensors = _read_adapter_file(path)
+    undo = None
+    current = adapter_config(model)
+    if current is None:
+        undo = _apply(model, dataclasses.replace(saved))
+        current = adapter_config(model)
+    try:
+        a, b = _config_for_compare(saved), _config_for_compare(current)
+        diff = [
+            f"{k}: file {a.get(k)!r} vs model {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+        ]
+        if diff:
+            raise ValueError(f"adapter file {path} was saved for another adapter config: " + "; ".join(diff))
+        params = _check_tensors(model, tensors, f"adapter file {path}")
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    _copy(params, tensors)
+    return current
+
+
+def _copy(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k].to(device=p.device))
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (pemoe adapter keys, e.g. from :func:`from_authors_state`) into an injected model.
+
+    Every adapter key must be present with the model's shape (ValueError naming the key otherwise;
+    nothing is copied then)."""
+    _copy(_check_tensors(model, state, "adapter state"), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' (for-ai/parameter-efficient-moe, T5X/Flaxformer) parameter names
+
+_STACK_RE = re.compile(
+    r"^(?P<stack>encoder|decoder)\.block\.(?P<i>\d+)\.layer\.(?P<layer>\d+)\."
+    r"(?P<module>SelfAttention|EncDecAttention|DenseReluDense)\.(?P<site>\w+)\.(?P<param>\w+)$"
+)
+_ATTN_MODULE = {"SelfAttention": "attention", "EncDecAttention": "encoder_decoder_attention"}
+_LORA_CONV = {"q": "lora_q_conv", "k": "lora_k_conv", "v": "lora_v_conv", "o": "lora_output_conv"}
+_LORA_MLP_CONV = {"wi_0": "lora_intermediate_conv", "wi": "lora_intermediate_conv", "wo": "lora_output_conv"}
+_ROUTER = "router/router_weights/v/kernel"
+
+
+def authors_name(key: str, config: AdapterConfig) -> str:
+    """The authors' T5X parameter path of a pemoe adapter key (see the module docstring table)."""
+    m = _STACK_RE.match(key)
+    if m is None:
+        raise ValueError(f"not a pemoe T5 adapter key: {key!r}")
+    stack, i, module, site, param = m["stack"], m["i"], m["module"], m["site"], m["param"]
+    if module == "DenseReluDense":
+        scope = "mlp"
+    elif stack == "decoder" and module == "SelfAttention":
+        scope = "self_attention"
+    else:
+        scope = _ATTN_MODULE[module]
+    base = f"target/{stack}/layers_{i}/{scope}"
+    single = config.num_experts == 1
+    if site in ("k", "v") and param in ("experts", "router") and isinstance(config, MoVConfig):
+        conv = f"{base}/{site}_conv"
+    elif site == "mov":
+        conv = f"{base}/intermediate_conv"
+    elif module == "DenseReluDense" and site in _LORA_MLP_CONV:
+        conv = f"{base}/{_LORA_MLP_CONV[site]}"
+    elif site in _LORA_CONV:
+        conv = f"{base}/{_LORA_CONV[site]}"
+    else:
+        raise ValueError(f"no authors' name for {key!r} (site {site!r} is not one of the paper's sites)")
+    if param == "router":
+        return f"{conv}/{_ROUTER}"
+    if param == "experts":
+        return f"{conv}/{'ia3_scaling' if single else 'mov_scaling'}"
+    return f"{conv}/{'lora_A' if param == 'lora_a' else 'lora_B'}"
+
+
+def _authors_layout(key: str, t: torch.Tensor, config: AdapterConfig) -> torch.Tensor:
+    """pemoe layout -> authors' layout (a view)."""
+    single = config.num_experts == 1
+    if key.endswith(".mov.experts"):  # [1, E, F] -> [E, F] (IA3: [F])
+        return t[0, 0] if single else t[0]
+    if key.endswith(".experts") and single:  # [G, 1, D] -> [G, D]
+        return t[:, 0]
+    if key.endswith((".lora_a", ".lora_b")) and single:  # LoRA has no expert axis
+        return t[0]
+    return t
+
+
+def to_authors_state(state: dict[str, torch.Tensor], config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """pemoe adapter state (``adapter_state_dict`` / a saved file) -> the authors' names and layouts."""
+    return {authors_name(k, config): _authors_layout(k, t, config) for k, t in state.items()}
+
+
+def from_authors_state(
+    authors: dict[str, torch.Tensor], model: nn.Module, *, strict: bool = True
+) -> dict[str, torch.Tensor]:
+    """The authors' parameters -> pemoe keys and layouts for ``model`` (already injected), as float32.
+
+    Load the result with :func:`load_adapter_state_dict`. With
+    ``strict``, every adapter of the model must be found and no authors' key may be left over.
+    """
+    config = adapter_config(model)
+    if config is None:
+        raise ValueError("from_authors_state needs an injected model (its config and shapes decide the mapping)")
+    out: dict[str, torch.Tensor] = {}
+    used = set()
+    for key, p in adapter_state_dict(model).items():
+        name = authors_name(key, config)
+        if name not in authors:
+            if strict:
+                raise ValueError(f"authors' parameters lack {name!r} (for {key})")
+            continue
+        used.add(name)
+        t = torch.as_tensor(authors[name]).to(torch.float32)
+        want_view = _authors_layout(key, p.detach(), config)
+        if tuple(t.shape) != tuple(want_view.shape):
+            raise ValueError(f"authors' {name} has shape {list(t.shape)}, expected {list(want_view.shape)} for {key}")
+        out[key] = t.reshape(p.shape)
+    if strict and (left := sorted(set(authors) - used)):
+        raise ValueError(f"authors' parameters not used by this model's adapters: {left[:4]} ({len(left)} in all)")
+    return out
