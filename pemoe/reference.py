@@ -41,6 +41,7 @@ ACTIVATIONS = {
     "gelu_new": lambda t: F.gelu(t, approximate="tanh"),  # T5 v1.1 (gated-GELU)
     "gelu": F.gelu,
     "relu": F.relu,  # T5 v1.0
+    "silu": F.silu,  # Llama, Mistral, Qwen (gated: silu(x gate_projᵀ) * (x up_projᵀ))
 }
 
 

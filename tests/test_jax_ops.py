@@ -237,6 +237,7 @@ REFERENCE_CASES = {
     "mov_ffn": lambda: mov_ffn_inputs(7, 3),
     "mov_ffn-relu": lambda: mov_ffn_inputs(7, 3, gated=False, activation="relu"),
     "mov_ffn-gelu": lambda: mov_ffn_inputs(7, 3, activation="gelu", top_k=1),
+    "mov_ffn-silu": lambda: mov_ffn_inputs(7, 3, activation="silu"),
     "molora_linear": lambda: molora_inputs(7, 4, top_k=2),
     "molora_linear-lora": lambda: molora_inputs(7, 1),
     "molora_linear-sentence": lambda: molora_inputs(3, 4, sentence=True),

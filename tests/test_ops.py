@@ -170,7 +170,7 @@ class MoVFFNCases(_OpCases):
         return args
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    @pytest.mark.parametrize("gated,activation", [(True, "gelu_new"), (False, "relu"), (True, "gelu")])
+    @pytest.mark.parametrize("gated,activation", [(True, "gelu_new"), (False, "relu"), (True, "gelu"), (True, "silu")])
     @pytest.mark.parametrize("e", [1, 10])
     def test_matches_reference(self, dtype, gated, activation, e):
         self.check(self.inputs(37, e, gated=gated, activation=activation), dtype)

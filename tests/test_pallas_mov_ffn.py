@@ -70,6 +70,8 @@ KERNEL_CASES = {
     # full-dimension blocks at odd widths (M = 40, F = 56: no lane multiple), (IA)3, erf gelu
     "odd-gelu-ia3": (dict(t=7, m=40, f=56, e=1, activation="gelu"), None),
     "one-token-E10": (dict(t=1, m=40, f=56, e=10, gated=False), None),
+    # Llama's gated SiLU
+    "odd-silu-E4": (dict(t=9, m=40, f=56, e=4, activation="silu"), None),
 }
 KERNEL_PARAMS = [
     ("tiled-gated-gelu_new-E10", jnp.float32),
@@ -77,6 +79,7 @@ KERNEL_PARAMS = [
     ("tiled-relu-E2", jnp.bfloat16),
     ("odd-gelu-ia3", jnp.float32),
     ("one-token-E10", jnp.bfloat16),
+    ("odd-silu-E4", jnp.bfloat16),
 ]
 
 
@@ -444,6 +447,7 @@ GPU_CASES = {
     "default-relu-ia3-float32": (jnp.float32, dict(t=7, m=40, f=56, e=1, gated=False, activation="relu"), None),
     # the rational erf of the GPU kernels, held to the float32 rule
     "default-gelu-E2-float32": (jnp.float32, dict(t=19, m=40, f=56, e=2, activation="gelu"), None),
+    "default-silu-E4-bfloat16": (jnp.bfloat16, dict(t=19, m=40, f=56, e=4, activation="silu"), None),
 }
 
 

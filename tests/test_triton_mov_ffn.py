@@ -23,7 +23,7 @@ from tests.test_ops import DTYPES, K, MoVFFNCases, _experts, _router
 
 pytestmark = pytest.mark.skipif(not interpreter.INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
 
-KINDS = [(True, "gelu_new"), (False, "relu"), (True, "gelu"), (False, "gelu_new")]
+KINDS = [(True, "gelu_new"), (False, "relu"), (True, "gelu"), (False, "gelu_new"), (True, "silu")]
 AUTOTUNED = {
     "_ffn_up_kernel": kernels._ffn_up_kernel,
     "_ffn_down_kernel": kernels._ffn_down_kernel,

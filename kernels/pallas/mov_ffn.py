@@ -9,7 +9,7 @@ router [F, E] float32 (None: (IA)3, E = 1), experts [1, E, F] float32:
     s  = p·experts[0]                                          [T, F]   the merged scaling, never stored
     y  = (u ⊙ s)·woᵀ                                           [T, M]   x's dtype
 (mov scales a per column by s and the gate multiplies afterwards; (a ⊙ s) ⊙ g = (a ⊙ g) ⊙ s, so the
-scaling moves to the second GEMM's operand.) act ∈ {gelu_new (tanh form), gelu (erf form), relu}.
+scaling moves to the second GEMM's operand.) act ∈ {gelu_new (tanh form), gelu (erf form), relu, silu}.
 
 Kernels (TPU, Mosaic):
   (a) ``_ffn_up_kernel``, grid (T / block_t, F / up_block_f, M / up_block_k): the dual GEMM accumulates
@@ -100,7 +100,7 @@ __all__ = [
 #: TPU v4 / v5e; the defaults keep 4 MiB of it free for Mosaic's own scratch.
 VMEM_BUDGET = 16 * 2**20
 _DEFAULT_VMEM_TARGET = 12 * 2**20
-ACTIVATIONS = ("gelu_new", "gelu", "relu")
+ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -295,6 +295,8 @@ def _activation(h, activation: str, erf=jax.lax.erf):
         return jnp.maximum(h, 0.0)
     if activation == "gelu":  # erf form
         return 0.5 * h * (1.0 + erf(h * 0.7071067811865476))
+    if activation == "silu":  # h·sigmoid(h) (Llama); exp(-h) overflows to inf for h < -88: h / inf = -0
+        return h / (1.0 + jnp.exp(-h))
     # "gelu_new": tanh approximation (T5 v1.1)
     return 0.5 * h * (1.0 + jnp.tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
 

@@ -5,7 +5,7 @@ router [F, E] float32 (None when E = 1, (IA)3); experts [1, E, F] float32; probs
 (sentence routing: per-token probabilities computed outside, gradient flows back to them).
 
 Forward math (gated = T5 v1.1, wi_1 given; T5 v1.0 drops the ``⊙ g`` factor):
-    h0 = x·wi_0ᵀ, a = act(h0), g = x·wi_1ᵀ                 [T, F]  (act: gelu_new | gelu | relu)
+    h0 = x·wi_0ᵀ, a = act(h0), g = x·wi_1ᵀ                 [T, F]  (act: gelu_new | gelu | relu | silu)
     logits = a32·router; p = router_probs(logits)          [T, E]  float32 (top-k / renormalise)
     s = p·experts[0]                                        [T, F]  the merged scaling (never stored)
     u = a ⊙ g (a for v1.0); y = (u ⊙ s)·woᵀ                [T, M]  x's dtype
@@ -63,7 +63,7 @@ from pemoe.kernels.triton import routing
 from pemoe.kernels.triton.autograd import launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
-ACTIVATIONS = ("gelu_new", "gelu", "relu")
+ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Routing modes (tl.constexpr strings): no router ((IA)3, p ≡ 1), self-routing (logits from a), given probs.
 ROUTE_NONE, ROUTE_SELF, ROUTE_GIVEN = "none", "self", "given"
@@ -92,6 +92,12 @@ def _activation(h, ACTIVATION: tl.constexpr, WITH_GRAD: tl.constexpr):
         grad = cdf
         if WITH_GRAD:
             grad = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+    elif ACTIVATION == "silu":  # h·σ(h) (Llama); e^{-h} → inf for h < -88 gives σ = 0, a = -0, act' = 0
+        sig = 1.0 / (1.0 + tl.exp(-h))
+        a = h * sig
+        grad = sig
+        if WITH_GRAD:
+            grad = sig * (1.0 + h * (1.0 - sig))
     else:  # "gelu_new": tanh approximation (T5 v1.1)
         t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
         a = 0.5 * h * (1.0 + t)

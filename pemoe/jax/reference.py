@@ -42,6 +42,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": lambda t: jax.nn.gelu(t, approximate=True),  # T5 v1.1 (gated-GELU)
     "gelu": lambda t: jax.nn.gelu(t, approximate=False),
     "relu": jax.nn.relu,  # T5 v1.0
+    "silu": jax.nn.silu,  # Llama, Mistral, Qwen
 }
 
 

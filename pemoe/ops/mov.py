@@ -40,6 +40,7 @@ ACTIVATION_GRADS = {
     "gelu_new": lambda dh, z: torch.ops.aten.gelu_backward(dh, z, approximate="tanh"),
     "gelu": lambda dh, z: torch.ops.aten.gelu_backward(dh, z),
     "relu": lambda dh, z: torch.ops.aten.threshold_backward(dh, z, 0),
+    "silu": lambda dh, z: torch.ops.aten.silu_backward(dh, z),
 }
 
 # ------------------------------------------------------------------------------------------
