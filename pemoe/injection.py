@@ -14,7 +14,15 @@ from torch import nn
 
 from pemoe.config import AdapterConfig, MoLoRAConfig, MoVConfig
 from pemoe.layers import MoLoRALinear, MoV, MoVLinear, ParameterCount, count_parameters
-from pemoe.placements import MoVActivation, PackedMoV, Site, as_linear, find_sites, is_linear
+from pemoe.placements import (
+    FusedGatedMLP,
+    MoVActivation,
+    PackedMoV,
+    Site,
+    as_linear,
+    find_sites,
+    is_linear,
+)
 from pemoe.placements._common import out_features
 
 logger = logging.getLogger("pemoe")
@@ -29,6 +37,8 @@ def _adapter_module(model: nn.Module, site: Site) -> nn.Module:
     m = getattr(site.parent, site.attr)
     if isinstance(m, MoVActivation):
         return m.site
+    if isinstance(m, FusedGatedMLP):
+        return m.mov
     if isinstance(m, PackedMoV):
         return getattr(m, site.part)
     return m
@@ -76,6 +86,9 @@ def _build(model: nn.Module, config: AdapterConfig, group: list[Site]) -> nn.Mod
     if site.kind == "mov_ffn":
         mov = MoV(1, site.width, config.num_experts, device=_device(site.parent), **common)
         return mov if site.attr == "mov" else MoVActivation(current, mov)
+    if site.kind == "mov_gated_mlp":
+        mov = MoV(1, site.width, config.num_experts, device=_device(current), **common)
+        return FusedGatedMLP(current, mov, site.activation)
     if not is_linear(current):
         raise TypeError(
             f"pemoe.inject: {site.key} must be a torch.nn.Linear (or transformers' Conv1D), "
@@ -98,7 +111,7 @@ def _build(model: nn.Module, config: AdapterConfig, group: list[Site]) -> nn.Mod
 
 def _injected(model: nn.Module) -> bool:
     return getattr(model, "_pemoe_adapter", None) is not None or any(
-        isinstance(m, (MoV, MoVLinear, MoLoRALinear, MoVActivation, PackedMoV)) for m in model.modules()
+        isinstance(m, (MoV, MoVLinear, MoLoRALinear, MoVActivation, PackedMoV, FusedGatedMLP)) for m in model.modules()
     )
 
 

@@ -28,11 +28,12 @@ from pemoe.adapters import (
     config_from_dict,
     inject,
     load_adapter,
+    load_adapter_state_dict,
     save_adapter,
     sentence_routing,
 )
 from pemoe.layers import MoLoRALinear, MoVLinear
-from pemoe.placements import Conv1DLinear, MoVActivation, PackedMoV
+from pemoe.placements import Conv1DLinear, FusedGatedMLP, MoVActivation, PackedMoV
 from tests.decoder_tiny import FAMILIES, decoder, dims, ids
 from tests.helpers import assert_within_rule
 
@@ -120,12 +121,14 @@ def test_sites_and_counts_follow_spec(family):
 
 def test_module_kinds_and_no_weight_copies():
     llama = decoder("llama")
+    plain_mlp_weight = llama.model.layers[0].mlp.gate_proj.weight
     inject(llama, MoVConfig(num_experts=2))
     attn, mlp = llama.model.layers[0].self_attn, llama.model.layers[0].mlp
     assert isinstance(attn.k_proj, MoVLinear) and isinstance(attn.v_proj, MoVLinear)
     assert isinstance(attn.q_proj, nn.Linear) and isinstance(attn.o_proj, nn.Linear)
     assert attn.k_proj.site.num_groups == 2 and attn.k_proj.site.dim == 16  # GQA: kv heads, head_dim
-    assert isinstance(mlp.act_fn, MoVActivation)
+    assert isinstance(mlp, FusedGatedMLP) and mlp.activation == "silu"  # the fused mov_ffn
+    assert mlp.gate_proj.weight is plain_mlp_weight
     gpt2 = decoder("gpt2")
     weights = {n: p for n, p in gpt2.named_parameters() if n.endswith("c_attn.weight") or n.endswith("c_fc.weight")}
     inject(gpt2, LoRAConfig())
@@ -546,3 +549,62 @@ def test_bad_injections_leave_the_model_unchanged():
     with pytest.raises(ValueError, match="already has pemoe adapters"):
         inject(gpt2, LoRAConfig(target_modules="all-linear"))
     _assert_unchanged(gpt2, snap)
+
+
+# ---------------------------------------------------------------------------------------------
+# gated MLPs: the fused mov_ffn where the MLP computes down(act(gate x) * up x), its own forward otherwise
+
+GATED = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "qwen3": "silu", "gemma2": "gelu_new",
+         "gemma3": "gelu_new"}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(GATED))
+def test_gated_mlps_run_the_fused_mov_ffn(family, monkeypatch):
+    """Every Llama-like MLP becomes a FusedGatedMLP with the family's activation; the model's state-dict keys
+    stay; logits and every adapter gradient equal the unfused site's (MoV wrapping act_fn, the MLP's own
+    forward) to float32 rounding."""
+    from pemoe.placements import llama as llama_placement
+
+    fused = decoder(family)
+    mlp_keys = {k for k in fused.state_dict() if ".mlp." in k}
+    inject(fused, MoVConfig(num_experts=3))
+    _randomize(fused, seed=3)
+    mlps = [m for m in fused.modules() if isinstance(m, FusedGatedMLP)]
+    assert len(mlps) == dims(fused)["layers"] and {m.activation for m in mlps} == {GATED[family]}
+    assert {k for k in fused.state_dict() if ".mlp." in k and ".mov." not in k} == mlp_keys
+    monkeypatch.setattr(llama_placement, "fusible_gated_mlp", lambda mlp: None)
+    unfused = decoder(family)
+    inject(unfused, MoVConfig(num_experts=3))
+    assert not any(isinstance(m, FusedGatedMLP) for m in unfused.modules())
+    load_adapter_state_dict(unfused, {k: v.detach() for k, v in adapter_state_dict(fused).items()})
+    x = ids(fused)
+    got, want = _run(fused, x), _run(unfused, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want_grads = {k: p.grad for k, p in adapter_state_dict(unfused).items()}
+    for key, p in adapter_state_dict(fused).items():
+        torch.testing.assert_close(p.grad, want_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+class _SwappedGateMLP(nn.Module):
+    """Looks like a Llama MLP but gates the other way: down(act(up x) * gate x)."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(width, hidden, bias=False), nn.Linear(width, hidden, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(hidden, width, bias=False), nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+
+def test_an_mlp_computing_another_formula_keeps_its_own_forward():
+    from pemoe.placements._common import fusible_gated_mlp
+
+    llama = decoder("llama")
+    assert fusible_gated_mlp(llama.model.layers[0].mlp) == "silu"
+    assert fusible_gated_mlp(_SwappedGateMLP(8, 12)) is None
+    llama.model.layers[0].mlp = _SwappedGateMLP(dims(llama)["hidden"], dims(llama)["intermediate"])
+    inject(llama, MoVConfig(num_experts=2))
+    assert isinstance(llama.model.layers[0].mlp, _SwappedGateMLP)
+    assert isinstance(llama.model.layers[0].mlp.act_fn, MoVActivation)
+    assert isinstance(llama.model.layers[1].mlp, FusedGatedMLP)

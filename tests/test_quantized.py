@@ -220,6 +220,11 @@ def test_inject_into_an_nf4_llama_equals_the_dequantized_model(method):
     config = MoVConfig(num_experts=3) if method == "mov" else MoLoRAConfig(num_experts=2, rank=4)
     inject(quantized, config)
     inject(twin, config)
+    if method == "mov":  # nf4 linears: the MLP keeps its own forward (the MoV site wraps act_fn); the twin fuses
+        from pemoe.placements import FusedGatedMLP, MoVActivation
+
+        assert isinstance(quantized.model.layers[0].mlp.act_fn, MoVActivation)
+        assert isinstance(twin.model.layers[0].mlp, FusedGatedMLP)
     with torch.no_grad():
         for p in adapter_state_dict(quantized).values():
             p.add_(0.3 * torch.randn_like(p))

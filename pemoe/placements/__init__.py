@@ -46,6 +46,7 @@ from torch import nn
 from pemoe.placements import gpt2, llama
 from pemoe.placements._common import (
     Conv1DLinear,
+    FusedGatedMLP,
     ModuleKind,
     MoVActivation,
     PackedMoV,
@@ -62,6 +63,7 @@ __all__ = [
     "ModuleKind",
     "MODULE_KINDS",
     "MoVActivation",
+    "FusedGatedMLP",
     "Conv1DLinear",
     "PackedMoV",
     "is_linear",

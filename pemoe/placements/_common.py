@@ -105,6 +105,87 @@ class PackedMoV(nn.Module):
         return torch.cat(blocks, dim=-1)
 
 
+class FusedGatedMLP(nn.Module):
+    """A gated MLP, y = down_proj(act(gate_proj·x) ⊙ up_proj·x), with the FFN MoV site on act(gate_proj·x),
+    run as one fused ``ops.mov_ffn`` (wi_0 = gate_proj, wi_1 = up_proj, wo = down_proj): the Triton kernels'
+    dual GEMM with the activation, gate product and router logits in its epilogue, then the down GEMM with
+    the expert merge as its prologue.
+
+    It takes the MLP's place and holds the MLP's own linears and activation under their names, so the
+    model's state-dict keys do not change (the site adds ``mov.*``). Built only for an MLP that
+    :func:`fusible_gated_mlp` checked to compute exactly that formula.
+    """
+
+    def __init__(self, mlp: nn.Module, mov: MoV, activation: str) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.mov, self.activation = mov, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from pemoe import ops
+
+        m = self.mov
+        return ops.mov_ffn(
+            x,
+            self.gate_proj.weight,
+            self.down_proj.weight,
+            m.router,
+            m.experts,
+            wi_1=self.up_proj.weight,
+            activation=self.activation,
+            top_k=m.top_k,
+            renormalize=m.renormalize,
+            router_input=m._resolve_router_input(None),
+            implementation=m.implementation,
+        )
+
+
+def _activation_name(act: nn.Module, like: torch.Tensor) -> str | None:
+    """The name in pemoe.reference.ACTIVATIONS of the function ``act`` computes (on a probe of 97 points in
+    [-6, 6]), or None: found by what it computes, not by its class."""
+    from pemoe.reference import ACTIVATIONS
+
+    t = torch.linspace(-6.0, 6.0, 97, dtype=torch.float32, device=like.device)
+    with torch.no_grad():
+        got = act(t)
+        for name, fn in ACTIVATIONS.items():
+            if torch.allclose(got, fn(t), rtol=1e-6, atol=1e-6):
+                return name
+    return None
+
+
+def fusible_gated_mlp(mlp: nn.Module) -> str | None:
+    """The activation name when ``mlp`` can run as :class:`FusedGatedMLP`, else None (it then keeps its own
+    forward, with the MoV site wrapping its activation: :class:`MoVActivation`).
+
+    Fusible: gate_proj, up_proj, down_proj plain bias-free ``nn.Linear`` of one floating dtype whose weights
+    the fused op can read (not quantized: :func:`pemoe.layers.runs_own_forward`), no dropout, an activation
+    pemoe has, and a forward that computes down_proj(act_fn(gate_proj·x) ⊙ up_proj·x) — checked on a probe
+    input, so a family whose MLP looks the same but computes otherwise keeps its own forward."""
+    from pemoe.layers import runs_own_forward
+
+    linears = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(lin) is nn.Linear and lin.bias is None and not runs_own_forward(lin) for lin in linears):
+        return None
+    gate, up, down = linears
+    w = gate.weight
+    if w.device.type == "meta" or not w.dtype.is_floating_point or {up.weight.dtype, down.weight.dtype} != {w.dtype}:
+        return None
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in mlp.modules()):
+        return None
+    activation = _activation_name(mlp.act_fn, w)
+    if activation is None:
+        return None
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, gate.in_features, generator=g).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        want = down(mlp.act_fn(gate(x)) * up(x))
+        if not torch.equal(mlp(x), want):
+            return None
+    return activation
+
+
 @dataclass
 class Site:
     """One adapter site: ``getattr(parent, attr)`` is replaced (or, for ``mov_packed``, shared).
@@ -112,7 +193,8 @@ class Site:
     kind: ``mov_linear`` (MoV on the output of a linear, ``groups`` groups), ``mov_ffn`` (MoV of width
     ``width`` on an activation: the ``act`` module is wrapped, or pemoe T5's FFN ``mov`` slot is set),
     ``mov_packed`` (MoV on the block ``part`` of ``parts`` packed in the linear's output, ``groups`` heads),
-    ``molora`` (MoLoRA / LoRA on a linear).
+    ``mov_gated_mlp`` (a gated MLP replaced by :class:`FusedGatedMLP`, MoV of width ``width`` on its
+    ``activation``), ``molora`` (MoLoRA / LoRA on a linear).
     """
 
     key: str  # adapter names are key + "." + param
@@ -123,6 +205,7 @@ class Site:
     width: int = 0
     part: str = ""
     parts: tuple[str, ...] = field(default_factory=tuple)
+    activation: str = ""  # mov_gated_mlp: the activation name (pemoe.reference.ACTIVATIONS)
 
 
 def join(path: str, name: str) -> str:

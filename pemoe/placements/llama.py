@@ -7,15 +7,26 @@ sites ``q k v o``.
 
 MLP: a module holding linears ``gate_proj up_proj down_proj`` and an ``act_fn`` module, computing
 down_proj(act_fn(gate_proj·x) * up_proj·x). MoV site ``ffn``: MoV (G = 1, D = F) on act_fn's output, before
-the gate product (``act_fn`` is wrapped); since (h·l)·u = (h·u)·l, at E = 1 this is PEFT's (IA)3 scaling of
-down_proj's input. MoLoRA sites ``gate up down``.
+the gate product; since (h·l)·u = (h·u)·l, at E = 1 this is PEFT's (IA)3 scaling of down_proj's input. Where
+:func:`~pemoe.placements._common.fusible_gated_mlp` finds that the MLP computes exactly that formula with
+plain bias-free linears and an activation pemoe has (silu, gelu tanh, gelu, relu), the MLP is replaced by a
+:class:`~pemoe.placements._common.FusedGatedMLP` running the fused ``ops.mov_ffn``; otherwise (quantized
+linears, say) ``act_fn`` is wrapped and the MLP keeps its own forward. MoLoRA sites ``gate up down``.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from pemoe.placements._common import ModuleKind, Site, has_linears, head_dim_of, join, out_features
+from pemoe.placements._common import (
+    ModuleKind,
+    Site,
+    fusible_gated_mlp,
+    has_linears,
+    head_dim_of,
+    join,
+    out_features,
+)
 
 _ATTENTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 _MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -43,7 +54,13 @@ def _attention_site(model: nn.Module, path: str, attn: nn.Module, site: str) -> 
 
 
 def _mlp_site(model: nn.Module, path: str, mlp: nn.Module, site: str) -> Site:
-    return Site(join(path, "mov"), mlp, "act_fn", "mov_ffn", width=out_features(mlp.gate_proj))
+    width = out_features(mlp.gate_proj)
+    activation = fusible_gated_mlp(mlp)
+    if activation is None:  # quantized or biased linears, dropout, another formula: the MLP's own forward
+        return Site(join(path, "mov"), mlp, "act_fn", "mov_ffn", width=width)
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    return Site(join(path, "mov"), parent, attr, "mov_gated_mlp", width=width, activation=activation)
 
 
 ATTENTION = ModuleKind(
