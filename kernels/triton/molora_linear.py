@@ -112,7 +112,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, split_dot, tiles
-from pemoe.kernels.triton.autograd import launch_device
+from pemoe.kernels.triton.autograd import absent, launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 logger = logging.getLogger("pemoe")
@@ -1310,11 +1310,6 @@ def molora_backward(
 # ------------------------------------------------------------------------------------------------
 
 
-def _absent(like: Tensor) -> Tensor:
-    """A custom op's output slot for a tensor that is not computed: an empty float32 tensor."""
-    return like.new_empty((0,), dtype=torch.float32)
-
-
 @torch.library.custom_op("pemoe::triton_molora_linear", mutates_args=())
 def _forward_op(
     x: Tensor,
@@ -1334,21 +1329,21 @@ def _forward_op(
     """(y [T, N] in x's dtype, U [T, E·r] float32 when ``save``, p_soft [T, E] float32 when ``save`` with
     token routing); empty where not computed. ``weight`` None: the adapter-only op (y = base + delta)."""
     if x.shape[0] == 0:  # no tokens: nothing to launch
-        return x.new_empty((0, lora_b.shape[2])), _absent(x), _absent(x)
+        return x.new_empty((0, lora_b.shape[2])), absent(x), absent(x)
     with launch_device(x.device):
         y, u, p_soft = molora_forward(
             x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule, base
         )
-    return y, (u if u is not None else _absent(x)), (p_soft if p_soft is not None else _absent(x))
+    return y, (u if u is not None else absent(x)), (p_soft if p_soft is not None else absent(x))
 
 
 @_forward_op.register_fake
 def _(x, weight, bias, base, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
     T, (E, _, R) = x.shape[0], lora_a.shape
     save = save and T > 0
-    u = x.new_empty((T, E * R), dtype=torch.float32) if save else _absent(x)
+    u = x.new_empty((T, E * R), dtype=torch.float32) if save else absent(x)
     token = save and _routing_mode(router, probs) == TOKEN_ROUTER
-    p_soft = x.new_empty((T, E), dtype=torch.float32) if token else _absent(x)
+    p_soft = x.new_empty((T, E), dtype=torch.float32) if token else absent(x)
     return x.new_empty((T, lora_b.shape[2])), u, p_soft
 
 
@@ -1381,7 +1376,7 @@ def _backward_op(
             grads = molora_backward(
                 dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, tuple(needs)
             )
-    return tuple(g if g is not None and need else _absent(x) for g, need in zip(grads, needs, strict=True))
+    return tuple(g if g is not None and need else absent(x) for g, need in zip(grads, needs, strict=True))
 
 
 @_backward_op.register_fake
@@ -1390,7 +1385,7 @@ def _(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, ren
     f32 = dict(dtype=torch.float32)
     shapes = ((T, K), (N,), tuple(lora_a.shape), tuple(lora_b.shape), (K, E), (T, E))
     return tuple(
-        (x.new_empty(shape) if i == 0 else x.new_empty(shape, **f32)) if need else _absent(x)
+        (x.new_empty(shape) if i == 0 else x.new_empty(shape, **f32)) if need else absent(x)
         for i, (shape, need) in enumerate(zip(shapes, needs, strict=True))
     )
 

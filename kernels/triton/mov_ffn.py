@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing
-from pemoe.kernels.triton.autograd import launch_device
+from pemoe.kernels.triton.autograd import absent, launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
@@ -915,11 +915,6 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
 Tensor = torch.Tensor
 
 
-def _absent(like: Tensor) -> Tensor:
-    """A custom op's output slot for a tensor that is not computed: an empty float32 tensor."""
-    return like.new_empty((0,), dtype=torch.float32)
-
-
 @torch.library.custom_op("pemoe::triton_mov_ffn", mutates_args=())
 def _forward_op(
     x: Tensor,
@@ -938,17 +933,17 @@ def _forward_op(
     routing, else empty). u is the wo GEMM's input, kept for the backward (under no grad it is simply freed)."""
     T, F = x.shape[0], wi_0.shape[0]
     if T == 0:  # no tokens: nothing to launch
-        return x.new_empty((0, wo.shape[0])), x.new_empty((0, F)), _absent(x)
+        return x.new_empty((0, wo.shape[0])), x.new_empty((0, F)), absent(x)
     prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
     with launch_device(x.device):
         y, inter, p_soft = _forward(x, wi_0, wi_1, wo, router, experts, probs, prob, save_p_soft=save)
-    return y, inter, (p_soft if p_soft is not None else _absent(x))
+    return y, inter, (p_soft if p_soft is not None else absent(x))
 
 
 @_forward_op.register_fake
 def _(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, save):
     T, E = x.shape[0], experts.shape[1]
-    p_soft = x.new_empty((T, E), dtype=torch.float32) if save and _saves_p_soft(router, probs) else _absent(x)
+    p_soft = x.new_empty((T, E), dtype=torch.float32) if save and _saves_p_soft(router, probs) else absent(x)
     return x.new_empty((T, wo.shape[0])), x.new_empty((T, wi_0.shape[0])), p_soft
 
 
@@ -983,7 +978,7 @@ def _backward_op(
         prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
         with launch_device(x.device):
             grads = _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob, tuple(needs))
-    return tuple(g if g is not None and need else _absent(x) for g, need in zip(grads, needs, strict=True))
+    return tuple(g if g is not None and need else absent(x) for g, need in zip(grads, needs, strict=True))
 
 
 @_backward_op.register_fake
@@ -992,10 +987,10 @@ def _(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, activation, 
     mode = _routing_mode(router, probs)
     f32 = dict(dtype=torch.float32)
     return (
-        x.new_empty((T, M)) if needs[0] else _absent(x),
-        x.new_empty((F, E), **f32) if needs[1] and mode == ROUTE_SELF else _absent(x),
-        x.new_empty((1, E, F), **f32) if needs[2] else _absent(x),
-        x.new_empty((T, E), **f32) if needs[3] and mode == ROUTE_GIVEN else _absent(x),
+        x.new_empty((T, M)) if needs[0] else absent(x),
+        x.new_empty((F, E), **f32) if needs[1] and mode == ROUTE_SELF else absent(x),
+        x.new_empty((1, E, F), **f32) if needs[2] else absent(x),
+        x.new_empty((T, E), **f32) if needs[3] and mode == ROUTE_GIVEN else absent(x),
     )
 
 

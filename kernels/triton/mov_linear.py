@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, split_dot
-from pemoe.kernels.triton.autograd import launch_device
+from pemoe.kernels.triton.autograd import absent, launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
 #: Head widths (D) the kernels support: tiles hold whole heads and tl.dot needs D ≥ 16, a power of two.
@@ -817,11 +817,6 @@ def _saves_p_soft(router: Tensor | None, probs: Tensor | None, save: bool) -> bo
     return save and router is not None and probs is None
 
 
-def _absent(like: Tensor) -> Tensor:
-    """A custom op's output slot for a tensor that is not computed: an empty float32 tensor."""
-    return like.new_empty((0,), dtype=torch.float32)
-
-
 @torch.library.custom_op("pemoe::triton_mov_linear", mutates_args=())
 def _forward_op(
     x2d: Tensor,
@@ -839,7 +834,7 @@ def _forward_op(
     with launch_device(x2d.device):
         pb = _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize)
         y, p_soft = mov_linear_forward(x2d, weight, bias, router, experts, probs, pb, save, _config_dict(config))
-    return y, (p_soft if p_soft is not None else _absent(x2d))
+    return y, (p_soft if p_soft is not None else absent(x2d))
 
 
 @_forward_op.register_fake
@@ -848,7 +843,7 @@ def _(x2d, weight, bias, router, experts, probs, top_k, renormalize, save, confi
     y = x2d.new_empty((x2d.shape[0], weight.shape[0]))
     if _saves_p_soft(router, probs, save):
         return y, x2d.new_empty((x2d.shape[0], G, E), dtype=torch.float32)
-    return y, _absent(x2d)
+    return y, absent(x2d)
 
 
 @torch.library.custom_op("pemoe::triton_mov_linear_backward", mutates_args=())
@@ -873,7 +868,7 @@ def _backward_op(
         grads = mov_linear_backward(
             x2d, weight, bias, router, experts, probs, p_soft, dy, pb, tuple(needs), _config_dict(config)
         )
-    return tuple(g if g is not None else _absent(x2d) for g in grads)
+    return tuple(g if g is not None else absent(x2d) for g in grads)
 
 
 @_backward_op.register_fake
@@ -883,10 +878,10 @@ def _(dy, x2d, weight, bias, router, experts, probs, p_soft, top_k, renormalize,
     G, E, D = experts.shape
     f32 = dict(dtype=torch.float32)
     return (
-        x2d.new_empty((x2d.shape[0], weight.shape[0])) if need_dh else _absent(x2d),
-        x2d.new_empty((G, E, D), **f32) if need_experts else _absent(x2d),
-        x2d.new_empty((D, E), **f32) if need_routing and token else _absent(x2d),
-        x2d.new_empty((x2d.shape[0], E), **f32) if need_routing and sentence else _absent(x2d),
+        x2d.new_empty((x2d.shape[0], weight.shape[0])) if need_dh else absent(x2d),
+        x2d.new_empty((G, E, D), **f32) if need_experts else absent(x2d),
+        x2d.new_empty((D, E), **f32) if need_routing and token else absent(x2d),
+        x2d.new_empty((x2d.shape[0], E), **f32) if need_routing and sentence else absent(x2d),
     )
 
 
