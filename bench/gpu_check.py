@@ -2,10 +2,11 @@
 
 On one CUDA GPU it
 
-1. checks every Triton kernel (``mov_linear``, ``mov_ffn``, ``molora_linear``; forward and every gradient)
-   with real autotuning against the reference, by the tolerance rule of :mod:`pemoe.testing`: at T5-large
-   widths in bfloat16, float16 and float32 with E ∈ {1, 10, 30}, plus top-2 (renormalised) and sentence
-   routing at E = 10; at T5-XL and Llama-7B-like widths (K = N = 4096, F = 11008, D = 128) in bfloat16 at E = 10;
+1. checks every Triton kernel (``mov_linear``, ``mov_ffn``, ``molora_linear``, and ``molora_adapter``: MoLoRA
+   over a base that runs its own forward; forward and every gradient) with real autotuning against the
+   reference, by the tolerance rule of :mod:`pemoe.testing`: at T5-large widths in bfloat16, float16 and
+   float32 with E ∈ {1, 10, 30}, plus top-2 (renormalised) and sentence routing (and mov_ffn with Llama's
+   SiLU) at E = 10; at T5-XL and Llama-7B-like widths (K = N = 4096, F = 11008, D = 128) in bfloat16 at E = 10;
 2. times the fused ops against ``F.linear`` (cuBLAS; the plain FFN for ``mov_ffn``), the authors' einsum
    formulation and, at E = 1, PEFT's IA3 / LoRA, with ``triton.testing.do_bench`` (the ``pemoe bench``
    harness: medians, ratios against the floor measured in the same run);
@@ -35,6 +36,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 OPS = ("mov_linear", "mov_ffn", "molora_linear")
+#: Checked for correctness besides OPS (timed with them: no): MoLoRA over a base that runs its own forward, at
+#: molora_linear's shapes (its ``base`` the frozen linear's output).
+CHECKED_OPS = (*OPS, "molora_adapter")
+#: Ops whose shapes are another op's.
+SHAPE_OF = {"molora_adapter": "molora_linear"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 EXPERTS = (1, 10, 30)
 #: Per-op widths of each model shape (T tokens; MoV heads of width D = N / G; FFN M = d_model, F = d_ff).
@@ -65,6 +71,8 @@ DRY_SHAPES: dict[str, dict[str, dict[str, int]]] = {
 }
 DRY_EXPERTS = (1, 3)
 VARIANTS = ("soft", "top2-renorm", "sentence")
+#: Variants of one op only: mov_ffn with Llama's gated SiLU.
+OP_VARIANTS = {"mov_ffn": ("silu",)}
 ROUTER_INPUT_WIDTH = 64  # sentence routing: one [B, 64] vector per sequence
 CSV_COLUMNS = ["op", "shape", "dtype", "E", "variant", "implementation", "tensor", "err", "ref_err", "bound", "ok"]
 
@@ -88,20 +96,21 @@ class Case:
 
 def correctness_cases(shapes: dict[str, dict[str, dict[str, int]]], experts: Sequence[int]) -> list[Case]:
     """The first shape: every dtype × every E with soft routing, and top-2 (renormalised) and sentence
-    routing at the middle E in bfloat16. The other shapes: bfloat16 at the middle E."""
+    routing (and the op's own variants) at the middle E in bfloat16. The other shapes: bfloat16 at the middle E."""
     names = list(shapes)
     mid = experts[len(experts) // 2]
     cases = []
-    for op in OPS:
-        first = shapes[names[0]][op]
+    for op in CHECKED_OPS:
+        key = SHAPE_OF.get(op, op)
+        first = shapes[names[0]][key]
         cases += [Case(op, names[0], first, dt, e) for dt in DTYPES.values() for e in experts]
-        cases += [Case(op, names[0], first, torch.bfloat16, mid, v) for v in VARIANTS[1:]]
-        cases += [Case(op, n, shapes[n][op], torch.bfloat16, mid) for n in names[1:]]
+        cases += [Case(op, names[0], first, torch.bfloat16, mid, v) for v in VARIANTS[1:] + OP_VARIANTS.get(op, ())]
+        cases += [Case(op, n, shapes[n][key], torch.bfloat16, mid) for n in names[1:]]
     return cases
 
 
 def _bench_module(op: str):
-    return importlib.import_module(f"pemoe.bench.{op}")
+    return importlib.import_module(f"pemoe.bench.{SHAPE_OF.get(op, op)}")
 
 
 def make_arguments(case: Case, device: torch.device) -> tuple[dict, tuple[str, ...]]:
@@ -115,19 +124,28 @@ def make_arguments(case: Case, device: torch.device) -> tuple[dict, tuple[str, .
     elif case.op == "mov_ffn":
         kw = dict(x=t["x"], wi_0=t["wi_0"], wo=t["wo"], router=t["router"], experts=t["experts"], wi_1=t["wi_1"])
         params = ("router", "experts")
-    else:
+    elif case.op == "molora_linear":
         kw = dict(x=t["x"], weight=t["weight"], lora_a=t["lora_a"], lora_b=t["lora_b"], router=t["router"])
         kw |= dict(scale=16.0 / case.shape["r"], bias=t["bias"])
         params = ("router", "lora_a", "lora_b")
+    else:  # molora_adapter: the frozen linear's output as its base, which gets dy
+        base = torch.nn.functional.linear(t["x"], t["weight"], t["bias"])
+        kw = dict(x=t["x"], base=base, lora_a=t["lora_a"], lora_b=t["lora_b"], router=t["router"])
+        kw |= dict(scale=16.0 / case.shape["r"])
+        params = ("router", "lora_a", "lora_b", "base")
     if case.experts == 1:
         kw["router"] = None  # (IA)3 / LoRA
         params = tuple(p for p in params if p != "router")
     if case.variant == "top2-renorm":
         kw |= dict(top_k=2, renormalize=True)
+    elif case.variant == "silu":
+        kw["activation"] = "silu"
     elif case.variant == "sentence":
         g = torch.Generator().manual_seed(1)
         x = kw["x"]
         kw["x"] = x.reshape(2, x.shape[0] // 2, x.shape[1])
+        if "base" in kw:
+            kw["base"] = kw["base"].reshape(2, x.shape[0] // 2, kw["base"].shape[1])
         kw["router_input"] = torch.randn(2, ROUTER_INPUT_WIDTH, generator=g).to(device)
         kw["router"] = (torch.randn(ROUTER_INPUT_WIDTH, case.experts, generator=g) * 0.2).to(device)
         params = (*params, "router_input")

@@ -25,10 +25,13 @@ def _rows(path):
 def test_cases_cover_the_matrix():
     cases = gpu_check.correctness_cases(gpu_check.SHAPES, gpu_check.EXPERTS)
     large = [c for c in cases if c.shape_name == "t5-large"]
-    for op in gpu_check.OPS:
+    assert set(gpu_check.CHECKED_OPS) == {"mov_linear", "mov_ffn", "molora_linear", "molora_adapter"}
+    for op in gpu_check.CHECKED_OPS:
         got = {(c.dtype, c.experts, c.variant) for c in large if c.op == op}
         want = {(dt, e, "soft") for dt in gpu_check.DTYPES.values() for e in (1, 10, 30)}
         want |= {(torch.bfloat16, 10, "top2-renorm"), (torch.bfloat16, 10, "sentence")}
+        if op == "mov_ffn":
+            want.add((torch.bfloat16, 10, "silu"))
         assert got == want, op
         assert {c.shape_name for c in cases if c.op == op} == {"t5-large", "t5-xl", "llama-7b"}
     llama = gpu_check.SHAPES["llama-7b"]
@@ -46,6 +49,8 @@ def test_dry_run_checks_every_case_and_writes_the_report(tmp_path):
     # output and every gradient: x and the adapter parameters (router_input too with sentence routing)
     sentence = {r["tensor"] for r in rows if r["op"] == "molora_linear" and r["variant"] == "sentence"}
     assert sentence == {"output", "dx", "drouter", "dlora_a", "dlora_b", "drouter_input"}
+    adapter = {r["tensor"] for r in rows if r["op"] == "molora_adapter" and r["variant"] == "soft" and r["E"] == "3"}
+    assert adapter == {"output", "dx", "drouter", "dlora_a", "dlora_b", "dbase"}
     md = (tmp_path / "gpu_check.md").read_text()
     assert f"{len(rows)} of {len(rows)} comparisons within the tolerance rule" in md and "Failures" not in md
 
