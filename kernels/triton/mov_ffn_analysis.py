@@ -297,9 +297,10 @@ def aot_cases(selection: str | None = None) -> list:
 
     All configs of every kernel, for float16, bfloat16 and float32, on the gated gelu_new
     self-routed E = 10 problem; the default configs also for E = 1 ((IA)3), E = 30, v1.0 ReLU,
-    sentence routing and top-2 renormalised. ``selection`` (or ``$PEMOE_AOT_SELECTION``, which
-    the tests set for the child process): "all" (default), "default" (default configs only) or
-    "smoke" (default configs, bfloat16, E = 10 and E = 1: the quick check of the default test run).
+    sentence routing, top-2 renormalised and the gated SiLU of Llama-family MLPs. ``selection`` (or
+    ``$PEMOE_AOT_SELECTION``, which the tests set for the child process): "all" (default), "default"
+    (default configs only) or "smoke" (default configs, bfloat16, E = 10 and E = 1: the quick check of the
+    default test run).
     """
     from pemoe.kernels.triton.aot import AotCase
 
@@ -312,6 +313,7 @@ def aot_cases(selection: str | None = None) -> list:
         ("relu-E10", False, ROUTE_SELF, 10, "relu", None, False, False),
         ("gated-gelu-E10-sentence", True, ROUTE_GIVEN, 10, "gelu", None, False, False),
         ("gated-gelu_new-E10-top2", True, ROUTE_SELF, 10, "gelu_new", 2, True, False),
+        ("gated-silu-E10", True, ROUTE_SELF, 10, "silu", None, False, False),  # Llama-family MLPs
     ]
     cases = []
     if selection not in ("all", "default", "smoke"):
