@@ -38,7 +38,7 @@ def _gemm_flops(op: str, s: dict[str, int]) -> float:
 def rows() -> list[str]:
     from pemoe.bench import mov_ffn as b_ffn
     from pemoe.bench import mov_linear as b_mov
-    from pemoe.kernels.triton import molora_linear as mo
+    from pemoe.kernels.triton import molora_linear_analysis as mo
     from pemoe.kernels.triton import mov_ffn_analysis as mf
     from pemoe.kernels.triton import mov_linear_analysis as ml
 

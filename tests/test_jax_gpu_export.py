@@ -9,7 +9,7 @@ Pallas kernels' GPU (Triton) lowering.
   operand and result shapes, and their PTX (compiled by Triton at lowering time) assembles with ptxas to
   code with zero register spills (wgmma on sm_90 for 16-bit activations). jax-triton needs real
   ``triton.jit`` kernels, so this runs in a child process without ``TRITON_INTERPRET``
-  (``python -m pemoe.jax.triton --json``).
+  (``python -m pemoe.jax.triton_export --json``).
 * ``molora_linear``: both forward schedules (forced, and "auto" following the torch launcher's model) and the
   shared backward in the interpreter, including small forced tiles and several partial-sum chunks; the
   T5-large training step exports with its six kernels (expected result shapes, zero spills, wgmma on sm_90).
@@ -31,6 +31,7 @@ import pytest
 from pemoe import jax as pj
 from pemoe.jax import ops as jax_ops
 from pemoe.jax import triton as pjt
+from pemoe.jax import triton_export
 from pemoe.kernels.triton import interpreter
 from tests.test_jax_ops import check
 
@@ -182,7 +183,7 @@ def test_triton_molora_auto_schedule_follows_the_model(monkeypatch):
     only (make_jaxpr), at T5-large attention shape with E = 10 and with plain LoRA."""
     import torch
 
-    from pemoe.kernels.triton import molora_linear as kernel
+    from pemoe.kernels.triton import molora_linear_analysis as analysis
 
     names = []
 
@@ -203,7 +204,7 @@ def test_triton_molora_auto_schedule_follows_the_model(monkeypatch):
             return pj.molora_linear(x, w, a, b, router, scale=4.0, implementation="triton").astype(jnp.float32).sum()
 
         jax.make_jaxpr(jax.grad(loss, argnums=(0, 2, 3)))(*args, router)
-        pick = kernel.choose_schedule(t, k, n, e, r, torch.bfloat16, save_for_backward=True)
+        pick = analysis.choose_schedule(t, k, n, e, r, torch.bfloat16, save_for_backward=True)
         forward = ["shrink", "expand"] if pick == "two_kernel" else ["fused"]
         assert names[: len(forward)] == [f"pemoe_molora_{role}" for role in forward], (e, pick, names)
         picks.add(pick)
@@ -217,8 +218,9 @@ def test_triton_molora_tiles_are_the_torch_autotuners(shape):
     import torch
 
     from pemoe.kernels.triton import molora_linear as kernel
+    from pemoe.kernels.triton import molora_linear_analysis as analysis
 
-    launches = kernel._example_launches(*shape, torch.bfloat16)
+    launches = analysis._example_launches(*shape, torch.bfloat16)
     assert {launch.role for launch in launches} == set(kernel.ROLE_CONFIGS)
     for launch in launches:
         pruned = launch.kernel.early_config_prune(launch.kernel.configs, {**launch.named_args(), **launch.constexprs})
@@ -315,7 +317,7 @@ def test_cuda_target_validates_and_nests(monkeypatch):
 # jax.export(..., platforms=["cuda"]) of the jax-triton path, PTX through ptxas (child process)
 # ------------------------------------------------------------------------------------------
 
-#: pemoe.jax.triton.EXPORT_PROBLEMS keys of the default run, each for sm_80 and sm_90: T5-large k/v and the
+#: pemoe.jax.triton_export.EXPORT_PROBLEMS keys of the default run, each for sm_80 and sm_90: T5-large k/v and the
 #: T5-large FFN, E = 10, bfloat16. Under -m slow: every problem ((IA)3, E = 60, top-k, sentence routing, D = 128,
 #: float32, ...).
 QUICK = ["mov_linear/t5-large E=10:bfloat16", "mov_ffn/t5-large E=10:bfloat16"]
@@ -333,7 +335,7 @@ FFN_KERNELS = [
 
 def _export_rows(keys, capabilities, extra=()) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pemoe.jax.triton", "--json", "--capability", *map(str, capabilities), *extra]
+    cmd = [sys.executable, "-m", "pemoe.jax.triton_export", "--json", "--capability", *map(str, capabilities), *extra]
     for key in keys:
         cmd += ["--problem", key]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -387,6 +389,7 @@ def _molora_schedule(shape: dict, dtype: str) -> str:
     import torch
 
     from pemoe.kernels.triton import molora_linear as kernel
+    from pemoe.kernels.triton import molora_linear_analysis as analysis
 
     if shape.get("schedule", "auto") != "auto":
         return shape["schedule"]
@@ -394,7 +397,7 @@ def _molora_schedule(shape: dict, dtype: str) -> str:
         shape.get("routing") or ("none" if shape["E"] == 1 else "token")
     ]
     t, k, n, e, r = (shape[v] for v in ("T", "K", "N", "E", "r"))
-    return kernel.choose_schedule(t, k, n, e, r, getattr(torch, dtype), routing_mode=mode, save_for_backward=True)
+    return analysis.choose_schedule(t, k, n, e, r, getattr(torch, dtype), routing_mode=mode, save_for_backward=True)
 
 
 def _molora_check(calls, shape: dict, act: str, schedule: str, what: str) -> None:
@@ -418,7 +421,7 @@ def _molora_check(calls, shape: dict, act: str, schedule: str, what: str) -> Non
 
 
 def _check_rows(rows, keys, capabilities):
-    by_key = {p.key: p for p in pjt.EXPORT_PROBLEMS}
+    by_key = {p.key: p for p in triton_export.EXPORT_PROBLEMS}
     for key in keys:
         problem = by_key[key]
         shape, act = dict(problem.shape), {"bfloat16": "bf16", "float32": "f32"}[problem.dtype]
@@ -453,7 +456,7 @@ def _check_rows(rows, keys, capabilities):
                 assert call["registers"] > 0, what
                 # 16-bit activations (the tensor-core path): no spills. float32 (FMA dots, the ieee correctness
                 # path): at most FP32_SPILL_BYTES (mov_ffn's up kernel spills 8-16 bytes on sm_90 without a
-                # router, under jax-triton's constant sizes; see the report of python -m pemoe.jax.triton)
+                # router, under jax-triton's constant sizes; see the report of python -m pemoe.jax.triton_export)
                 limit = 0 if problem.dtype != "float32" else FP32_SPILL_BYTES
                 assert 0 <= call["spill_bytes"] <= limit, f"{what} {call['kernel']}: {call['spill_bytes']} spill bytes"
             if cc == 90 and problem.dtype == "bfloat16":
@@ -481,7 +484,7 @@ def test_jax_triton_molora_exports_for_cuda():
 
 @pytest.mark.slow
 def test_jax_triton_exports_every_problem():
-    keys = [p.key for p in pjt.EXPORT_PROBLEMS]
+    keys = [p.key for p in triton_export.EXPORT_PROBLEMS]
     rows = _export_rows(keys, (80, 90))
     _check_rows(rows, keys, (80, 90))
 

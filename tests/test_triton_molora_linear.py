@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(not interpreter.INTERPRET, reason="needs TRITON_
 
 if interpreter.INTERPRET:
     from pemoe.kernels.triton import molora_linear as kernel
+    from pemoe.kernels.triton import molora_linear_analysis as analysis
 
 
 class TestMoLoRALinearTriton(MoLoRALinearCases):
@@ -367,7 +368,9 @@ def test_traffic_model_matches_the_interpreter(dtype, e, r, mode, needs, schedul
     configs = _small_configs() if tiles == "small" else {}
     if tiles == "small":
         monkeypatch.setattr(kernel, "REDUCE_ROWS", 32)  # two token chunks
-    model = kernel.hbm_traffic(t, k, n, e, r, dtype, routing_mode=mode, needs=needs, schedule=schedule, configs=configs)
+    model = analysis.hbm_traffic(
+        t, k, n, e, r, dtype, routing_mode=mode, needs=needs, schedule=schedule, configs=configs
+    )
     with kernel.use_configs(**configs):
         with interpreter.count_traffic() as forward:
             _, u, p_soft = kernel.molora_forward(
@@ -377,7 +380,7 @@ def test_traffic_model_matches_the_interpreter(dtype, e, r, mode, needs, schedul
         with interpreter.count_traffic() as backward, _count_atomics() as atomics:
             kernel.molora_backward(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, 4.0, None, False, needs)
     assert (forward.loaded, forward.stored) == (model.forward.loaded, model.forward.stored)
-    interpreted = kernel._total("interpreted", model.backward_kernels)
+    interpreted = analysis._total("interpreted", model.backward_kernels)
     assert (backward.loaded, backward.stored) == (interpreted.loaded, interpreted.stored)
     assert atomics.bytes == 0  # deterministic: partial sums, no atomics
 
@@ -392,7 +395,7 @@ def test_forward_without_grad_stores_only_what_the_schedule_needs(schedule):
     u_scaled = 0 if schedule == "fused" else x.shape[0] * 10 * 4 * x.element_size()  # U′ [T, E·r]
     assert traffic.stored == y.numel() * y.element_size() + u_scaled
     torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
-    model = kernel.hbm_traffic(*x.shape, weight.shape[0], 10, 4, x.dtype, save_for_backward=False, schedule=schedule)
+    model = analysis.hbm_traffic(*x.shape, weight.shape[0], 10, 4, x.dtype, save_for_backward=False, schedule=schedule)
     assert traffic.loaded == model.forward.loaded
 
 
@@ -489,27 +492,27 @@ def test_schedule_model_at_t5_shapes(dtype):
     one-kernel schedule moves <= 1.1x a plain linear's bytes but does 1.8x its FLOPs (the shrink recomputed per
     column tile); two kernels do <= 1.2x the FLOPs and read x twice (~1.5x the bytes). The GEMM is compute-bound
     there, so the model picks two kernels; with few tokens (decode) it keeps one kernel."""
-    print("\n" + kernel.report(dtype))
-    large = {s: kernel.hbm_traffic(2048, 1024, 1024, 10, 4, dtype, schedule=s) for s in kernel.SCHEDULES}
+    print("\n" + analysis.report(dtype))
+    large = {s: analysis.hbm_traffic(2048, 1024, 1024, 10, 4, dtype, schedule=s) for s in kernel.SCHEDULES}
     assert large["fused"].forward_ratio <= 1.1
-    no_save = kernel.hbm_traffic(2048, 1024, 1024, 10, 4, dtype, schedule="fused", save_for_backward=False)
+    no_save = analysis.hbm_traffic(2048, 1024, 1024, 10, 4, dtype, schedule="fused", save_for_backward=False)
     assert no_save.forward_ratio <= 1.05
     assert large["fused"].forward_flops_ratio > 1.7
     assert large["two_kernel"].forward_flops_ratio < 1.2
     assert 1.4 < large["two_kernel"].forward_ratio < 1.6  # x read by both kernels
-    costs = kernel.schedule_costs(2048, 1024, 1024, 10, 4, dtype)
+    costs = analysis.schedule_costs(2048, 1024, 1024, 10, 4, dtype)
     assert costs["two_kernel"] < costs["fused"]
-    assert kernel.choose_schedule(2048, 1024, 1024, 10, 4, dtype) == "two_kernel"
-    assert kernel.choose_schedule(2048, 2048, 5120, 10, 4, dtype) == "two_kernel"  # T5-XL wi
-    assert kernel.choose_schedule(2048, 1024, 1024, 15, 16, dtype) == "two_kernel"  # fused: 10x the FLOPs
-    assert kernel.choose_schedule(16, 1024, 1024, 10, 4, dtype) == "fused"  # decode: one launch, W-bound
-    assert kernel.choose_schedule(2048, 1024, 1024, 1, 4, dtype) == "fused"  # LoRA: 16 padded columns
+    assert analysis.choose_schedule(2048, 1024, 1024, 10, 4, dtype) == "two_kernel"
+    assert analysis.choose_schedule(2048, 2048, 5120, 10, 4, dtype) == "two_kernel"  # T5-XL wi
+    assert analysis.choose_schedule(2048, 1024, 1024, 15, 16, dtype) == "two_kernel"  # fused: 10x the FLOPs
+    assert analysis.choose_schedule(16, 1024, 1024, 10, 4, dtype) == "fused"  # decode: one launch, W-bound
+    assert analysis.choose_schedule(2048, 1024, 1024, 1, 4, dtype) == "fused"  # LoRA: 16 padded columns
     for m in large.values():
         assert m.minimum_forward <= m.forward.unique < m.authors_forward / 5
     # the backward computes G = dy·B_catᵀ once (the earlier single kernel recomputed it per dx tile: 2.25x a
     # plain dgrad's FLOPs at E = 10, r = 4 and 9.8x at E = 15, r = 16)
     assert large["two_kernel"].backward_flops_ratio < 1.4
-    assert kernel.hbm_traffic(2048, 1024, 1024, 15, 16, dtype).backward_flops_ratio < 2.3
+    assert analysis.hbm_traffic(2048, 1024, 1024, 15, 16, dtype).backward_flops_ratio < 2.3
 
 
 # ------------------------------------------------------------------------------------------
@@ -522,7 +525,7 @@ def _aot(monkeypatch, defaults_only: bool, select: str = ""):
 
     monkeypatch.setenv("PEMOE_AOT_DEFAULTS_ONLY", "1" if defaults_only else "0")
     monkeypatch.setenv("PEMOE_AOT_SELECT", select)
-    reports = compile_module_in_subprocess("pemoe.kernels.triton.molora_linear")
+    reports = compile_module_in_subprocess("pemoe.kernels.triton.molora_linear_analysis")
     print("\n" + format_reports(reports))
     assert reports
     assert not [r for r in reports if r.error], [r.error for r in reports if r.error]
