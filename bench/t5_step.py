@@ -21,16 +21,16 @@ the paper's optimizer) over the trainable parameters. The pemoe and reference pr
 ``ratio_vs_peft-ia3`` / ``ratio_vs_peft-lora`` beside ``ratio_vs_floor``. ``saved_mb`` counts the
 activations the step's graph keeps for backward (the model's own weights excluded). Run
 ``pemoe bench --ops t5_step`` or ``python -m pemoe.bench.t5_step`` (not in the default quick run: a step
-takes about a second here).
+takes about a second here). The backbone cache, the providers' models and optimizer and the adapter
+injection are shared with bench/llama_step.py (bench/step_common.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from pemoe.bench.harness import OpBench, Provider, op_main
+from pemoe.bench.harness import Provider, op_main
+from pemoe.bench.step_common import Adapt, Family, peft_adapter, pemoe_adapter, step_bench, step_providers
 
 OP = "t5_step"
 FLOOR = "t5-frozen"
@@ -50,30 +50,11 @@ def shapes(full: bool) -> list[dict[str, int]]:
     return [{"B": 8, "S": 128, "L": 32, **WIDTHS[w]} for w in widths]
 
 
-def make_inputs(shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Token ids [B, S] and labels [B, L]; ``dtype`` is the backbone's (the models are built by the providers)."""
-    g = torch.Generator().manual_seed(0)
-    inputs = {
-        "input_ids": torch.randint(0, shape["V"], (shape["B"], shape["S"]), generator=g),
-        "labels": torch.randint(0, shape["V"], (shape["B"], shape["L"]), generator=g),
-        # carry the backbone's dtype and widths to the providers, which build their models lazily
-        "dtype_probe": torch.zeros((), dtype=dtype),
-        "widths": torch.tensor([shape[k] for k in _WIDTH_KEYS]),
-    }
-    return {k: v.to(device) for k, v in inputs.items()}
+def _build(shape: dict[str, int]) -> torch.nn.Module:
+    """A randomly initialised T5 v1.1 (gated-GELU FFN, untied embeddings, dropout 0) of the shape's widths."""
+    from transformers import T5Config, T5ForConditionalGeneration
 
-
-# --------------------------------------------------------------------------------------------------
-# Models: one frozen random backbone per (shape, dtype, device), shared by every provider's model
-# --------------------------------------------------------------------------------------------------
-
-_backbones: dict[tuple, dict[str, torch.Tensor]] = {}
-
-
-def _config(shape: dict[str, int]):
-    from transformers import T5Config
-
-    return T5Config(
+    config = T5Config(
         vocab_size=shape["V"],
         d_model=shape["M"],
         d_ff=shape["F"],
@@ -87,151 +68,55 @@ def _config(shape: dict[str, int]):
         decoder_start_token_id=0,
         pad_token_id=0,
     )
+    return T5ForConditionalGeneration(config)
 
 
-def _key(shape: dict[str, int], i: dict[str, torch.Tensor]) -> tuple:
-    return (tuple(sorted(shape.items())), i["dtype_probe"].dtype, i["input_ids"].device)
+FAMILY = Family(_build, _WIDTH_KEYS)
 
 
-def _model(shape: dict[str, int], i: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A frozen T5 whose weights share storage with the (cached) random backbone of this shape/dtype."""
-    from transformers import T5ForConditionalGeneration
-
-    key = _key(shape, i)
-    if key not in _backbones:
-        torch.manual_seed(0)
-        base = T5ForConditionalGeneration(_config(shape)).to(device=key[2], dtype=key[1])
-        _backbones.clear()  # one backbone at a time: the providers of one group share it
-        _backbones[key] = base.state_dict()
-    with torch.device("meta"):
-        model = T5ForConditionalGeneration(_config(shape))
-    model.load_state_dict(_backbones[key], assign=True)
-    model.requires_grad_(False)
-    return model.train()
+def make_inputs(shape: dict[str, int], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Token ids [B, S] and labels [B, L]; ``dtype`` is the backbone's (the models are built by the providers)."""
+    g = torch.Generator().manual_seed(0)
+    ids = {
+        "input_ids": torch.randint(0, shape["V"], (shape["B"], shape["S"]), generator=g),
+        "labels": torch.randint(0, shape["V"], (shape["B"], shape["L"]), generator=g),
+    }
+    return FAMILY.inputs(shape, dtype, device, ids)
 
 
-class _Variant:
-    """One provider's model, built on first use per (shape, dtype, device), with its optimizer."""
-
-    def __init__(self, adapt: Callable[[torch.nn.Module], torch.nn.Module] | None, floor: bool = False) -> None:
-        self.adapt, self.floor = adapt, floor
-        self.key: tuple | None = None
-        self.model: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    def get(self, i: dict[str, torch.Tensor]) -> torch.nn.Module:
-        shape = _shape_of(i)
-        key = _key(shape, i)
-        if key != self.key:
-            model = _model(shape, i)
-            self.model = self.adapt(model) if self.adapt is not None else model
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.Adafactor(trainable, lr=3e-4) if trainable else None
-            self.key = key
-        return self.model
-
-    def forward(self, i: dict[str, torch.Tensor]) -> torch.Tensor:
-        model = self.get(i)
-        model.zero_grad(set_to_none=True)
-        if not self.floor:
-            return model(input_ids=i["input_ids"], labels=i["labels"]).loss
-        # the floor: nothing trains, so the backward runs to the (detached) input embeddings
-        embeds = model.shared(i["input_ids"]).detach().requires_grad_()
-        return model(inputs_embeds=embeds, labels=i["labels"]).loss
-
-    def step(self) -> None:
-        if self.optimizer is not None:
-            self.optimizer.step()
-
-    def owned(self) -> list[torch.Tensor]:
-        return list(self.model.parameters()) if self.model is not None else []
-
-
-def _shape_of(i: dict[str, torch.Tensor]) -> dict[str, int]:
-    """The model widths the inputs were made for."""
-    return dict(zip(_WIDTH_KEYS, i["widths"].tolist(), strict=True))
-
-
-def _peft(config_factory: Callable[[], object]) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    def adapt(model: torch.nn.Module) -> torch.nn.Module:
-        from peft import inject_adapter_in_model
-
-        return inject_adapter_in_model(config_factory(), model)
-
-    return adapt
-
-
-def _pemoe(config_factory: Callable[[], object]) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    def adapt(model: torch.nn.Module) -> torch.nn.Module:
-        from pemoe.adapters import inject
-
-        inject(model, config_factory())
-        return model
-
-    return adapt
-
-
-def _ia3():
-    from peft import IA3Config
-
-    return IA3Config(**IA3_SITES)
-
-
-def _lora():
-    from peft import LoraConfig
-
-    return LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS)
-
-
-def _pemoe_config(name: str, implementation: str = "auto") -> Callable[[], object]:
-    def make():
-        from pemoe import adapters as pi
-
-        return {
-            "ia3": lambda: pi.IA3Config(implementation=implementation),
-            "mov-30": lambda: pi.MoVConfig(num_experts=30, implementation=implementation),
-            "lora": lambda: pi.LoRAConfig(rank=4, alpha=16, sites=tuple(LORA_TARGETS), implementation=implementation),
-            "molora-15": lambda: pi.MoLoRAConfig(
-                num_experts=15, rank=4, alpha=16, sites=tuple(LORA_TARGETS), implementation=implementation
-            ),
-        }[name]()
-
-    return make
-
-
-def _provider(name: str, variant: _Variant, baseline: str | None = None) -> Provider:
-    def forward(i: dict[str, torch.Tensor]) -> torch.Tensor:
-        return variant.forward(i)
-
-    return Provider(name, forward, (), optimizer_step=variant.step, owned=variant.owned, baseline=baseline)
+def _pemoe_adapters(implementation: str) -> dict[str, Adapt]:
+    """pemoe's adapters on the SPEC's T5 sites with ``implementation``."""
+    sites = tuple(LORA_TARGETS)
+    return {
+        "ia3": pemoe_adapter("IA3Config", implementation=implementation),
+        "mov-30": pemoe_adapter("MoVConfig", num_experts=30, implementation=implementation),
+        "lora": pemoe_adapter("LoRAConfig", rank=4, alpha=16, sites=sites, implementation=implementation),
+        "molora-15": pemoe_adapter(
+            "MoLoRAConfig", num_experts=15, rank=4, alpha=16, sites=sites, implementation=implementation
+        ),
+    }
 
 
 def _providers() -> dict[str, Provider]:
-    variants = {
-        FLOOR: (_Variant(None, floor=True), None),
-        "peft-ia3": (_Variant(_peft(_ia3)), None),
-        "pemoe-ia3": (_Variant(_pemoe(_pemoe_config("ia3"))), "peft-ia3"),
-        "pemoe-mov-30": (_Variant(_pemoe(_pemoe_config("mov-30"))), "peft-ia3"),
-        "reference-mov-30": (_Variant(_pemoe(_pemoe_config("mov-30", "reference"))), "peft-ia3"),
-        "peft-lora": (_Variant(_peft(_lora)), None),
-        "pemoe-lora": (_Variant(_pemoe(_pemoe_config("lora"))), "peft-lora"),
-        "pemoe-molora-15": (_Variant(_pemoe(_pemoe_config("molora-15"))), "peft-lora"),
-        "reference-molora-15": (_Variant(_pemoe(_pemoe_config("molora-15", "reference"))), "peft-lora"),
-    }
-    return {name: _provider(name, v, baseline) for name, (v, baseline) in variants.items()}
+    auto, reference = _pemoe_adapters("auto"), _pemoe_adapters("reference")
+    return step_providers(
+        FAMILY,
+        FLOOR,
+        {
+            "peft-ia3": (peft_adapter("IA3Config", **IA3_SITES), None),
+            "pemoe-ia3": (auto["ia3"], "peft-ia3"),
+            "pemoe-mov-30": (auto["mov-30"], "peft-ia3"),
+            "reference-mov-30": (reference["mov-30"], "peft-ia3"),
+            "peft-lora": (peft_adapter("LoraConfig", r=4, lora_alpha=16, target_modules=LORA_TARGETS), None),
+            "pemoe-lora": (auto["lora"], "peft-lora"),
+            "pemoe-molora-15": (auto["molora-15"], "peft-lora"),
+            "reference-molora-15": (reference["molora-15"], "peft-lora"),
+        },
+    )
 
 
 PROVIDERS = _providers()
-BENCH = OpBench(
-    OP,
-    shapes,
-    make_inputs,
-    PROVIDERS,
-    tokens_key="S",
-    scale_keys=("M", "F", "H", "Dkv", "layers", "V"),
-    floor=FLOOR,
-    default_modes=("fwd_bwd", "step"),
-)
+BENCH = step_bench(OP, shapes, make_inputs, PROVIDERS, FLOOR, scale_keys=_WIDTH_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:

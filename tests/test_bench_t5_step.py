@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pemoe.bench import harness, t5_step
+from pemoe.bench import t5_step
+from tests.step_checks import (
+    assert_fresh_losses_equal_the_floors,
+    assert_step_trains_only_the_adapters_downhill,
+    step_bench_rows,
+)
 
 TINY = dict(t5_step.shapes(False)[0], M=32, F=64, H=2, Dkv=8, layers=1, V=64, S=12, L=5, B=2)
 
@@ -17,41 +22,16 @@ def inputs():
 
 
 def test_fresh_adapters_start_at_the_base_models_loss(inputs):
-    losses = {name: p.forward(inputs).item() for name, p in t5_step.PROVIDERS.items()}
-    base = losses[t5_step.FLOOR]
-    for name, loss in losses.items():
-        # MoV's fresh experts are ones (Σp = 1 up to float32 rounding); LoRA's B is zero: exact
-        assert loss == pytest.approx(base, rel=1e-6), (name, losses)
+    assert_fresh_losses_equal_the_floors(t5_step.PROVIDERS, t5_step.FLOOR, inputs)
 
 
 @pytest.mark.parametrize("name", [n for n in t5_step.PROVIDERS if n != t5_step.FLOOR])
 def test_step_trains_only_the_adapters(inputs, name):
-    prov = t5_step.PROVIDERS[name]
-    loss = prov.forward(inputs)
-    model = prov.owned  # the provider's model parameters
-    frozen_before = {id(p): p.detach().clone() for p in model() if not p.requires_grad}
-    trainable = [p for p in model() if p.requires_grad]
-    assert trainable, name
-    before = [p.detach().clone() for p in trainable]
-    loss.backward()
-    prov.optimizer_step()
-    assert any(not torch.equal(b, p) for b, p in zip(before, trainable, strict=True)), f"{name}: nothing moved"
-    for p in model():
-        if not p.requires_grad:
-            assert torch.equal(frozen_before[id(p)], p), f"{name}: a frozen weight changed"
+    assert_step_trains_only_the_adapters_downhill(t5_step.PROVIDERS[name], inputs)
 
 
 def test_bench_rows_for_the_step(tmp_path):
-    from pemoe.cli import main
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        argv = ["bench", "--ops", "t5_step", "--shape-scale", "16", "--tokens", "8", "--dtypes", "float32"]
-        assert main([*argv, "--modes", "step", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(n)
-    rows = harness.read_csv(tmp_path / "results.csv")
+    rows = step_bench_rows("t5_step", tmp_path, ["float32"])
     metrics = {(r["provider"], r["metric"]) for r in rows if r["mode"] in ("step", "fwd")}
     for name in t5_step.PROVIDERS:
         assert (name, "time_ms") in metrics and (name, "ratio_vs_floor") in metrics
