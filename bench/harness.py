@@ -15,7 +15,7 @@ What is measured, per case (op, provider, mode, shape, dtype, device):
   Repetitions are interleaved across providers (round robin, the order rotated each round) so that
   machine noise hits every provider alike; p20/p50/p80 are taken over all the samples.
 * ``ratio_vs_floor`` — the provider's p50 (p20, p80) divided by the floor provider's p50 (p20, p80)
-  (``linear``, the frozen base layer, for the ops; the frozen T5 for the T5 step) for the same op,
+  (``linear``, the frozen base layer, for the ops; the frozen model for the T5 and Llama steps) for the same op,
   shape, dtype and mode, measured in the same run. ``ratio_vs_<baseline>`` likewise against the
   provider's named baseline where it has one (e.g. pemoe's MoV-30 step against PEFT's IA3 step).
 * ``saved_mb`` — bytes of the tensors the autograd graph of one training forward saves for backward
@@ -429,7 +429,7 @@ def auto_choices(ops: Iterable[str], device: torch.device) -> dict[str, str]:
     from pemoe.ops._dispatch import AVAILABLE
 
     kernel_ops = [op for op in ops if op in AVAILABLE]
-    if "t5_step" in ops:  # the step runs the fused ops inside T5
+    if any(op.endswith("_step") for op in ops):  # the training steps (t5_step, llama_step) run them in a model
         kernel_ops += [op for op in ("mov_linear", "mov_ffn", "molora_linear") if op not in kernel_ops]
     return {op: resolve_implementation(op, "auto", device) for op in kernel_ops}
 
@@ -694,7 +694,7 @@ def plot_ratios(csv_path: pathlib.Path, png_path: pathlib.Path) -> pathlib.Path:
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=7)
         ax.set_ylabel("time / floor (p50)")
-        ax.set_title(f"{mode}: time relative to the frozen floor (linear layer, or frozen T5)")
+        ax.set_title(f"{mode}: time relative to the frozen floor (linear layer, or frozen model)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@ For each op (mov_linear, molora_linear, mov_ffn), shape, dtype and mode (``fwd``
 ``reference``, ``authors-einsum``) is timed and its time relative to the floor and the activation memory it
 saves for backward are recorded (:mod:`pemoe.bench.harness` says exactly what is measured). The CSV is
 long-format, rows appended as each case finishes. ``--ops jax_mov_linear,jax_molora_linear,jax_mov_ffn``
-times the JAX ops under ``jax.jit`` the same way (:mod:`pemoe.bench.jax_ops`).
+times the JAX ops under ``jax.jit`` the same way (:mod:`pemoe.bench.jax_ops`). ``--ops t5_step,llama_step``
+times a whole training step of a T5 and of a Llama per adapter method against PEFT's
+(:mod:`pemoe.bench.t5_step`, :mod:`pemoe.bench.llama_step`).
 
 The command line (:mod:`pemoe.cli`) adds these options to its ``bench`` subcommand and calls :func:`run`;
 ``python -m pemoe.bench`` and ``python -m pemoe.bench.<op>`` call :func:`main`. The benchmarks never import
@@ -28,7 +30,9 @@ from pemoe._argtypes import csv_list, positive_int
 DEFAULT_OPS = ("mov_linear", "molora_linear", "mov_ffn")
 #: the JAX ops under jax.jit (jax_ops.py), on request: their compiles would double the default run
 JAX_OPS = ("jax_mov_linear", "jax_molora_linear", "jax_mov_ffn")
-ALL_OPS = (*DEFAULT_OPS, "t5_step", *JAX_OPS)  # t5_step (a whole training step per adapter method) on request
+#: whole training steps per adapter method (T5, Llama), on request: a step takes about a second
+STEP_OPS = ("t5_step", "llama_step")
+ALL_OPS = (*DEFAULT_OPS, *STEP_OPS, *JAX_OPS)
 DEFAULT_DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "bwd", "fwd_bwd", "step")  # harness.py's; "bwd" (backward alone) on request
 DESCRIPTION = (
@@ -60,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser, benches: dict, default_ops: S
         "--modes",
         type=csv_list(list(MODES), "mode"),
         default=None,
-        help="comma list (default: each op's own: fwd,fwd_bwd; t5_step: fwd_bwd,step)",
+        help="comma list (default: each op's own: fwd,fwd_bwd; t5_step, llama_step: fwd_bwd,step)",
     )
     parser.add_argument(
         "--tokens",

@@ -127,7 +127,14 @@ def test_wheel_installs_a_working_pemoe_bench(tmp_path):
     shutil.rmtree(env_dir)
 
 
-@pytest.mark.parametrize("module", ["pemoe.bench.mov_linear", "pemoe.bench.jax_ops"])
+OWN_OPS = {
+    "pemoe.bench.mov_linear": ["mov_linear"],
+    "pemoe.bench.llama_step": ["llama_step"],
+    "pemoe.bench.jax_ops": ["jax_mov_linear", "jax_molora_linear", "jax_mov_ffn"],
+}
+
+
+@pytest.mark.parametrize("module", list(OWN_OPS))
 def test_bench_op_modules_run_their_own_op(module, tmp_path, monkeypatch):
     """``python -m pemoe.bench.<op>`` defaults ``--ops`` to that module's own ops."""
     from pemoe.bench import runner
@@ -135,5 +142,4 @@ def test_bench_op_modules_run_their_own_op(module, tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(runner, "run", lambda args, benches: seen.setdefault("ops", args.ops) and 0)
     assert importlib.import_module(module).main(["--out", str(tmp_path)]) == 0
-    want = ["mov_linear"] if module.endswith("mov_linear") else ["jax_mov_linear", "jax_molora_linear", "jax_mov_ffn"]
-    assert seen["ops"] == want
+    assert seen["ops"] == OWN_OPS[module]
