@@ -34,12 +34,13 @@ AUTOTUNED = {
 
 def _small_tiles(monkeypatch, m=16, n=16, k=16):
     """Force one small tile config on every autotuned kernel: many tiles, so the split buffers
-    (logit, dp, d experts, d router partials) and the K loops really accumulate across tiles."""
+    (logit, dp, d experts, d router partials) and the K loops really accumulate across tiles; GROUP_M = 2 row
+    tiles a group, so the grouped program order has several groups and a partial last one."""
     blocks = {
-        "_ffn_up_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k),
-        "_ffn_down_kernel": dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
-        "_ffn_down_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k),
-        "_ffn_up_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k),
+        "_ffn_up_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k, GROUP_M=2),
+        "_ffn_down_kernel": dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=2),
+        "_ffn_down_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k, GROUP_M=2),
+        "_ffn_up_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k, GROUP_M=2),
     }
     for name, kernel in AUTOTUNED.items():
         monkeypatch.setattr(kernel, "configs", [triton.Config(blocks[name], num_warps=4, num_stages=1)])

@@ -155,15 +155,6 @@ def _sum_per_expert(v, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, RANK_PAD: t
 
 
 @triton.jit
-def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in grouped order: GROUP_M row blocks sweep the columns together (L2 reuse)."""
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % width) % group_size, (pid % width) // group_size
-
-
-@triton.jit
 def _routing_weights(
     p_soft_ptr, probs_ptr, offs_m, m_mask, offs_e, E, stride_st, stride_pt, stride_pe,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -470,7 +461,7 @@ def _molora_fused_forward_kernel(
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     # ---- this program's rows and group of N_TILES column tiles
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N * N_TILES), GROUP_M)
+    pid_m, pid_n = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N * N_TILES), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # pointer arithmetic in int64: T·K may exceed 2^31
     offs_k = tl.arange(0, BLOCK_K)
@@ -631,7 +622,7 @@ def _molora_gemm_kernel(
     reduction, TAIL_STEP at a time; adapter_cat[e·R + j, n] = adapter[e, j, n].
     """
     DT: tl.constexpr = a_ptr.dtype.element_ty
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = tiles.grouped_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)
     m_mask = offs_m < M

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pemoe.kernels.triton import routing
+from pemoe.kernels.triton import routing, tiles
 from pemoe.kernels.triton.autograd import absent, launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
@@ -181,8 +181,12 @@ def _merge(p, experts_ptr, offs_e, offs_f, E, F, stride_ee, stride_ef, dtype, RO
 # ------------------------------------------------------------------------------------------
 
 
+#: Row tiles that sweep the column tiles together (grouped program order, :func:`.tiles.grouped_ids`).
+GROUP_M = 8
+
+
 def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config({**blocks, "GROUP_M": GROUP_M}, num_warps=num_warps, num_stages=num_stages)
 
 
 #: Defaults (first of each list) are the largest tiles measured to compile without spilling
@@ -307,11 +311,11 @@ def _ffn_up_kernel(
     stride_ut, stride_uf, stride_lj, stride_lt,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, ROUTE_LOGITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUTER_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ] and logits_part[pid_f] = act(x·wi_0ᵀ)[:, f-slice]·router[f-slice]."""
-    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
-    pid_f = tl.program_id(1).to(tl.int64)
+    pid_m, pid_f = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, BLOCK_F), GROUP_M)
+    pid_m, pid_f = pid_m.to(tl.int64), pid_f.to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     # ---- main loop: h0 = x·wi_0ᵀ, g = x·wi_1ᵀ
@@ -356,11 +360,11 @@ def _ffn_down_kernel(
     stride_pt, stride_pe, stride_yt, stride_ym,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SAVE_P_SOFT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """y[rows, cols] = Σ_f u[rows, f]·s[rows, f]·wo[cols, f], s = p·experts from the logit partials."""
-    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(M, BLOCK_N), GROUP_M)
+    pid_m = pid_m.to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31 (columns: < M, 32-bit)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
@@ -423,11 +427,11 @@ def _ffn_down_backward_kernel(
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     NEED_DU: tl.constexpr, NEED_DP: tl.constexpr, NEED_DEXPERTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUTER_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dz = dy·wo[:, f-slice]; du = dz ⊙ s; partials of dp = (dz ⊙ u)·expertsᵀ and d experts = pᵀ·(dz ⊙ u)."""
-    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
-    pid_f = tl.program_id(1).to(tl.int64)
+    pid_m, pid_f = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, BLOCK_F), GROUP_M)
+    pid_m, pid_f = pid_m.to(tl.int64), pid_f.to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_e = tl.arange(0, BLOCK_E)
@@ -531,11 +535,11 @@ def _ffn_up_backward_kernel(
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, SELF_ROUTED: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DROUTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUTER_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dh0 = (du ⊙ g + dlogits·routerᵀ) ⊙ act'(h0), dg = du ⊙ a, d router partial = aᵀ·dlogits."""
-    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
-    pid_f = tl.program_id(1).to(tl.int64)
+    pid_m, pid_f = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, BLOCK_F), GROUP_M)
+    pid_m, pid_f = pid_m.to(tl.int64), pid_f.to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_e = tl.arange(0, BLOCK_E)
@@ -841,8 +845,9 @@ def _up_backward_launch(x, wi_0, wi_1, router, du, dlogits, prob: _Problem, need
 
 
 def tile_grid(rows: int, cols: int, block_cols: str):
-    """Grid of the 2-D kernels (a)–(d): (⌈rows / BLOCK_M⌉, ⌈cols / ``block_cols``⌉) from a config's blocks."""
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta[block_cols]))
+    """Grid of the tiled kernels (a)–(d): one program per [BLOCK_M, ``block_cols``] tile of a rows × cols output,
+    a 1-D grid in grouped order (the kernels map their program id with :func:`.tiles.grouped_ids`)."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta[block_cols]),)
 
 
 def router_backward_grid(T: int) -> tuple[int]:

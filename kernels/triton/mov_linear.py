@@ -72,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pemoe.kernels.triton import routing, split_dot
+from pemoe.kernels.triton import routing, split_dot, tiles
 from pemoe.kernels.triton.autograd import absent, launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 
@@ -357,14 +357,7 @@ def mov_linear_fwd_kernel(
     HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
     DT: tl.constexpr = x_ptr.dtype.element_ty
     # ---- tile: grouped ordering so that GROUP_M row tiles reuse each W column tile from L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(T, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+    pid_m, pid_n = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     # 64-bit row offsets: T·K, T·N and T·G·E elements pass 2^31 at long contexts (x, y, p_soft addresses)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
