@@ -7,9 +7,12 @@ from pemoe.adapters import (
     MoLoRAConfig,
     MoVConfig,
     inject,
+    is_merged,
     load_adapter,
+    merge,
     save_adapter,
     sentence_routing,
+    unmerge,
 )
 from pemoe.ops import molora_adapter, molora_linear, mov, mov_ffn, mov_linear
 
@@ -32,6 +35,9 @@ __all__ = [
     "LoRAConfig",
     "save_adapter",
     "load_adapter",
+    "merge",
+    "unmerge",
+    "is_merged",
     "sentence_routing",
     "__version__",
 ]

@@ -80,6 +80,7 @@ from pemoe.injection import (
     inject,
     sentence_routing,
 )
+from pemoe.merge import is_merged, merge, unmerge
 from pemoe.placements import MoVActivation
 from pemoe.serialization import (
     FORMAT_VERSION,
@@ -105,6 +106,9 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "load_adapter_state_dict",
+    "merge",
+    "unmerge",
+    "is_merged",
     "config_from_dict",
     "authors_name",
     "to_authors_state",

@@ -197,7 +197,7 @@ def sentence_routing(model: nn.Module, router_input: torch.Tensor) -> Iterator[N
         with pemoe.adapters.sentence_routing(model, pooled):  # pooled [B, R]
             loss = model(**batch).loss
     """
-    config = _require_injected(model)["config"]
+    config = require_unmerged(model, "sentence_routing")["config"]
     if config.router_input != "sentence":
         raise ValueError(f"the model's adapters route by {config.router_input!r}, not by sentence")
     dim = config.router_input_dim
@@ -229,9 +229,20 @@ def _require_injected(model: nn.Module) -> dict:
     return state
 
 
+def require_unmerged(model: nn.Module, what: str) -> dict:
+    """The model's adapter state; ValueError when its adapters are folded into the weights
+    (:func:`pemoe.merge`): the adapter modules are out of the model until :func:`pemoe.unmerge`."""
+    state = _require_injected(model)
+    if state.get("merged") is not None:
+        raise ValueError(
+            f"{what}: the model's adapters are merged into its weights (pemoe.merge); call pemoe.unmerge(model) first"
+        )
+    return state
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, nn.Parameter]:
     """Adapter parameters by model-independent name (``<site>.<param>``), in site order."""
-    state = _require_injected(model)
+    state = require_unmerged(model, "adapter_state_dict")
     out: dict[str, nn.Parameter] = {}
     for key, site in state["sites"].items():
         for name, p in _site_parameters(_adapter_module(model, site)).items():

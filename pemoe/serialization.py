@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pemoe.config import AdapterConfig, MoVConfig, config_from_dict
-from pemoe.injection import _apply, _require_injected, adapter_config, adapter_state_dict
+from pemoe.injection import _apply, _require_injected, adapter_config, adapter_state_dict, require_unmerged
 
 FORMAT_VERSION = "1"
 
@@ -37,6 +37,7 @@ def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
     """
     from safetensors.torch import save_file
 
+    require_unmerged(model, "save_adapter")
     path = pathlib.Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"save_adapter: {path} is a directory; give the path of a file to write")
