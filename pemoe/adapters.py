@@ -86,9 +86,11 @@ from pemoe.serialization import (
     FORMAT_VERSION,
     authors_name,
     from_authors_state,
+    from_pretrained,
     load_adapter,
     load_adapter_state_dict,
     save_adapter,
+    save_pretrained,
     to_authors_state,
 )
 
@@ -106,6 +108,8 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "load_adapter_state_dict",
+    "save_pretrained",
+    "from_pretrained",
     "merge",
     "unmerge",
     "is_merged",

@@ -11,7 +11,9 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import uuid
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -232,3 +234,190 @@ def from_authors_state(
     if strict and (left := sorted(set(authors) - used)):
         raise ValueError(f"authors' parameters not used by this model's adapters: {left[:4]} ({len(left)} in all)")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter folders (adapter_config.json + adapter_model.safetensors, as PEFT lays them out)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def model_family(model: nn.Module) -> str:
+    """The model family an adapter was placed on: ``"t5"`` for transformers' and pemoe's T5 (same site
+    names), else the transformers ``config.model_type`` (``"llama"``, ``"qwen3"``, ``"gpt2"``, …), else the
+    model's class name."""
+    from pemoe.placements.t5 import is_hf_t5, is_pemoe_t5
+
+    if is_pemoe_t5(model) or is_hf_t5(model):
+        return "t5"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type if isinstance(model_type, str) and model_type else type(model).__name__
+
+
+def _folder_config(model: nn.Module) -> dict:
+    state = _require_injected(model)
+    return {
+        "pemoe_format": FORMAT_VERSION,
+        "config": state["config"].to_dict(),
+        "model_family": model_family(model),
+        "saved_from": state["model"],
+        "sites": list(state["sites"]),
+    }
+
+
+def _write_folder(target: pathlib.Path, write: Callable[[pathlib.Path], None], what: str) -> None:
+    """Build a folder with ``write(tmp)`` in a temporary sibling of ``target``, then swap it in.
+
+    A failure while writing leaves ``target`` as it was (the temporary folder is removed). Other entries
+    of an existing ``target`` (not written by ``write``) are copied into the new folder before the swap, so
+    they survive. The swap is two renames on one file system (old aside, new in, old removed); were the
+    process killed between them, the previous folder is still whole under its ``.old`` name beside it.
+    """
+    target = pathlib.Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{what}: {target} exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{uuid.uuid4().hex}"
+    tmp = target.with_name(f".{target.name}.{tag}.tmp")
+    old = target.with_name(f".{target.name}.{tag}.old")
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if target.is_dir():
+            for entry in target.iterdir():
+                dest = tmp / entry.name
+                if dest.exists():
+                    continue  # rewritten by this save
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, dest, symlinks=True)
+                else:
+                    shutil.copy2(entry, dest, follow_symlinks=False)
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pretrained(model: nn.Module, folder: str | pathlib.Path) -> None:
+    """Save an injected model's adapters as a folder: ``adapter_config.json`` (the pemoe config, the format
+    version, the model family and the site names it was saved from) and ``adapter_model.safetensors`` (the
+    adapter tensors by pemoe's model-independent names, float32 as trained).
+
+    The folder is written whole or not at all: built in a temporary sibling folder, then swapped in, so a
+    failed save never leaves a half folder over a good one (other files in an existing folder are kept).
+    Missing parent folders are created. Raises ValueError for a model without adapters or with merged ones.
+    """
+    from safetensors.torch import save_file
+
+    require_unmerged(model, "save_pretrained")
+    meta = _folder_config(model)
+    tensors = {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+
+    def write(tmp: pathlib.Path) -> None:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "pemoe_format": FORMAT_VERSION})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+    _write_folder(pathlib.Path(folder), write, "save_pretrained")
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (damaged?): {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from e
+
+
+def read_pretrained(folder: str | pathlib.Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
+    """(config, the folder's ``adapter_config.json``, tensors) of a :func:`save_pretrained` folder.
+
+    FileNotFoundError names a missing folder or file; ValueError a damaged file, another format version or
+    an invalid config."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist (or is not a folder)")
+    path = folder / CONFIG_NAME
+    meta = _read_json(path)
+    if "peft_type" in meta and "pemoe_format" not in meta:
+        raise ValueError(f"{path} is a PEFT adapter config (peft_type={meta['peft_type']!r}): use pemoe.import_peft")
+    if meta.get("pemoe_format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: pemoe_format is {meta.get('pemoe_format')!r}, this pemoe reads {FORMAT_VERSION!r}")
+    for field in ("config", "model_family", "sites"):
+        if field not in meta:
+            raise ValueError(f"{path} lacks the field {field!r}")
+    try:
+        config = config_from_dict(meta["config"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: 'config' is not a valid adapter config: {e}") from e
+    return config, meta, _read_safetensors(folder / WEIGHTS_NAME)
+
+
+def from_pretrained(model: nn.Module, folder: str | pathlib.Path) -> AdapterConfig:
+    """Load a :func:`save_pretrained` folder into ``model`` (bit-exact); returns the config.
+
+    A bare model (no pemoe adapters) is injected from the folder's config first, as PEFT's
+    ``PeftModel.from_pretrained(base, folder)`` does; a model that already has adapters must have the
+    folder's config (``implementation`` aside), and they are overwritten. All or nothing: a folder written
+    for another method, expert count, rank (any other config field), model family or site list raises
+    ValueError naming the field (a missing file FileNotFoundError, a damaged one ValueError, each naming
+    the file), and the model is left unchanged.
+    """
+    saved, meta, tensors = read_pretrained(folder)
+    path = pathlib.Path(folder) / CONFIG_NAME
+    family = model_family(model)
+    if meta["model_family"] != family:
+        raise ValueError(f"{path}: model_family is {meta['model_family']!r}, the model's is {family!r}")
+    undo = None
+    current = adapter_config(model)
+    if current is None:
+        undo = _apply(model, dataclasses.replace(saved))
+        current = adapter_config(model)
+    else:
+        require_unmerged(model, "from_pretrained")
+    try:
+        a, b = _config_for_compare(saved), _config_for_compare(current)
+        diff = [
+            f"{k}: folder {a.get(k)!r} vs model {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+        ]
+        if diff:
+            raise ValueError(f"{path} was saved for another adapter config: " + "; ".join(diff))
+        sites = list(_require_injected(model)["sites"])
+        if list(meta["sites"]) != sites:
+            lacks = [s for s in meta["sites"] if s not in sites]
+            extra = [s for s in sites if s not in meta["sites"]]
+            raise ValueError(
+                f"{path}: sites differ from the model's: the model lacks {len(lacks)} {lacks[:4]}, the folder "
+                f"lacks {len(extra)} {extra[:4]}"
+            )
+        params = _check_tensors(model, tensors, f"adapter folder {folder} ({WEIGHTS_NAME})")
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    _copy(params, tensors)
+    return current
