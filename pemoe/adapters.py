@@ -81,6 +81,7 @@ from pemoe.injection import (
     sentence_routing,
 )
 from pemoe.merge import is_merged, merge, unmerge
+from pemoe.peft_interop import export_peft, import_peft
 from pemoe.placements import MoVActivation
 from pemoe.serialization import (
     FORMAT_VERSION,
@@ -110,6 +111,8 @@ __all__ = [
     "load_adapter_state_dict",
     "save_pretrained",
     "from_pretrained",
+    "export_peft",
+    "import_peft",
     "merge",
     "unmerge",
     "is_merged",

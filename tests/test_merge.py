@@ -213,7 +213,7 @@ def test_what_cannot_be_merged_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"already|merged into its weights"):
         merge(one)
     _assert_unchanged(one, snap)
-    for fn in (pemoe.save_adapter, pemoe.save_pretrained):
+    for fn in (pemoe.save_adapter, pemoe.save_pretrained, pemoe.export_peft):
         with pytest.raises(ValueError, match="merged.*unmerge"):
             fn(one, "/nonexistent/never-written")
 
