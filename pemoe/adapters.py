@@ -1,9 +1,12 @@
-"""Drop-in adapters: ``inject(model, config)``, adapter-only save/load, the authors' (T5) names.
+"""Drop-in adapters: ``inject(model, config)``, adapter-only save/load (one file or a folder), PEFT export and
+import, merging, the authors' (T5) names.
 
 One public namespace over the modules that do the work, split as PEFT's tuners are: :mod:`pemoe.config`
 (the configs), :mod:`pemoe.placements` (one module per model family: where the sites are),
-:mod:`pemoe.injection` (building the adapter modules and swapping them in) and :mod:`pemoe.serialization`
-(adapter files and the authors' names). Adding a model family means adding a placement module and its
+:mod:`pemoe.injection` (building the adapter modules and swapping them in), :mod:`pemoe.serialization`
+(adapter files and folders, the authors' names), :mod:`pemoe.peft_interop` (PEFT folders at one expert:
+:func:`export_peft`, :func:`import_peft`, upcycling) and :mod:`pemoe.merge` (:func:`merge` / :func:`unmerge`:
+folding adapters into the frozen weights). Adding a model family means adding a placement module and its
 peer test.
 
 ``pemoe.inject(model, config)`` is :func:`inject` from this module (re-exported by ``pemoe``). Where the
