@@ -21,7 +21,9 @@ merged outputs differ from unmerged ones by rounding only.
 Merged sites become plain modules (``nn.Linear``, the model's own ``Conv1D``, the MLP's activation, a plain
 gated MLP): no adapter cost at inference. The adapter modules, with the original frozen weights untouched,
 are kept aside, so :func:`unmerge` puts them back and restores every weight bit for bit (a subtraction
-would not); merged weights are new tensors, so a merged model holds the adapted layers twice. Quantized
+would not); merged weights are new tensors, so a merged model holds the adapted layers twice. The modules
+kept aside are not the model's children: move the model (``.to(device)``, ``.half()``) while unmerged, or
+unmerge before moving it. Quantized
 frozen weights (bitsandbytes, torchao: :func:`pemoe.layers.runs_own_forward`) cannot take a fold.
 """
 

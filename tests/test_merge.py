@@ -133,6 +133,43 @@ def test_merged_equals_unmerged_and_unmerge_is_bit_exact(name, config):
     assert torch.equal(_logits(model, inputs, vector), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", [IA3Config(), LoRAConfig()], ids=["IA3", "LoRA"])
+def test_half_precision_merges_within_the_rule(config, dtype):
+    """The fold is computed in float32 and rounded once to the weights' dtype: ``ref`` is the unmerged model
+    in ``dtype``, ``truth`` the unmerged model in float64."""
+    model = decoder("llama")
+    inject(model, config)
+    _randomize(model)
+    x = dict(input_ids=ids(model))
+    truth = _logits(copy.deepcopy(model).double(), x)
+    model.to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = _logits(model, x)
+    merge(model)
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert_within_rule(_logits(model, x), ref, truth, dtype, f"{dtype} {type(config).__name__} merged logits")
+    unmerge(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [MoVConfig(num_experts=1, target_modules=["c_attn", "c_fc"]), IA3Config(target_modules=["mlp.act"]),
+     LoRAConfig(target_modules="all-linear")],
+    ids=["MoV-1-on-Conv1D-outputs", "IA3-on-the-activation", "LoRA-all-linear"],
+)  # fmt: skip
+def test_target_modules_sites_merge(config):
+    model = decoder("gpt2")
+    inject(model, config)
+    _randomize(model)
+    x = dict(input_ids=ids(model))
+    ref, truth = _logits(model, x), _logits(copy.deepcopy(model).double(), x)
+    merge(model)
+    assert not any(isinstance(m, ADAPTER_TYPES) for m in model.modules())
+    assert_within_rule(_logits(model, x), ref, truth, torch.float32, "target_modules merged logits")
+
+
 def test_merge_folds_what_the_formulas_say():
     """One layer of each kind, against the fold written out here: k_proj rows scaled, down_proj columns scaled
     (the FFN vector), LoRA W + (alpha / r)·(A B)ᵀ (GPT-2 Conv1D: Wᵀ + (alpha / r)·A B)."""
