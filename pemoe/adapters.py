@@ -5,7 +5,7 @@ One public namespace over the modules that do the work, split as PEFT's tuners a
 (the configs), :mod:`pemoe.placements` (one module per model family: where the sites are),
 :mod:`pemoe.injection` (building the adapter modules and swapping them in), :mod:`pemoe.serialization`
 (adapter files and folders, the authors' names), :mod:`pemoe.peft_interop` (PEFT folders at one expert:
-:func:`export_peft`, :func:`import_peft`, upcycling) and :mod:`pemoe.merge` (:func:`merge` / :func:`unmerge`:
+:func:`export_peft`, :func:`import_peft`, upcycling) and :mod:`pemoe.merging` (:func:`merge` / :func:`unmerge`:
 folding adapters into the frozen weights). Adding a model family means adding a placement module and its
 peer test.
 
@@ -83,7 +83,7 @@ from pemoe.injection import (
     inject,
     sentence_routing,
 )
-from pemoe.merge import is_merged, merge, unmerge
+from pemoe.merging import is_merged, merge, unmerge
 from pemoe.peft_interop import export_peft, import_peft
 from pemoe.placements import MoVActivation
 from pemoe.serialization import (

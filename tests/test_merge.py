@@ -288,3 +288,12 @@ def test_torchao_quantized_base_is_refused():
     with pytest.raises(ValueError, match="quantized"):
         merge(model)
     assert not is_merged(model) and adapter_config(model) is not None
+
+
+def test_public_names():
+    """The functions are pemoe.merge / pemoe.unmerge; their module (pemoe.merging) does not shadow them."""
+    import pemoe.merging
+
+    assert pemoe.merge is pemoe.adapters.merge is pemoe.merging.merge
+    assert pemoe.unmerge is pemoe.adapters.unmerge is pemoe.merging.unmerge
+    assert pemoe.is_merged is pemoe.merging.is_merged
