@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv in the checkout and installs pemoe with its dev, hf (transformers, peft), quant
+# Creates .venv in the checkout and installs pemoe with its dev, hf (transformers, peft, accelerate, trl), quant
 # (bitsandbytes, torchao) and triton extras (Triton's interpreter and compiler run the kernel tests on the CPU) and the jax extra.
 # On a machine with no torch yet it installs the CPU build of torch 2.13.0 first (from a local
 # wheel where one lies, else from the PyTorch CPU index), never a multi-GB CUDA build.
@@ -31,8 +31,8 @@ JAXLIB_VERSION=$(.venv/bin/python -c "import jaxlib; print(jaxlib.__version__)")
 import importlib.metadata as md
 
 names = [
-    "torch", "triton", "jax", "jaxlib", "flax", "transformers", "peft", "safetensors", "kernels", "bitsandbytes",
-    "torchao", "pemoe",
+    "torch", "triton", "jax", "jaxlib", "flax", "transformers", "peft", "accelerate", "trl", "safetensors", "kernels",
+    "bitsandbytes", "torchao", "pemoe",
 ]
 found = {name: md.version(name) for name in names if any(True for _ in md.distributions(name=name))}
 export = {d.metadata["Name"]: d.version for d in md.distributions(path=[".venv/cuda-export"])}
