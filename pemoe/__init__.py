@@ -1,6 +1,6 @@
 """pemoe: fused kernels for extremely parameter-efficient mixture-of-experts adapters (MoV, MoLoRA)."""
 
-from pemoe import adapters, models, ops, reference
+from pemoe import adapters, models, ops, reference, router_health
 from pemoe.adapters import (
     IA3Config,
     LoRAConfig,
@@ -19,6 +19,7 @@ from pemoe.adapters import (
     unmerge,
 )
 from pemoe.ops import molora_adapter, molora_linear, mov, mov_ffn, mov_linear
+from pemoe.router_health import RouterMonitor, plot_routing, routing_by_task
 
 __version__ = "0.1.0"
 
@@ -47,5 +48,9 @@ __all__ = [
     "unmerge",
     "is_merged",
     "sentence_routing",
+    "router_health",
+    "RouterMonitor",
+    "routing_by_task",
+    "plot_routing",
     "__version__",
 ]

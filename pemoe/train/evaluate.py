@@ -7,7 +7,8 @@ computed per (task, template); a task's score is the median over its templates, 
 mean of the task scores (the paper's held-out average).
 
 :func:`routing_statistics` gives the data for the paper's Figure 5: the mean routing probability of each
-expert, per task, at one adapter site (averaged over the non-padding tokens the site sees).
+expert, per task, at one adapter site (averaged over the non-padding tokens the site sees);
+:func:`routing_statistics_all` at every routed site (both through :mod:`pemoe.router_health`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pemoe import reference
 from pemoe.train.data import Batch, Example, encode_batch
 from pemoe.train.tokenizer import Tokenizer
 
@@ -32,6 +31,7 @@ __all__ = [
     "rank_classification",
     "format_table",
     "routing_statistics",
+    "routing_statistics_all",
     "default_routing_site",
 ]
 
@@ -198,47 +198,59 @@ def default_routing_site(model: nn.Module) -> str:
     return enc[0]
 
 
-def _site_router_probs(model: nn.Module, site_key: str):
-    """(module to hook, fn(hook input) -> probs [..., E]) for a routed site."""
-    from pemoe.injection import _adapter_module, _require_injected
-    from pemoe.layers import MoLoRALinear, MoV, MoVLinear
-    from pemoe.placements import MoVActivation
-
-    state = _require_injected(model)
-    if site_key not in state["sites"]:
-        raise ValueError(f"no adapter site {site_key!r}; sites are e.g. {list(state['sites'])[:3]}")
-    site = state["sites"][site_key]
-    adapter = _adapter_module(model, site)
-    current = getattr(site.parent, site.attr)
-    if getattr(adapter, "router", None) is None:
-        raise ValueError(f"site {site_key!r} has one expert and no router: nothing to plot")
-    if adapter.router_input_features is not None:
-        raise ValueError("routing_statistics supports token routing only (this model routes by sentence)")
-    holder = adapter.site if isinstance(adapter, MoVLinear) else adapter  # where top_k / renormalize live
-    top = dict(top_k=holder.top_k, renormalize=holder.renormalize)
-
-    def probs(h: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
-        return reference.router_probs(h, router, **top)
-
-    if isinstance(current, MoVLinear):  # attention k/v: router reads each head of x Wᵀ + b
-
-        def fn(x):
-            h = F.linear(x, current.base.weight, current.base.bias)
-            h = h.view(*h.shape[:-1], current.site.num_groups, current.site.dim)
-            return probs(h, current.router).mean(-2)  # mean over heads
-
-        return current, fn
-    if isinstance(current, MoLoRALinear):
-        return current, lambda x: probs(x, current.router)
-    if isinstance(current, MoVActivation):  # transformers' FFN: the site module sees act(x wi)
-        return current.site, lambda h: probs(h, current.site.router)
-    if isinstance(current, MoV) and site.attr == "mov":  # pemoe's fused FFN: recompute act(x wi_0ᵀ)
-        ffn = site.parent
-        return ffn, lambda x: probs(ffn._act(ffn.input_projection(x)), current.router)
-    raise TypeError(f"site {site_key!r}: unsupported module {type(current).__name__}")
+def _routing_batches(tokenizer: Tokenizer, examples: Sequence[Example], device, **encode) -> dict[str, list[dict]]:
+    """{task: [model keyword arguments]}: each task's examples encoded in batches (teacher forcing)."""
+    by_task: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        by_task[e.task].append(e)
+    batch_size = encode.pop("batch_size")
+    out: dict[str, list[dict]] = {}
+    for task in sorted(by_task):
+        exs = by_task[task]
+        out[task] = []
+        for start in range(0, len(exs), batch_size):
+            chunk = exs[start : start + batch_size]
+            b = _to(encode_batch(tokenizer, [e.input for e in chunk], [e.target for e in chunk], **encode), device)
+            out[task].append(
+                dict(
+                    input_ids=b.input_ids,
+                    attention_mask=b.attention_mask,
+                    decoder_input_ids=b.decoder_input_ids,
+                    decoder_attention_mask=b.decoder_attention_mask,
+                )
+            )
+    return out
 
 
-@torch.no_grad()
+def routing_statistics_all(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    sites: Sequence[str] | None = None,
+    *,
+    batch_size: int = 32,
+    max_input_len: int = 128,
+    max_target_len: int = 32,
+) -> dict[str, dict[str, list[float]]]:
+    """{site: {task: mean routing probability per expert}} for every routed site (or ``sites``) of a T5, over
+    the examples' inputs and targets (:func:`pemoe.router_health.routing_by_task`: tokens weighted equally,
+    padding excluded, MoV heads averaged)."""
+    from pemoe.models.t5 import T5
+    from pemoe.router_health import routing_by_task
+
+    batches = _routing_batches(
+        tokenizer,
+        examples,
+        _device(model),
+        batch_size=batch_size,
+        max_input_len=max_input_len,
+        max_target_len=max_target_len,
+    )
+    if not isinstance(model, T5):  # transformers: no key/value cache in teacher forcing
+        batches = {t: [{**b, "use_cache": False} for b in bs] for t, bs in batches.items()}
+    return routing_by_task(model, batches, sites=sites)
+
+
 def routing_statistics(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -249,43 +261,29 @@ def routing_statistics(
     max_input_len: int = 128,
     max_target_len: int = 32,
 ) -> tuple[str, dict[str, list[float]]]:
-    """(site, {task: mean routing probability per expert}) over the examples' inputs and targets.
+    """(site, {task: mean routing probability per expert}) at one site (default: :func:`default_routing_site`)
+    over the examples' inputs and targets; :func:`routing_statistics_all` for every site.
 
     Tokens are weighted equally; padding tokens (encoder or decoder, by the site's stack) are excluded.
     """
+    from pemoe.injection import _require_injected
+
     site_key = site_key or default_routing_site(model)
-    module, fn = _site_router_probs(model, site_key)
-    in_decoder = site_key.startswith("decoder.")
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _m, args: captured.append(fn(args[0]).float()))
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, float] = defaultdict(float)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = encode_batch(
-                tokenizer,
-                [e.input for e in chunk],
-                [e.target for e in chunk],
-                max_input_len=max_input_len,
-                max_target_len=max_target_len,
-            )
-            batch = _to(batch, _device(model))
-            captured.clear()
-            model_logits(model, batch)
-            mask = (batch.decoder_attention_mask if in_decoder else batch.attention_mask).float()
-            for p in captured:  # [B, S, E] (one call per forward for a self-attention or FFN site)
-                if p.shape[:2] != mask.shape:  # cross-attention k/v read the encoder output
-                    m = batch.attention_mask.float()
-                else:
-                    m = mask
-                weighted = (p * m[..., None]).sum(1)  # [B, E]
-                for j, e in enumerate(chunk):
-                    sums[e.task] = sums.get(e.task, 0) + weighted[j]
-                    counts[e.task] += float(m[j].sum())
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return site_key, {t: (sums[t] / counts[t]).tolist() for t in sorted(sums)}
+    sites = _require_injected(model)["sites"]
+    if site_key not in sites:
+        raise ValueError(f"no adapter site {site_key!r}; sites are e.g. {list(sites)[:3]}")
+    config = _require_injected(model)["config"]
+    if config.router_input != "token":
+        raise ValueError("routing_statistics supports token routing only (this model routes by sentence)")
+    if config.num_experts == 1:
+        raise ValueError(f"site {site_key!r} has one expert and no router: nothing to plot")
+    stats = routing_statistics_all(
+        model,
+        tokenizer,
+        examples,
+        [site_key],
+        batch_size=batch_size,
+        max_input_len=max_input_len,
+        max_target_len=max_target_len,
+    )
+    return site_key, stats[site_key]
