@@ -52,5 +52,15 @@ __all__ = [
     "RouterMonitor",
     "routing_by_task",
     "plot_routing",
+    "hf",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # pemoe.hf (Trainer / TRL integration) imports transformers: loaded on first use only
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("pemoe.hf")
+    raise AttributeError(f"module 'pemoe' has no attribute {name!r}")
