@@ -304,11 +304,97 @@ def test_routing_plot_draws_one_panel_per_site_and_one_row_per_task(tmp_path):
     few = plot_routing(stats, tmp_path / "two.png", max_panels=2)
     assert len(few.panels) == 2
     big, small = imread(tmp_path / "all.png"), imread(tmp_path / "two.png")
-    # figure width grows by one panel's width per site; the height does not depend on the panel count
-    per_panel = (big.shape[1] - small.shape[1]) / (len(sites) - 2)
-    assert big.shape[0] == small.shape[0] and per_panel == pytest.approx((1.2 + 0.35 * 3) * 100, abs=2)
+    # figure size in inches at 100 dpi: height 1.4 + 0.3 per task row, width 1.6 + per panel (1.2 + 0.35 per expert)
+    assert big.shape[:2] == (round((1.4 + 0.3 * 3) * 100), round((1.6 + len(sites) * 2.25) * 100))
+    assert small.shape[:2] == (big.shape[0], round((1.6 + 2 * 2.25) * 100))
     assert len({tuple(px) for px in small.reshape(-1, small.shape[-1])[::7].tolist()}) > 20  # colours drawn
     with pytest.raises(ValueError, match="no routed site"):
         plot_routing({}, tmp_path / "none.png")
     assert json.dumps(stats)  # plain floats: the statistics serialise as they are
     assert math.isfinite(sum(sum(v) for s in stats.values() for v in s.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# pemoe train
+
+
+def _train_run(tmp_path, name, **kw):
+    from pemoe.train.loop import train
+    from tests.test_train import _cfg
+
+    result = train(_cfg(tmp_path / name, **kw))
+    lines = [json.loads(s) for s in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if s.strip()]
+    return result, lines
+
+
+def test_pemoe_train_logs_router_health_without_changing_training(tmp_path):
+    result, lines = _train_run(tmp_path, "on", router_stats_every=2, method="molora", rank=2)
+    router = [ln for ln in lines if ln["kind"] == "router"]
+    assert [ln["step"] for ln in router] == [2, 4]
+    sites = routed_sites(result.bundle.model)
+    for ln in router:
+        assert list(ln["sites"]) == sites
+        for s in ln["sites"].values():
+            assert sum(s["load"]) == pytest.approx(1.0, abs=1e-5) and s["max_prob"] == max(s["load"])
+            assert 0 < s["entropy"] <= math.log(3) + 1e-6
+        assert ln["max_prob_max"] == max(s["max_prob"] for s in ln["sites"].values())
+        assert ln["entropy_min"] == min(s["entropy"] for s in ln["sites"].values())
+    off, off_lines = _train_run(tmp_path, "off", router_stats_every=0, method="molora", rank=2)
+    assert not [ln for ln in off_lines if ln["kind"] == "router"]
+    a, b = adapter_state_dict(result.bundle.model), adapter_state_dict(off.bundle.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # watching the routers changes nothing
+    assert [ln["loss"] for ln in lines if ln["kind"] == "train"] == [ln["loss"] for ln in off_lines]
+
+
+def test_pemoe_train_balance_loss(tmp_path):
+    from pemoe.train.loop import CheckpointMismatch, TrainConfig, train
+    from tests.test_train import _cfg
+
+    base, base_lines = _train_run(tmp_path, "base", router_stats_every=0, max_steps=2)
+    bal, lines = _train_run(tmp_path, "bal", router_stats_every=0, max_steps=2, balance_loss=1.0)
+    train_lines = [ln for ln in lines if ln["kind"] == "train"]
+    assert all(ln["balance_loss"] > 0 for ln in train_lines)
+    assert "balance_loss" not in base_lines[0]
+    assert train_lines[0]["loss"] == base_lines[0]["loss"]  # the logged loss stays the cross-entropy
+    a, b = adapter_state_dict(base.bundle.model), adapter_state_dict(bal.bundle.model)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("router"))
+    with pytest.raises(CheckpointMismatch, match="balance_loss: checkpoint 1.0 vs this run None"):
+        train(_cfg(tmp_path / "bal", router_stats_every=0, max_steps=3, resume="latest"))
+    with pytest.raises(ValueError, match="balance_loss must be a finite number >= 0"):
+        TrainConfig(data="x", out="y", init="tiny", balance_loss=-1.0)
+    with pytest.raises(ValueError, match="balance_loss needs routed adapters"):
+        TrainConfig(data="x", out="y", init="tiny", method="lora", balance_loss=0.1)
+
+
+def test_pemoe_eval_routing_plot(tmp_path, capsys):
+    from matplotlib.image import imread
+
+    from pemoe.cli import main
+    from pemoe.train.data import load_dataset
+    from tests.test_train import DATA, EVAL, TINY
+
+    common = ["--data", DATA, "--batch-size", "4", "--max-input-len", "48", "--no-progress", "--max-steps", "1"]
+    assert main(["train", "--init", TINY, "--method", "full", *common, "--out", str(tmp_path / "pre")]) == 0
+    model = str(tmp_path / "pre" / "model")
+    for method in ("mov", "lora"):
+        assert main(["train", "--model", model, "--method", method, "--num-experts", "2", *common,
+                     "--out", str(tmp_path / method)]) == 0  # fmt: skip
+    png = tmp_path / "routing.png"
+    args = ["eval", "--model", model, "--data", EVAL, "--routing-plot", str(png)]
+    assert main([*args, "--adapter", str(tmp_path / "mov" / "adapter.safetensors")]) == 0
+    stats = json.loads(png.with_suffix(".json").read_text())
+    tasks = sorted({e.task for e in load_dataset(EVAL).examples})
+    # one layer per stack: encoder k, v, ffn; decoder self k, v, cross k, v, ffn
+    assert len(stats) == 8 and all(sorted(v) == tasks for v in stats.values())
+    assert all(
+        sum(load) == pytest.approx(1.0, abs=1e-5) and len(load) == 2 for v in stats.values() for load in v.values()
+    )
+    image = imread(png)  # figure size (inches, 100 dpi): width 1.6 + 8 panels x (1.2 + 0.35 x 2 experts)
+    assert image.shape[:2] == (round((1.4 + 0.3 * len(tasks)) * 100), round((1.6 + 8 * 1.9) * 100))
+    sites = "encoder.block.0.layer.1.DenseReluDense.mov,decoder.block.0.layer.0.SelfAttention.k"
+    assert main([*args, "--adapter", str(tmp_path / "mov" / "adapter.safetensors"), "--routing-sites", sites]) == 0
+    assert list(json.loads(png.with_suffix(".json").read_text())) == sites.split(",")
+    assert imread(png).shape[1] == round((1.6 + 2 * 1.9) * 100)
+    capsys.readouterr()
+    assert main([*args, "--adapter", str(tmp_path / "lora" / "adapter.safetensors")]) == 2
+    assert "no routed site" in capsys.readouterr().err

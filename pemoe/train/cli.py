@@ -24,7 +24,8 @@ examples (the synthetic pipeline on a tiny random T5, byte-level tokenizer; benc
       --optimizer adamw --lr 1e-2 --eval-data synthetic:heldout --eval-every 100 --max-steps 300 \\
       --checkpoint-every 100 --out runs/mov
   pemoe train ...same arguments... --max-steps 500 --resume    # continue from the latest checkpoint
-  pemoe eval --model runs/pre/model --adapter runs/mov/adapter.safetensors --data synthetic:heldout
+  pemoe eval --model runs/pre/model --adapter runs/mov/adapter.safetensors --data synthetic:heldout \\
+      --routing-plot runs/mov/routing.png                    # + the per-task routing heat maps (Figure 5)
 """
 
 
@@ -134,6 +135,21 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="continue from a checkpoint directory (no value: the latest under --out)",
     )
+    p.add_argument(
+        "--router-stats-every",
+        type=int,
+        default=10,
+        help="router health every N steps (MoV/MoLoRA, E > 1): per site the routing entropy, largest mean expert "
+        "probability and load over experts, written to metrics.jsonl (kind router) and logged; 0: off; "
+        "--framework torch only",
+    )
+    p.add_argument(
+        "--balance-loss",
+        type=float,
+        default=0.0,
+        help="add COEF x KL(mean routing probabilities || uniform), averaged over the sites, to the loss "
+        "(load balancing; default 0: off, as in the paper)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="plain log lines instead of a bar")
     p.add_argument("--log-every", type=int, default=10, help="plain log line every N steps (without a bar)")
     p.add_argument(
@@ -163,6 +179,21 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="(input, choice) pairs per batch")
     p.add_argument("--length-normalize", action="store_true", help="score by mean instead of summed log-likelihood")
     p.add_argument("--json", type=pathlib.Path, default=None, help="also write the result as JSON here")
+    p.add_argument(
+        "--routing-plot",
+        type=pathlib.Path,
+        default=None,
+        metavar="PNG",
+        help="also draw the paper's Figure 5 here: mean expert probability per task (rows) and expert (columns), "
+        "one heat map per routed adapter site, over the data's inputs and targets (MoV / MoLoRA with E > 1); "
+        "the numbers go to PNG with the suffix .json",
+    )
+    p.add_argument(
+        "--routing-sites",
+        type=_csv,
+        default=None,
+        help="comma list of the adapter sites to plot (default: every routed site)",
+    )
     _model_args(p)
     return p
 
@@ -242,6 +273,21 @@ def _eval(args: argparse.Namespace) -> int:
             length_normalize=args.length_normalize,
             decoder_start_id=bundle.decoder_start_id,
         )
+        if args.routing_plot is not None:
+            from pemoe.router_health import plot_routing
+            from pemoe.train.evaluate import routing_statistics_all
+
+            stats = routing_statistics_all(
+                bundle.model,
+                bundle.tokenizer,
+                data.examples,
+                args.routing_sites,
+                batch_size=args.batch_size,
+                max_input_len=args.max_input_len,
+                max_target_len=args.max_target_len,
+            )
+            plot_routing(stats, args.routing_plot, title=f"mean routing probability per task ({args.data})")
+            args.routing_plot.with_suffix(".json").write_text(json.dumps(stats, indent=1))
     except (BadLineError, FileNotFoundError, ValueError) as e:
         print(f"pemoe eval: error: {e}", file=sys.stderr)
         return 2

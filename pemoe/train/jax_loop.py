@@ -316,6 +316,8 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if cfg.dropout not in (None, 0.0):
         raise ValueError(f"--framework jax has no dropout (pemoe.models.t5_jax); got --dropout {cfg.dropout}")
+    if getattr(cfg, "balance_loss", 0.0) > 0:
+        raise ValueError("--balance-loss (pemoe.router_health) is --framework torch only")
     names = {"auto", *PLANNED, *(i for impls in AVAILABLE.values() for i in impls)}
     if cfg.implementation not in names:
         raise ValueError(

@@ -21,6 +21,15 @@ straight; a checkpoint whose identity differs from the run (another method, adap
 tokenizer, data or optimizer setting) is refused with the differences named. A checkpoint directory is
 written under a temporary name and renamed when complete.
 
+Router health (:mod:`pemoe.router_health`, MoV / MoLoRA with E > 1): every ``router_stats_every`` steps
+(default 10; 0: off) ``metrics.jsonl`` gets a line of kind "router" with, per site, the mean routing entropy,
+the largest mean expert probability and the load over experts (mean probability per expert) over that step's
+tokens, plus ``entropy_mean``, ``entropy_min`` and ``max_prob_max`` over the sites; a log line reports the
+worst site (hooks during the step's own forward passes: no second forward). ``balance_loss`` > 0 adds
+``balance_loss`` · KL(P̄ ‖ uniform) (mean over sites and micro-batches) to the training loss; it is off by
+default, as in the paper, and part of the run's identity when on. The "train" lines' ``loss`` stays the
+cross-entropy; the balancing term is logged as ``balance_loss``.
+
 SIGINT (Ctrl-C): the step in progress is finished, a checkpoint is written, and :func:`train` returns
 with ``interrupted=True`` (``pemoe train`` exits 130); a second SIGINT interrupts at once. The handler is
 installed only when :func:`train` runs in the main thread.
@@ -102,6 +111,7 @@ RUN_TIME_FIELDS = {
     "implementation",
     "skip_bad_lines",
     "parallel",  # a checkpoint resumes at any world size and parallel mode
+    "router_stats_every",  # statistics only: training is the same with or without them
 }
 
 
@@ -143,6 +153,8 @@ class TrainConfig:
     log_every: int = 10
     implementation: str = "auto"
     parallel: str = "auto"  # torch.distributed mode (pemoe.train.distributed): auto, none, ddp, fsdp
+    router_stats_every: int = 10  # router health every N steps (pemoe.router_health); 0: off
+    balance_loss: float = 0.0  # coefficient of the load-balancing loss KL(mean p || uniform); 0: off
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -159,7 +171,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "log_every"):
+        for name in ("max_steps", "eval_every", "checkpoint_every", "log_every", "router_stats_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_input_len < 2 or self.max_target_len < 2:
@@ -174,6 +186,15 @@ class TrainConfig:
             self.sites = tuple(self.sites)
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {self.parallel!r}")
+        if isinstance(self.balance_loss, bool) or not (
+            isinstance(self.balance_loss, (int, float)) and math.isfinite(self.balance_loss) and self.balance_loss >= 0
+        ):
+            raise ValueError(f"balance_loss must be a finite number >= 0, got {self.balance_loss!r}")
+        if self.balance_loss > 0 and (self.method not in ("mov", "molora") or self.num_experts < 2):
+            raise ValueError(
+                f"balance_loss needs routed adapters (method mov or molora with num_experts >= 2), got method "
+                f"{self.method!r} with num_experts={self.num_experts}"
+            )
 
     def adapter_config(self) -> adapters.AdapterConfig | None:
         common = dict(sites=self.sites, top_k=self.top_k, renormalize=self.renormalize)
@@ -383,10 +404,11 @@ CKPT_VERSION = 1
 def _identity(cfg: TrainConfig, bundle: ModelBundle, data: Dataset) -> dict:
     ac = cfg.adapter_config()
     adapter_fields = {"num_experts", "rank", "alpha", "top_k", "renormalize", "sites"}  # in adapter_config
+    train_config = {k: v for k, v in cfg.to_dict().items() if k not in RUN_TIME_FIELDS and k not in adapter_fields}
+    if not train_config.get("balance_loss"):
+        train_config.pop("balance_loss", None)  # off: the identity of runs from before the option
     return {
-        "train_config": {
-            k: v for k, v in cfg.to_dict().items() if k not in RUN_TIME_FIELDS and k not in adapter_fields
-        },
+        "train_config": train_config,
         "adapter_config": None if ac is None else serialization._config_for_compare(ac),
         "model": {"kind": bundle.kind, "config": bundle.t5_config, "fingerprint": bundle.fingerprint},
         "tokenizer": bundle.tokenizer.spec(),
@@ -773,6 +795,37 @@ class _NoMetrics:
         pass
 
 
+def _router_monitor(model: nn.Module, cfg: TrainConfig):
+    """A :class:`pemoe.router_health.RouterMonitor` on the model's routed sites (off between the steps that use
+    it), or None: no routed site, or neither router statistics nor the balancing loss asked for."""
+    from pemoe.router_health import RouterMonitor, routed_sites
+
+    if cfg.method == "full" or not (cfg.router_stats_every or cfg.balance_loss > 0) or not routed_sites(model):
+        return None
+    monitor = RouterMonitor(model, balance=cfg.balance_loss > 0)
+    monitor.enabled = False
+    return monitor
+
+
+def _write_router_stats(monitor, step: int, metrics, progress, cfg: TrainConfig, par: ParallelContext) -> None:
+    """One ``kind: "router"`` metrics line (this step's tokens, this rank's share of the batch) and a log line."""
+    from pemoe.router_health import stats_to_logs, uniform_entropy
+
+    stats = monitor.stats(reset=True)
+    if not stats or not par.is_main:
+        return
+    summary = {k.split("/", 1)[1]: v for k, v in stats_to_logs(stats, per_site=False).items()}
+    metrics.write({"kind": "router", "step": step, **summary, "sites": {k: s.to_dict() for k, s in stats.items()}})
+    if cfg.log_every:
+        worst = max(stats, key=lambda k: stats[k].max_prob)
+        experts = len(stats[worst].load)
+        progress.write(
+            f"step {step} router: entropy mean {summary['entropy_mean']:.3f} min {summary['entropy_min']:.3f} "
+            f"(uniform {uniform_entropy(experts):.3f}); largest mean expert probability "
+            f"{stats[worst].max_prob:.3f} (uniform {1 / experts:.3f}) at {worst}"
+        )
+
+
 def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float], None] | None) -> TrainResult:
     out, data, eval_data = _open_run(cfg)
     bundle = build_model(cfg)
@@ -803,6 +856,7 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     metrics = _Metrics(out / "metrics.jsonl", step) if par.is_main else _NoMetrics()
+    monitor = _router_monitor(model, cfg)
     progress = _Progress(cfg.max_steps, step, cfg.progress and par.is_main, cfg.log_every if par.is_main else 0)
     model.train()
 
@@ -827,7 +881,12 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
                 n_tokens = sum(b.num_input_tokens + b.num_target_tokens for b in micro)
                 optimizer.zero_grad(set_to_none=True)
                 loss_value = 0.0
+                balance_value = 0.0
                 examples = 0
+                record = monitor is not None and cfg.router_stats_every and (step + 1) % cfg.router_stats_every == 0
+                if monitor is not None:
+                    monitor.reset()
+                    monitor.enabled = bool(record) or cfg.balance_loss > 0
                 for i, b in enumerate(micro):
                     b = par.shard_batch(b)  # this rank's rows of the global micro-batch
                     examples += b.input_ids.shape[0]
@@ -845,14 +904,20 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
                             logits.float().flatten(0, 1), b.labels.flatten(), ignore_index=-100, reduction="sum"
                         )
                         loss = loss / n_target  # the step's global target-token count: ranks' gradients sum
+                        loss_value += loss.item()
+                        if cfg.balance_loss > 0:  # mean over the micro-batches (and ranks) of each one's KL
+                            aux = monitor.balance_loss() * (cfg.balance_loss / (len(micro) * par.world_size))
+                            balance_value += aux.item()
+                            loss = loss + aux
                         loss.backward()
-                    loss_value += loss.item()
+                if monitor is not None:
+                    monitor.enabled = False  # evaluation and checkpoints run without the hooks' work
                 par.finish_gradients(named)
                 optimizer.step()
                 if par.distributed:  # the global loss, and how many examples each rank trained on
                     counts = [0.0] * par.world_size
                     counts[par.rank] = float(examples)
-                    loss_value, *counts = par.reduce_sum([loss_value, *counts])
+                    loss_value, balance_value, *counts = par.reduce_sum([loss_value, balance_value, *counts])
                 step += 1
                 tokens_seen += n_tokens
                 dt = time.perf_counter() - t0
@@ -864,9 +929,12 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
                         "loss": loss_value,
                         "tokens": n_tokens,
                         "tokens_per_s": n_tokens / dt,
+                        **({"balance_loss": balance_value} if cfg.balance_loss > 0 else {}),
                         **({"rank_examples": [int(c) for c in counts]} if par.distributed else {}),
                     }
                 )
+                if record:
+                    _write_router_stats(monitor, step, metrics, progress, cfg, par)
                 progress.update(step, loss_value, n_tokens / dt)
                 if on_step is not None:
                     on_step(step, loss_value)
@@ -884,6 +952,8 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
                 run_eval()
             _save_final(out, bundle, cfg, par)
     finally:
+        if monitor is not None:
+            monitor.remove()
         progress.close()
         metrics.close()
     if result.evals and par.is_main:
