@@ -933,9 +933,9 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
                         **({"rank_examples": [int(c) for c in counts]} if par.distributed else {}),
                     }
                 )
+                progress.update(step, loss_value, n_tokens / dt)
                 if record:
                     _write_router_stats(monitor, step, metrics, progress, cfg, par)
-                progress.update(step, loss_value, n_tokens / dt)
                 if on_step is not None:
                     on_step(step, loss_value)
                 if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
