@@ -22,9 +22,10 @@ methods overridden — and :func:`pemoe_trainer` (the same for any ``Trainer`` s
   ``optimizers=``) may hold adapter parameters only; a backbone weight in it (e.g. one unfrozen by other
   code, which Trainer's default optimizer would pick up) is a ``ValueError`` naming it;
 * **log router health** (:mod:`pemoe.router_health`): at each training log, per routed site the mean routing
-  entropy, the largest mean expert probability and the load over experts since the previous log
-  (``router/<site>/entropy``, ``/max_prob``, ``/load_<e>``, plus ``router/entropy_mean``, ``/entropy_min`` and
-  ``/max_prob_max``), computed by hooks during the training forward passes (no second forward);
+  entropy, the largest mean expert probability and the load over experts (``router/<site>/entropy``,
+  ``/max_prob``, ``/load_<e>``, plus ``router/entropy_mean``, ``/entropy_min`` and ``/max_prob_max``) over the
+  tokens of the logged optimizer step (all its micro-batches; with ``balance_loss`` on, of every step since the
+  previous log), computed by hooks during the training forward passes (no second forward);
   ``router_stats="summary"`` logs the three summary values only, ``None`` nothing;
 * add an optional **load-balancing loss** ``balance_loss`` · KL(P̄ ‖ uniform) averaged over the sites
   (:meth:`pemoe.router_health.RouterMonitor.balance_loss`; 0, the default and the paper's setting, adds nothing).
@@ -48,6 +49,7 @@ their router in float32.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 
@@ -118,7 +120,7 @@ class _PemoeTrainerMixin:
         monitor = self.router_monitor
         if monitor is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        monitor.enabled = True
+        monitor.enabled = self.balance_loss > 0 or self._router_stats_due()
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
@@ -153,6 +155,17 @@ class _PemoeTrainerMixin:
         if self.args.average_tokens_across_devices:  # as Trainer.compute_loss: the count spans all processes
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss, outputs
+
+    def _router_stats_due(self) -> bool:
+        """Whether the step in progress will be logged (so its statistics are wanted): the hooks' work (one
+        extra [T, F] product per fused FFN site) is then done on logged steps only."""
+        if self.router_stats is None:
+            return False
+        args, step = self.args, self.state.global_step + 1  # global_step counts completed optimizer steps
+        if args.logging_strategy != "steps":
+            return True  # epoch-wise logging: the log's step is not known in advance
+        every = self.state.logging_steps or args.logging_steps  # the state's: a fraction resolved to steps
+        return step % max(1, math.ceil(every)) == 0 or (step == 1 and args.logging_first_step)
 
     def compute_loss(self, model: nn.Module, inputs, return_outputs: bool = False, num_items_in_batch=None):
         result = self._seq2seq_token_sum_loss(model, inputs, num_items_in_batch)

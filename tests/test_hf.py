@@ -150,6 +150,14 @@ def test_router_health_is_logged_under_trainer(tmp_path):
             assert 0.0 < h[f"router/{site}/entropy"] <= torch.log(torch.tensor(3.0)).item() + 1e-6
         assert h["router/max_prob_max"] == max(h[f"router/{s}/max_prob"] for s in sites)
     assert "router/entropy_mean" not in trainer.state.log_history[-1]  # the run summary carries no stats
+    # statistics are gathered on the logged steps only (one forward each here): steps 2 and 4 of 4
+    sparse = _trainer(_t5(), _args(tmp_path / "sparse", max_steps=4, logging_steps=2), _data("t5"))
+    calls = []
+    record = sparse.router_monitor._record
+    sparse.router_monitor._record = lambda *a: (calls.append(a[0].key), record(*a))
+    sparse.train()
+    assert len(calls) == 2 * len(sites) and set(calls) == set(sites)
+    assert [h["step"] for h in sparse.state.log_history if "router/entropy_mean" in h] == [2, 4]
     summary = _trainer(_t5(), _args(tmp_path / "s", max_steps=1), _data("t5"), router_stats="summary")
     summary.train()
     keys = {k for k in summary.state.log_history[0] if k.startswith("router/")}
