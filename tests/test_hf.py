@@ -300,3 +300,22 @@ def test_pemoe_trainer_of_a_subclass_keeps_its_class():
     cls = hf.pemoe_trainer(MyTrainer)
     assert issubclass(cls, MyTrainer) and cls.__name__ == "PemoeMyTrainer"
     assert hf.pemoe_trainer(cls) is cls
+
+
+def test_load_best_model_at_end_loads_the_best_adapters(tmp_path):
+    from safetensors.torch import load_file
+
+    data = _data("llama")
+    model = _llama()
+    args = _args(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                 load_best_model_at_end=True, metric_for_best_model="loss", learning_rate=0.2)  # fmt: skip
+    trainer = _trainer(model, args, data, eval_dataset=data)
+    trainer.train()
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    best = min(evals, key=evals.get)
+    assert best != 3  # lr 0.2 overshoots: an earlier checkpoint is the best, so loading it changes the model
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+    saved = load_file(str(tmp_path / f"checkpoint-{best}" / hf.ADAPTER_FILE))
+    assert all(torch.equal(p, saved[k]) for k, p in adapter_state_dict(model).items())
+    last = load_file(str(tmp_path / "checkpoint-3" / hf.ADAPTER_FILE))
+    assert any(not torch.equal(last[k], saved[k]) for k in saved)
