@@ -164,7 +164,8 @@ def test_router_health_is_logged_under_trainer(tmp_path):
     assert keys == {"router/entropy_mean", "router/entropy_min", "router/max_prob_max"}
 
 
-def test_sft_trainer_trains_and_saves_adapters_only(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "t5"])  # T5 under SFTTrainer: the text is input and target
+def test_sft_trainer_trains_and_saves_adapters_only(tmp_path, kind):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -176,7 +177,7 @@ def test_sft_trainer_trains_and_saves_adapters_only(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     text = ["the cat sat on the mat.", "a dog ran, a cat sat.", "on the mat sat a dog.", "the mat is flat."]
-    model = _llama()
+    model = BUILD[kind]()
     model.config.pad_token_id, model.config.eos_token_id = 0, 1
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
@@ -193,6 +194,7 @@ def test_sft_trainer_trains_and_saves_adapters_only(tmp_path):
         max_length=32,
         dataset_num_proc=None,
     )
+    assert args.gradient_checkpointing and args.bf16  # TRL's defaults: this run covers both with the hooks on
     trainer = hf.PemoeSFTTrainer(
         model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": text}), processing_class=tokenizer
     )
@@ -204,6 +206,7 @@ def test_sft_trainer_trains_and_saves_adapters_only(tmp_path):
     files = {p.name for p in (tmp_path / "checkpoint-6").iterdir()}
     assert hf.ADAPTER_FILE in files and "model.safetensors" not in files
     assert any(k.startswith("router/") for k in trainer.state.log_history[0])
+    assert all(p.dtype == torch.float32 for p in adapter_state_dict(model).values())
 
 
 def _one_sgd_step(kind, out, batch, accum, data):
