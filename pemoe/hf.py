@@ -27,6 +27,7 @@ methods overridden — and :func:`pemoe_trainer` (the same for any ``Trainer`` s
   tokens of the logged optimizer step (all its micro-batches; with ``balance_loss`` on, of every step since the
   previous log), computed by hooks during the training forward passes (no second forward);
   ``router_stats="summary"`` logs the three summary values only, ``None`` nothing;
+  the hooks stay on the model, idle, after training: ``trainer.router_monitor.remove()`` takes them off;
 * add an optional **load-balancing loss** ``balance_loss`` · KL(P̄ ‖ uniform) averaged over the sites
   (:meth:`pemoe.router_health.RouterMonitor.balance_loss`; 0, the default and the paper's setting, adds nothing).
 
@@ -42,7 +43,9 @@ Usage (the model is injected first; a plain model is refused)::
 Gradient accumulation is Trainer's (the token-mean loss over the whole accumulated batch, from
 ``num_items_in_batch``), with one repair: encoder-decoder models such as T5 accept ``num_items_in_batch`` but
 ignore it, which makes Trainer sum the micro-batches' means; :class:`PemoeTrainer` computes their loss as
-Σ CE / ``num_items_in_batch`` itself, so k micro-batches of b equal one batch of k·b. Mixed precision is
+Σ CE / ``num_items_in_batch`` itself, so k micro-batches of b equal one batch of k·b (for an encoder-decoder
+model under ``SFTTrainer`` this replaces TRL's ``compute_loss``, whose extra token-accuracy and entropy logs
+are then absent). Mixed precision is
 Trainer's: the adapters are float32 parameters, so ``bf16=True`` (autocast) leaves them float32 and the ops run
 their router in float32.
 """
