@@ -40,7 +40,7 @@ def _small_tiles(monkeypatch, m=16, n=16, k=16):
         "_ffn_up_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k, GROUP_M=2),
         "_ffn_down_kernel": dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=2),
         "_ffn_down_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k, GROUP_M=2),
-        "_ffn_up_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k, GROUP_M=2),
+        "_ffn_up_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k),  # 2-D grid, not grouped
     }
     for name, kernel in AUTOTUNED.items():
         monkeypatch.setattr(kernel, "configs", [triton.Config(blocks[name], num_warps=4, num_stages=1)])

@@ -185,8 +185,9 @@ def _merge(p, experts_ptr, offs_e, offs_f, E, F, stride_ee, stride_ef, dtype, RO
 GROUP_M = 8
 
 
-def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
-    return triton.Config({**blocks, "GROUP_M": GROUP_M}, num_warps=num_warps, num_stages=num_stages)
+def _cfg(num_warps: int, num_stages: int, grouped: bool = True, **blocks: int) -> triton.Config:
+    group = {"GROUP_M": GROUP_M} if grouped else {}
+    return triton.Config({**blocks, **group}, num_warps=num_warps, num_stages=num_stages)
 
 
 #: Defaults (first of each list) are the largest tiles measured to compile without spilling
@@ -245,13 +246,13 @@ DOWN_BACKWARD_CONFIGS = _for_every_dtype(
 #: (d): as (a), but the epilogue also holds du, dlogits and act'(h0): a narrower default tile.
 UP_BACKWARD_CONFIGS = _for_every_dtype(
     [
-        _cfg(4, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=64),  # default: no spill (ptxas stack 0) for E <= 32
-        _cfg(8, 3, BLOCK_M=128, BLOCK_F=64, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),
+        _cfg(4, 3, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=64),  # default: no spill (ptxas stack 0) for E <= 32
+        _cfg(8, 3, False, BLOCK_M=128, BLOCK_F=64, BLOCK_K=64),
+        _cfg(4, 4, False, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
+        _cfg(4, 4, False, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),
+        _cfg(4, 4, False, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),
     ],
-    _cfg(8, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
+    _cfg(8, 3, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
 )
 #: (r): rows per program of the [T, E] router backward.
 ROUTER_BACKWARD_CONFIG = dict(BLOCK_M=64, num_warps=4)
@@ -535,11 +536,13 @@ def _ffn_up_backward_kernel(
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, SELF_ROUTED: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DROUTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUTER_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dh0 = (du ⊙ g + dlogits·routerᵀ) ⊙ act'(h0), dg = du ⊙ a, d router partial = aᵀ·dlogits."""
-    pid_m, pid_f = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, BLOCK_F), GROUP_M)
-    pid_m, pid_f = pid_m.to(tl.int64), pid_f.to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
+    # a 2-D grid, rows fastest (not grouped: the grouped ids cost this register-bound kernel spills on sm_80 /
+    # sm_90 at its defaults)
+    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
+    pid_f = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_e = tl.arange(0, BLOCK_E)
@@ -844,9 +847,12 @@ def _up_backward_launch(x, wi_0, wi_1, router, du, dlogits, prob: _Problem, need
     return args, {**cx, **prob.precisions}
 
 
-def tile_grid(rows: int, cols: int, block_cols: str):
-    """Grid of the tiled kernels (a)–(d): one program per [BLOCK_M, ``block_cols``] tile of a rows × cols output,
-    a 1-D grid in grouped order (the kernels map their program id with :func:`.tiles.grouped_ids`)."""
+def tile_grid(rows: int, cols: int, block_cols: str, grouped: bool = True):
+    """Grid of the tiled kernels (a)–(d): one program per [BLOCK_M, ``block_cols``] tile of a rows × cols output;
+    a 1-D grid in grouped order (the kernels map their program id with :func:`.tiles.grouped_ids`), or for (d),
+    ``grouped=False``, the 2-D grid (row tiles, column tiles)."""
+    if not grouped:
+        return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta[block_cols]))
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta[block_cols]),)
 
 
@@ -901,7 +907,7 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
     dx = d_router = None
     if need_x or need_drouter:
         args, cx = _up_backward_launch(x, wi_0, wi_1, router, du, dlogits, prob, need_x, need_drouter)
-        _ffn_up_backward_kernel[tile_grid(T, F, "BLOCK_F")](**args, **cx)
+        _ffn_up_backward_kernel[tile_grid(T, F, "BLOCK_F", grouped=False)](**args, **cx)
         if need_drouter:
             m_tiles = triton.cdiv(T, _ffn_up_backward_kernel.best_config.kwargs["BLOCK_M"])
             d_router = args["drouter_part_ptr"][:m_tiles].sum(0)

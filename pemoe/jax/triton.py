@@ -608,7 +608,7 @@ def _ffn_backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, 
     # ---- (d) and the dx GEMMs
     args, cx = mf._up_backward_launch(xm, w0m, w1m, rm, args["du_ptr"], dlogits_m, prob, True, self_routed)
     (dh0, dg, dr_part), up = plan.run(
-        mf._ffn_up_backward_kernel, args, cx, mf.tile_grid(T, F, "BLOCK_F"), "pemoe_mov_ffn_up_bwd"
+        mf._ffn_up_backward_kernel, args, cx, mf.tile_grid(T, F, "BLOCK_F", grouped=False), "pemoe_mov_ffn_up_bwd"
     )
     d_router = dr_part[: triton.cdiv(T, up.kwargs["BLOCK_M"])].sum(0) if self_routed else None
     f32 = jnp.float32
