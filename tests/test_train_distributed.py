@@ -175,6 +175,20 @@ def test_fsdp_resumes_a_single_process_checkpoint_and_matches(tmp_path):
     assert all(r["rank_examples"] == [4, 4] for r in _train_lines(tmp_path / "fsdp"))  # 2 micro-batches of 2
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_tiny_llama_under_torchrun_matches_single_process(tmp_path, parallel):
+    """A causal LM (tiny-llama: grouped-query attention, RoPE, right padding) under 2 ranks: DDP with MoV +
+    Adafactor, FSDP2 (each decoder layer a unit, adapters replicated) with MoLoRA + AdamW; the same losses and
+    adapters as one process by the tolerance rule."""
+    method, optimizer = ("mov", "adafactor") if parallel == "ddp" else ("molora", "adamw")
+    args = _args(init="tiny-llama", method=method, optimizer=optimizer, max_steps=2, checkpoint_every=0)
+    _single(tmp_path / "ref", args)
+    init = _initial(args)
+    _torchrun({**args, "out": tmp_path / parallel, "parallel": parallel})
+    _assert_same_run(tmp_path / parallel, tmp_path / "ref", init, steps=[1, 2])
+    assert all(r["rank_examples"] == [6, 4] for r in _train_lines(tmp_path / parallel))
+
+
 @pytest.mark.slow
 def test_fsdp_full_fine_tuning_shards_every_parameter(tmp_path):
     """--method full under FSDP2 (DTensor parameters, AdamW state), resumed from a one-process step-1 checkpoint

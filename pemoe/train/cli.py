@@ -26,6 +26,11 @@ examples (the synthetic pipeline on a tiny random T5, byte-level tokenizer; benc
   pemoe train ...same arguments... --max-steps 500 --resume    # continue from the latest checkpoint
   pemoe eval --model runs/pre/model --adapter runs/mov/adapter.safetensors --data synthetic:heldout \\
       --routing-plot runs/mov/routing.png                    # + the per-task routing heat maps (Figure 5)
+
+causal LMs (Llama, Mistral, Qwen, Gemma, GPT-2 folders; the sequence is input + target + eos, the loss and the
+rank-classification scores on the target tokens):
+  pemoe train --init tiny-llama --method mov --num-experts 4 --data synthetic:train --out runs/llama-mov
+  pemoe train --model path/to/llama --method molora --num-experts 8 --data train.jsonl --out runs/molora
 """
 
 
@@ -55,8 +60,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     """The ``train`` subcommand."""
     p = sub.add_parser(
         "train",
-        help="fine-tune a T5 with MoV / MoLoRA / (IA)3 / LoRA adapters (or all weights) on JSONL data",
-        description="Fine-tune pemoe's or transformers' T5 with adapters (frozen backbone) or, with --method "
+        help="fine-tune a T5 or causal LM with MoV / MoLoRA / (IA)3 / LoRA adapters (or all weights) on JSONL data",
+        description="Fine-tune pemoe's or transformers' T5, or a transformers causal LM (sequence input + target + "
+        "eos, loss on the target tokens only), with adapters (frozen backbone) or, with --method "
         "full, all weights (e.g. to pre-train a random model). Checkpoints hold only the trained weights, the "
         "optimizer and the data-loader state; --resume continues bit-exactly; Ctrl-C saves a resumable "
         "checkpoint. Writes <out>/metrics.jsonl, <out>/adapter.safetensors (or <out>/model/), <out>/eval.md.",
@@ -64,8 +70,16 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model directory: pemoe format (pemoe train --method full) or transformers T5")
-    src.add_argument("--init", help="random-initialised T5: preset tiny, mini, small, or a JSON of T5Config fields")
+    src.add_argument(
+        "--model",
+        help="model directory: pemoe format (pemoe train --method full), transformers T5, or a transformers causal "
+        "LM (Llama, Mistral, Qwen2/3, Gemma 1-3, GPT-2: AutoModelForCausalLM, local files only)",
+    )
+    src.add_argument(
+        "--init",
+        help="random-initialised model: T5 preset tiny, mini, small, or a JSON of T5Config fields; tiny-llama: a "
+        "2-layer Llama of width 64 with grouped-query attention (causal LM)",
+    )
     p.add_argument("--data", required=True, help="training data (JSONL path or synthetic:train)")
     p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
     p.add_argument("--method", choices=["mov", "ia3", "molora", "lora", "full"], default="mov")
@@ -173,7 +187,9 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="model directory (pemoe format or transformers T5)")
+    p.add_argument(
+        "--model", required=True, help="model directory (pemoe format, transformers T5 or transformers causal LM)"
+    )
     p.add_argument("--adapter", default=None, help="adapter file written by pemoe train")
     p.add_argument("--data", required=True, help="JSONL with choices, or synthetic:heldout / synthetic:seen")
     p.add_argument("--batch-size", type=int, default=64, help="(input, choice) pairs per batch")
@@ -271,7 +287,7 @@ def _eval(args: argparse.Namespace) -> int:
             max_input_len=args.max_input_len,
             max_target_len=args.max_target_len,
             length_normalize=args.length_normalize,
-            decoder_start_id=bundle.decoder_start_id,
+            family=bundle.family,
         )
         if args.routing_plot is not None:
             from pemoe.router_health import plot_routing
@@ -285,6 +301,7 @@ def _eval(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 max_input_len=args.max_input_len,
                 max_target_len=args.max_target_len,
+                family=bundle.family,
             )
             plot_routing(stats, args.routing_plot, title=f"mean routing probability per task ({args.data})")
             args.routing_plot.with_suffix(".json").write_text(json.dumps(stats, indent=1))

@@ -153,13 +153,38 @@ def write_jsonl(path: str | pathlib.Path, examples: Sequence[Example]) -> None:
 
 @dataclass
 class Batch:
+    """One encoded micro-batch. Encoder-decoder (T5): ``input_ids`` [B, S] feed the encoder and ``labels``
+    [B, T] are the decoder's targets. Causal LM (:func:`pemoe.train.models.encode_causal_batch`): ``input_ids``
+    [B, L] hold start + input + target + eos, the decoder fields are None, and ``labels`` [B, L] are already
+    shifted (``labels[:, t]`` is the token position t predicts). Either way the logits the model family returns
+    are [B, T, V] aligned with ``labels`` (-100 where there is no target)."""
+
     input_ids: torch.Tensor  # [B, S] long, pad 0
     attention_mask: torch.Tensor  # [B, S] long
-    decoder_input_ids: torch.Tensor  # [B, T] long: labels shifted right behind the start token (pad id)
-    decoder_attention_mask: torch.Tensor  # [B, T] long
+    decoder_input_ids: torch.Tensor | None  # [B, T] long: labels shifted right behind the start token (pad id)
+    decoder_attention_mask: torch.Tensor | None  # [B, T] long
     labels: torch.Tensor  # [B, T] long, -100 on padding
     num_input_tokens: int
     num_target_tokens: int
+
+    TENSORS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+
+    def to(self, device: torch.device) -> Batch:
+        """Move every tensor to ``device`` (in place; returns self)."""
+        for name in self.TENSORS:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        return self
+
+    def select(self, rows: slice) -> Batch:
+        """A new batch of ``rows`` (padding kept as encoded for the whole batch), its token counts recomputed:
+        input tokens are the attended ones that are not targets."""
+        parts = {n: None if getattr(self, n) is None else getattr(self, n)[rows] for n in self.TENSORS}
+        num_target = int((parts["labels"] != -100).sum())
+        attended = int(parts["attention_mask"].sum())
+        num_input = attended - num_target if self.decoder_input_ids is None else attended
+        return Batch(**parts, num_input_tokens=num_input, num_target_tokens=num_target)
 
 
 def encode_batch(

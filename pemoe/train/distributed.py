@@ -20,8 +20,9 @@ Modes (``--parallel``):
 * ``ddp``: ``DistributedDataParallel`` over the model; only parameters that require grad are synchronised
   (the frozen backbone is ignored by DDP). Every adapter parameter is used in every forward, so
   ``find_unused_parameters=False``. Gradient accumulation syncs on the last micro-batch only (``no_sync``).
-* ``fsdp``: FSDP2 ``fully_shard`` on each relative-attention-bias table (the pemoe T5 stack reads it outside
-  its block), each T5 block, then the root. With adapters, the *frozen backbone* is sharded; the trainable
+* ``fsdp``: FSDP2 ``fully_shard`` on the model family's units (:mod:`pemoe.train.models`: for T5 each
+  relative-attention-bias table, which the pemoe T5 stack reads outside its block, and each T5 block; for a
+  causal LM each decoder layer), then the root. With adapters, the *frozen backbone* is sharded; the trainable
   adapter parameters (at most ~1% of the model) are passed as ``ignored_params``: they stay replicated plain
   tensors and their gradients are all-reduced here in one flat buffer after the step's last backward.
   Reason: ``torch.optim.Adafactor`` (the default optimizer) cannot step sharded 2-D DTensor parameters (its
@@ -116,14 +117,7 @@ class ParallelContext:
         """This rank's rows of a global micro-batch (padding kept as encoded for the whole batch)."""
         if self.world_size == 1:
             return batch
-        rows = self.rows(batch.input_ids.shape[0])
-        names = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
-        parts = {name: getattr(batch, name)[rows] for name in names}
-        return Batch(
-            **parts,
-            num_input_tokens=int(parts["attention_mask"].sum()),
-            num_target_tokens=int((parts["labels"] != -100).sum()),
-        )
+        return batch.select(self.rows(batch.input_ids.shape[0]))
 
     # -- collectives (identity in one process) ----------------------------------------------
 
@@ -155,9 +149,15 @@ class ParallelContext:
     # -- model -----------------------------------------------------------------------------
 
     def wrap(
-        self, model: nn.Module, named: list[tuple[str, nn.Parameter]]
+        self,
+        model: nn.Module,
+        named: list[tuple[str, nn.Parameter]],
+        units: list[nn.Module] | None = None,
     ) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
         """Move ``model`` to this rank's device and wrap it for the mode.
+
+        ``units``: the FSDP2 sharding units before the root (the model family's
+        :meth:`~pemoe.train.models.ModelFamily.fsdp_units`; default: T5's).
 
         Returns the module to call in training (the DDP wrapper, or ``model`` itself) and the trainable
         ``(name, parameter)`` list, rebuilt when sharding replaced the parameters (``--method full`` under
@@ -178,9 +178,11 @@ class ParallelContext:
             )
             ddp.register_comm_hook(None, _sum_hook)
             return ddp, named
-        return model, self._fully_shard(model, named)
+        return model, self._fully_shard(model, named, units)
 
-    def _fully_shard(self, model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    def _fully_shard(
+        self, model: nn.Module, named: list[tuple[str, nn.Parameter]], units: list[nn.Module] | None = None
+    ) -> list[tuple[str, nn.Parameter]]:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -190,14 +192,10 @@ class ParallelContext:
             with torch.no_grad():  # replicated adapters: start from rank 0's values on every rank
                 for _, p in named:
                     dist.broadcast(p.data, src=0)
-        units: list[nn.Module] = []
-        for module in model.modules():
-            table = getattr(module, "relative_attention_bias", None)
-            if isinstance(table, nn.Embedding):
-                units.append(table)
-        for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
-            if stack is not None:
-                units.extend(stack.block)
+        if units is None:
+            from pemoe.train.models import T5Family
+
+            units = T5Family().fsdp_units(model)
         for unit in [*units, model]:
             fully_shard(unit, mesh=mesh, ignored_params=ignored)
             unit.set_gradient_divide_factor(1.0)  # sum over ranks (the loss is already a global mean)

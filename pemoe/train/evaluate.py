@@ -2,9 +2,12 @@
 
 Each example's choices are scored by the model's log-likelihood of the choice given the input
 (sum of the target tokens' log-probabilities, end-of-sequence token included; ``length_normalize=True``
-divides by the token count); the prediction is the best-scoring choice (ties: the first). Accuracy is
-computed per (task, template); a task's score is the median over its templates, and the summary is the
-mean of the task scores (the paper's held-out average).
+divides by the token count): for T5 the decoder's, for a causal LM the log-probabilities of the choice's
+tokens following ``[start] + input`` in one sequence (:mod:`pemoe.train.models`: the model family encodes
+the pairs and returns logits aligned with their labels, so the score is the same sum for both); the
+prediction is the best-scoring choice (ties: the first). Accuracy is computed per (task, template); a
+task's score is the median over its templates, and the summary is the mean of the task scores (the paper's
+held-out average).
 
 :func:`routing_statistics` gives the data for the paper's Figure 5: the mean routing probability of each
 expert, per task, at one adapter site (averaged over the non-padding tokens the site sees);
@@ -17,12 +20,16 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pemoe.train.data import Batch, Example, encode_batch
+from pemoe.train.data import Batch, Example
 from pemoe.train.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from pemoe.train.models import ModelFamily
 
 __all__ = [
     "EvalResult",
@@ -37,24 +44,19 @@ __all__ = [
 
 
 def model_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Decoder logits [B, T, V] of pemoe's or transformers' T5 for a batch (teacher forcing)."""
-    kwargs = dict(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        decoder_input_ids=batch.decoder_input_ids,
-        decoder_attention_mask=batch.decoder_attention_mask,
-    )
-    from pemoe.models.t5 import T5
+    """Logits [B, T, V] aligned with ``batch.labels`` (teacher forcing): the decoder's for pemoe's or
+    transformers' T5 (a batch with decoder inputs), a causal LM's for a causal batch
+    (:func:`pemoe.train.models.encode_causal_batch`)."""
+    from pemoe.train.models import CausalLMFamily, T5Family
 
-    if not isinstance(model, T5):
-        kwargs["use_cache"] = False  # transformers: no key/value cache in teacher forcing
-    return model(**kwargs).logits
+    family = CausalLMFamily() if batch.decoder_input_ids is None else T5Family()
+    return family.logits(model, batch)
 
 
-def _to(batch: Batch, device: torch.device) -> Batch:
-    for name in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels"):
-        setattr(batch, name, getattr(batch, name).to(device))
-    return batch
+def _family(family: ModelFamily | None, decoder_start_id: int) -> ModelFamily:
+    from pemoe.train.models import T5Family
+
+    return T5Family(decoder_start_id) if family is None else family
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -72,8 +74,12 @@ def score_choices(
     max_target_len: int = 32,
     length_normalize: bool = False,
     decoder_start_id: int = 0,
+    family: ModelFamily | None = None,
 ) -> list[list[float]]:
-    """Log-likelihood of every choice of every example (one list per example, in choice order)."""
+    """Log-likelihood of every choice of every example (one list per example, in choice order).
+
+    ``family`` (:mod:`pemoe.train.models`) encodes and runs the model; None: T5 with ``decoder_start_id``."""
+    family = _family(family, decoder_start_id)
     pairs = []
     for i, ex in enumerate(examples):
         if not ex.choices:
@@ -85,16 +91,15 @@ def score_choices(
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            batch = encode_batch(
+            batch = family.encode(
                 tokenizer,
                 [examples[i].input for i, _ in chunk],
                 [c for _, c in chunk],
                 max_input_len=max_input_len,
                 max_target_len=max_target_len,
-                decoder_start_id=decoder_start_id,
             )
-            batch = _to(batch, _device(model))
-            logp = torch.log_softmax(model_logits(model, batch).float(), dim=-1)
+            batch = batch.to(_device(model))
+            logp = torch.log_softmax(family.logits(model, batch).float(), dim=-1)
             valid = batch.labels != -100
             tok = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0] * valid
             total = tok.sum(-1)
@@ -198,7 +203,9 @@ def default_routing_site(model: nn.Module) -> str:
     return enc[0]
 
 
-def _routing_batches(tokenizer: Tokenizer, examples: Sequence[Example], device, **encode) -> dict[str, list[dict]]:
+def _routing_batches(
+    tokenizer: Tokenizer, examples: Sequence[Example], device, model: nn.Module, family: ModelFamily, **encode
+) -> dict[str, list[dict]]:
     """{task: [model keyword arguments]}: each task's examples encoded in batches (teacher forcing)."""
     by_task: dict[str, list[Example]] = defaultdict(list)
     for e in examples:
@@ -210,15 +217,8 @@ def _routing_batches(tokenizer: Tokenizer, examples: Sequence[Example], device, 
         out[task] = []
         for start in range(0, len(exs), batch_size):
             chunk = exs[start : start + batch_size]
-            b = _to(encode_batch(tokenizer, [e.input for e in chunk], [e.target for e in chunk], **encode), device)
-            out[task].append(
-                dict(
-                    input_ids=b.input_ids,
-                    attention_mask=b.attention_mask,
-                    decoder_input_ids=b.decoder_input_ids,
-                    decoder_attention_mask=b.decoder_attention_mask,
-                )
-            )
+            b = family.encode(tokenizer, [e.input for e in chunk], [e.target for e in chunk], **encode).to(device)
+            out[task].append(family.model_inputs(model, b))
     return out
 
 
@@ -231,23 +231,24 @@ def routing_statistics_all(
     batch_size: int = 32,
     max_input_len: int = 128,
     max_target_len: int = 32,
+    family: ModelFamily | None = None,
 ) -> dict[str, dict[str, list[float]]]:
-    """{site: {task: mean routing probability per expert}} for every routed site (or ``sites``) of a T5, over
-    the examples' inputs and targets (:func:`pemoe.router_health.routing_by_task`: tokens weighted equally,
-    padding excluded, MoV heads averaged)."""
-    from pemoe.models.t5 import T5
+    """{site: {task: mean routing probability per expert}} for every routed site (or ``sites``) of a T5 or (with
+    ``family`` a :class:`pemoe.train.models.CausalLMFamily`) a causal LM, over the examples' inputs and targets
+    (:func:`pemoe.router_health.routing_by_task`: tokens weighted equally, padding excluded, MoV heads
+    averaged)."""
     from pemoe.router_health import routing_by_task
 
     batches = _routing_batches(
         tokenizer,
         examples,
         _device(model),
+        model,
+        _family(family, 0),
         batch_size=batch_size,
         max_input_len=max_input_len,
         max_target_len=max_target_len,
     )
-    if not isinstance(model, T5):  # transformers: no key/value cache in teacher forcing
-        batches = {t: [{**b, "use_cache": False} for b in bs] for t, bs in batches.items()}
     return routing_by_task(model, batches, sites=sites)
 
 

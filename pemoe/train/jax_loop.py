@@ -305,7 +305,10 @@ def _jax_ops_used(cfg: TrainConfig) -> tuple[str, ...]:
 def check_config(cfg: TrainConfig) -> None:
     """ValueError for the TrainConfig settings the JAX loop does not support (see the module docstring)."""
     from pemoe.jax.ops import AVAILABLE, PLANNED, resolve_implementation
+    from pemoe.train.models import CAUSAL_PRESETS
 
+    if cfg.init in CAUSAL_PRESETS:
+        raise ValueError(f"--framework jax trains T5 only; --init {cfg.init} (a causal LM) needs --framework torch")
     if cfg.method == "full":
         raise ValueError(
             "--framework jax trains adapters only (mov, ia3, molora, lora); use --framework torch for --method full"
@@ -545,6 +548,8 @@ def train(
     out, data, eval_data = loop._open_run(cfg)
     device_mesh = _make_mesh(mesh, cfg)
     bundle = loop.build_model(cfg)
+    if bundle.kind == "causal":
+        raise ValueError(f"--framework jax trains T5 only; --model {cfg.model} is a causal LM: use --framework torch")
     if _effective_dropout(cfg, bundle) != 0.0:
         raise ValueError(
             f"--framework jax has no dropout, and this model's dropout_rate is {_effective_dropout(cfg, bundle)}: "

@@ -63,10 +63,24 @@ from torch import nn
 
 from pemoe import adapters, layers, serialization
 from pemoe.models.t5 import T5, T5Config
-from pemoe.train.data import Batch, Dataset, DataStream, encode_batch, load_dataset
+from pemoe.train.data import Batch, Dataset, DataStream, load_dataset
 from pemoe.train.distributed import PARALLEL_MODES, ParallelContext, setup
 from pemoe.train.evaluate import EvalResult, rank_classification
-from pemoe.train.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, tokenizer_from_spec
+from pemoe.train.models import (
+    CAUSAL_MODEL_TYPES,
+    CAUSAL_PRESETS,
+    CausalLMFamily,
+    ModelFamily,
+    T5Family,
+    model_type_of,
+)
+from pemoe.train.tokenizer import (
+    ByteTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    TransformersTokenizer,
+    tokenizer_from_spec,
+)
 
 __all__ = [
     "TrainConfig",
@@ -223,10 +237,15 @@ class TrainConfig:
 class ModelBundle:
     model: nn.Module
     tokenizer: Tokenizer
-    kind: str  # "pemoe" or "transformers"
-    t5_config: dict
+    kind: str  # "pemoe" or "transformers" (T5), "causal" (a transformers causal LM)
+    t5_config: dict  # the model's config as a dict (a T5Config's, or a causal LM's transformers config)
     fingerprint: str  # of the base weights as loaded (before injection / dtype change)
     decoder_start_id: int = 0
+    family: ModelFamily | None = None  # encoding, forward and FSDP units (pemoe.train.models); None: T5
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = T5Family(self.decoder_start_id)
 
 
 def _weights_fingerprint(model: nn.Module, config: dict, kind: str) -> str:
@@ -266,7 +285,8 @@ def _init_config(spec: str, tokenizer: Tokenizer) -> dict:
             fields = json.loads(spec)
         except json.JSONDecodeError:
             raise ValueError(
-                f"init must be one of the presets {list(PRESETS)} or a JSON object of T5Config fields, got {spec!r}"
+                f"init must be one of the presets {list(PRESETS) + list(CAUSAL_PRESETS)} or a JSON object of "
+                f"T5Config fields, got {spec!r}"
             ) from None
         if not isinstance(fields, dict):
             raise ValueError(f"init JSON must be an object of T5Config fields, got {spec!r}")
@@ -290,10 +310,40 @@ def _hf_from_pemoe_config(config: dict) -> nn.Module:
     return T5ForConditionalGeneration(HFConfig(**c, attn_implementation="eager"))
 
 
+def _build_causal(cfg: TrainConfig, model_dir: pathlib.Path | None) -> ModelBundle:
+    """A transformers causal LM (:func:`pemoe.train.models.build_causal_lm`) with its tokenizer: ``--tokenizer``,
+    else the folder's transformers tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), else the byte
+    tokenizer."""
+    from pemoe.train.models import build_causal_lm
+
+    if cfg.tokenizer is not None:
+        tokenizer = SentencePieceTokenizer(cfg.tokenizer)
+    elif model_dir is not None and any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = TransformersTokenizer(model_dir)
+    else:
+        tokenizer = _resolve_tokenizer(cfg, model_dir, None)
+    model, config = build_causal_lm(
+        init=cfg.init,
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        seed=cfg.seed,
+        max_len=cfg.max_input_len + cfg.max_target_len,
+    )
+    if tokenizer.vocab_size > config["vocab_size"]:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config['vocab_size']}"
+        )
+    fp = _weights_fingerprint(model, config, "causal")
+    return ModelBundle(model, tokenizer, "causal", config, fp, family=CausalLMFamily())
+
+
 def build_model(cfg: TrainConfig) -> ModelBundle:
     """The backbone (random-initialised from ``cfg.init`` with ``cfg.seed``, or loaded from ``cfg.model``:
-    a pemoe-format directory written by ``pemoe train --method full`` or a transformers T5 directory),
-    its tokenizer and fingerprint; no adapters, float32 as stored."""
+    a pemoe-format directory written by ``pemoe train --method full``, a transformers T5 directory or a
+    transformers causal LM directory (:data:`pemoe.train.models.CAUSAL_MODEL_TYPES`)), its tokenizer,
+    fingerprint and model family; no adapters, float32 as stored."""
+    if cfg.init in CAUSAL_PRESETS:
+        return _build_causal(cfg, None)
     if cfg.init is not None:
         tokenizer = SentencePieceTokenizer(cfg.tokenizer) if cfg.tokenizer else ByteTokenizer()
         config = _init_config(cfg.init, tokenizer)
@@ -316,8 +366,16 @@ def build_model(cfg: TrainConfig) -> ModelBundle:
             config = meta["config"]
             model = T5(T5Config(**config))
             model.load_hf_state_dict(model_dir / "model.safetensors")
+        elif (model_dir / "config.json").is_file() and model_type_of(model_dir) in CAUSAL_MODEL_TYPES:
+            return _build_causal(cfg, model_dir)
         elif (model_dir / "config.json").is_file():
             from transformers import T5ForConditionalGeneration
+
+            if model_type_of(model_dir) != "t5":
+                raise ValueError(
+                    f"--model {model_dir}: config.json names model_type {model_type_of(model_dir)!r}, neither T5 nor "
+                    f"a supported causal LM ({', '.join(CAUSAL_MODEL_TYPES)})"
+                )
 
             tokenizer = _resolve_tokenizer(cfg, model_dir, None)
             hf = T5ForConditionalGeneration.from_pretrained(
@@ -687,7 +745,7 @@ def _evaluate(bundle: ModelBundle, cfg: TrainConfig, data: Dataset) -> EvalResul
         batch_size=cfg.eval_batch_size,
         max_input_len=cfg.max_input_len,
         max_target_len=cfg.max_target_len,
-        decoder_start_id=bundle.decoder_start_id,
+        family=bundle.family,
     )
 
 
@@ -709,7 +767,7 @@ def _save_final(out: pathlib.Path, bundle: ModelBundle, cfg: TrainConfig, par: P
         return
     model_dir = out / "model"
     model_dir.mkdir(exist_ok=True)
-    if bundle.kind == "transformers":
+    if bundle.kind in ("transformers", "causal"):
         bundle.model.save_pretrained(str(model_dir), state_dict=full)
         return
     sd = {k: v.detach().to(torch.float32).contiguous() for k, v in (full or bundle.model.state_dict()).items()}
@@ -762,13 +820,12 @@ def _next_micro_batches(data: Dataset, stream: DataStream, bundle: ModelBundle, 
     for _ in range(cfg.grad_accum):
         exs = [data.examples[i] for i in stream.next_indices()]
         micro.append(
-            encode_batch(
+            bundle.family.encode(
                 bundle.tokenizer,
                 [e.input for e in exs],
                 [e.target for e in exs],
                 max_input_len=cfg.max_input_len,
                 max_target_len=cfg.max_target_len,
-                decoder_start_id=bundle.decoder_start_id,
             )
         )
     return micro
@@ -831,7 +888,8 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
     bundle = build_model(cfg)
     named = _prepare(bundle, cfg, verbose=par.is_main)
     model = bundle.model
-    train_model, named = par.wrap(model, named)  # DDP wrapper or FSDP-sharded model (itself in one process)
+    # DDP wrapper or FSDP-sharded model (itself in one process)
+    train_model, named = par.wrap(model, named, bundle.family.fsdp_units(model))
     optimizer = _make_optimizer(cfg, [p for _, p in named])
     stream = DataStream(len(data.examples), cfg.batch_size, cfg.seed)
     identity = _identity(cfg, bundle, data)
@@ -888,18 +946,10 @@ def _train(cfg: TrainConfig, par: ParallelContext, on_step: Callable[[int, float
                     monitor.reset()
                     monitor.enabled = bool(record) or cfg.balance_loss > 0
                 for i, b in enumerate(micro):
-                    b = par.shard_batch(b)  # this rank's rows of the global micro-batch
+                    b = par.shard_batch(b).to(device)  # this rank's rows of the global micro-batch
                     examples += b.input_ids.shape[0]
-                    for name in (
-                        "input_ids",
-                        "attention_mask",
-                        "decoder_input_ids",
-                        "decoder_attention_mask",
-                        "labels",
-                    ):
-                        setattr(b, name, getattr(b, name).to(device))
                     with par.accumulate(train_model, last=i == len(micro) - 1):
-                        logits = par.logits(train_model, b)
+                        logits = bundle.family.logits(train_model, b)
                         loss = F.cross_entropy(
                             logits.float().flatten(0, 1), b.labels.flatten(), ignore_index=-100, reduction="sum"
                         )

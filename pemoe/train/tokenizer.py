@@ -4,14 +4,15 @@
 1 = eos, 2 = unk (unused), byte b -> b + 3; vocabulary 259 ids. It needs no files, so a random-initialised
 T5 with ``vocab_size >= 259`` trains on any text; it is NOT compatible with pretrained T5 checkpoints,
 whose vocabulary is SentencePiece: give those :class:`SentencePieceTokenizer` a local ``spiece.model``
-(requires the ``sentencepiece`` package).
+(requires the ``sentencepiece`` package). A transformers causal LM folder's own tokenizer (``tokenizer.json`` /
+``tokenizer_config.json``) is read by :class:`TransformersTokenizer`.
 """
 
 from __future__ import annotations
 
 import pathlib
 
-__all__ = ["ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "tokenizer_from_spec"]
+__all__ = ["ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "TransformersTokenizer", "tokenizer_from_spec"]
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -65,7 +66,36 @@ class SentencePieceTokenizer:
         return {"kind": self.kind, "path": self.path}
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+class TransformersTokenizer:
+    """A local transformers tokenizer folder (``AutoTokenizer``, local files only), encoding without special
+    tokens (``pemoe.train`` adds start and end itself). Ids: its eos (required), its pad (else the eos), its bos
+    (None if it has none) and ``vocab_size`` = ``len(tokenizer)`` (added tokens included)."""
+
+    kind = "transformers"
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.path = str(path)
+        self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {self.path} has no end-of-sequence token (eos_token)")
+        self.eos_id = int(self._tok.eos_token_id)
+        self.pad_id = int(self._tok.pad_token_id) if self._tok.pad_token_id is not None else self.eos_id
+        self.bos_id = int(self._tok.bos_token_id) if self._tok.bos_token_id is not None else None
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "path": self.path}
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | TransformersTokenizer
 
 
 def tokenizer_from_spec(spec: dict | None) -> Tokenizer:
@@ -74,4 +104,6 @@ def tokenizer_from_spec(spec: dict | None) -> Tokenizer:
         return ByteTokenizer()
     if spec.get("kind") == "sentencepiece":
         return SentencePieceTokenizer(spec["path"])
-    raise ValueError(f"unknown tokenizer spec {spec!r} (kinds: 'bytes', 'sentencepiece')")
+    if spec.get("kind") == "transformers":
+        return TransformersTokenizer(spec["path"])
+    raise ValueError(f"unknown tokenizer spec {spec!r} (kinds: 'bytes', 'sentencepiece', 'transformers')")
