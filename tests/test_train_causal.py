@@ -267,3 +267,20 @@ def test_fsdp_units_are_the_decoder_layers():
     assert CausalLMFamily().fsdp_units(gpt2) == list(gpt2.transformer.h)
     cfg = llama.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (4, 2, tok.vocab_size)
+
+
+def test_a_folder_with_its_own_tokenizer_trains_with_it(tmp_path):
+    """A causal-LM folder holding a transformers tokenizer is trained with that tokenizer (its <s> starts each
+    sequence, its </s> ends the target), not the byte tokenizer."""
+    from pemoe.train.tokenizer import TransformersTokenizer
+    from tests.test_quickstart import byte_level_llama
+
+    folder = byte_level_llama(tmp_path / "llama")
+    res = train(_cfg(tmp_path / "run", init=None, model=str(folder), method="ia3", max_steps=2))
+    tok = res.bundle.tokenizer
+    assert isinstance(tok, TransformersTokenizer) and (tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 258)
+    b = CausalLMFamily().encode(tok, ["ab"], ["c"], max_input_len=8, max_target_len=8)
+    assert b.input_ids[0].tolist() == [0, *tok.encode("ab"), *tok.encode("c"), 1] and len(tok.encode("ab")) == 2
+    assert b.labels[0].tolist() == [-100, -100, *tok.encode("c"), 1, -100]
+    state = json.loads((res.checkpoint / "state.json").read_text())
+    assert state["identity"]["tokenizer"] == {"kind": "transformers", "path": str(folder)}
