@@ -249,6 +249,12 @@ def test_cli_rejects_sequences_longer_than_the_positions(tmp_path, capsys):
     assert main([*args, "--max-input-len", "60", "--max-target-len", "8"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress bar
     assert last.startswith("pemoe train: error:") and "exceed the model's 64 positions" in last
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"task": "t", "input": "a", "target": "b", "choices": ["b", "c"]}) + "\n")
+    args = ["eval", "--model", str(tmp_path / "gpt2"), "--data", str(data)]
+    assert main([*args, "--max-input-len", "60", "--max-target-len", "8"]) == 2  # eval checks its own lengths
+    assert "exceed the model's 64 positions" in capsys.readouterr().err
+    assert main([*args, "--max-input-len", "40", "--max-target-len", "8"]) == 0  # and no default ones
 
 
 def test_jax_framework_refuses_a_causal_lm(tmp_path, capsys):

@@ -277,7 +277,13 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         data = load_dataset(args.data, skip_bad_lines=args.skip_bad_lines)
         bundle = load_trained_model(
-            args.model, adapter=args.adapter, backbone=args.backbone, tokenizer=args.tokenizer, dtype=args.dtype
+            args.model,
+            adapter=args.adapter,
+            backbone=args.backbone,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            max_input_len=args.max_input_len,
+            max_target_len=args.max_target_len,
         )
         result = rank_classification(
             bundle.model,

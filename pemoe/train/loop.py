@@ -437,9 +437,21 @@ def load_trained_model(
     backbone: str = "pemoe",
     tokenizer: str | None = None,
     dtype: str = "float32",
+    max_input_len: int = 128,
+    max_target_len: int = 32,
 ) -> ModelBundle:
-    """A model for evaluation: a model directory (+ an adapter file written by ``pemoe train``)."""
-    cfg = TrainConfig(data="-", out="-", model=model, backbone=backbone, tokenizer=tokenizer, dtype=dtype)
+    """A model for evaluation: a model directory (+ an adapter file written by ``pemoe train``). The lengths are
+    the evaluation's (a causal LM must have positions for ``max_input_len + max_target_len`` tokens)."""
+    cfg = TrainConfig(
+        data="-",
+        out="-",
+        model=model,
+        backbone=backbone,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        max_input_len=max_input_len,
+        max_target_len=max_target_len,
+    )
     bundle = build_model(cfg)
     if adapter is not None:
         adapters.load_adapter(bundle.model, adapter)
