@@ -290,3 +290,27 @@ def test_a_folder_with_its_own_tokenizer_trains_with_it(tmp_path):
     assert b.labels[0].tolist() == [-100, -100, *tok.encode("c"), 1, -100]
     state = json.loads((res.checkpoint / "state.json").read_text())
     assert state["identity"]["tokenizer"] == {"kind": "transformers", "path": str(folder)}
+
+
+def test_bfloat16_training_and_the_routing_plot_on_a_causal_lm(tmp_path, capsys):
+    """A bfloat16 backbone keeps float32 adapters; pemoe eval --routing-plot draws one panel per routed site of
+    the Llama, each task's mean routing distribution over 3 experts (sums to 1)."""
+    from safetensors.torch import load_file
+
+    folder = _tiny_llama_folder(tmp_path / "llama")
+    common = ["--max-input-len", "40", "--max-target-len", "12", "--threads", "1"]
+    args = ["train", "--model", str(folder), "--data", DATA, "--out", str(tmp_path / "run"), "--method", "mov"]
+    args += ["--num-experts", "3", "--dtype", "bfloat16", "--max-steps", "2", "--no-progress", "--log-every", "0"]
+    assert main([*args, *common]) == 0
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    assert {t.dtype for t in load_file(str(adapter)).values()} == {torch.float32}
+    plot = tmp_path / "routing.png"
+    args = ["eval", "--model", str(folder), "--adapter", str(adapter), "--data", "synthetic:heldout:train=1,eval=1"]
+    assert main([*args, "--routing-plot", str(plot), "--batch-size", "32", *common]) == 0
+    stats = json.loads(plot.with_suffix(".json").read_text())
+    assert plot.is_file() and len(stats) == 2 * 3  # k, v and FFN of 2 layers
+    assert all(k.startswith("model.layers.") for k in stats)
+    for per_task in stats.values():
+        assert len(per_task) > 1
+        for load in per_task.values():
+            assert len(load) == 3 and sum(load) == pytest.approx(1.0, abs=1e-5)
