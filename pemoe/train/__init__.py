@@ -1,7 +1,8 @@
 """Fine-tuning with pemoe adapters: ``pemoe train`` / ``pemoe eval`` (PyTorch).
 
 * :mod:`pemoe.train.data` — JSONL examples, the built-in synthetic multi-task set, batching, a resumable stream;
-* :mod:`pemoe.train.tokenizer` — the built-in byte tokenizer, or a local SentencePiece model;
+* :mod:`pemoe.train.tokenizer` — the built-in byte tokenizer, a local SentencePiece model or transformers tokenizer;
+* :mod:`pemoe.train.models` — model families: T5 and transformers causal LMs (encoding, forward, FSDP units);
 * :mod:`pemoe.train.loop` — the training loop, checkpoints (adapter weights + optimizer + data state), resume;
 * :mod:`pemoe.train.jax_loop` — the same loop in JAX (``pemoe train --framework jax``; imported on demand);
 * :mod:`pemoe.train.evaluate` — rank classification (median over templates), routing statistics (Figure 5);

@@ -80,9 +80,14 @@ class ModelFamily(Protocol):
     name: str
 
     def encode(
-        self, tokenizer: Tokenizer, inputs: Sequence[str], targets: Sequence[str], *, max_input_len: int,
+        self,
+        tokenizer: Tokenizer,
+        inputs: Sequence[str],
+        targets: Sequence[str],
+        *,
+        max_input_len: int,
         max_target_len: int,
-    ) -> Batch:  # fmt: skip
+    ) -> Batch:
         """Tokenise, truncate and right-pad (input, target) pairs; labels aligned with :meth:`logits`."""
         ...
 
@@ -108,9 +113,14 @@ class T5Family:
         self.decoder_start_id = decoder_start_id
 
     def encode(
-        self, tokenizer: Tokenizer, inputs: Sequence[str], targets: Sequence[str], *, max_input_len: int,
+        self,
+        tokenizer: Tokenizer,
+        inputs: Sequence[str],
+        targets: Sequence[str],
+        *,
+        max_input_len: int,
         max_target_len: int,
-    ) -> Batch:  # fmt: skip
+    ) -> Batch:
         return encode_batch(
             tokenizer,
             inputs,
@@ -197,9 +207,14 @@ class CausalLMFamily:
     name = "causal"
 
     def encode(
-        self, tokenizer: Tokenizer, inputs: Sequence[str], targets: Sequence[str], *, max_input_len: int,
+        self,
+        tokenizer: Tokenizer,
+        inputs: Sequence[str],
+        targets: Sequence[str],
+        *,
+        max_input_len: int,
         max_target_len: int,
-    ) -> Batch:  # fmt: skip
+    ) -> Batch:
         return encode_causal_batch(
             tokenizer, inputs, targets, max_input_len=max_input_len, max_target_len=max_target_len
         )
