@@ -202,9 +202,9 @@ def test_cli_train_then_eval_on_a_causal_lm_folder_beats_chance(tmp_path, capsys
     assert json.loads(with_adapter.read_text())["average"] >= 7 / 8
 
 
-def test_tiny_llama_eval_during_training_and_gpt2_folder(tmp_path):
+def test_tiny_llama_eval_during_training_and_gpt2_folder(tmp_path, caplog):
     """--eval-data on tiny-llama reports an accuracy per held-out task; a GPT-2 folder (Conv1D, learned
-    positions) trains with MoV."""
+    positions) without a tokenizer trains with MoV and the byte tokenizer, with a warning saying so."""
     res = train(_cfg(tmp_path / "a", max_steps=1, eval_data="synthetic:heldout:train=1,eval=1", eval_batch_size=32))
     assert res.evals and 0.0 <= res.evals[-1][1].average <= 1.0 and len(res.evals[-1][1].per_task) > 1
     import transformers
@@ -218,6 +218,8 @@ def test_tiny_llama_eval_during_training_and_gpt2_folder(tmp_path):
     kw = dict(init=None, model=str(tmp_path / "gpt2"), max_input_len=40, max_target_len=12, max_steps=2)
     res = train(_cfg(tmp_path / "b", **kw))
     assert res.step == 2 and all(loss == loss for _, loss in res.losses)
+    assert "no tokenizer.json / tokenizer_config.json" in caplog.text
+    assert isinstance(res.bundle.tokenizer, ByteTokenizer)
     assert any(".k." in n or ".v." in n for n in adapters.adapter_state_dict(res.bundle.model))
 
 

@@ -321,7 +321,14 @@ def _build_causal(cfg: TrainConfig, model_dir: pathlib.Path | None) -> ModelBund
     elif model_dir is not None and any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = TransformersTokenizer(model_dir)
     else:
-        tokenizer = _resolve_tokenizer(cfg, model_dir, None)
+        if model_dir is not None:
+            logger.warning(
+                "pemoe train: %s has no tokenizer.json / tokenizer_config.json and no --tokenizer was given: using "
+                "the byte tokenizer, which is not this checkpoint's vocabulary (fine for random or byte-trained "
+                "models only)",
+                model_dir,
+            )
+        tokenizer = ByteTokenizer()
     model, config = build_causal_lm(
         init=cfg.init,
         model_dir=model_dir,
