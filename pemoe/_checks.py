@@ -293,3 +293,65 @@ def _check_lora_experts(
     )
     check_routing(top_k, renormalize, num_experts)
     return num_experts, rank
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter banks: parameters stacked along a leading axis A, one adapter index per token
+
+_ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def unstack(name: str, t: torch.Tensor | None, ndim: int, layout: str) -> int | None:
+    """A (the number of adapters) of a stacked parameter ``name`` that must have ``ndim`` dims (``layout``);
+    None for an absent (None) parameter."""
+    if t is None:
+        return None
+    check_float_tensor(name, t)
+    if t.dim() != ndim:
+        raise ValueError(
+            f"with adapter_ids, {name} must be stacked per adapter as {layout} (a leading adapter axis A), "
+            f"got shape {_shape(t)}"
+        )
+    if t.shape[0] == 0:
+        raise ValueError(f"with adapter_ids, {name} must hold at least one adapter ({layout} with A >= 1), got A = 0")
+    return t.shape[0]
+
+
+def check_bank_size(**sizes: int | None) -> int:
+    """The common A of the stacked parameters (None entries skipped); ValueError naming them if they differ."""
+    present = {k: v for k, v in sizes.items() if v is not None}
+    if len(set(present.values())) > 1:
+        listing = ", ".join(f"{k} A = {v}" for k, v in present.items())
+        raise ValueError(f"the stacked adapter parameters hold different numbers of adapters: {listing}")
+    return next(iter(present.values()))
+
+
+def check_adapter_ids(adapter_ids: object, tokens_shape: tuple[int, ...], num_adapters: int) -> torch.Tensor:
+    """``adapter_ids``: an integer tensor of shape [T] (T = the number of tokens) or ``tokens_shape``, each id in
+    [-1, A) (-1: no adapter, the base alone). Returns it flattened to [T] as int64.
+
+    Reading the ids' range costs one device-to-host sync; an id outside it is refused rather than wrapped
+    (a negative index would otherwise silently pick an adapter from the end of the bank)."""
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be an integer torch.Tensor, got {type(adapter_ids).__name__}")
+    if adapter_ids.dtype not in _ID_DTYPES:
+        raise TypeError(
+            f"adapter_ids must be an integer tensor (one adapter index per token, e.g. torch.long), "
+            f"got {adapter_ids.dtype}"
+        )
+    tokens = math.prod(tokens_shape)
+    if tuple(adapter_ids.shape) not in (tuple(tokens_shape), (tokens,)):
+        raise ValueError(
+            f"adapter_ids must have shape [T] = [{tokens}] or the activations' leading shape "
+            f"{list(tokens_shape)} (one adapter index per token), got {_shape(adapter_ids)}"
+        )
+    ids = adapter_ids.reshape(-1).long()
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        bad = lo if lo < -1 else hi
+        if lo < -1 or hi >= num_adapters:
+            raise ValueError(
+                f"adapter_ids holds the index {bad}, outside [-1, {num_adapters}) (the bank holds {num_adapters} "
+                "adapter(s); -1 means no adapter)"
+            )
+    return ids

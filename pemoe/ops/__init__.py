@@ -25,6 +25,14 @@ implementation treats them alike:
   * values are not inspected: a NaN or inf in the inputs or parameters propagates to the outputs of the
     tokens it touches (checking would cost a device-to-host read per call).
 
+Adapter banks, shared by all ops: with ``adapter_ids`` (an integer tensor, [T] or the activations' leading
+shape) the adapter parameters are stacked along a new leading axis A (MoV: experts [A, G, E, D], router
+[A, D, E]; MoLoRA: lora_a [A, E, K, r], lora_b [A, E, r, N], router [A, K, E]) and token t runs the op with
+adapter ``adapter_ids[t]``'s parameters; -1 means no adapter (the frozen base alone). Without it the
+parameters have their single-adapter shapes. ``"reference"`` loops over the adapters, ``"torch"`` groups the
+tokens by adapter (see :mod:`pemoe.ops.banked`); ``"auto"`` picks ``"torch"``; ``"triton"`` has no
+adapter-bank kernel yet and raises ``NotImplementedError``.
+
 Routing options shared by all ops: ``top_k`` (keep the k most probable experts; no
 renormalisation unless ``renormalize=True``) and ``router_input`` (sentence routing: the
 router reads one vector per sequence, [B, R] for inputs [B, S, ·], instead of the token's
@@ -40,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from pemoe import _checks, reference
-from pemoe.ops._dispatch import AVAILABLE, resolve_implementation
+from pemoe.ops import banked
+from pemoe.ops._dispatch import AVAILABLE, logger, resolve_implementation
 from pemoe.ops.molora import MoLoRAFunction
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
@@ -98,6 +107,46 @@ def _sentence_probs(router_input, router, tokens_shape, top_k, renormalize):
     return p.reshape(-1, p.shape[-1])
 
 
+def _first(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Adapter 0 of a stacked parameter: the per-adapter shape the single-adapter checks validate."""
+    return None if t is None else t[0]
+
+
+_announced_banked: set[tuple[str, str]] = set()
+
+
+def _banked_implementation(op: str, implementation: str, device: torch.device) -> str:
+    """The implementation of ``op`` with ``adapter_ids``: ``"reference"`` or ``"torch"`` (``"auto"`` picks
+    ``"torch"`` on every device, logged once per op and device type). There is no Triton kernel for adapter
+    banks yet: ``"triton"`` raises ``NotImplementedError`` rather than running another implementation."""
+    if implementation == "triton":
+        raise NotImplementedError(
+            f"{op}: implementation='triton' has no kernel for adapter banks (adapter_ids) yet; "
+            "use implementation='torch' (grouped by adapter) or 'auto'"
+        )
+    if implementation == "auto":
+        if (op, device.type) not in _announced_banked:
+            _announced_banked.add((op, device.type))
+            logger.info("pemoe.ops.%s with adapter_ids: implementation='auto' chose 'torch' on %s", op, device.type)
+        return "torch"
+    return resolve_implementation(op, implementation, device)
+
+
+def _mov_bank_size(router: torch.Tensor | None, experts: torch.Tensor, router_layout: str) -> int:
+    return _checks.check_bank_size(
+        experts=_checks.unstack("experts", experts, 4, "[A, G, E, D]"),
+        router=_checks.unstack("router", router, 3, router_layout),
+    )
+
+
+def _molora_bank_size(lora_a: torch.Tensor, lora_b: torch.Tensor, router: torch.Tensor | None) -> int:
+    return _checks.check_bank_size(
+        lora_a=_checks.unstack("lora_a", lora_a, 4, "[A, E, K, r]"),
+        lora_b=_checks.unstack("lora_b", lora_b, 4, "[A, E, r, N]"),
+        router=_checks.unstack("router", router, 3, "[A, K, E]"),
+    )
+
+
 def mov(
     h: torch.Tensor,
     router: torch.Tensor | None,
@@ -106,12 +155,15 @@ def mov(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """Soft mixture of (IA)3 vectors on h [..., G·D]: h * einsum('tge,ged->tgd', softmax(h32 router), experts).
 
     router [D, E] float32 (None for (IA)3, E = 1); experts [G, E, D] float32. Returns h's shape and dtype.
     """
+    if adapter_ids is not None:
+        return _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_input, implementation)
     _checks.check_mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
     _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input)
     impl = resolve_implementation("mov", implementation, h.device)
@@ -133,9 +185,14 @@ def mov_linear(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """mov(x Wᵀ + b): x [..., K], weight [N, K] (frozen), N = G·D. Returns [..., N] in x's dtype."""
+    if adapter_ids is not None:
+        return _mov_linear_banked(
+            x, weight, bias, router, experts, adapter_ids, top_k, renormalize, router_input, implementation
+        )
     _checks.check_linear(x, weight, bias)
     _checks.check_mov(
         x,
@@ -178,6 +235,7 @@ def mov_ffn(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """T5 FFN with MoV on the activation (SPEC §2).
@@ -197,6 +255,11 @@ def mov_ffn(
         raise ValueError(f"wo must have shape [M, F] = [{x.shape[-1]}, {wi_0.shape[0]}], got {list(wo.shape)}")
     if wo.dtype != x.dtype:
         raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
+    if adapter_ids is not None:
+        return _mov_ffn_banked(
+            x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize, router_input,
+            implementation,
+        )  # fmt: skip
     _checks.check_mov(
         x,
         router,
@@ -253,6 +316,7 @@ def molora_linear(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e. x [..., K], weight [N, K] (frozen), lora_a [E, K, r],
@@ -262,6 +326,11 @@ def molora_linear(
     output whose rows are strided (the first N columns of one GEMM's [T, N + E·r + E (padded)] output, which
     also holds the shrink and the router logits): views that keep the last dimension work, in-place ops
     work; call ``.contiguous()`` where a contiguous tensor is needed."""
+    if adapter_ids is not None:
+        return _molora_banked(
+            "molora_linear", x, weight, bias, None, lora_a, lora_b, router, adapter_ids, scale, top_k, renormalize,
+            router_input, implementation,
+        )  # fmt: skip
     _checks.check_molora(
         x,
         weight,
@@ -319,6 +388,7 @@ def molora_adapter(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """MoLoRA without its frozen linear: base + scale·Σ_e p_e (x A_e) B_e, for a frozen layer that runs its own
@@ -327,6 +397,11 @@ def molora_adapter(
     delta alone). Router, shrink, per-expert scaling and expand in one pass, never a [T, E, N] tensor; the
     expand accumulates into (a copy of) ``base``. Returns [..., N] in x's dtype; ``base`` gets the gradient dy.
     """
+    if adapter_ids is not None:
+        return _molora_banked(
+            "molora_adapter", x, None, None, base, lora_a, lora_b, router, adapter_ids, scale, top_k, renormalize,
+            router_input, implementation,
+        )  # fmt: skip
     _checks.check_molora_adapter(
         x, base, lora_a, lora_b, router, scale=scale, top_k=top_k, renormalize=renormalize, router_input=router_input
     )
@@ -357,3 +432,99 @@ def molora_adapter(
             _flat(x), None, None, base2d, lora_a, lora_b, router, probs, float(scale), top_k, renormalize
         )
     return y.reshape(x.shape[:-1] + (n,))
+
+
+# ------------------------------------------------------------------------------------------
+# adapter banks (``adapter_ids``): validation and dispatch; the math is in pemoe.ops.banked
+# ------------------------------------------------------------------------------------------
+
+
+def _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_input, implementation):
+    a = _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
+    _checks.check_mov(h, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input)
+    tokens = tuple(h.shape[:-1])
+    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input, adapter_ids=ids)
+    impl = _banked_implementation("mov", implementation, h.device)
+    fn = banked.reference_mov if impl == "reference" else banked.grouped_mov
+    ri = banked.token_router_input(router_input, tokens)
+    return fn(_flat(h), ids, router, experts, ri, top_k, renormalize).reshape(h.shape)
+
+
+def _mov_linear_banked(x, weight, bias, router, experts, adapter_ids, top_k, renormalize, router_input, impl):
+    _checks.check_linear(x, weight, bias)
+    a = _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
+    _checks.check_mov(
+        x, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input,
+        h_name="weight output", width=weight.shape[0],
+    )  # fmt: skip
+    tokens = tuple(x.shape[:-1])
+    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    _checks.check_same_device(
+        x=x, weight=weight, bias=bias, router=router, experts=experts, router_input=router_input, adapter_ids=ids
+    )
+    _checks.check_frozen(weight=weight)
+    impl = _banked_implementation("mov_linear", impl, x.device)
+    fn = banked.reference_mov_linear if impl == "reference" else banked.grouped_mov_linear
+    ri = banked.token_router_input(router_input, tokens)
+    y = fn(_flat(x), weight, bias, ids, router, experts, ri, top_k, renormalize)
+    return y.reshape(tokens + (weight.shape[0],))
+
+
+def _mov_ffn_banked(
+    x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize, router_input, impl
+):
+    a = _mov_bank_size(router, experts, "[A, F, E]" if router_input is None else "[A, R, E]")
+    _checks.check_mov(
+        x, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input,
+        h_name="wi_0 output", width=wi_0.shape[0],
+    )  # fmt: skip
+    tokens = tuple(x.shape[:-1])
+    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    _checks.check_same_device(
+        x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, router_input=router_input, adapter_ids=ids
+    )
+    _checks.check_frozen(wi_0=wi_0, wi_1=wi_1, wo=wo)
+    impl = _banked_implementation("mov_ffn", impl, x.device)
+    fn = banked.reference_mov_ffn if impl == "reference" else banked.grouped_mov_ffn
+    ri = banked.token_router_input(router_input, tokens)
+    y = fn(_flat(x), wi_0, wi_1, wo, ids, router, experts, ri, activation, top_k, renormalize)
+    return y.reshape(x.shape)
+
+
+def _molora_banked(
+    op, x, weight, bias, base, lora_a, lora_b, router, adapter_ids, scale, top_k, renormalize, router_input, impl
+):
+    """molora_linear (``weight`` given) or molora_adapter (``weight`` None, ``base`` the frozen layer's output)
+    with per-token adapters."""
+    a = _molora_bank_size(lora_a, lora_b, router)
+    common = dict(scale=scale, top_k=top_k, renormalize=renormalize, router_input=router_input)
+    if weight is not None:
+        _checks.check_molora(x, weight, bias, lora_a[0], lora_b[0], _first(router), **common)
+    else:
+        _checks.check_molora_adapter(x, base, lora_a[0], lora_b[0], _first(router), **common)
+    tokens = tuple(x.shape[:-1])
+    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    _checks.check_same_device(
+        x=x, weight=weight, bias=bias, base=base, lora_a=lora_a, lora_b=lora_b, router=router,
+        router_input=router_input, adapter_ids=ids,
+    )  # fmt: skip
+    _checks.check_frozen(weight=weight)
+    impl = _banked_implementation(op, impl, x.device)
+    ri = banked.token_router_input(router_input, tokens)
+    n = lora_b.shape[-1]
+    x2d = _flat(x)
+    if weight is not None:
+        if impl == "reference":
+            y = banked.reference_molora_linear(
+                x2d, weight, bias, ids, lora_a, lora_b, router, ri, float(scale), top_k, renormalize
+            )
+        else:
+            y = banked.grouped_molora(
+                x2d, F.linear(x2d, weight, bias), ids, lora_a, lora_b, router, ri, float(scale), top_k, renormalize
+            )
+    else:
+        base2d = None if base is None else base.reshape(-1, n)
+        fn = banked.reference_molora_adapter if impl == "reference" else banked.grouped_molora
+        y = fn(x2d, base2d, ids, lora_a, lora_b, router, ri, float(scale), top_k, renormalize)
+    return y.reshape(tokens + (n,))

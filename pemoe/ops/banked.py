@@ -1,0 +1,236 @@
+"""Ops over an adapter bank: every token picks its adapter from parameters stacked along a leading axis A.
+
+With ``adapter_ids`` (one integer per token, [T] or the activations' leading shape), token t runs the
+single-adapter op with adapter ``a = adapter_ids[t]``'s parameters (SPEC §1 per adapter):
+
+    MoV:     experts [A, G, E, D], router [A, D, E]          -> experts[a], router[a]
+    MoLoRA:  lora_a [A, E, K, r], lora_b [A, E, r, N], router [A, K, E] -> lora_a[a], lora_b[a], router[a]
+
+and ``a = -1`` means no adapter for that token: the frozen base alone (``mov``: h unchanged; ``mov_linear``:
+x Wᵀ + b; ``mov_ffn``: the plain FFN; ``molora_linear``: x Wᵀ + b; ``molora_adapter``: ``base``, or zeros).
+The routers stay per adapter, so a token's routing weights come from its own adapter's router; routing
+options (top-k, sentence routing) apply to every adapter alike.
+
+Two implementations, one semantics:
+
+* ``reference_*`` — a loop over the A adapters: the rows of adapter a go through the single-adapter
+  einsum reference (:mod:`pemoe.reference`) with adapter a's parameters, the others keep the base output.
+  The ground truth; plain autograd.
+* ``grouped_*`` (``implementation="torch"``) — rows are sorted by adapter once (one stable argsort and
+  one gather of the activations; skipped when every token names the same adapter), each adapter's
+  contiguous segment runs the single-adapter ``"torch"`` autograd Function on that segment alone, and the
+  outputs are put back in token order (one gather). The frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once
+  over all tokens, not per segment. Python loops only over the adapters the batch names, each step on its
+  own rows: the work is that of one single-adapter call per adapter on its rows. Gradients reach the
+  stacked parameters through the slices ``param[a]`` (autograd sums them), the activations through the
+  gathers.
+
+Finding the segments reads the per-adapter token counts on the host (one device-to-host sync per call),
+which the argument checks need anyway (ids outside [-1, A) are refused before any computation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pemoe import reference
+from pemoe.ops.molora import MoLoRAFunction
+from pemoe.ops.mov import MoVActFunction, MoVFunction
+
+__all__ = ["token_router_input", "run_grouped", "run_reference_loop"]
+
+Rows = list[torch.Tensor | None]
+
+
+def token_router_input(router_input: torch.Tensor | None, tokens_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Sentence routing's per-sequence vectors as one row per token, [T, R] (None stays None).
+
+    ``router_input`` is [B, R] for tokens [B, S, ...] or broadcastable to tokens_shape + (R,), as in
+    :func:`pemoe.reference.sentence_router_probs`; the router of each token's adapter then reads its row.
+    """
+    if router_input is None:
+        return None
+    r = router_input
+    if r.dim() == 2 and len(tokens_shape) > 1:
+        r = r.reshape(r.shape[:1] + (1,) * (len(tokens_shape) - 1) + r.shape[1:])
+    return r.expand(tokens_shape + (r.shape[-1],)).reshape(-1, r.shape[-1])
+
+
+def _segment_counts(ids: torch.Tensor, num_adapters: int) -> list[int]:
+    """Tokens per id, for the ids -1, 0, …, A-1 (in that order)."""
+    return torch.bincount(ids + 1, minlength=num_adapters + 1).tolist()
+
+
+def run_grouped(
+    ids: torch.Tensor,
+    num_adapters: int,
+    rows: Rows,
+    base_fn: Callable[..., torch.Tensor],
+    adapter_fn: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """y[t] = adapter_fn(a, *rows of a's tokens) for a = ids[t] >= 0, base_fn(*rows) for ids[t] = -1.
+
+    ``rows``: per-token tensors [T, ...] (or None) handed to the functions segment by segment. Rows are
+    sorted by adapter once (stable), each adapter's segment is processed on its own, and the outputs are
+    gathered back into token order.
+    """
+    counts = _segment_counts(ids, num_adapters)
+    present = [i for i, n in enumerate(counts) if n]
+    if len(present) <= 1:  # one adapter (or none) for the whole batch: no permutation
+        a = present[0] - 1 if present else -1
+        return base_fn(*rows) if a < 0 else adapter_fn(a, *rows)
+    perm = torch.argsort(ids, stable=True)
+    sorted_rows = [None if t is None else t.index_select(0, perm) for t in rows]
+    outs, start = [], 0
+    for i, n in enumerate(counts):
+        if n == 0:
+            continue
+        seg = [None if t is None else t[start : start + n] for t in sorted_rows]
+        outs.append(base_fn(*seg) if i == 0 else adapter_fn(i - 1, *seg))
+        start += n
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return torch.cat(outs).index_select(0, inverse)
+
+
+def run_reference_loop(
+    ids: torch.Tensor,
+    num_adapters: int,
+    rows: Rows,
+    base: torch.Tensor,
+    adapter_fn: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """``base`` [T, ...] with the rows of each adapter a replaced by adapter_fn(a, *those rows): a plain loop
+    over the A adapters (the reference; ids -1 keep ``base``)."""
+    out = base
+    for a in range(num_adapters):
+        idx = (ids == a).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        seg = [None if t is None else t.index_select(0, idx) for t in rows]
+        out = out.index_put((idx,), adapter_fn(a, *seg).to(out.dtype))
+    return out
+
+
+def _pick(t: torch.Tensor | None, a: int) -> torch.Tensor | None:
+    return None if t is None else t[a]
+
+
+def _probs(ri: torch.Tensor | None, router: torch.Tensor | None, top_k, renormalize) -> torch.Tensor | None:
+    """Sentence-routing probabilities [T_a, E] of one adapter's router from its tokens' router-input rows."""
+    if ri is None:
+        return None
+    return reference.router_probs(ri, router, top_k=top_k, renormalize=renormalize)
+
+
+# ------------------------------------------------------------------------------------------
+# "torch": grouped by adapter
+# ------------------------------------------------------------------------------------------
+
+
+def _mov_segments(h2d, ids, router, experts, ri, top_k, renormalize, activation=None):
+    """MoV per adapter segment on h2d [T, G·D] (or on act(z) for the FFN site, ``activation`` given)."""
+
+    def adapter(a, h_s, ri_s):
+        r = _pick(router, a)
+        probs = _probs(ri_s, r, top_k, renormalize)
+        if activation is None:
+            return MoVFunction.apply(h_s, None, None, r, experts[a], probs, top_k, renormalize)
+        return MoVActFunction.apply(h_s, r, experts[a], probs, top_k, renormalize, activation)
+
+    def base(h_s, ri_s):
+        return h_s if activation is None else reference.ACTIVATIONS[activation](h_s)
+
+    return run_grouped(ids, experts.shape[0], [h2d, ri], base, adapter)
+
+
+def grouped_mov(h2d, ids, router, experts, ri, top_k, renormalize):
+    """mov with per-token adapters on flattened h [T, G·D]; returns [T, G·D]."""
+    return _mov_segments(h2d, ids, router, experts, ri, top_k, renormalize)
+
+
+def grouped_mov_linear(x2d, weight, bias, ids, router, experts, ri, top_k, renormalize):
+    """mov(x Wᵀ + b) with per-token adapters; the GEMM runs once over all tokens."""
+    return _mov_segments(F.linear(x2d, weight, bias), ids, router, experts, ri, top_k, renormalize)
+
+
+def grouped_mov_ffn(x2d, wi_0, wi_1, wo, ids, router, experts, ri, activation, top_k, renormalize):
+    """(mov(act(x wi_0ᵀ)) [* x wi_1ᵀ]) woᵀ with per-token adapters; the three GEMMs run once over all tokens."""
+    a = _mov_segments(F.linear(x2d, wi_0), ids, router, experts, ri, top_k, renormalize, activation)
+    if wi_1 is not None:
+        a = a * F.linear(x2d, wi_1)
+    return F.linear(a, wo)
+
+
+def grouped_molora(x2d, base2d, ids, lora_a, lora_b, router, ri, scale, top_k, renormalize):
+    """base + scale·Σ_e p_e (x A_e) B_e with per-token adapters; ``base2d`` [T, N] (None: zeros)."""
+    n = lora_b.shape[-1]
+
+    def adapter(a, x_s, base_s, ri_s):
+        r = _pick(router, a)
+        probs = _probs(ri_s, r, top_k, renormalize)
+        return MoLoRAFunction.apply(x_s, None, None, base_s, lora_a[a], lora_b[a], r, probs, scale, top_k, renormalize)
+
+    def base(x_s, base_s, ri_s):
+        return x_s.new_zeros(x_s.shape[0], n) if base_s is None else base_s
+
+    return run_grouped(ids, lora_a.shape[0], [x2d, base2d, ri], base, adapter)
+
+
+# ------------------------------------------------------------------------------------------
+# "reference": a loop over adapters through the single-adapter reference
+# ------------------------------------------------------------------------------------------
+
+
+def reference_mov(h2d, ids, router, experts, ri, top_k, renormalize):
+    def adapter(a, h_s, ri_s):
+        return reference.mov(h_s, _pick(router, a), experts[a], top_k=top_k, renormalize=renormalize, router_input=ri_s)
+
+    return run_reference_loop(ids, experts.shape[0], [h2d, ri], h2d, adapter)
+
+
+def reference_mov_linear(x2d, weight, bias, ids, router, experts, ri, top_k, renormalize):
+    def adapter(a, x_s, ri_s):
+        return reference.mov_linear(
+            x_s, weight, _pick(router, a), experts[a], bias=bias, top_k=top_k, renormalize=renormalize,
+            router_input=ri_s,
+        )  # fmt: skip
+
+    return run_reference_loop(ids, experts.shape[0], [x2d, ri], F.linear(x2d, weight, bias), adapter)
+
+
+def reference_mov_ffn(x2d, wi_0, wi_1, wo, ids, router, experts, ri, activation, top_k, renormalize):
+    def adapter(a, x_s, ri_s):
+        return reference.mov_ffn(
+            x_s, wi_0, wo, _pick(router, a), experts[a], wi_1=wi_1, activation=activation, top_k=top_k,
+            renormalize=renormalize, router_input=ri_s,
+        )  # fmt: skip
+
+    h = reference.ACTIVATIONS[activation](F.linear(x2d, wi_0))
+    if wi_1 is not None:
+        h = h * F.linear(x2d, wi_1)
+    return run_reference_loop(ids, experts.shape[0], [x2d, ri], F.linear(h, wo), adapter)
+
+
+def reference_molora_linear(x2d, weight, bias, ids, lora_a, lora_b, router, ri, scale, top_k, renormalize):
+    def adapter(a, x_s, ri_s):
+        return reference.molora_linear(
+            x_s, weight, lora_a[a], lora_b[a], _pick(router, a), scale=scale, bias=bias, top_k=top_k,
+            renormalize=renormalize, router_input=ri_s,
+        )  # fmt: skip
+
+    return run_reference_loop(ids, lora_a.shape[0], [x2d, ri], F.linear(x2d, weight, bias), adapter)
+
+
+def reference_molora_adapter(x2d, base2d, ids, lora_a, lora_b, router, ri, scale, top_k, renormalize):
+    def adapter(a, x_s, base_s, ri_s):
+        return reference.molora_adapter(
+            x_s, lora_a[a], lora_b[a], _pick(router, a), scale=scale, base=base_s, top_k=top_k,
+            renormalize=renormalize, router_input=ri_s,
+        )  # fmt: skip
+
+    start = x2d.new_zeros(x2d.shape[0], lora_b.shape[-1]) if base2d is None else base2d
+    return run_reference_loop(ids, lora_a.shape[0], [x2d, base2d, ri], start, adapter)

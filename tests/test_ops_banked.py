@@ -1,0 +1,410 @@
+"""Ops over an adapter bank (``adapter_ids``): every op, output and every gradient, per implementation.
+
+Two kinds of checks:
+
+* the ground truth: the banked op equals running each adapter on its own rows with the single-adapter op
+  (``implementation="reference"``) and that adapter's slice of the stacked parameters, assembled here
+  (rows of id -1 through the same op with parameters that are exactly the identity: MoV experts of ones
+  and no router, MoLoRA lora_b of zeros), in float64, outputs and gradients of every input, the stacked
+  parameters included;
+* the tolerance rule of tests/helpers.py for ``"torch"`` in float32/bfloat16/float16: ``ref`` is the banked
+  ``"reference"`` in the same dtype, ``truth`` the banked ``"reference"`` in float64 from the same inputs.
+
+Token ids: a cycle over adapters 0 and 1 and -1 (the base alone); adapter 2 of the 3 in the bank names no
+token, so its gradients must be zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pemoe import ops
+from tests.helpers import assert_within_rule, run_with_grads
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ACTIVATIONS = ("x", "h", "weight", "bias", "base", "wi_0", "wi_1", "wo", "router_input")
+K, G, D, A = 40, 3, 24, 3
+PATTERN = (0, 1, -1, 1, 0, 0, 1)
+
+
+def _ids(shape) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.tensor([PATTERN[(i * 5 + 1) % len(PATTERN)] for i in range(n)]).reshape(shape)
+
+
+def _cast(inputs: dict, dtype: torch.dtype, adapter_dtype: torch.dtype) -> dict:
+    """Floating tensors to dtype (activations, frozen weights) or adapter_dtype; integer ids unchanged."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            out[k] = v.detach().to(dtype if k in ACTIVATIONS else adapter_dtype).requires_grad_(v.requires_grad)
+        else:
+            out[k] = v
+    return out
+
+
+def _rand(*shape, std=1.0, grad=True):
+    return (torch.randn(*shape) * std).requires_grad_(grad)
+
+
+class _Bank:
+    """Subclasses set ``op_name``, ``stacked`` (the stacked parameter names), ``identity(inputs)`` (single-adapter
+    parameters that leave the base unchanged) and ``inputs(t, e, ...)``."""
+
+    implementation: str
+    op_name: str
+    stacked: tuple[str, ...]
+    token_inputs: tuple[str, ...] = ("x",)  # per-token tensors [..., width]
+    out_source = "x"
+
+    def call(self, implementation, **kw):
+        return getattr(ops, self.op_name)(**kw, implementation=implementation)
+
+    def _per_adapter(self, **leaves) -> torch.Tensor:
+        """The expected output: each adapter's rows through the single-adapter reference, in token order."""
+        ids = leaves["adapter_ids"].reshape(-1)
+        lead = leaves[self.out_source].shape[:-1]
+        flat = {k: leaves[k].reshape(-1, leaves[k].shape[-1]) for k in self.token_inputs if leaves.get(k) is not None}
+        ri = leaves.get("router_input")
+        if ri is not None:  # one row per token: sequence b's vector for each of its tokens
+            ri = ri[:, None, :].expand(lead + (ri.shape[-1],)).reshape(-1, ri.shape[-1])
+        rest = {k: v for k, v in leaves.items() if k not in (*self.token_inputs, "adapter_ids", "router_input")}
+        rows, outs = [], []
+        for a in range(-1, A):
+            idx = (ids == a).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            kw = dict(rest)
+            kw.update({k: v[idx] for k, v in flat.items()})
+            if a < 0:
+                kw.update(self.identity(leaves))
+            else:
+                kw.update({k: (None if leaves[k] is None else leaves[k][a]) for k in self.stacked})
+                if ri is not None:
+                    kw["router_input"] = ri[idx]
+            rows.append(idx)
+            outs.append(getattr(ops, self.op_name)(**kw, implementation="reference"))
+        y = torch.cat(outs)
+        full = y.new_zeros((ids.numel(),) + y.shape[1:])
+        full = full.index_put((torch.cat(rows),), y)
+        return full.reshape(lead + y.shape[1:])
+
+    def check_per_adapter(self, inputs: dict) -> None:
+        args = _cast(inputs, torch.float64, torch.float64)
+        probe, _ = run_with_grads(lambda **kw: self.call("reference", **kw), args)
+        grad_out = torch.randn(probe.shape, dtype=torch.float64)
+        out, grads = run_with_grads(lambda **kw: self.call(self.implementation, **kw), args, grad_out)
+        want, want_grads = run_with_grads(self._per_adapter, args, grad_out)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+        assert set(grads) == set(want_grads)
+        for name in want_grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-9, atol=1e-10, msg=f"d{name}")
+        unused = sorted(set(range(A)) - set(inputs["adapter_ids"].reshape(-1).tolist()))
+        for name in self.stacked:  # an adapter that names no token gets no gradient
+            for a in unused:
+                if name in grads:
+                    assert torch.count_nonzero(grads[name][a]) == 0, (name, a)
+
+    @pytest.mark.parametrize("t", [1, 7, 60])
+    @pytest.mark.parametrize("e", [1, 4])
+    def test_equals_each_adapter_on_its_own_rows(self, t, e):
+        self.check_per_adapter(self.inputs(t, e))
+
+    @pytest.mark.parametrize("top_k,renormalize", [(1, False), (2, True)])
+    def test_top_k_equals_each_adapter(self, top_k, renormalize):
+        self.check_per_adapter(self.inputs(23, 4, top_k=top_k, renormalize=renormalize))
+
+    def test_sentence_routing_equals_each_adapter(self):
+        self.check_per_adapter(self.inputs(5, 4, sentence=True))
+
+    @pytest.mark.parametrize("fill", [0, 2, -1])
+    def test_one_id_for_every_token(self, fill):
+        inputs = self.inputs(9, 3)
+        inputs["adapter_ids"] = torch.full_like(inputs["adapter_ids"], fill)
+        self.check_per_adapter(inputs)
+
+
+class _BankVsReference(_Bank):
+    """The tolerance rule against the banked reference, in every dtype."""
+
+    def check(self, inputs: dict, dtype: torch.dtype) -> None:
+        args = _cast(inputs, dtype, torch.float32)
+        args64 = _cast(inputs, torch.float64, torch.float64)
+        probe, _ = run_with_grads(lambda **kw: self.call("reference", **kw), args64)
+        grad_out = torch.randn(probe.shape, dtype=torch.float64)
+        out, grads = run_with_grads(lambda **kw: self.call(self.implementation, **kw), args, grad_out)
+        ref, ref_grads = run_with_grads(lambda **kw: self.call("reference", **kw), args, grad_out)
+        truth, truth_grads = run_with_grads(lambda **kw: self.call("reference", **kw), args64, grad_out)
+        assert out.dtype == args[self.out_source].dtype
+        assert_within_rule(out, ref, truth, dtype, f"{self.op_name} output")
+        assert set(grads) == set(truth_grads)
+        for name in truth_grads:
+            assert grads[name].dtype == args[name].dtype, f"d{name} dtype"
+            assert_within_rule(grads[name], ref_grads[name], truth_grads[name], dtype, f"{self.op_name} d{name}")
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("t", [1, 7, 123])
+    @pytest.mark.parametrize("e", [1, 4])
+    def test_matches_reference(self, dtype, t, e):
+        self.check(self.inputs(t, e), dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_top_k_matches_reference(self, dtype):
+        self.check(self.inputs(33, 4, top_k=2), dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_sentence_routing_matches_reference(self, dtype):
+        self.check(self.inputs(5, 4, sentence=True), dtype)
+
+    def test_gradcheck_float64(self):
+        args = _cast(self.inputs(5, 3, top_k=2), torch.float64, torch.float64)
+        names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+        rest = {k: v for k, v in args.items() if k not in names}
+
+        def f(*tensors):
+            return self.call(self.implementation, **rest, **dict(zip(names, tensors, strict=True)))
+
+        assert torch.autograd.gradcheck(f, tuple(args[n] for n in names), eps=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# per-op inputs
+# ------------------------------------------------------------------------------------------
+
+
+def _mov_params(e, width, groups, sentence, router_std=0.5):
+    experts = (1.0 + 0.3 * torch.randn(A, groups, e, width)).requires_grad_()
+    router = None if e == 1 else _rand(A, 9 if sentence else width, e, std=router_std)
+    return dict(experts=experts, router=router)
+
+
+def _lead(t, sentence):
+    return (2, t) if sentence else (t,)
+
+
+class MoVBank(_Bank):
+    op_name, stacked, token_inputs, out_source = "mov", ("experts", "router"), ("h",), "h"
+
+    def identity(self, leaves):
+        return dict(router=None, experts=torch.ones(G, 1, D, dtype=leaves["h"].dtype), top_k=None, renormalize=False)
+
+    def inputs(self, t, e, *, top_k=None, renormalize=False, sentence=False):
+        lead = _lead(t, sentence)
+        args = dict(h=_rand(*lead, G * D), top_k=top_k, renormalize=renormalize, adapter_ids=_ids(lead))
+        args.update(_mov_params(e, D, G, sentence))
+        if sentence:
+            args["router_input"] = _rand(2, 9)
+        return args
+
+
+class MoVLinearBank(_Bank):
+    op_name, stacked = "mov_linear", ("experts", "router")
+
+    def identity(self, leaves):
+        return dict(router=None, experts=torch.ones(G, 1, D, dtype=leaves["x"].dtype), top_k=None, renormalize=False)
+
+    def inputs(self, t, e, *, top_k=None, renormalize=False, sentence=False):
+        lead = _lead(t, sentence)
+        args = dict(
+            x=_rand(*lead, K),
+            weight=torch.randn(G * D, K) * K**-0.5,
+            bias=_rand(G * D),
+            top_k=top_k,
+            renormalize=renormalize,
+            adapter_ids=_ids(lead),
+        )
+        args.update(_mov_params(e, D, G, sentence))
+        if sentence:
+            args["router_input"] = _rand(2, 9)
+        return args
+
+
+class MoVFFNBank(_Bank):
+    op_name, stacked = "mov_ffn", ("experts", "router")
+    f = 56
+
+    def identity(self, leaves):
+        ones = torch.ones(1, 1, self.f, dtype=leaves["x"].dtype)
+        return dict(router=None, experts=ones, top_k=None, renormalize=False)
+
+    def inputs(self, t, e, *, top_k=None, renormalize=False, sentence=False):
+        lead = _lead(t, sentence)
+        args = dict(
+            x=_rand(*lead, K),
+            wi_0=torch.randn(self.f, K) * K**-0.5,
+            wi_1=torch.randn(self.f, K) * K**-0.5,
+            wo=torch.randn(K, self.f) * self.f**-0.5,
+            activation="gelu_new",
+            top_k=top_k,
+            renormalize=renormalize,
+            adapter_ids=_ids(lead),
+        )
+        args.update(_mov_params(e, self.f, 1, sentence, router_std=0.2))
+        if sentence:
+            args["router_input"] = _rand(2, 9)
+        return args
+
+
+class _MoLoRABank(_Bank):
+    stacked = ("lora_a", "lora_b", "router")
+    n, r = 72, 4
+
+    def identity(self, leaves):
+        dt = leaves["x"].dtype
+        return dict(lora_a=torch.zeros(1, K, 1, dtype=dt), lora_b=torch.zeros(1, 1, self.n, dtype=dt), router=None,
+                    top_k=None, renormalize=False)  # fmt: skip
+
+    def _lora(self, t, e, top_k, renormalize, sentence):
+        lead = _lead(t, sentence)
+        args = dict(
+            x=_rand(*lead, K),
+            lora_a=_rand(A, e, K, self.r, std=0.3),
+            lora_b=_rand(A, e, self.r, self.n, std=0.3),
+            router=None if e == 1 else _rand(A, 9 if sentence else K, e, std=0.5),
+            scale=16.0 / self.r,
+            top_k=top_k,
+            renormalize=renormalize,
+            adapter_ids=_ids(lead),
+        )
+        if sentence:
+            args["router_input"] = _rand(2, 9)
+        return args, lead
+
+
+class MoLoRALinearBank(_MoLoRABank):
+    op_name = "molora_linear"
+
+    def inputs(self, t, e, *, top_k=None, renormalize=False, sentence=False):
+        args, _ = self._lora(t, e, top_k, renormalize, sentence)
+        args.update(weight=torch.randn(self.n, K) * K**-0.5, bias=_rand(self.n))
+        return args
+
+
+class MoLoRAAdapterBank(_MoLoRABank):
+    op_name = "molora_adapter"
+    token_inputs = ("x", "base")
+
+    def inputs(self, t, e, *, top_k=None, renormalize=False, sentence=False):
+        args, lead = self._lora(t, e, top_k, renormalize, sentence)
+        args["base"] = _rand(*lead, self.n)
+        return args
+
+    def test_without_base_equals_each_adapter(self):
+        inputs = self.inputs(11, 3)
+        inputs["base"] = None
+        self.check_per_adapter(inputs)
+
+
+class TestMoVBankReference(MoVBank):
+    implementation = "reference"
+
+
+class TestMoVBankTorch(MoVBank, _BankVsReference):
+    implementation = "torch"
+
+
+class TestMoVLinearBankReference(MoVLinearBank):
+    implementation = "reference"
+
+
+class TestMoVLinearBankTorch(MoVLinearBank, _BankVsReference):
+    implementation = "torch"
+
+
+class TestMoVFFNBankReference(MoVFFNBank):
+    implementation = "reference"
+
+
+class TestMoVFFNBankTorch(MoVFFNBank, _BankVsReference):
+    implementation = "torch"
+
+
+class TestMoLoRALinearBankReference(MoLoRALinearBank):
+    implementation = "reference"
+
+
+class TestMoLoRALinearBankTorch(MoLoRALinearBank, _BankVsReference):
+    implementation = "torch"
+
+
+class TestMoLoRAAdapterBankReference(MoLoRAAdapterBank):
+    implementation = "reference"
+
+
+class TestMoLoRAAdapterBankTorch(MoLoRAAdapterBank, _BankVsReference):
+    implementation = "torch"
+
+
+class TestMoVLinearBankAuto(MoVLinearBank):
+    """``"auto"`` with adapter_ids resolves to ``"torch"`` on the CPU and gives the same results."""
+
+    implementation = "auto"
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: clear errors before any computation, naming the argument or the index
+# ------------------------------------------------------------------------------------------
+
+BAD_CASES = {
+    "float ids": (lambda a: a.update(adapter_ids=a["adapter_ids"].float()), TypeError, r"integer tensor.*float32"),
+    "bool ids": (lambda a: a.update(adapter_ids=a["adapter_ids"] > 0), TypeError, r"integer tensor.*torch.bool"),
+    "list ids": (lambda a: a.update(adapter_ids=a["adapter_ids"].tolist()), TypeError, r"integer torch.Tensor"),
+    "short ids": (lambda a: a.update(adapter_ids=a["adapter_ids"][:-1]), ValueError, r"shape \[T\] = \[7\].*got \[6\]"),
+    "index = A": (lambda a: a["adapter_ids"].__setitem__(3, A), ValueError, r"index 3, outside \[-1, 3\)"),
+    "index -2": (lambda a: a["adapter_ids"].__setitem__(0, -2), ValueError, r"index -2, outside \[-1, 3\)"),
+    "unstacked": (lambda a: a.update(experts=a["experts"][0]), ValueError, r"experts must be stacked.*\[A, G, E, D\]"),
+    "A differs": (
+        lambda a: a.update(router=a["router"][:2]),
+        ValueError,
+        r"different numbers of adapters: experts A = 3, router A = 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "auto"])
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_adapter_ids_and_banks(impl, case):
+    change, exc, match = BAD_CASES[case]
+    args = MoVLinearBank().inputs(7, 4)
+    change(args)
+    with pytest.raises(exc, match=match):
+        ops.mov_linear(**args, implementation=impl)
+
+
+def test_molora_bank_ranks_must_agree():
+    args = MoLoRALinearBank().inputs(7, 4)
+    args["lora_b"] = args["lora_b"][:, :, :2]
+    with pytest.raises(ValueError, match=r"lora_b must have shape \[E, r, N\] = \[4, 4, 72\]"):
+        ops.molora_linear(**args, implementation="torch")
+
+
+@pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
+def test_triton_refuses_adapter_ids(op):
+    """No Triton kernel for banks yet: an explicit error, never another implementation in its place."""
+    args = (MoVLinearBank() if op == "mov_linear" else MoLoRALinearBank()).inputs(7, 4)
+    with pytest.raises(NotImplementedError, match="adapter banks"):
+        getattr(ops, op)(**args, implementation="triton")
+
+
+def test_without_adapter_ids_stacked_parameters_are_refused():
+    """Stacked parameters without adapter_ids are not silently read as one adapter."""
+    args = MoVLinearBank().inputs(7, 4)
+    args.pop("adapter_ids")
+    with pytest.raises(ValueError, match="experts must have 3 dimensions"):
+        ops.mov_linear(**args, implementation="torch")
+
+
+def test_mov_ffn_base_rows_are_the_plain_ffn():
+    """Rows of id -1 get exactly the FFN without an adapter, computed here from its formula."""
+    args = MoVFFNBank().inputs(6, 4)
+    args["adapter_ids"] = torch.tensor([-1, 0, -1, 1, -1, 0])
+    with torch.no_grad():
+        y = ops.mov_ffn(**args, implementation="torch")
+        x = args["x"][[0, 2, 4]]
+        h = F.gelu(F.linear(x, args["wi_0"]), approximate="tanh") * F.linear(x, args["wi_1"])
+        want = F.linear(h, args["wo"])
+    torch.testing.assert_close(y[[0, 2, 4]], want, rtol=1e-6, atol=1e-6)
