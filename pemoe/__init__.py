@@ -18,6 +18,7 @@ from pemoe.adapters import (
     sentence_routing,
     unmerge,
 )
+from pemoe.banks import adapter_batch, add_adapter, bank_names, load_adapters, remove_adapter
 from pemoe.ops import molora_adapter, molora_linear, mov, mov_ffn, mov_linear
 from pemoe.router_health import RouterMonitor, plot_routing, routing_by_task
 
@@ -53,6 +54,11 @@ __all__ = [
     "routing_by_task",
     "plot_routing",
     "hf",
+    "load_adapters",
+    "add_adapter",
+    "remove_adapter",
+    "bank_names",
+    "adapter_batch",
     "__version__",
 ]
 

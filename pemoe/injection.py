@@ -197,7 +197,7 @@ def sentence_routing(model: nn.Module, router_input: torch.Tensor) -> Iterator[N
         with pemoe.adapters.sentence_routing(model, pooled):  # pooled [B, R]
             loss = model(**batch).loss
     """
-    config = require_unmerged(model, "sentence_routing")["config"]
+    config = require_unmerged(model, "sentence_routing", bank_ok=True)["config"]
     if config.router_input != "sentence":
         raise ValueError(f"the model's adapters route by {config.router_input!r}, not by sentence")
     dim = config.router_input_dim
@@ -229,10 +229,18 @@ def _require_injected(model: nn.Module) -> dict:
     return state
 
 
-def require_unmerged(model: nn.Module, what: str) -> dict:
+def require_unmerged(model: nn.Module, what: str, *, bank_ok: bool = False) -> dict:
     """The model's adapter state; ValueError when its adapters are folded into the weights
-    (:func:`pemoe.merge`): the adapter modules are out of the model until :func:`pemoe.unmerge`."""
+    (:func:`pemoe.merge`): the adapter modules are out of the model until :func:`pemoe.unmerge`; and, unless
+    ``bank_ok``, when the model holds an adapter bank (:mod:`pemoe.banks`): its parameters are stacked over
+    several adapters, which single-adapter operations (saving, merging, exporting) cannot take."""
     state = _require_injected(model)
+    bank = state.get("bank")
+    if bank is not None and not bank_ok:
+        raise ValueError(
+            f"{what}: the model holds an adapter bank ({len(bank['names'])} adapters: {bank['names'][:8]}), "
+            "not one adapter; this works on a model with one adapter (load it on its own backbone)"
+        )
     if state.get("merged") is not None:
         raise ValueError(
             f"{what}: the model's adapters are merged into its weights (pemoe.merge); call pemoe.unmerge(model) first"

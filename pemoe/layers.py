@@ -62,6 +62,30 @@ class _AdapterModule(nn.Module):
     _adapter_param_names: tuple[str, ...] = ()
     router_input_features: int | None = None  # R for sentence routing; None: the router reads the activation
     _router_input: torch.Tensor | None = None
+    #: Adapter bank (see :mod:`pemoe.banks`): True when the adapter parameters are stacked along a leading
+    #: adapter axis A; ``_bank_ids`` [B] then holds one adapter index per sequence of the running batch
+    #: (-1: the base alone), set by ``pemoe.banks.adapter_batch``.
+    banked: bool = False
+    _bank_ids: torch.Tensor | None = None
+
+    def _adapter_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-token adapter indices for input x [B, ..., width] of a banked layer (the sequence's index
+        broadcast over its tokens); None for a layer holding one adapter."""
+        if not self.banked:
+            return None
+        ids = self._bank_ids
+        if ids is None:
+            raise ValueError(
+                f"{type(self).__name__} holds an adapter bank: name one adapter per sequence, "
+                "model(..., adapter_names=[...]) or inside pemoe.adapter_batch(model, names)"
+            )
+        lead = tuple(x.shape[:-1])
+        if not lead or lead[0] != ids.shape[0]:
+            raise ValueError(
+                f"the adapter batch names {ids.shape[0]} sequence(s), but {type(self).__name__} got input of shape "
+                f"{list(x.shape)}: one adapter name per sequence (batch dimension first) is needed"
+            )
+        return ids.view((-1,) + (1,) * (len(lead) - 1)).expand(lead)
 
     def set_router_input(self, router_input: torch.Tensor | None) -> None:
         """The per-sequence router input used when ``forward`` gets none (sentence routing)."""
@@ -185,6 +209,7 @@ class MoV(_AdapterModule):
             top_k=self.top_k,
             renormalize=self.renormalize,
             router_input=self._resolve_router_input(router_input),
+            adapter_ids=self._adapter_ids(h),
             implementation=self.implementation,
         )
 
@@ -283,6 +308,7 @@ class MoVLinear(_AdapterModule):
             top_k=s.top_k,
             renormalize=s.renormalize,
             router_input=self._resolve_router_input(router_input),
+            adapter_ids=s._adapter_ids(x),
             implementation=s.implementation,
         )
 
@@ -360,6 +386,7 @@ class MoLoRALinear(_AdapterModule):
                 top_k=self.top_k,
                 renormalize=self.renormalize,
                 router_input=self._resolve_router_input(router_input),
+                adapter_ids=self._adapter_ids(x),
                 implementation=self.implementation,
             )
         return ops.molora_linear(
@@ -373,6 +400,7 @@ class MoLoRALinear(_AdapterModule):
             top_k=self.top_k,
             renormalize=self.renormalize,
             router_input=self._resolve_router_input(router_input),
+            adapter_ids=self._adapter_ids(x),
             implementation=self.implementation,
         )
 

@@ -271,6 +271,7 @@ class T5DenseReluDense(nn.Module):
                 top_k=site.top_k,
                 renormalize=site.renormalize,
                 router_input=site._resolve_router_input(None),
+                adapter_ids=site._adapter_ids(x),
                 implementation=site.implementation,
             )
         if site is not None and not self._warned_unfused:

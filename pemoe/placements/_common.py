@@ -137,6 +137,7 @@ class FusedGatedMLP(nn.Module):
             top_k=m.top_k,
             renormalize=m.renormalize,
             router_input=m._resolve_router_input(None),
+            adapter_ids=m._adapter_ids(x),
             implementation=m.implementation,
         )
 

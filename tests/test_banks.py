@@ -1,0 +1,290 @@
+"""Adapter banks on a tiny Llama: several saved adapters in one model, one adapter (or the bare base) per
+sequence, in forward and in generate (KV cache), add/remove one adapter, bad input.
+
+Ground truth: each sequence run on its own through a model holding only its adapter (loaded from the same
+file with pemoe.load_adapter), or through the bare base model for the name None. Tolerance: the rule of
+tests/helpers.py (pemoe.testing.check_rule) with ``out`` the bank's float32 logits of the sequence, ``ref``
+the single-adapter model's float32 logits and ``truth`` that model's float64 logits. Greedy tokens must be
+equal.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pemoe
+from pemoe.adapters import (
+    MoLoRAConfig,
+    MoVConfig,
+    adapter_config,
+    adapter_state_dict,
+    inject,
+    load_adapter,
+    save_adapter,
+    save_pretrained,
+)
+from pemoe.banks import BASE, adapter_batch, add_adapter, bank_names, load_adapters, remove_adapter
+from tests.decoder_tiny import decoder, ids
+from tests.helpers import assert_within_rule
+
+CONFIGS = {
+    "mov": MoVConfig(num_experts=3),
+    "molora": MoLoRAConfig(num_experts=2, rank=4),
+}
+NAMES = ("support", "legal", "code")
+GEN = dict(max_new_tokens=6, do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _save(tmp_path, method: str, name: str, seed: int, *, config=None, folder=False):
+    """A saved adapter with random (non-initial) parameters; returns its path."""
+    model = decoder("llama")
+    inject(model, config or CONFIGS[method])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_state_dict(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.4)
+    if folder:
+        path = tmp_path / f"{method}-{name}"
+        save_pretrained(model, path)
+    else:
+        path = tmp_path / f"{method}-{name}.safetensors"
+        save_adapter(model, path)
+    return path
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def saved(request, tmp_path_factory):
+    """method, {name: path} for three adapters (the second saved as a folder)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    paths = {n: _save(tmp, request.param, n, seed=i + 10, folder=i == 1) for i, n in enumerate(NAMES)}
+    return request.param, paths
+
+
+def _single(path, name=None) -> torch.nn.Module:
+    """The tiny Llama holding one adapter (or none), loaded from ``path``."""
+    model = decoder("llama")
+    if path is not None:
+        if path.is_dir():
+            pemoe.from_pretrained(model, path)
+        else:
+            load_adapter(model, path)
+    return model
+
+
+def _bank(paths, names=NAMES[:2]) -> torch.nn.Module:
+    model = decoder("llama")
+    assert load_adapters(model, {n: paths[n] for n in names}) == list(names)
+    return model
+
+
+def _stacked(model) -> dict[str, torch.Tensor]:
+    return {f"{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_rows(bank_logits, names, x, paths):
+    """Each sequence's bank logits against its own adapter's model (float32 ref, float64 truth)."""
+    for b, name in enumerate(names):
+        single = _single(None if name in (None, BASE) else paths[name])
+        with torch.no_grad():
+            ref = single(x[b : b + 1]).logits
+            truth = copy.deepcopy(single).double()(x[b : b + 1]).logits
+        assert_within_rule(bank_logits[b : b + 1], ref, truth, torch.float32, f"sequence {b} ({name})")
+
+
+def test_forward_equals_each_adapter_on_its_own_sequences(saved):
+    method, paths = saved
+    model = _bank(paths, NAMES)
+    x = ids(model, batch=5, length=7)
+    names = ["legal", None, "support", "legal", "code"]
+    with torch.no_grad():
+        logits = model(x, adapter_names=names).logits
+        alone = model(x[:1], adapter_names=["legal"]).logits
+    _check_rows(logits, names, x, paths)
+    assert (logits[0] - logits[1]).abs().max() > 1e-3  # the adapter takes part
+    torch.testing.assert_close(logits[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_kv_cache_equals_each_adapter_alone(saved):
+    method, paths = saved
+    model = _bank(paths, NAMES)
+    x = ids(model, seed=4, batch=4, length=5)
+    names = ["code", "support", BASE, "code"]
+    with torch.no_grad():
+        out = model.generate(x, adapter_names=names, use_cache=True, **GEN)
+        plain = model.generate(x, adapter_names=names, use_cache=False, **GEN)
+    assert out.shape == (4, 5 + GEN["max_new_tokens"])
+    assert out.tolist() == plain.tolist()
+    for b, name in enumerate(names):
+        single = _single(None if name == BASE else paths[name])
+        with torch.no_grad():
+            want = single.generate(x[b : b + 1], use_cache=True, **GEN)
+        assert out[b].tolist() == want[0].tolist(), (b, name)
+
+
+def test_adapter_batch_context_equals_adapter_names(saved):
+    _, paths = saved
+    model = _bank(paths)
+    x = ids(model, batch=3, length=6)
+    names = ["support", "legal", None]
+    with torch.no_grad():
+        with adapter_batch(model, names):
+            inside = model(x).logits
+        given = model(x, adapter_names=names).logits
+    torch.testing.assert_close(inside, given, rtol=0, atol=0)
+
+
+def test_backward_reaches_only_the_named_adapters(saved):
+    """Multi-task training in one batch: gradients flow to the adapters the batch names, not to the others."""
+    _, paths = saved
+    model = _bank(paths, NAMES)
+    x = ids(model, batch=2, length=5)
+    model(x, adapter_names=["code", None]).logits.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert all(torch.count_nonzero(g[:2]) == 0 for g in grads)  # support, legal: not in the batch
+    assert any(torch.count_nonzero(g[2]) > 0 for g in grads)
+
+
+def test_add_and_remove_one_adapter_leave_the_others(saved):
+    _, paths = saved
+    model = _bank(paths)
+    x = ids(model, batch=2, length=6)
+    before = _stacked(model)
+    with torch.no_grad():
+        support = model(x, adapter_names=["support", "support"]).logits
+    assert add_adapter(model, "code", paths["code"]) == ["support", "legal", "code"]
+    after = _stacked(model)
+    for k, t in before.items():
+        assert after[k].shape[0] == 3 and torch.equal(after[k][:2], t), k
+    with torch.no_grad():
+        code = model(x, adapter_names=["code", "code"]).logits
+        torch.testing.assert_close(model(x, adapter_names=["support", "support"]).logits, support, rtol=0, atol=0)
+    _check_rows(code, ["code", "code"], x, paths)
+
+    assert remove_adapter(model, "legal") == ["support", "code"]
+    removed = _stacked(model)
+    for k, t in after.items():
+        assert torch.equal(removed[k], t[[0, 2]]), k
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, adapter_names=["code", "code"]).logits, code, rtol=0, atol=0)
+        torch.testing.assert_close(model(x, adapter_names=["support", "support"]).logits, support, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: errors name the adapter; the bank (or the bare model) is unchanged
+
+
+def _state(model):
+    bank = getattr(model, "_pemoe_adapter", None)
+    names = None if bank is None else list(bank["bank"]["names"])
+    return names, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(model, state):
+    names, params = state
+    now_names, now = _state(model)
+    assert now_names == names
+    assert list(now) == list(params)
+    for n, t in params.items():
+        assert torch.equal(now[n], t), n
+
+
+def test_unknown_adapter_name(saved):
+    _, paths = saved
+    model = _bank(paths)
+    x = ids(model, batch=2, length=4)
+    with pytest.raises(ValueError, match=r"unknown adapter 'medical'.*\['support', 'legal'\]"):
+        model(x, adapter_names=["support", "medical"])
+    with pytest.raises(ValueError, match="unknown adapter 'medical'"):
+        model.generate(x, adapter_names=["medical", None], **GEN)
+    with pytest.raises(ValueError, match="remove_adapter: unknown adapter 'medical'"):
+        remove_adapter(model, "medical")
+    with pytest.raises(TypeError, match="one adapter name per sequence"):
+        model(x, adapter_names="support")
+
+
+def test_names_must_match_the_batch(saved):
+    _, paths = saved
+    model = _bank(paths)
+    x = ids(model, batch=3, length=4)
+    with pytest.raises(ValueError, match=r"adapter batch names 2 sequence\(s\).*shape \[3, 4, 64\]"):
+        model(x, adapter_names=["support", "legal"])
+    with pytest.raises(ValueError, match="holds an adapter bank: name one adapter per sequence"):
+        model(x)
+
+
+@pytest.mark.parametrize(
+    "other,field",
+    [
+        (MoVConfig(num_experts=2), "num_experts"),
+        (MoLoRAConfig(num_experts=2, rank=2), "rank"),
+        (MoLoRAConfig(num_experts=3, rank=4), "num_experts"),
+        ("method", "method"),
+    ],
+)
+def test_adapters_of_another_structure_are_refused(saved, tmp_path, other, field):
+    method, paths = saved
+    if other == "method":  # the other method at the bank's expert count
+        other = MoLoRAConfig(num_experts=3, rank=4) if method == "mov" else MoVConfig(num_experts=2)
+    if _config_same(other, CONFIGS[method]):
+        pytest.skip("same structure as the bank")
+    bad = _save(tmp_path, method, "odd", seed=99, config=other)
+    # into an existing bank: refused, bank unchanged
+    model = _bank(paths)
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"adapter 'odd' does not fit the bank"):
+        add_adapter(model, "odd", bad)
+    _assert_same(model, state)
+    # in one load with fitting ones: all or nothing, the bare model stays bare
+    bare = decoder("llama")
+    state = _state(bare)
+    with pytest.raises(ValueError, match=r"adapter 'odd' does not fit the bank"):
+        load_adapters(bare, {"support": paths["support"], "odd": bad})
+    _assert_same(bare, state)
+    assert adapter_config(bare) is None
+
+
+def _config_same(a, b):
+    return type(a) is type(b) and a.to_dict() == b.to_dict()
+
+
+def test_removing_an_adapter_a_running_batch_names(saved):
+    _, paths = saved
+    model = _bank(paths)
+    state = _state(model)
+    with adapter_batch(model, ["legal", None]):
+        with pytest.raises(ValueError, match=r"adapter 'legal' is named by a running batch"):
+            remove_adapter(model, "legal")
+        _assert_same(model, state)
+    assert remove_adapter(model, "legal") == ["support"]
+    with pytest.raises(ValueError, match="'support' is the bank's only adapter"):
+        remove_adapter(model, "support")
+
+
+def test_names_and_files_checked_before_anything_changes(saved, tmp_path):
+    _, paths = saved
+    model = _bank(paths)
+    state = _state(model)
+    with pytest.raises(ValueError, match="'support' is already in the bank"):
+        add_adapter(model, "support", paths["code"])
+    with pytest.raises(ValueError, match="reserved for the bare base model"):
+        add_adapter(model, BASE, paths["code"])
+    with pytest.raises(FileNotFoundError, match="adapter 'gone'"):
+        add_adapter(model, "gone", tmp_path / "gone.safetensors")
+    _assert_same(model, state)
+    assert bank_names(model) == ["support", "legal"]
+    with pytest.raises(ValueError, match="holds an adapter bank"):
+        save_adapter(model, tmp_path / "bank.safetensors")
+    with pytest.raises(ValueError, match="already holds one pemoe adapter"):
+        load_adapters(_single(paths["support"]), {"legal": paths["legal"]})
