@@ -11,6 +11,7 @@ equal.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -46,16 +47,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _save(tmp_path, method: str, name: str, seed: int, *, config=None, folder=False):
-    """A saved adapter with random (non-initial) parameters; returns its path."""
-    model = decoder("llama")
+def _save(tmp_path, method: str, name: str, seed: int, *, config=None, folder=False, build=None):
+    """A saved adapter with random (non-initial) parameters on ``build()`` (the tiny Llama); returns its path."""
+    model = (build or (lambda: decoder("llama")))()
     inject(model, config or CONFIGS[method])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter_state_dict(model).values():
             p.add_(torch.randn(p.shape, generator=g) * 0.4)
     if folder:
-        path = tmp_path / f"{method}-{name}"
+        path = tmp_path / f"{method}-{name}-folder"
         save_pretrained(model, path)
     else:
         path = tmp_path / f"{method}-{name}.safetensors"
@@ -71,9 +72,9 @@ def saved(request, tmp_path_factory):
     return request.param, paths
 
 
-def _single(path, name=None) -> torch.nn.Module:
-    """The tiny Llama holding one adapter (or none), loaded from ``path``."""
-    model = decoder("llama")
+def _single(path, build=None) -> torch.nn.Module:
+    """The tiny model (default: Llama) holding one adapter (or none), loaded from ``path``."""
+    model = (build or (lambda: decoder("llama")))()
     if path is not None:
         if path.is_dir():
             pemoe.from_pretrained(model, path)
@@ -92,13 +93,15 @@ def _stacked(model) -> dict[str, torch.Tensor]:
     return {f"{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _check_rows(bank_logits, names, x, paths):
-    """Each sequence's bank logits against its own adapter's model (float32 ref, float64 truth)."""
+def _check_rows(bank_logits, names, x, paths, build=None, **inputs):
+    """Each sequence's bank logits against its own adapter's model (float32 ref, float64 truth); ``inputs``:
+    further per-sequence model inputs (batch first)."""
     for b, name in enumerate(names):
-        single = _single(None if name in (None, BASE) else paths[name])
+        single = _single(None if name in (None, BASE) else paths[name], build)
+        row = {k: v[b : b + 1] for k, v in inputs.items()}
         with torch.no_grad():
-            ref = single(x[b : b + 1]).logits
-            truth = copy.deepcopy(single).double()(x[b : b + 1]).logits
+            ref = single(x[b : b + 1], **row).logits
+            truth = copy.deepcopy(single).double()(x[b : b + 1], **row).logits
         assert_within_rule(bank_logits[b : b + 1], ref, truth, torch.float32, f"sequence {b} ({name})")
 
 
@@ -288,3 +291,49 @@ def test_names_and_files_checked_before_anything_changes(saved, tmp_path):
         save_adapter(model, tmp_path / "bank.safetensors")
     with pytest.raises(ValueError, match="already holds one pemoe adapter"):
         load_adapters(_single(paths["support"]), {"legal": paths["legal"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# other families: GPT-2 (MoV on the packed c_attn, Conv1D linears) and Qwen2 (q/k/v biases)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_other_decoder_families(tmp_path, family, method):
+    build = functools.partial(decoder, family)
+    paths = {n: _save(tmp_path, method, n, seed=i + 20, build=build) for i, n in enumerate(NAMES[:2])}
+    model = build()
+    load_adapters(model, paths)
+    x = ids(model, batch=3, length=6)
+    names = ["legal", "support", None]
+    with torch.no_grad():
+        logits = model(x, adapter_names=names).logits
+    _check_rows(logits, names, x, paths, build)
+
+
+# ---------------------------------------------------------------------------------------------
+# T5 (encoder-decoder): transformers' model and pemoe's own
+
+
+@pytest.mark.parametrize("impl", ["hf", "pemoe"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_t5_forward_and_generate(tmp_path, impl, method):
+    from tests.t5_tiny import batch, hf_t5, pemoe_t5
+
+    build = functools.partial(hf_t5 if impl == "hf" else pemoe_t5, "v1.1")
+    paths = {n: _save(tmp_path, method, n, seed=i + 30, build=build) for i, n in enumerate(NAMES[:2])}
+    model = build()
+    load_adapters(model, paths)
+    src, mask, dec, _ = batch(batch_size=3)
+    names = ["support", None, "legal"]
+    with torch.no_grad():
+        logits = model(src, attention_mask=mask, decoder_input_ids=dec, adapter_names=names).logits
+    _check_rows(logits, names, src, paths, build, attention_mask=mask, decoder_input_ids=dec)
+    kwargs = dict(max_new_tokens=5) if impl == "pemoe" else dict(max_new_tokens=5, do_sample=False, num_beams=1)
+    with torch.no_grad():
+        out = model.generate(src, attention_mask=mask, adapter_names=names, **kwargs)
+    for b, name in enumerate(names):
+        single = _single(None if name is None else paths[name], build)
+        with torch.no_grad():
+            want = single.generate(src[b : b + 1], attention_mask=mask[b : b + 1], **kwargs)
+        assert out[b, : want.shape[1]].tolist() == want[0].tolist(), (b, name)
