@@ -24,6 +24,11 @@ vector per sequence ([B, R] for inputs [B, S, ·]) instead of the token's own ac
 the ``router_input`` argument of ``forward`` or, when that is None, the one set with
 :meth:`_AdapterModule.set_router_input` (how :func:`pemoe.adapters.sentence_routing` reaches layers
 called by model code); calling a sentence-routed layer without either raises ValueError.
+
+Adapter banks (:mod:`pemoe.banks`): a layer whose adapter parameters are stacked along a leading adapter
+axis A (``banked``) passes the ops one adapter index per token, its sequence's index set by
+``pemoe.banks.adapter_batch`` (inputs [B, ..., width], batch dimension first); called outside a batch it
+raises ValueError.
 """
 
 from __future__ import annotations

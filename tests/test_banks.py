@@ -337,3 +337,25 @@ def test_t5_forward_and_generate(tmp_path, impl, method):
         with torch.no_grad():
             want = single.generate(src[b : b + 1], attention_mask=mask[b : b + 1], **kwargs)
         assert out[b, : want.shape[1]].tolist() == want[0].tolist(), (b, name)
+
+
+def test_sentence_routed_bank(tmp_path):
+    """Sentence routing in a bank: each sequence's router vector goes through its own adapter's routers."""
+    config = MoVConfig(num_experts=3, router_input="sentence")
+    paths = {n: _save(tmp_path, "mov", n, seed=i + 40, config=config) for i, n in enumerate(NAMES[:2])}
+    model = decoder("llama")
+    load_adapters(model, paths)
+    x = ids(model, batch=3, length=5)
+    vectors = torch.randn(3, model.config.hidden_size)
+    names = ["legal", "support", "legal"]
+    with torch.no_grad(), pemoe.sentence_routing(model, vectors):
+        logits = model(x, adapter_names=names).logits
+    for b, name in enumerate(names):
+        single = _single(paths[name])
+        with torch.no_grad():
+            with pemoe.sentence_routing(single, vectors[b : b + 1]):
+                ref = single(x[b : b + 1]).logits
+            double = copy.deepcopy(single).double()
+            with pemoe.sentence_routing(double, vectors[b : b + 1].double()):
+                truth = double(x[b : b + 1]).logits
+        assert_within_rule(logits[b : b + 1], ref, truth, torch.float32, f"sequence {b} ({name})")
