@@ -16,14 +16,24 @@ Two implementations, one semantics:
 * ``reference_*`` — a loop over the A adapters: the rows of adapter a go through the single-adapter
   einsum reference (:mod:`pemoe.reference`) with adapter a's parameters, the others keep the base output.
   The ground truth; plain autograd.
-* ``grouped_*`` (``implementation="torch"``) — rows are sorted by adapter once (one stable argsort and
-  one gather of the activations; skipped when every token names the same adapter), each adapter's
-  contiguous segment runs the single-adapter ``"torch"`` autograd Function on that segment alone, and the
-  outputs are put back in token order (one gather). The frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once
-  over all tokens, not per segment. Python loops only over the adapters the batch names, each step on its
-  own rows: the work is that of one single-adapter call per adapter on its rows. Gradients reach the
-  stacked parameters through the slices ``param[a]`` (autograd sums them), the activations through the
-  gathers.
+* ``grouped_*`` (``implementation="torch"``), two strategies, the same math:
+
+  - grouped by adapter: rows are sorted by adapter once (one stable argsort and one gather of the
+    activations; skipped when every token names the same adapter), each adapter's contiguous segment runs
+    the single-adapter ``"torch"`` autograd Function on that segment alone, and the outputs are put back in
+    token order (one gather). Python loops only over the adapters the batch names, each step on its own
+    rows: the work is that of one single-adapter call per adapter on its rows. Gradients reach the stacked
+    parameters through the slices ``param[a]`` (autograd sums them), the activations through the gathers.
+  - gathered per token (MoV only), for batches of at most :data:`GATHER_MAX_TOKENS` tokens that name
+    several adapters (decoding: one token per sequence): each token's router [T, D, E] and experts
+    [T, G, E, D] are gathered (``param[ids]``) and the op runs as batched products in the compute dtype
+    (float32), in one pass whatever the number of adapters, with plain autograd (the gathers' backward
+    accumulates into the stacked parameters). Its memory grows with T times one adapter's size, hence the
+    bound. MoLoRA always runs grouped: its gathered form (GEMMs over the adapters present) changed the
+    float32 summation order enough to break the tolerance rule at the model level on ill-conditioned tiny
+    models, where the grouped form is bitwise the single-adapter op.
+
+  Either way the frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once over all tokens.
 
 Finding the segments reads the per-adapter token counts on the host (one device-to-host sync per call),
 which the argument checks need anyway (ids outside [-1, A) are refused before any computation).
@@ -37,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from pemoe import reference
+from pemoe.ops import _router
 from pemoe.ops.molora import MoLoRAFunction
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
@@ -127,12 +138,59 @@ def _probs(ri: torch.Tensor | None, router: torch.Tensor | None, top_k, renormal
 
 
 # ------------------------------------------------------------------------------------------
-# "torch": grouped by adapter
+# "torch": gathered per token (small batches naming several adapters)
+# ------------------------------------------------------------------------------------------
+
+#: MoV batches of at most this many tokens that name more than one adapter gather each token's parameters
+#: instead of running one single-adapter call per adapter (decoding a batch of sequences over many
+#: adapters: the per-adapter calls' fixed costs, not their arithmetic, dominate there).
+GATHER_MAX_TOKENS = 64
+
+
+def _use_gather(ids: torch.Tensor, num_adapters: int) -> bool:
+    if ids.numel() > GATHER_MAX_TOKENS or ids.numel() == 0:
+        return False
+    return sum(1 for n in _segment_counts(ids, num_adapters) if n) > 1
+
+
+def _gathered_probs(router_in, router_t, top_k, renormalize, cd):
+    """p [T, E] (compute dtype) from router_in [T, R] and per-token routers router_t [T, R, E]."""
+    logits = torch.bmm(router_in.to(cd).unsqueeze(1), router_t.to(cd)).squeeze(1)
+    return _router.select(torch.softmax(logits, dim=-1), top_k, renormalize, dim=-1)
+
+
+def _gathered_mov(h2d, ids, router, experts, ri, top_k, renormalize):
+    """mov with each token's own router [D, E] and experts [G, E, D]; ids -1: h unchanged."""
+    t = h2d.shape[0]
+    groups, num_experts, dim = experts.shape[1:]
+    cd = reference.compute_dtype(h2d.dtype)
+    valid = ids >= 0
+    idx = ids.clamp(min=0)
+    h = h2d.to(cd).view(t, groups, dim)
+    experts_t = experts[idx].to(cd)  # [T, G, E, D]
+    if router is None:
+        s = experts_t[:, :, 0, :]
+    else:
+        router_t = router[idx]  # [T, D or R, E]
+        if ri is None:  # logits[t, g, e] = Σ_d h[t, g, d] router_t[t, d, e]
+            p = _router.select(torch.softmax(torch.bmm(h, router_t.to(cd)), dim=-1), top_k, renormalize, dim=-1)
+        else:
+            p = _gathered_probs(ri, router_t, top_k, renormalize, cd).unsqueeze(1).expand(t, groups, num_experts)
+        s = torch.einsum("tge,tged->tgd", p, experts_t)
+    s = torch.where(valid.view(t, 1, 1), s, torch.ones((), dtype=cd, device=s.device))
+    return (h * s).reshape(t, groups * dim).to(h2d.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# "torch": grouped by adapter (or gathered per token, see above)
 # ------------------------------------------------------------------------------------------
 
 
 def _mov_segments(h2d, ids, router, experts, ri, top_k, renormalize, activation=None):
     """MoV per adapter segment on h2d [T, G·D] (or on act(z) for the FFN site, ``activation`` given)."""
+    if _use_gather(ids, experts.shape[0]):
+        h = h2d if activation is None else reference.ACTIVATIONS[activation](h2d)
+        return _gathered_mov(h, ids, router, experts, ri, top_k, renormalize)
 
     def adapter(a, h_s, ri_s):
         r = _pick(router, a)
