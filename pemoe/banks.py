@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -257,19 +258,24 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[Non
         bank["active"].remove(batch)
 
 
+def _call_with_names(model: nn.Module, method: str, *args, adapter_names=None, **kwargs):
+    """``type(model).<method>(model, ...)``, inside :func:`adapter_batch` when ``adapter_names`` is given."""
+    call = getattr(type(model), method)
+    if adapter_names is None:
+        return call(model, *args, **kwargs)
+    with adapter_batch(model, adapter_names):
+        return call(model, *args, **kwargs)
+
+
 def _install_entry_points(model: nn.Module) -> None:
     """Give ``model.forward`` and ``model.generate`` (where it has one) an ``adapter_names=`` keyword that runs
-    the call inside :func:`adapter_batch` (instance attributes wrapping the class's methods)."""
-    for attr in ("forward", "generate"):
-        original = getattr(model, attr, None)
-        if original is None:
+    the call inside :func:`adapter_batch`: instance attributes over the class's methods, partials of
+    :func:`_call_with_names` bound to the model (so ``copy.deepcopy`` and pickling carry them to the copy,
+    bound to the copy), showing the methods' own signatures (transformers inspects ``forward``'s)."""
+    for method in ("forward", "generate"):
+        if getattr(type(model), method, None) is None:
             continue
-
-        def wrapper(*args, adapter_names=None, _original=original, **kwargs):
-            if adapter_names is None:
-                return _original(*args, **kwargs)
-            with adapter_batch(model, adapter_names):
-                return _original(*args, **kwargs)
-
-        functools.update_wrapper(wrapper, original)
-        setattr(model, attr, wrapper)
+        wrapper = functools.partial(_call_with_names, model, method)
+        wrapper.__signature__ = inspect.signature(getattr(model, method))
+        wrapper.__doc__ = getattr(type(model), method).__doc__
+        setattr(model, method, wrapper)

@@ -359,3 +359,20 @@ def test_sentence_routed_bank(tmp_path):
             with pemoe.sentence_routing(double, vectors[b : b + 1].double()):
                 truth = double(x[b : b + 1]).logits
         assert_within_rule(logits[b : b + 1], ref, truth, torch.float32, f"sequence {b} ({name})")
+
+
+def test_a_copy_of_a_bank_runs_itself(saved):
+    """copy.deepcopy of a bank's model (e.g. a float64 twin) keeps adapter_names, bound to the copy."""
+    _, paths = saved
+    model = _bank(paths)
+    twin = copy.deepcopy(model).double()
+    x = ids(model, batch=2, length=5)
+    names = ["legal", "support"]
+    with torch.no_grad():
+        out = twin(x, adapter_names=names).logits
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out.float(), model(x, adapter_names=names).logits, rtol=1e-4, atol=1e-4)
+        for p in twin.parameters():
+            p.zero_()
+        assert torch.count_nonzero(twin(x, adapter_names=names).logits) == 0
+        assert torch.count_nonzero(model(x, adapter_names=names).logits) > 0
