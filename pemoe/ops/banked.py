@@ -29,9 +29,9 @@ Two implementations, one semantics:
     [T, G, E, D] are gathered (``param[ids]``) and the op runs as batched products in the compute dtype
     (float32), in one pass whatever the number of adapters, with plain autograd (the gathers' backward
     accumulates into the stacked parameters). Its memory grows with T times one adapter's size, hence the
-    bound. MoLoRA always runs grouped: its gathered form (GEMMs over the adapters present) changed the
-    float32 summation order enough to break the tolerance rule at the model level on ill-conditioned tiny
-    models, where the grouped form is bitwise the single-adapter op.
+    bound. MoLoRA always runs grouped: a gathered form (GEMMs over the adapters present) sums in another
+    float32 order, enough to break the tolerance rule at the model level on ill-conditioned tiny models,
+    while the grouped form is bitwise the single-adapter op there.
 
   Either way the frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once over all tokens.
 
