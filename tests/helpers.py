@@ -53,3 +53,30 @@ def cast_inputs(inputs: dict, activation_dtype: torch.dtype, adapter_dtype: torc
         else:
             out[k] = v
     return out
+
+
+def snapshot_model(model) -> tuple:
+    """What a failed call must leave as it was: every parameter (values and requires_grad), every state-dict
+    tensor (buffers too), the module tree's types and the pemoe adapter config."""
+    from pemoe.adapters import adapter_config
+
+    return (
+        {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+        {n: t.detach().clone() for n, t in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        adapter_config(model),
+    )
+
+
+def assert_model_unchanged(model, snap: tuple) -> None:
+    from pemoe.adapters import adapter_config
+
+    params, state, modules, config = snap
+    now = dict(model.named_parameters())
+    assert list(now) == list(params)
+    for n, (t, requires_grad) in params.items():
+        assert torch.equal(now[n], t) and now[n].requires_grad == requires_grad, n
+    now_state = model.state_dict()
+    assert list(now_state) == list(state) and all(torch.equal(now_state[k], v) for k, v in state.items())
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert adapter_config(model) == config

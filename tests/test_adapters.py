@@ -42,6 +42,7 @@ from pemoe.adapters import (
 )
 from pemoe.layers import MoV, MoVLinear, count_parameters
 from pemoe.models import T5
+from tests.helpers import assert_model_unchanged, snapshot_model
 from tests.t5_tiny import KINDS, batch, hf_t5, pemoe_t5
 
 MODELS = {"transformers": hf_t5, "pemoe": pemoe_t5}
@@ -70,24 +71,6 @@ def _randomize_adapters(model, seed=0):
     with torch.no_grad():
         for p in adapter_state_dict(model).values():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def _snapshot(model):
-    return (
-        {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
-        [(n, type(m)) for n, m in model.named_modules()],
-        adapter_config(model),
-    )
-
-
-def _assert_unchanged(model, snap):
-    params, modules, config = snap
-    now = dict(model.named_parameters())
-    assert list(now) == list(params)
-    for n, (t, rg) in params.items():
-        assert torch.equal(now[n], t) and now[n].requires_grad == rg, n
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    assert adapter_config(model) == config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,31 +510,31 @@ def test_bad_configs():
 @pytest.mark.parametrize("which", list(MODELS))
 def test_bad_injections_leave_the_model_unchanged(which):
     model = MODELS[which]("v1.0")
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ValueError, match=r"\['wi_0'\] not in this model's T5 v1.0 FFN \(wi, wo\)"):
         inject(model, MoLoRAConfig(sites=("q", "wi_0")))
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     with pytest.raises(TypeError, match="config must be a MoVConfig"):
         inject(model, {"num_experts": 3})
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     # a site that is not a Linear, met after other sites were already built: everything is undone
     model.decoder.block[1].layer[1].EncDecAttention.k = nn.Identity()
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(TypeError, match=r"decoder.block.1.layer.1.EncDecAttention.k must be a torch.nn.Linear"):
         inject(model, MoVConfig(num_experts=2))
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
 
 
 @pytest.mark.parametrize("which", list(MODELS))
 def test_inject_twice_is_refused(which):
     model = MODELS[which]("v1.1")
     inject(model, IA3Config())
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ValueError, match=r"already has pemoe adapters \(IA3Config"):
         inject(model, IA3Config())
     with pytest.raises(ValueError, match="already has pemoe adapters"):
         inject(model, MoLoRAConfig())
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
 
 
 def test_non_t5_models_are_refused():
@@ -559,12 +542,12 @@ def test_non_t5_models_are_refused():
     from transformers import T5EncoderModel
 
     for model in (nn.Sequential(nn.Linear(4, 4)), T5EncoderModel(HFConfig(num_layers=1, d_model=8, d_ff=8, d_kv=2))):
-        snap = _snapshot(model)
+        snap = snapshot_model(model)
         with pytest.raises(
             ValueError, match=f"supports transformers' T5ForConditionalGeneration .* got .*{type(model).__name__}"
         ):
             inject(model, MoVConfig())
-        _assert_unchanged(model, snap)
+        assert_model_unchanged(model, snap)
 
 
 def test_loading_mismatched_adapters_is_refused(tmp_path):
@@ -575,19 +558,19 @@ def test_loading_mismatched_adapters_is_refused(tmp_path):
     # injected with another config
     other = pemoe_t5("v1.1")
     inject(other, MoVConfig(num_experts=3))
-    snap = _snapshot(other)
+    snap = snapshot_model(other)
     with pytest.raises(ValueError, match=r"saved for another adapter config: num_experts: file 4 vs model 3"):
         load_adapter(other, path)
-    _assert_unchanged(other, snap)
+    assert_model_unchanged(other, snap)
     # not injected, other shapes (d_ff 48): the file's config is injected, the shapes fail, all is undone
     wider = pemoe_t5("v1.1", d_ff=48)
-    snap = _snapshot(wider)
+    snap = snapshot_model(wider)
     with pytest.raises(
         ValueError,
         match=r"encoder.block.0.layer.1.DenseReluDense.mov.experts has shape \[1, 4, 40\], the model's is \[1, 4, 48\]",
     ):
         load_adapter(wider, path)
-    _assert_unchanged(wider, snap)
+    assert_model_unchanged(wider, snap)
     assert adapter_config(wider) is None
     # another FFN kind: the site list differs in keys
     v10 = pemoe_t5("v1.0")
@@ -599,16 +582,16 @@ def test_loading_mismatched_adapters_is_refused(tmp_path):
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     fresh = pemoe_t5("v1.1")
-    snap = _snapshot(fresh)
+    snap = snapshot_model(fresh)
     with pytest.raises(ValueError, match="not a pemoe adapter file"):
         load_adapter(fresh, tmp_path / "plain.safetensors")
-    _assert_unchanged(fresh, snap)
+    assert_model_unchanged(fresh, snap)
     # a deeper model: keys missing in the file
     deep = pemoe_t5("v1.1", num_layers=3)
-    snap = _snapshot(deep)
+    snap = snapshot_model(deep)
     with pytest.raises(ValueError, match=r"missing key\(s\) \['encoder.block.2"):
         load_adapter(deep, path)
-    _assert_unchanged(deep, snap)
+    assert_model_unchanged(deep, snap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,10 +653,10 @@ def test_sentence_routing(tmp_path, config):
     save_adapter(model, tmp_path / "sentence.safetensors")
     token = pemoe_t5("v1.1")
     inject(token, dataclasses.replace(config, router_input="token", router_input_dim=None))
-    snap = _snapshot(token)
+    snap = snapshot_model(token)
     with pytest.raises(ValueError, match="router_input: file 'sentence' vs model 'token'"):
         load_adapter(token, tmp_path / "sentence.safetensors")
-    _assert_unchanged(token, snap)
+    assert_model_unchanged(token, snap)
     fresh = pemoe_t5("v1.1")
     load_adapter(fresh, tmp_path / "sentence.safetensors")
     with torch.no_grad(), sentence_routing(fresh, router_input):
@@ -710,7 +693,7 @@ def test_loading_a_damaged_file_names_it_and_changes_nothing(tmp_path, injected)
     model = pemoe_t5("v1.1")
     if injected:
         inject(model, MoVConfig(num_experts=2))
-    snap, config = _snapshot(model), adapter_config(model)
+    snap, config = snapshot_model(model), adapter_config(model)
     cases = _damaged_files(good)
     assert set(cases) and all(v != good for v in cases.values())
     for name, data in cases.items():
@@ -719,13 +702,13 @@ def test_loading_a_damaged_file_names_it_and_changes_nothing(tmp_path, injected)
         with pytest.raises(ValueError, match=str(path)) as e:
             load_adapter(model, path)
         assert type(e.value) is ValueError, (name, type(e.value))
-        _assert_unchanged(model, snap)
+        assert_model_unchanged(model, snap)
         assert adapter_config(model) == config, name
     with pytest.raises(ValueError, match=f"{tmp_path} is a directory"):
         load_adapter(model, tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.safetensors does not exist"):
         load_adapter(model, tmp_path / "nope.safetensors")
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     load_adapter(model, good_path)  # the good file still loads into the same model
 
 

@@ -35,7 +35,7 @@ from pemoe.adapters import (
 from pemoe.layers import MoLoRALinear, MoVLinear
 from pemoe.placements import Conv1DLinear, FusedGatedMLP, MoVActivation, PackedMoV
 from tests.decoder_tiny import FAMILIES, decoder, dims, ids
-from tests.helpers import assert_within_rule
+from tests.helpers import assert_model_unchanged, assert_within_rule, snapshot_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,24 +53,6 @@ def _randomize(model, seed=0, scale=0.3):
     with torch.no_grad():
         for p in adapter_state_dict(model).values():
             p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def _snapshot(model):
-    return (
-        {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
-        [(n, type(m)) for n, m in model.named_modules()],
-        adapter_config(model),
-    )
-
-
-def _assert_unchanged(model, snap):
-    params, modules, config = snap
-    now = dict(model.named_parameters())
-    assert list(now) == list(params)
-    for n, (t, rg) in params.items():
-        assert torch.equal(now[n], t) and now[n].requires_grad == rg, n
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    assert adapter_config(model) == config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,10 +439,10 @@ def test_target_modules_mov_on_gpt2_conv1d():
 def test_target_modules_on_a_model_without_a_built_in_placement(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ValueError, match=r"got torch\.nn\.modules\.container\.Sequential.*target_modules"):
         inject(model, MoLoRAConfig())
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     x = torch.randn(5, 8)
     with torch.no_grad():
         want = model(x)
@@ -522,33 +504,33 @@ def test_bad_configs():
 
 def test_bad_injections_leave_the_model_unchanged():
     model = decoder("llama")
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module of LlamaForCausalLM"):
         inject(model, LoRAConfig(target_modules=["nope"]))
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     with pytest.raises(ValueError, match=r"target_modules='layers.*' matches no module of LlamaForCausalLM"):
         inject(model, LoRAConfig(target_modules=r"layers\.9.*"))
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     with pytest.raises(TypeError, match=r"matches model\.layers\.0\.mlp \(transformers\..*LlamaMLP\), which is not"):
         inject(model, MoLoRAConfig(target_modules=["q_proj", "mlp"]))
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     # q_proj (64 outputs) takes 64 groups; v_proj (32) cannot: met after q_proj was built, all is undone
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.v_proj has 32 outputs, which num_groups=64"):
         inject(model, MoVConfig(num_experts=2, num_groups=64, target_modules=["q_proj", "v_proj"]))
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     with pytest.raises(ValueError, match=r"\['wi_0'\] not in this model's sites \(q, k, v, o, gate, up, down\)"):
         inject(model, MoLoRAConfig(sites=("q", "wi_0")))
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     gpt2 = decoder("gpt2")
-    snap = _snapshot(gpt2)
+    snap = snapshot_model(gpt2)
     with pytest.raises(ValueError, match=r"\['gate'\] not in this model's sites \(qkv, o, fc, proj\)"):
         inject(gpt2, LoRAConfig(sites=("gate",)))
-    _assert_unchanged(gpt2, snap)
+    assert_model_unchanged(gpt2, snap)
     inject(gpt2, IA3Config())
-    snap = _snapshot(gpt2)
+    snap = snapshot_model(gpt2)
     with pytest.raises(ValueError, match="already has pemoe adapters"):
         inject(gpt2, LoRAConfig(target_modules="all-linear"))
-    _assert_unchanged(gpt2, snap)
+    assert_model_unchanged(gpt2, snap)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pemoe.adapters import (
     save_pretrained,
 )
 from tests.decoder_tiny import decoder, ids
+from tests.helpers import assert_model_unchanged, snapshot_model
 from tests.t5_tiny import batch, hf_t5, pemoe_t5
 
 
@@ -43,24 +44,6 @@ def _randomize(model, seed=0):
     with torch.no_grad():
         for p in adapter_state_dict(model).values():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-def _snapshot(model):
-    return (
-        {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
-        [(n, type(m)) for n, m in model.named_modules()],
-        adapter_config(model),
-    )
-
-
-def _assert_unchanged(model, snap):
-    params, modules, config = snap
-    now = dict(model.named_parameters())
-    assert list(now) == list(params)
-    for n, (t, rg) in params.items():
-        assert torch.equal(now[n], t) and now[n].requires_grad == rg, n
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    assert adapter_config(model) == config
 
 
 def _files(folder):
@@ -181,38 +164,38 @@ def test_a_folder_for_another_config_is_refused(tmp_path, saved, loaded, field):
     folder = _saved(tmp_path, lambda: decoder("llama"), saved)
     model = decoder("llama")
     inject(model, loaded)
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ValueError, match=rf"{field}: folder"):
         from_pretrained(model, folder)
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
 
 
 def test_a_folder_for_another_family_or_missing_sites_is_refused(tmp_path):
     folder = _saved(tmp_path, lambda: decoder("llama"), IA3Config())
     qwen = decoder("qwen2")  # the same site names and shapes: only the family tells them apart
-    snap = _snapshot(qwen)
+    snap = snapshot_model(qwen)
     with pytest.raises(ValueError, match=r"model_family is 'llama', the model's is 'qwen2'"):
         from_pretrained(qwen, folder)
-    _assert_unchanged(qwen, snap)
+    assert_model_unchanged(qwen, snap)
     assert adapter_config(qwen) is None
 
     short = decoder("llama")  # one layer fewer: the folder's second layer has no site here
     short.model.layers = nn.ModuleList(list(short.model.layers)[:1])
-    snap = _snapshot(short)
+    snap = snapshot_model(short)
     with pytest.raises(ValueError, match=r"sites differ .* the model lacks 3 \['model\.layers\.1"):
         from_pretrained(short, folder)
-    _assert_unchanged(short, snap)
+    assert_model_unchanged(short, snap)
     inject(short, IA3Config())
-    snap = _snapshot(short)
+    snap = snapshot_model(short)
     with pytest.raises(ValueError, match=r"sites differ"):
         from_pretrained(short, folder)
-    _assert_unchanged(short, snap)
+    assert_model_unchanged(short, snap)
 
 
 def test_missing_and_damaged_files_are_named(tmp_path):
     folder = _saved(tmp_path, lambda: decoder("gpt2"), IA3Config())
     model = decoder("gpt2")
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         from_pretrained(model, tmp_path / "nowhere")
@@ -243,7 +226,7 @@ def test_missing_and_damaged_files_are_named(tmp_path):
     config.unlink()
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         from_pretrained(model, folder)
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     assert adapter_config(model) is None
 
 

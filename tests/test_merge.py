@@ -32,7 +32,7 @@ from pemoe.adapters import (
 from pemoe.layers import MoLoRALinear, MoV, MoVLinear
 from pemoe.placements import FusedGatedMLP, MoVActivation, PackedMoV
 from tests.decoder_tiny import decoder, ids
-from tests.helpers import assert_within_rule
+from tests.helpers import assert_model_unchanged, assert_within_rule, snapshot_model
 from tests.t5_tiny import batch, hf_t5, pemoe_t5
 
 ADAPTER_TYPES = (MoV, MoVLinear, MoLoRALinear, MoVActivation, PackedMoV, FusedGatedMLP)
@@ -201,20 +201,6 @@ class _OwnForward(nn.Linear):
         return super().forward(x)
 
 
-def _snapshot(model):
-    return (
-        {n: p.detach().clone() for n, p in model.state_dict().items()},
-        [(n, type(m)) for n, m in model.named_modules()],
-    )
-
-
-def _assert_unchanged(model, snap):
-    params, modules = snap
-    now = model.state_dict()
-    assert list(now) == list(params) and all(torch.equal(now[k], v) for k, v in params.items())
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-
-
 def test_what_cannot_be_merged_is_refused_with_the_reason():
     bare = decoder("llama")
     with pytest.raises(ValueError, match="no pemoe adapters"):
@@ -222,22 +208,22 @@ def test_what_cannot_be_merged_is_refused_with_the_reason():
 
     token = decoder("llama")
     inject(token, MoVConfig(num_experts=3))
-    snap = _snapshot(token)
+    snap = snapshot_model(token)
     with pytest.raises(ValueError, match=r"routes each token by its own activation.*cannot be merged"):
         merge(token)
-    _assert_unchanged(token, snap)
+    assert_model_unchanged(token, snap)
     assert not is_merged(token)
 
     sentence = decoder("llama")
     inject(sentence, MoLoRAConfig(num_experts=3, rank=2, router_input="sentence"))
-    snap = _snapshot(sentence)
+    snap = snapshot_model(sentence)
     with pytest.raises(ValueError, match=r"routes by sentence: give the one fixed router input"):
         merge(sentence)
     with pytest.raises(ValueError, match=r"one vector of shape \[64\].*a batch of them is not"):
         merge(sentence, router_input=torch.randn(2, 64))
     with pytest.raises(ValueError, match=r"one vector of shape \[64\]"):
         merge(sentence, router_input=torch.randn(32))
-    _assert_unchanged(sentence, snap)
+    assert_model_unchanged(sentence, snap)
 
     one = decoder("llama")
     inject(one, LoRAConfig())
@@ -246,10 +232,10 @@ def test_what_cannot_be_merged_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="not merged"):
         unmerge(one)
     merge(one)
-    snap = _snapshot(one)
+    snap = snapshot_model(one)
     with pytest.raises(ValueError, match=r"already|merged into its weights"):
         merge(one)
-    _assert_unchanged(one, snap)
+    assert_model_unchanged(one, snap)
     for fn in (pemoe.save_adapter, pemoe.save_pretrained, pemoe.export_peft):
         with pytest.raises(ValueError, match="merged.*unmerge"):
             fn(one, "/nonexistent/never-written")
@@ -266,10 +252,10 @@ def test_quantized_bases_are_refused(config):
         new.load_state_dict(old.state_dict())
         setattr(parent, name, new)
     inject(model, config)
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ValueError, match="cannot be folded into quantized weights"):
         merge(model)
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
     assert not is_merged(model)
 
 

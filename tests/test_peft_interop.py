@@ -19,14 +19,13 @@ from pemoe.adapters import (
     LoRAConfig,
     MoLoRAConfig,
     MoVConfig,
-    adapter_config,
     adapter_state_dict,
     export_peft,
     import_peft,
     inject,
 )
 from tests.decoder_tiny import decoder, ids
-from tests.helpers import assert_within_rule
+from tests.helpers import assert_model_unchanged, assert_within_rule, snapshot_model
 from tests.t5_tiny import batch, hf_t5, pemoe_t5
 
 peft = pytest.importorskip("peft")
@@ -66,21 +65,6 @@ def _randomize(model, seed=0, scale=0.2):
     with torch.no_grad():
         for p in adapter_state_dict(model).values():
             p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def _snapshot(model):
-    return (
-        {n: p.detach().clone() for n, p in model.state_dict().items()},
-        [(n, type(m)) for n, m in model.named_modules()],
-    )
-
-
-def _assert_unchanged(model, snap):
-    params, modules = snap
-    now = model.state_dict()
-    assert list(now) == list(params) and all(torch.equal(now[k], v) for k, v in params.items())
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    assert adapter_config(model) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +244,7 @@ def test_exporting_a_mixture_is_refused(tmp_path):
 def test_unsupported_peft_folders_are_refused_and_the_model_unchanged(tmp_path):
     loha, folder = _peft_folder(tmp_path / "loha", "llama", peft.LoHaConfig(r=2, target_modules=["q_proj"]))
     model = MODELS["llama"]()
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ValueError, match=r"peft_type 'LOHA' is not supported"):
         import_peft(model, folder)
 
@@ -286,12 +270,12 @@ def test_unsupported_peft_folders_are_refused_and_the_model_unchanged(tmp_path):
         import_peft(model, folder)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         import_peft(model, tmp_path / "nowhere")
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
 
 
 def test_modules_pemoe_has_no_site_for_are_refused(tmp_path):
     model = MODELS["llama"]()
-    snap = _snapshot(model)
+    snap = snapshot_model(model)
     _, folder = _peft_folder(tmp_path / "emb", "llama", peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match=r"embed_tokens.*cannot import it"):
         import_peft(model, folder)
@@ -305,7 +289,7 @@ def test_modules_pemoe_has_no_site_for_are_refused(tmp_path):
     _, folder = _peft_folder(tmp_path / "gpt2", "gpt2", peft.LoraConfig(r=2, target_modules=["c_attn"]))
     with pytest.raises(ValueError, match=r"targeted module\(s\) this model lacks: \['transformer\.h\.0\.attn\.c_attn'"):
         import_peft(model, folder)
-    _assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
 
     inject(model, IA3Config())
     with pytest.raises(ValueError, match="already has pemoe adapters"):
