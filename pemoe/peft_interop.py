@@ -48,7 +48,7 @@ from pemoe.injection import _apply, _require_injected, adapter_config, adapter_s
 from pemoe.placements import MODULE_KINDS, find_sites
 from pemoe.placements._common import conv1d_type, out_features
 from pemoe.placements.t5 import is_hf_t5, is_pemoe_t5
-from pemoe.serialization import CONFIG_NAME, WEIGHTS_NAME, _read_json, _read_safetensors, _write_folder
+from pemoe.serialization import CONFIG_NAME, WEIGHTS_NAME, _read_json, _write_folder, read_safetensors
 
 __all__ = ["export_peft", "import_peft"]
 
@@ -240,7 +240,7 @@ def _read_peft(folder: pathlib.Path) -> tuple[dict, dict[str, torch.Tensor]]:
     weights = folder / WEIGHTS_NAME
     if not weights.is_file() and (folder / "adapter_model.bin").is_file():
         raise FileNotFoundError(f"{weights} does not exist (pemoe reads safetensors, not adapter_model.bin)")
-    tensors = _read_safetensors(weights)
+    tensors = read_safetensors(weights)
     return meta, tensors
 
 

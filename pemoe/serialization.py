@@ -30,6 +30,11 @@ def _config_for_compare(config: AdapterConfig) -> dict:
     return d
 
 
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter parameters as they are written: detached, on the CPU, contiguous (float32 as trained)."""
+    return {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+
+
 def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
     """Save the adapter parameters alone (safetensors, float32 as trained), config in the metadata.
 
@@ -46,7 +51,7 @@ def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"save_adapter: the folder {path.parent} of {path} does not exist")
     state = _require_injected(model)
-    tensors = {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+    tensors = _adapter_tensors(model)
     metadata = {
         "format": "pt",
         "pemoe_format": FORMAT_VERSION,
@@ -320,7 +325,7 @@ def save_pretrained(model: nn.Module, folder: str | pathlib.Path) -> None:
 
     require_unmerged(model, "save_pretrained")
     meta = _folder_config(model)
-    tensors = {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+    tensors = _adapter_tensors(model)
 
     def write(tmp: pathlib.Path) -> None:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "pemoe_format": FORMAT_VERSION})
@@ -341,14 +346,16 @@ def _read_json(path: pathlib.Path) -> dict:
     return d
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_safetensors(path: pathlib.Path, framework: str = "pt") -> dict:
+    """Every tensor of the safetensors file ``path`` (``framework``: "pt" torch, "np" numpy); a missing file
+    raises ``FileNotFoundError``, a truncated or damaged one ``ValueError``, both naming it."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework=framework) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from e
 
@@ -374,7 +381,7 @@ def read_pretrained(folder: str | pathlib.Path) -> tuple[AdapterConfig, dict, di
         config = config_from_dict(meta["config"])
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"{path}: 'config' is not a valid adapter config: {e}") from e
-    return config, meta, _read_safetensors(folder / WEIGHTS_NAME)
+    return config, meta, read_safetensors(folder / WEIGHTS_NAME)
 
 
 def from_pretrained(model: nn.Module, folder: str | pathlib.Path) -> AdapterConfig:

@@ -548,15 +548,9 @@ def _read_checkpoint_state(path: pathlib.Path, identity: dict, param_names: list
 def read_tensors(file: pathlib.Path, framework: str = "pt") -> dict:
     """Every tensor of a checkpoint's safetensors ``file`` (``framework``: "pt" torch, "np" numpy); a file that
     is missing, truncated or damaged raises ``FileNotFoundError`` / ``ValueError`` naming it."""
-    from safetensors import SafetensorError, safe_open
-
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: not a complete pemoe train checkpoint")
-    try:
-        with safe_open(str(file), framework=framework) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{file} is not a readable safetensors file (truncated or damaged?): {e}") from e
+    return serialization.read_safetensors(file, framework)
 
 
 def _commit_checkpoint(tmp: pathlib.Path, final: pathlib.Path, keep: int) -> pathlib.Path:
