@@ -162,30 +162,29 @@ def _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E: tl.constexp
 def _fwd_configs() -> list[triton.Config]:
     """Forward tile configurations, best first for T5 shapes (the first legal one is the default)."""
     table = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
-        (64, 128, 64, 8, 8, 3),  # 16-bit activations (spill-free on sm_80 with the split epilogue, wgmma on sm_90)
-        (32, 64, 32, 8, 8, 3),  # float32 activations (no tensor cores: accumulators in registers); E > 16
-        (128, 128, 64, 8, 8, 3),
-        (128, 64, 64, 8, 8, 3),  # many experts: one head a tile (wgmma on sm_90 with E = 60)
-        (64, 64, 64, 8, 8, 3),
-        (64, 64, 32, 8, 8, 3),
-        (16, 128, 32, 8, 8, 3),  # float32 activations, D = 128
-        (16, 64, 32, 8, 8, 3),  # float32 activations, many experts
-        (128, 64, 64, 8, 4, 4),
-        (64, 128, 64, 8, 4, 4),
-        (64, 64, 64, 8, 4, 4),
-        (16, 128, 128, 8, 4, 3),  # decode-sized T
-        (16, 64, 128, 8, 4, 3),
+        # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (64, 128, 64, 8, 3),  # 16-bit activations (spill-free on sm_80 with the split epilogue, wgmma on sm_90)
+        (32, 64, 32, 8, 3),  # float32 activations (no tensor cores: accumulators in registers); E > 16
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 8, 3),  # many experts: one head a tile (wgmma on sm_90 with E = 60)
+        (64, 64, 64, 8, 3),
+        (64, 64, 32, 8, 3),
+        (16, 128, 32, 8, 3),  # float32 activations, D = 128
+        (16, 64, 32, 8, 3),  # float32 activations, many experts
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (16, 128, 128, 4, 3),  # decode-sized T
+        (16, 64, 128, 4, 3),
         # float32 activations with D = 128 (within the shared-memory budget)
-        (64, 128, 32, 8, 4, 3),
-        (16, 128, 64, 8, 4, 3),
+        (64, 128, 32, 4, 3),
+        (16, 128, 64, 4, 3),
         # narrow tiles, legal only for D ≤ 32 (with many experts: HEADS·BLOCK_E ≤ 128)
-        (64, 32, 64, 8, 4, 3),
-        (16, 32, 64, 8, 4, 3),
+        (64, 32, 64, 4, 3),
+        (16, 32, 64, 4, 3),
     ]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": gm}, num_warps=w, num_stages=s)
-        for m, n, k, gm, w, s in table
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in table
     ]
 
 
@@ -346,18 +345,22 @@ def mov_linear_fwd_kernel(
     T, N, K, G, E, M_BUCKET,
     # strides (router, experts, probs, p_soft and y are contiguous)
     stride_xm, stride_xk, stride_wn, stride_wk,
+    # rows of x one group of programs shares (see plan_problem: its [rows, K] slab fits half the L2)
+    GROUP_ROWS,
     # features
     HAS_BIAS: tl.constexpr, ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     SAVE_P_SOFT: tl.constexpr, MAIN_PRECISION: tl.constexpr, EPILOGUE_PRECISION: tl.constexpr,
     # blocks
     HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y [T, N] = mov(x [T, K] · W [N, K]ᵀ + b); p_soft [T, G, E] float32 written when SAVE_P_SOFT."""
     HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    # ---- tile: grouped ordering so that GROUP_M row tiles reuse each W column tile from L2
-    pid_m, pid_n = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # ---- tile: grouped ordering: the row tiles of GROUP_ROWS rows sweep the column tiles together, so W is
+    # read from DRAM once per group while the group's rows of x stay in L2
+    group_m = tl.maximum(GROUP_ROWS // BLOCK_M, 1)
+    pid_m, pid_n = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), group_m)
     # 64-bit row offsets: T·K, T·N and T·G·E elements pass 2^31 at long contexts (x, y, p_soft addresses)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -558,6 +561,7 @@ class _Problem:
     main_precision: str
     epilogue_precision: str
     itemsize: int = 2  # bytes per activation element (4: float32)
+    group_rows: int = 1  # rows of x one forward program group shares (GROUP_ROWS)
 
 
 def _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize) -> _Problem:
@@ -595,13 +599,39 @@ def _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize) -> _
         top_k=top_k,
         renormalize=renormalize,
         itemsize=x2d.element_size(),
+        l2_bytes=_l2_bytes(x2d.device),
     )
+
+
+def _l2_bytes(device: torch.device) -> int:
+    """The device's L2 size (DEFAULT_L2_BYTES under the interpreter)."""
+    if device.type != "cuda":
+        return DEFAULT_L2_BYTES
+    return torch.cuda.get_device_properties(device).L2_cache_size or DEFAULT_L2_BYTES
 
 
 # ------------------------------------------------------------------------------------------
 # Launch plan: framework-neutral (shapes and ints only), shared by the torch launchers below
 # and by pemoe.jax.triton (the same kernels called from JAX through jax-triton)
 # ------------------------------------------------------------------------------------------
+
+
+#: L2 size assumed where the device's is unknown (the interpreter; jax-triton, which does not report it):
+#: A100's 40 MiB, the smaller of the two targets (H100: 50 MiB).
+DEFAULT_L2_BYTES = 40 * 2**20
+
+
+def group_rows(K: int, itemsize: int, l2_bytes: int) -> int:
+    """Rows of x that one group of forward programs shares: the most whose [rows, K] slab fits half the L2.
+
+    The forward's programs run in grouped order (:func:`.tiles.grouped_ids`): the row tiles of one group sweep
+    every column tile of W together, so W streams from DRAM once per group while the group's rows of x are
+    re-read from L2, once per column tile. DRAM traffic is then ``x + W · ⌈T / rows⌉``: the larger the group
+    the better, as long as its rows of x stay in L2 beside the W tiles in flight (half the L2 for x leaves
+    the other half to them). A fixed group of 8 row tiles reads a Llama-7B-like W (4096 × 4096, bf16, T = 2048,
+    64-row tiles) four times: 2.4× the forward's minimum traffic; a group of every row reads it once.
+    """
+    return max(1, (l2_bytes // 2) // (K * itemsize))
 
 
 def plan_problem(
@@ -615,10 +645,12 @@ def plan_problem(
     top_k: int | None,
     renormalize: bool,
     itemsize: int,
+    l2_bytes: int = DEFAULT_L2_BYTES,
 ) -> _Problem:
     """The kernels' limits checked on shapes alone, and the launch description: x [T, K], weight [N, K],
     experts [G, E, D], router [D, E] (None: (IA)3), probs [T, E] (sentence routing), activations of
-    ``itemsize`` bytes (4: float32, ieee dots; 2: float16/bfloat16, split 16-bit epilogue dots)."""
+    ``itemsize`` bytes (4: float32, ieee dots; 2: float16/bfloat16, split 16-bit epilogue dots), on a device
+    with ``l2_bytes`` of L2 (it sizes the forward's program groups, :func:`group_rows`)."""
     G, E, D = experts_shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(
@@ -647,7 +679,7 @@ def plan_problem(
         T=T, K=K, N=N, G=G, E=E, D=D, routing=routing_mode, top_k=k, renormalize=bool(renormalize and k),
         block_e=max(16, triton.next_power_of_2(E)), m_bucket=max(16, triton.next_power_of_2(T)),
         main_precision="ieee" if fp32 else "tf32", epilogue_precision="ieee",
-        itemsize=itemsize,
+        itemsize=itemsize, group_rows=group_rows(K, itemsize, l2_bytes),
     )  # fmt: skip
 
 
@@ -706,12 +738,20 @@ def backward_outputs(pb: _Problem, needs: tuple[bool, bool, bool]) -> dict[str, 
     }
 
 
+def forward_group_rows(pb: _Problem, config: dict | None = None) -> int:
+    """The forward's GROUP_ROWS argument: the plan's, or ``config["GROUP_M"]`` row tiles when a forced
+    configuration names a group (tests exercise several groups on small problems)."""
+    if config is not None and "GROUP_M" in config:
+        return config["GROUP_M"] * config["BLOCK_M"]
+    return pb.group_rows
+
+
 def _launch(kernel, grid, args: list, constexprs: dict, config: dict | None):
     """Launches through the autotuner, or with an explicit tile configuration (tests, benchmarks)."""
     if config is None:
         kernel[grid](*args, **constexprs)
     else:
-        tiles = {k: v for k, v in config.items() if k in kernel.fn.arg_names}  # the backward has no GROUP_M
+        tiles = {k: v for k, v in config.items() if k in kernel.fn.arg_names}  # GROUP_M is forward_group_rows'
         launch = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
         kernel.fn[grid](*args, **constexprs, **tiles, **launch)
 
@@ -738,6 +778,7 @@ def mov_linear_forward(x2d, weight, bias, router, experts, probs, pb: _Problem, 
         y, p_soft,
         pb.T, pb.N, pb.K, pb.G, pb.E, pb.m_bucket,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+        forward_group_rows(pb, config),
     ]  # fmt: skip
     _launch(mov_linear_fwd_kernel, grid, args, constexprs, config)
     return y, p_soft
@@ -932,8 +973,9 @@ def mov_linear(
     routing (used instead of router logits; its gradient is returned). x2d and weight may be strided
     (the kernels take their strides); bias, router, experts and probs are made contiguous here (they are
     small). ``config`` (tests, benchmarks) forces one tile configuration, e.g. ``{"BLOCK_M": 16,
-    "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}``, for both kernels
-    (the backward ignores GROUP_M); it must satisfy :func:`legal_config`.
+    "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}``, for both kernels; it must satisfy
+    :func:`legal_config`. ``"GROUP_M"`` in it forces the forward's program groups to that many row tiles
+    (otherwise :func:`group_rows` sizes them from the L2).
     """
     if config is not None:
         head_dim = experts.shape[-1]

@@ -22,6 +22,7 @@ from pemoe.kernels.triton.mov_linear import (
     ROUTING_TOKEN,
     SUPPORTED_DTYPES,
     candidate_configs,
+    group_rows,
     mov_linear_bwd_kernel,
     mov_linear_fwd_kernel,
 )
@@ -105,8 +106,10 @@ def hbm_traffic(
     Issued bytes follow the kernels' loads and stores exactly (masked lanes excluded): x is read once
     per column tile, W once per row tile, router and experts once per program. HBM bytes assume those
     re-reads hit L2 when x and W together fit in half the L2 (T5 shapes do); otherwise the forward reads
-    x once and W once per GROUP_M row tiles, and the backward (whose consecutive programs share a W
-    column tile) reads W once and x once, or once per column tile when x alone overflows half the L2.
+    x once (a group's rows fit half the L2: :func:`.mov_linear.group_rows`) and W once per group of row
+    tiles (``config["GROUP_M"]`` row tiles when the configuration forces it), and the backward (whose
+    consecutive programs share a W column tile) reads W once and x once, or once per column tile when x
+    alone overflows half the L2.
     The minimum counts every input once and every output once; the unfused sequence is the torch
     implementation's order of passes: GEMM writes h, a router pass reads h and writes p, a merge pass
     reads h, p and writes y (and the backward reads the saved h instead of recomputing it).
@@ -137,7 +140,8 @@ def hbm_traffic(
     probs_issued = probs_b * G if mode == ROUTING_SENTENCE else 0  # once per head (a tile repeats it per head)
     issued_r = T * K * es * pn + N * K * es * pm + bias_b * pm + experts_issued + router_issued + probs_issued
     issued_w = T * N * es + (T * G * E * f32 if save_p else 0)
-    w_hbm = N * K * es * (1 if l2_fits else math.ceil(pm / fc.get("GROUP_M", 1)))
+    group_m = fc.get("GROUP_M") or max(1, group_rows(K, es, L2_BYTES[capability]) // fc["BLOCK_M"])
+    w_hbm = N * K * es * (1 if l2_fits else math.ceil(pm / group_m))
     experts_min = G * E * D * f32 if mode != ROUTING_NONE else N * f32
     hbm_r = T * K * es + w_hbm + bias_b + experts_min + (D * E * f32 if mode == ROUTING_TOKEN else 0) + probs_b
     forward = [KernelTraffic("mov_linear_fwd_kernel", issued_r, issued_w, hbm_r, issued_w)]
@@ -243,13 +247,15 @@ def aot_cases(
             )
             sizes = dict(T=T, N=N, K=K, G=G, E=E, M_BUCKET=m_bucket)
             x_strides = dict(stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1)
+            grouping = dict(GROUP_ROWS=group_rows(K, dtype.itemsize, L2_BYTES[90]))
             common = dict(
                 HAS_BIAS=False, ROUTING=mode, TOP_K=top_k, RENORMALIZE=renormalize,
                 MAIN_PRECISION="ieee" if fp32 else "tf32", EPILOGUE_PRECISION="ieee",
                 HEAD_DIM=D, BLOCK_E=block_e,
             )  # fmt: skip
             p_soft = torch.empty(T, G, E) if mode == ROUTING_TOKEN else None
-            fwd_args = act | dict(y_ptr=torch.empty(T, N, dtype=dtype), p_soft_ptr=p_soft) | sizes | x_strides
+            fwd_outputs = dict(y_ptr=torch.empty(T, N, dtype=dtype), p_soft_ptr=p_soft)
+            fwd_args = act | fwd_outputs | sizes | x_strides | grouping
             bwd_args = (
                 act
                 | dict(p_soft_ptr=p_soft, dy_ptr=torch.empty(T, N, dtype=dtype), dh_ptr=torch.empty(T, N, dtype=dtype))

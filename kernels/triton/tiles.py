@@ -27,10 +27,11 @@ def store_tile(ptr, row_offsets, col_offsets, value, row_mask, col_mask):
 
 
 @triton.jit
-def grouped_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+def grouped_ids(pid, num_m, num_n, GROUP_M):
     """(pid_m, pid_n) of program ``pid`` of a 1-D grid over num_m × num_n output tiles, in grouped order: GROUP_M
     row tiles sweep the column tiles together, so each column tile of the weight is read once per group and the
-    group's rows stay in L2 while it does (the Triton matmul tutorial's order)."""
+    group's rows stay in L2 while it does (the Triton matmul tutorial's order). GROUP_M may be a constexpr or a
+    runtime integer ≥ 1 (a group size derived from the problem and the L2 size)."""
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)

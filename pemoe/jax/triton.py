@@ -321,7 +321,7 @@ def forward_launch(pb: ml._Problem, dtype, has_bias: bool, save_p_soft: bool, co
     """The forward kernel's launch for problem ``pb`` with activations of ``dtype``: outputs y [T, N] and
     p_soft [T, G, E] float32 (a placeholder unless saved). x and W are row-major (JAX arrays)."""
     constexprs = _sizes(pb) | dict(stride_xm=pb.K, stride_xk=1, stride_wn=pb.K, stride_wk=1)
-    constexprs |= ml.forward_constexprs(pb, has_bias, save_p_soft)
+    constexprs |= dict(GROUP_ROWS=pb.group_rows) | ml.forward_constexprs(pb, has_bias, save_p_soft)
     p_soft = jax.ShapeDtypeStruct((pb.T, pb.G, pb.E), jnp.float32) if constexprs["SAVE_P_SOFT"] else _PLACEHOLDER
     return Launch(
         kernel=ml.mov_linear_fwd_kernel.fn,  # the @triton.jit function under the autotuner
