@@ -78,12 +78,32 @@ def rows() -> list[str]:
     return out
 
 
+def backward_h_rows() -> list[str]:
+    """mov_linear's backward, per way of getting h (``mov_linear_analysis.backward_strategies``): modelled
+    H100 time of getting h plus the epilogue, bytes, and the activation memory it holds."""
+    from pemoe.kernels.triton import mov_linear_analysis as ml
+
+    out = []
+    for name, per_op in SHAPES.items():
+        s = per_op["mov_linear"]
+        for dtype in (torch.bfloat16, torch.float32):
+            for st in ml.backward_strategies(s["T"], s["K"], s["N"], s["G"], E, dtype):
+                out.append(
+                    f"| {name} | {str(dtype).removeprefix('torch.')} | {st.name} | {st.seconds * 1e6:.1f} | "
+                    f"{st.dram / 2**20:.1f} | {st.l2_requested / 2**20:.1f} | {st.saved / 2**20:.1f} |"
+                )
+    return out
+
+
 def main() -> int:
     header = (
         "| op | shape | fwd MB | fwd / minimum | fwd / plain | bwd MB | bwd / minimum | bwd / plain | "
         "fwd FLOPs / plain | bwd FLOPs / plain |"
     )
     print("\n".join([header, "|" + "---|" * 10, *rows()]))
+    print()
+    header = "| shape | dtype | mov_linear backward: h from | modelled µs (H100) | DRAM MB | L2 MB | held MB |"
+    print("\n".join([header, "|" + "---|" * 7, *backward_h_rows()]))
     return 0
 
 

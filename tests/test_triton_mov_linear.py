@@ -343,6 +343,21 @@ def test_runtime_program_groups_cover_every_tile(monkeypatch):
     assert torch.equal(grouped, ungrouped)
 
 
+def test_backward_strategies_model():
+    """Where the backward gets h, modelled: saving h holds T·N activation bytes and moves the fewest; the fused
+    kernel's 32-row recompute tiles request x and W from L2 so often that one big GEMM beats it at Llama-7B-like
+    and T5-large bf16 shapes; at decode-sized T the three are within launch overheads of each other."""
+    llama = {s.name: s for s in analysis.backward_strategies(2048, 4096, 4096, 32, 10, torch.bfloat16)}
+    assert llama["save h"].saved == llama["save h"].forward_extra == 2048 * 4096 * 2
+    assert llama["recompute (fused)"].saved == llama["recompute (GEMM)"].saved == 0
+    assert llama["save h"].seconds < llama["recompute (GEMM)"].seconds < llama["recompute (fused)"].seconds / 2
+    assert llama["recompute (fused)"].l2_requested > 3 * llama["recompute (GEMM)"].l2_requested
+    t5 = {s.name: s for s in analysis.backward_strategies(2048, 1024, 1024, 16, 10, torch.bfloat16)}
+    assert t5["recompute (GEMM)"].seconds < t5["recompute (fused)"].seconds
+    decode = {s.name: s for s in analysis.backward_strategies(32, 4096, 4096, 32, 10, torch.bfloat16)}
+    assert decode["recompute (fused)"].seconds < 1.5 * decode["recompute (GEMM)"].seconds
+
+
 # ------------------------------------------------------------------------------------------
 # Ahead-of-time compiles (sm_80, sm_90)
 # ------------------------------------------------------------------------------------------

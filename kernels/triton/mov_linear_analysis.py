@@ -22,6 +22,7 @@ from pemoe.kernels.triton.mov_linear import (
     ROUTING_TOKEN,
     SUPPORTED_DTYPES,
     candidate_configs,
+    default_config,
     group_rows,
     mov_linear_bwd_kernel,
     mov_linear_fwd_kernel,
@@ -203,6 +204,97 @@ def hbm_traffic(
     bwd_unfused = 2 * T * N * es + p_b + probs_b + adapters + T * N * es + d_adapters + T * N * es + N * K * es
     bwd_unfused += T * K * es
     return TrafficReport(forward, backward, fwd_min, bwd_min, fwd_unfused, bwd_unfused)
+
+
+# ------------------------------------------------------------------------------------------
+# Where the backward gets h: recomputed in its own small tiles, saved by the forward, or one big GEMM
+# ------------------------------------------------------------------------------------------
+
+#: Roofline assumptions beyond :data:`.molora_linear_analysis.H100` (data, not measured here): the L2 read
+#: bandwidth of an H100 SXM (~5.5 TB/s in published microbenchmarks), and the share of the 16-bit tensor peak
+#: that tiles under 64 rows reach (mma.sync: no wgmma) — float32 activations use the FMA rate either way.
+L2_BYTES_PER_S = 5.5e12
+MMA_SYNC_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class BackwardStrategy:
+    """One way for the backward to get h = x Wᵀ + b, modelled on an H100: ``forward_extra`` bytes the forward
+    writes beyond today's (saving h), the DRAM bytes, L2-requested bytes and FLOPs of getting h and running the
+    epilogue (dh, partial sums; the dx GEMM and the reductions are the same for every strategy and left out),
+    ``seconds`` the modelled time of those bytes and FLOPs (forward extra included), and ``saved`` the
+    activation memory held from the forward to the backward beyond x and p_soft."""
+
+    name: str
+    forward_extra: int
+    dram: int
+    l2_requested: int
+    flops: int
+    seconds: float
+    saved: int
+
+
+def backward_strategies(
+    T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype, *, capability: int = 90
+) -> list[BackwardStrategy]:
+    """The three ways to get h in the backward, at problem x [T, K], W [N, K], token routing, E experts:
+
+    * ``recompute (fused)``: today's kernel: each program recomputes its [BLOCK_M, BLOCK_N] h tile (the default
+      backward configuration: 16-32-row tiles for token routing, so no wgmma) — one GEMM's FLOPs at mma.sync
+      speed, and x and W requested from L2 once per column tile and row tile (:func:`hbm_traffic`'s issued
+      bytes), which small tiles make large;
+    * ``save h``: the forward also writes h [T, N] in the activation dtype; the backward reads it instead of
+      x and W: no GEMM, memory-bound, and T·N more activation bytes held per site;
+    * ``recompute (GEMM)``: one plain GEMM in 128 × 128 tiles (wgmma) writes h, then the same epilogue as
+      ``save h`` reads it: one more launch, h through DRAM twice, full tensor speed.
+
+    Each: launch gap + max(FLOPs / peak, L2 bytes / L2 bandwidth, DRAM bytes / HBM bandwidth) per launch.
+    """
+    from pemoe.kernels.triton.molora_linear_analysis import H100
+
+    es, f32, D = _itemsize(dtype), 4, N // G
+    fp32 = dtype == torch.float32
+    peak = H100.float32_flops if fp32 else H100.tensor_flops
+    gemm_flops = 2 * T * N * K
+    report = hbm_traffic(T, K, N, G, E, dtype, capability=capability)
+    fused = report.backward[0]
+    bm = default_config(_plan(T, K, N, G, E, dtype), backward=True).kwargs["BLOCK_M"]
+    small_peak = peak if fp32 or bm >= 64 else peak * MMA_SYNC_SHARE
+
+    def launch(flops: float, rate: float, l2: float, dram: float) -> float:
+        return H100.launch_gap_s + max(flops / rate, l2 / L2_BYTES_PER_S, dram / H100.hbm_bytes_per_s)
+
+    h_bytes = T * N * es
+    # the epilogue alone (dh and the partial sums from h, dy, p_soft and the adapters): what the fused kernel
+    # writes, and reads but x and W
+    adapters = (G * E * D + D * E) * f32
+    epilogue_dram = fused.hbm_written + 2 * h_bytes + T * G * E * f32 + adapters  # h and dy
+    epilogue_l2 = epilogue_dram + adapters * (math.ceil(T / REDUCE_ROWS) * math.ceil(N / 128) - 1)
+    xw = T * K * es + N * K * es
+    epilogue = launch(0, peak, epilogue_l2, epilogue_dram)
+    save_forward = h_bytes / H100.hbm_bytes_per_s
+    big_l2 = T * K * es * math.ceil(N / 128) + N * K * es * math.ceil(T / 128) + h_bytes
+    gemm = launch(gemm_flops, peak, big_l2, xw + h_bytes)
+    return [
+        BackwardStrategy(
+            "recompute (fused)", 0, fused.hbm, fused.issued, gemm_flops,
+            launch(gemm_flops, small_peak, fused.issued, fused.hbm), 0,
+        ),
+        BackwardStrategy("save h", h_bytes, epilogue_dram, epilogue_l2, 0, save_forward + epilogue, h_bytes),
+        BackwardStrategy(
+            "recompute (GEMM)", 0, xw + h_bytes + epilogue_dram, big_l2 + epilogue_l2, gemm_flops, gemm + epilogue, 0
+        ),
+    ]  # fmt: skip
+
+
+def _plan(T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype):
+    from pemoe.kernels.triton.mov_linear import plan_problem
+
+    D = N // G
+    return plan_problem(
+        T, K, N, (G, E, D), router_shape=(D, E), probs_shape=None, top_k=None, renormalize=False,
+        itemsize=_itemsize(dtype),
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
