@@ -26,6 +26,18 @@ Every op takes ``implementation=``:
 Arguments are validated at trace time, the same way for every implementation
 (:mod:`pemoe.jax._checks`). All ops are traceable: call them under ``jax.jit``; ``top_k``,
 ``renormalize``, ``scale``, ``activation`` and ``implementation`` are static Python values.
+
+Adapter banks, shared by all ops (the semantics of :mod:`pemoe.ops.banked`): with ``adapter_ids`` (an
+integer array, [T] or the activations' leading shape; a traced array under ``jax.jit``) the adapter
+parameters are stacked along a new leading axis A (MoV: experts [A, G, E, D], router [A, D, E]; MoLoRA:
+lora_a [A, E, K, r], lora_b [A, E, r, N], router [A, K, E]; A is static, a shape) and token t runs the op
+with adapter ``adapter_ids[t]``'s parameters and router; -1 means no adapter (the frozen base alone).
+Routing options apply to every adapter alike. ``"reference"`` loops over the adapters
+(:mod:`pemoe.jax.reference`), ``"xla"`` gathers each token's parameters for T <= A and otherwise runs the
+bank as one op over the adapters' concatenated experts (:mod:`pemoe.jax.xla`); ``"auto"`` picks ``"xla"``;
+``"pallas"`` and ``"triton"`` have no adapter-bank kernel and raise ``NotImplementedError``. Ids outside
+[-1, A) raise ``ValueError`` when concrete; traced, they give NaN rows (see
+:func:`pemoe.jax._checks.check_adapter_ids`).
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from pemoe.jax import _checks, reference, xla
 
 __all__ = [
     "AVAILABLE",
+    "BANKED",
     "PLANNED",
     "mov",
     "mov_linear",
@@ -47,6 +60,7 @@ __all__ = [
     "molora_linear",
     "pallas_interpret",
     "resolve_implementation",
+    "banked_implementation",
 ]
 
 logger = logging.getLogger("pemoe")
@@ -60,6 +74,8 @@ AVAILABLE: dict[str, tuple[str, ...]] = {
 }
 #: Implementations that are planned (issue 5) but do not exist yet: they raise NotImplementedError.
 PLANNED: tuple[str, ...] = ("pallas", "triton")
+#: Implementations that run the ops with ``adapter_ids`` (adapter banks), every op alike.
+BANKED: tuple[str, ...] = ("reference", "xla")
 #: Ops whose "pallas" kernels also lower for GPU (Pallas' Triton lowering): "pallas" runs on the "gpu" backend.
 PALLAS_GPU: frozenset[str] = frozenset({"mov_linear", "mov_ffn", "molora_linear"})
 
@@ -117,6 +133,27 @@ def resolve_implementation(op: str, implementation: str, backend: str | None = N
     )
 
 
+def banked_implementation(op: str, implementation: str, backend: str | None = None) -> str:
+    """The implementation that runs ``op`` with ``adapter_ids``: ``"reference"`` or ``"xla"`` (``"auto"`` picks
+    ``"xla"``, logged once per (op, backend)). ``"pallas"`` and ``"triton"`` have no adapter-bank kernel and raise
+    ``NotImplementedError`` (never another implementation in their place); an unknown name raises ``ValueError``."""
+    if implementation == "auto":
+        backend = backend or jax.default_backend()
+        key = (f"{op} with adapter_ids", backend, "xla")
+        if key not in _announced:
+            _announced.add(key)
+            logger.info("pemoe.jax.%s with adapter_ids: implementation='auto' chose 'xla' on %s", op, backend)
+        return "xla"
+    if implementation in BANKED:
+        return implementation
+    if implementation in PLANNED:
+        raise NotImplementedError(
+            f"{op}: implementation={implementation!r} has no kernel for adapter banks (adapter_ids); "
+            "use implementation='xla' (or 'auto')"
+        )
+    return resolve_implementation(op, implementation, backend)  # unknown: ValueError
+
+
 def _flat(t: jax.Array) -> jax.Array:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # (no -1: the batch may be empty)
 
@@ -137,12 +174,16 @@ def mov(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
     """Soft mixture of (IA)3 vectors on h [..., G·D]: h * einsum('tge,ged->tgd', softmax(h32 router), experts).
 
     router [D, E] float32 (None for (IA)3, E = 1); experts [G, E, D] float32. Returns h's shape and dtype.
+    With ``adapter_ids``: router [A, D, E], experts [A, G, E, D] (see the module docstring).
     """
+    if adapter_ids is not None:
+        return _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_input, implementation)
     _checks.check_mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
     impl = resolve_implementation("mov", implementation)
     if impl == "reference":
@@ -162,10 +203,16 @@ def mov_linear(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
-    """mov(x Wᵀ + b): x [..., K], weight [N, K] (frozen, torch Linear layout), N = G·D. Returns [..., N]."""
+    """mov(x Wᵀ + b): x [..., K], weight [N, K] (frozen, torch Linear layout), N = G·D. Returns [..., N].
+    With ``adapter_ids``: router [A, D, E], experts [A, G, E, D] (see the module docstring)."""
     _checks.check_linear(x, weight, bias)
+    if adapter_ids is not None:
+        return _mov_linear_banked(
+            x, weight, bias, router, experts, adapter_ids, top_k, renormalize, router_input, implementation
+        )
     _checks.check_mov(
         x,
         router,
@@ -221,12 +268,14 @@ def mov_ffn(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
     """T5 FFN with MoV on the activation (SPEC §2).
 
     wi_1 given (v1.1 gated-GELU): (mov(act(x wi_0ᵀ)) * (x wi_1ᵀ)) woᵀ; else (v1.0): mov(act(x wi_0ᵀ)) woᵀ.
-    x [..., M], wi_0/wi_1 [F, M], wo [M, F], router [F, E], experts [1, E, F].
+    x [..., M], wi_0/wi_1 [F, M], wo [M, F], router [F, E], experts [1, E, F]. With ``adapter_ids``: router
+    [A, F, E], experts [A, 1, E, F] (see the module docstring).
     """
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
@@ -240,6 +289,11 @@ def mov_ffn(
         raise ValueError(f"wo must have shape [M, F] = [{x.shape[-1]}, {wi_0.shape[0]}], got {list(wo.shape)}")
     if wo.dtype != x.dtype:
         raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
+    if adapter_ids is not None:
+        return _mov_ffn_banked(
+            x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize, router_input,
+            implementation,
+        )  # fmt: skip
     _checks.check_mov(
         x,
         router,
@@ -301,10 +355,17 @@ def molora_linear(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
     """x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e. x [..., K], weight [N, K] (frozen), lora_a [E, K, r],
-    lora_b [E, r, N], router [K, E] (None for LoRA, E = 1), scale = alpha / r. Returns [..., N]."""
+    lora_b [E, r, N], router [K, E] (None for LoRA, E = 1), scale = alpha / r. Returns [..., N].
+    With ``adapter_ids``: lora_a [A, E, K, r], lora_b [A, E, r, N], router [A, K, E] (see the module docstring)."""
+    if adapter_ids is not None:
+        return _molora_banked(
+            x, weight, bias, lora_a, lora_b, router, adapter_ids, scale, top_k, renormalize, router_input,
+            implementation,
+        )  # fmt: skip
     _checks.check_molora(
         x,
         weight,
@@ -371,3 +432,119 @@ def molora_linear(
         renormalize=renormalize,
     )
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+# ------------------------------------------------------------------------------------------
+# adapter banks (``adapter_ids``): validation and dispatch; the math is in xla.banked_* / reference.banked_*
+# ------------------------------------------------------------------------------------------
+
+
+def _mov_bank_size(router, experts, router_layout: str) -> int:
+    return _checks.check_bank_size(
+        experts=_checks.unstack("experts", experts, 4, "[A, G, E, D]"),
+        router=_checks.unstack("router", router, 3, router_layout),
+    )
+
+
+def _banked_sentence_probs(router_input, router, tokens_shape, ids, top_k, renormalize):
+    """Sentence routing in a bank: each token's routing weights from its own adapter's router [A, R, E] on its
+    sequence's vector, in the layout of the "xla" form (see xla.banked_router_probs); None without it."""
+    if router_input is None:
+        return None
+    num_adapters, width, num_experts = router.shape
+    cd = reference.compute_dtype(router_input.dtype)
+    router_cat = router.transpose(1, 0, 2).reshape(width, num_adapters * num_experts).astype(cd)
+    logits = jax.numpy.matmul(router_input.astype(cd), router_cat)  # every adapter's logits, once per sequence
+    if logits.ndim == 2 and len(tokens_shape) > 1:  # [B, A·E] for tokens [B, S, ...]
+        logits = logits.reshape(logits.shape[:1] + (1,) * (len(tokens_shape) - 1) + logits.shape[1:])
+    logits = jax.numpy.broadcast_to(logits, tuple(tokens_shape) + logits.shape[-1:])
+    return xla.banked_router_probs(logits.reshape(-1, num_adapters, num_experts), ids, top_k, renormalize)
+
+
+def _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_input, implementation):
+    a = _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
+    _checks.check_mov(
+        h, _checks.one_adapter(router), _checks.one_adapter(experts), top_k=top_k, renormalize=renormalize,
+        router_input=router_input,
+    )  # fmt: skip
+    tokens = tuple(h.shape[:-1])
+    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    impl = banked_implementation("mov", implementation)
+    if impl == "reference":
+        return reference.banked_mov(
+            h, router, experts, ids, top_k=top_k, renormalize=renormalize, router_input=router_input
+        )
+    probs = _banked_sentence_probs(router_input, router, tokens, ids, top_k, renormalize)
+    y = xla.banked_mov_site(_flat(h), ids, None if probs is not None else router, experts, probs, top_k, renormalize)
+    return y.reshape(h.shape)
+
+
+def _mov_linear_banked(x, weight, bias, router, experts, adapter_ids, top_k, renormalize, router_input, impl):
+    a = _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
+    _checks.check_mov(
+        x, _checks.one_adapter(router), _checks.one_adapter(experts), top_k=top_k, renormalize=renormalize,
+        router_input=router_input, h_name="weight output", width=weight.shape[0],
+    )  # fmt: skip
+    tokens = tuple(x.shape[:-1])
+    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    impl = banked_implementation("mov_linear", impl)
+    if impl == "reference":
+        return reference.banked_mov_linear(
+            x, weight, router, experts, ids, bias=bias, top_k=top_k, renormalize=renormalize,
+            router_input=router_input,
+        )  # fmt: skip
+    probs = _banked_sentence_probs(router_input, router, tokens, ids, top_k, renormalize)
+    h = xla.linear(_flat(x), weight, bias)  # the frozen GEMM once over all tokens
+    y = xla.banked_mov_site(h, ids, None if probs is not None else router, experts, probs, top_k, renormalize)
+    return y.reshape(tokens + (weight.shape[0],))
+
+
+def _mov_ffn_banked(
+    x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize, router_input, impl
+):
+    a = _mov_bank_size(router, experts, "[A, F, E]" if router_input is None else "[A, R, E]")
+    _checks.check_mov(
+        x, _checks.one_adapter(router), _checks.one_adapter(experts), top_k=top_k, renormalize=renormalize,
+        router_input=router_input, h_name="wi_0 output", width=wi_0.shape[0],
+    )  # fmt: skip
+    tokens = tuple(x.shape[:-1])
+    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    impl = banked_implementation("mov_ffn", impl)
+    if impl == "reference":
+        return reference.banked_mov_ffn(
+            x, wi_0, wo, router, experts, ids, wi_1=wi_1, activation=activation, top_k=top_k,
+            renormalize=renormalize, router_input=router_input,
+        )  # fmt: skip
+    x2d = _flat(x)
+    probs = _banked_sentence_probs(router_input, router, tokens, ids, top_k, renormalize)
+    h = reference.ACTIVATIONS[activation](xla.linear(x2d, wi_0))
+    h = xla.banked_mov_site(h, ids, None if probs is not None else router, experts, probs, top_k, renormalize)
+    if wi_1 is not None:
+        h = h * xla.linear(x2d, wi_1)
+    return xla.linear(h, wo).reshape(x.shape)
+
+
+def _molora_banked(x, weight, bias, lora_a, lora_b, router, adapter_ids, scale, top_k, renormalize, router_input, impl):
+    a = _checks.check_bank_size(
+        lora_a=_checks.unstack("lora_a", lora_a, 4, "[A, E, K, r]"),
+        lora_b=_checks.unstack("lora_b", lora_b, 4, "[A, E, r, N]"),
+        router=_checks.unstack("router", router, 3, "[A, K, E]"),
+    )
+    _checks.check_molora(
+        x, weight, bias, _checks.one_adapter(lora_a), _checks.one_adapter(lora_b), _checks.one_adapter(router),
+        scale=scale, top_k=top_k, renormalize=renormalize, router_input=router_input,
+    )  # fmt: skip
+    tokens = tuple(x.shape[:-1])
+    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    impl = banked_implementation("molora_linear", impl)
+    if impl == "reference":
+        return reference.banked_molora_linear(
+            x, weight, lora_a, lora_b, router, ids, scale=scale, bias=bias, top_k=top_k, renormalize=renormalize,
+            router_input=router_input,
+        )  # fmt: skip
+    probs = _banked_sentence_probs(router_input, router, tokens, ids, top_k, renormalize)
+    y = xla.banked_molora(
+        _flat(x), ids, weight, lora_a, lora_b, None if probs is not None else router, scale=scale, bias=bias,
+        probs=probs, top_k=top_k, renormalize=renormalize,
+    )  # fmt: skip
+    return y.reshape(tokens + (weight.shape[0],))

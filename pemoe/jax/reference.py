@@ -16,6 +16,13 @@ Shapes (T = tokens, all leading dims flattened):
     mov_linear(x [..., K], weight [N, K], router, experts)        -> [..., N]
     mov_ffn(x [..., M], wi_0 [F, M], wo [M, F], router [F, E], experts [1, E, F]) -> [..., M]
     molora_linear(x [..., K], weight [N, K], lora_a [E, K, r], lora_b [E, r, N], router [K, E]) -> [..., N]
+
+Adapter banks (``banked_*``): the same ops with per-token adapters, ``adapter_ids`` [T] (one int per token,
+-1 = the base alone) and the parameters stacked along a leading axis A (experts [A, G, E, D], router
+[A, in, E], lora_a [A, E, K, r], lora_b [A, E, r, N]): a loop over the A adapters, each running the
+single-adapter op above on every token with its parameters, whose rows are kept for the tokens naming it
+(the others keep the base output). Ids outside [-1, A) give NaN rows (the contract of the "xla" forms
+under tracing).
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ __all__ = [
     "mov_linear",
     "mov_ffn",
     "molora_linear",
+    "banked_mov",
+    "banked_mov_linear",
+    "banked_mov_ffn",
+    "banked_molora_linear",
 ]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -181,3 +192,67 @@ def molora_linear(
     per_expert = jnp.einsum("...k,ekr,ern->...en", x32, lora_a.astype(cd), lora_b.astype(cd))  # [..., E, N]
     delta = jnp.einsum("...e,...en->...n", p.astype(cd), per_expert)
     return (base.astype(cd) + scale * delta).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Adapter banks: a loop over the adapters through the single-adapter ops
+# ------------------------------------------------------------------------------------------
+
+
+def _bank_loop(ids: jax.Array, num_adapters: int, base: jax.Array, adapter_fn: Callable[[int], jax.Array]) -> jax.Array:
+    """``base`` [..., N] with the rows of every token of adapter a replaced by adapter_fn(a) (same shape);
+    NaN rows for ids outside [-1, A)."""
+    out = base.reshape(ids.shape[0], base.shape[-1])
+    for a in range(num_adapters):
+        out = jnp.where((ids == a)[:, None], adapter_fn(a).reshape(out.shape), out)
+    bad = (ids < -1) | (ids >= num_adapters)
+    return jnp.where(bad[:, None], jnp.nan, out).reshape(base.shape)
+
+
+def _pick(t: jax.Array | None, a: int) -> jax.Array | None:
+    return None if t is None else t[a]
+
+
+def banked_mov(h, router, experts, adapter_ids, *, top_k=None, renormalize=False, router_input=None) -> jax.Array:
+    """mov with per-token adapters: adapter_ids [T], router [A, D, E] or None, experts [A, G, E, D]."""
+
+    def adapter(a):
+        return mov(h, _pick(router, a), experts[a], top_k=top_k, renormalize=renormalize, router_input=router_input)
+
+    return _bank_loop(adapter_ids, experts.shape[0], h, adapter)
+
+
+def banked_mov_linear(
+    x, weight, router, experts, adapter_ids, *, bias=None, top_k=None, renormalize=False, router_input=None
+) -> jax.Array:
+    """mov_linear with per-token adapters (base tokens: x Wᵀ + b)."""
+    h = linear(x, weight, bias)
+    return banked_mov(h, router, experts, adapter_ids, top_k=top_k, renormalize=renormalize, router_input=router_input)
+
+
+def banked_mov_ffn(
+    x, wi_0, wo, router, experts, adapter_ids, *, wi_1=None, activation="gelu_new", top_k=None, renormalize=False,
+    router_input=None,
+) -> jax.Array:  # fmt: skip
+    """mov_ffn with per-token adapters (base tokens: the FFN without MoV)."""
+    a = ACTIVATIONS[activation](linear(x, wi_0))
+    a = banked_mov(a, router, experts, adapter_ids, top_k=top_k, renormalize=renormalize, router_input=router_input)
+    if wi_1 is not None:
+        a = a * linear(x, wi_1)
+    return linear(a, wo)
+
+
+def banked_molora_linear(
+    x, weight, lora_a, lora_b, router, adapter_ids, *, scale, bias=None, top_k=None, renormalize=False,
+    router_input=None,
+) -> jax.Array:  # fmt: skip
+    """molora_linear with per-token adapters: lora_a [A, E, K, r], lora_b [A, E, r, N], router [A, K, E] or None
+    (base tokens: x Wᵀ + b)."""
+
+    def adapter(a):
+        return molora_linear(
+            x, weight, lora_a[a], lora_b[a], _pick(router, a), scale=scale, bias=bias, top_k=top_k,
+            renormalize=renormalize, router_input=router_input,
+        )  # fmt: skip
+
+    return _bank_loop(adapter_ids, lora_a.shape[0], linear(x, weight, bias), adapter)

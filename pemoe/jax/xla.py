@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 from pemoe.jax.reference import compute_dtype, top_k_mask
 
-__all__ = ["select", "probs_backward", "mov_site", "molora"]
+__all__ = ["select", "probs_backward", "mov_site", "molora", "banked_mov_site", "banked_molora", "banked_router_probs"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,26 +108,28 @@ def _dot(a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
 # ------------------------------------------------------------------------------------------
 
 
-def _mov_weights(h3, router, experts, probs, p_soft, top_k, renormalize):
-    """Routing weights p [T, G, E] in the compute dtype, or None for (IA)3."""
+def _mov_weights(h3, router, experts, probs, p_soft, top_k, renormalize, keep=None):
+    """Routing weights p [T, G, E] in the compute dtype, or None for (IA)3; times ``keep`` [T] in a bank."""
     if probs is not None:  # sentence routing: one p per token, shared by the groups
-        return jnp.broadcast_to(probs.astype(compute_dtype(h3.dtype))[:, None, :], h3.shape[:2] + probs.shape[-1:])
-    if router is None:
+        p = jnp.broadcast_to(probs.astype(compute_dtype(h3.dtype))[:, None, :], h3.shape[:2] + probs.shape[-1:])
+    elif router is None:
         return None
-    return select(p_soft, top_k, renormalize)
+    else:
+        p = select(p_soft, top_k, renormalize)
+    return p if keep is None else p * keep[:, None, None]
 
 
-def _mov_scaling(p, experts, cd):
+def _mov_scaling(p, experts, cd, keep=None):
     """s[t, g, :] = Σ_e p[t, g, e] experts[g, e, :]  ([T, G, D], cd); (IA)3: experts[:, 0] broadcast.
+    In a bank (``keep`` given) the base tokens (keep 0, p 0) get s = 1 exactly: s + (1 - keep).
 
     Written as a broadcast product summed over E, not as an einsum: XLA fuses the product into the
     reduction (no [T, G, E, D] buffer), and on the CPU it fuses the whole MoV epilogue (router GEMM,
     softmax, merge, scaling) with the frozen GEMM before it into one YNNPACK fusion. The einsum is a
     batched dot over G that XLA CPU runs on transposed copies, outside that fusion (~1.5x slower op).
     """
-    if p is None:
-        return experts[None, :, 0, :].astype(cd)
-    return jnp.sum(p[..., None] * experts.astype(cd)[None], axis=-2)
+    s = experts[None, :, 0, :].astype(cd) if p is None else jnp.sum(p[..., None] * experts.astype(cd)[None], axis=-2)
+    return s if keep is None else s + (1 - keep)[:, None, None]
 
 
 def _mov_logits(h32, router, cd):
@@ -136,13 +138,18 @@ def _mov_logits(h32, router, cd):
     return jnp.matmul(h32.reshape(t * g, d), router.astype(cd)).reshape(t, g, router.shape[1])
 
 
-def _mov_fwd_impl(h3, router, experts, probs, top_k, renormalize):
+def _mov_fwd_impl(h3, router, experts, probs, top_k, renormalize, ids=None, num_adapters=1):
+    """The MoV site; with ``ids`` the parameters are a bank's, concatenated along E (see :func:`banked_mov_site`)."""
     cd = compute_dtype(h3.dtype)
+    keep = None if ids is None else bank_keep(ids, num_adapters, cd)
     p_soft = None
     if probs is None and router is not None:
-        p_soft = jax.nn.softmax(_mov_logits(h3.astype(cd), router, cd), axis=-1)
-    p = _mov_weights(h3, router, experts, probs, p_soft, top_k, renormalize)
-    y = (h3.astype(cd) * _mov_scaling(p, experts, cd)).astype(h3.dtype)
+        logits = _mov_logits(h3.astype(cd), router, cd)
+        if ids is not None:  # each token's softmax runs over its own adapter's E columns
+            logits = jnp.where(bank_mask(ids, num_adapters, logits.shape[-1])[:, None, :], logits, -jnp.inf)
+        p_soft = jax.nn.softmax(logits, axis=-1)
+    p = _mov_weights(h3, router, experts, probs, p_soft, top_k, renormalize, keep)
+    y = (h3.astype(cd) * _mov_scaling(p, experts, cd, keep)).astype(h3.dtype)
     return y, p_soft
 
 
@@ -157,9 +164,14 @@ def _mov_core_fwd(h3, router, experts, probs, top_k, renormalize):
 
 
 def _mov_core_bwd(top_k, renormalize, res, dy):
+    return _mov_bwd_impl(top_k, renormalize, res, dy)
+
+
+def _mov_bwd_impl(top_k, renormalize, res, dy, ids=None, num_adapters=1):
     h3, router, experts, probs, p_soft = res
     cd = compute_dtype(h3.dtype)
-    p = _mov_weights(h3, router, experts, probs, p_soft, top_k, renormalize)
+    keep = None if ids is None else bank_keep(ids, num_adapters, cd)
+    p = _mov_weights(h3, router, experts, probs, p_soft, top_k, renormalize, keep)
     h32 = h3.astype(cd)
     dy32 = dy.astype(cd)
     dy_h = dy32 * h32  # [T, G, D]
@@ -167,10 +179,12 @@ def _mov_core_bwd(top_k, renormalize, res, dy):
         d_experts = dy_h.sum(axis=0)[:, None, :]
     else:
         d_experts = jnp.einsum("tge,tgd->ged", p, dy_h)
-    dh = dy32 * _mov_scaling(p, experts, cd)
+    dh = dy32 * _mov_scaling(p, experts, cd, keep)
     d_router = d_probs = None
     if p is not None:
         dp = jnp.einsum("ged,tgd->tge", experts.astype(cd), dy_h)  # [T, G, E]
+        if keep is not None:
+            dp = dp * keep[:, None, None]
         if probs is not None:
             d_probs = dp.sum(axis=1).astype(probs.dtype)
         else:
@@ -223,15 +237,18 @@ def _scale_by_probs(u: jax.Array, p: jax.Array | None, num_experts: int) -> jax.
     return (u.reshape(t, num_experts, u.shape[1] // num_experts) * p[:, :, None].astype(u.dtype)).reshape(u.shape)
 
 
-def _molora_weights(probs, p_soft, top_k, renormalize, cd):
+def _molora_weights(probs, p_soft, top_k, renormalize, cd, keep=None):
     if probs is not None:
-        return probs.astype(cd)
-    if p_soft is None:
+        p = probs.astype(cd)
+    elif p_soft is None:
         return None
-    return select(p_soft, top_k, renormalize)
+    else:
+        p = select(p_soft, top_k, renormalize)
+    return p if keep is None else p * keep[:, None]
 
 
-def _molora_fwd_impl(x, weight, lora_a, lora_b, router, probs, scale, top_k, renormalize):
+def _molora_fwd_impl(x, weight, lora_a, lora_b, router, probs, scale, top_k, renormalize, ids=None, num_adapters=1):
+    """MoLoRA; with ``ids`` the parameters are a bank's, concatenated along E (see :func:`banked_molora`)."""
     dt, cd = x.dtype, compute_dtype(x.dtype)
     num_experts, _, rank = lora_a.shape
     a_cat = _cat_a(lora_a)
@@ -242,8 +259,11 @@ def _molora_fwd_impl(x, weight, lora_a, lora_b, router, probs, scale, top_k, ren
     else:
         u = _dot(x, a_cat.astype(dt), cd)
         logits = _dot(x.astype(cd), router.astype(cd), cd) if use_router else None
+    if logits is not None and ids is not None:  # each token's softmax runs over its own adapter's E columns
+        logits = jnp.where(bank_mask(ids, num_adapters, num_experts), logits, -jnp.inf)
+    keep = None if ids is None else bank_keep(ids, num_adapters, cd)
     p_soft = None if logits is None else jax.nn.softmax(logits, axis=-1)
-    p = _molora_weights(probs, p_soft, top_k, renormalize, cd)
+    p = _molora_weights(probs, p_soft, top_k, renormalize, cd, keep)
     u_scaled = _scale_by_probs(u, p, num_experts)
     # y = [x | U′] @ [Wᵀ ; scale·B_cat]: the base GEMM and the expand summed in the accumulation dtype and
     # rounded once. Two dots, not one over concatenated operands: XLA CPU would copy x and W into the
@@ -267,11 +287,16 @@ def _molora_core_fwd(x, weight, lora_a, lora_b, router, probs, scale, top_k, ren
 
 
 def _molora_core_bwd(scale, top_k, renormalize, res, dy):
+    return _molora_bwd_impl(scale, top_k, renormalize, res, dy)
+
+
+def _molora_bwd_impl(scale, top_k, renormalize, res, dy, ids=None, num_adapters=1):
     x, weight, lora_a, lora_b, router, probs, p_soft, u = res
     dt, cd = x.dtype, compute_dtype(x.dtype)
     num_experts, k, rank = lora_a.shape
     t = x.shape[0]
-    p = _molora_weights(probs, p_soft, top_k, renormalize, cd)
+    keep = None if ids is None else bank_keep(ids, num_adapters, cd)
+    p = _molora_weights(probs, p_soft, top_k, renormalize, cd, keep)
     b_scaled = scale * lora_b.reshape(num_experts * rank, lora_b.shape[2]).astype(cd)  # [E·r, N]
     u_scaled = _scale_by_probs(u, p, num_experts)
 
@@ -282,6 +307,8 @@ def _molora_core_bwd(scale, top_k, renormalize, res, dy):
     d_cols, a_cols = du, _cat_a(lora_a).astype(cd)
     if p is not None:
         dp = (du_scaled.reshape(t, num_experts, rank) * u.reshape(t, num_experts, rank)).sum(axis=-1)  # [T, E]
+        if keep is not None:
+            dp = dp * keep[:, None]
         if probs is not None:
             d_probs = dp.astype(probs.dtype)
         else:
@@ -315,4 +342,219 @@ def molora(
 ) -> jax.Array:
     """MoLoRA on flattened x [T, K]; probs [T, E] for sentence routing (router then unused)."""
     y = _molora_core(x, weight, lora_a, lora_b, router, probs, float(scale), top_k, renormalize)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Adapter banks: per-token adapters (``ids`` [T], -1 = the base alone), parameters stacked along A
+# ------------------------------------------------------------------------------------------
+#
+# Two forms, chosen statically from T and A (both are shapes, so the choice is fixed at trace time):
+#
+# * gathered per token (T <= A): each token's parameters are gathered (``param[ids]``: MoV experts
+#   [T, G, E, D] and router [T, D, E]; MoLoRA lora_a [T, E, K, r], lora_b [T, E, r, N], router [T, K, E]) and
+#   the op runs as batched products in the compute dtype, with plain autodiff (the gathers' transposes
+#   scatter-add into the stacked parameters). Its memory is T copies of one adapter, at most the bank's own
+#   size; the arithmetic is that of one single-adapter call (decoding: one token per sequence).
+# * concatenated over the adapters (T > A): the bank runs as one single-adapter op with A·E experts — MoV
+#   experts [G, A·E, D] and router [D, A·E]; MoLoRA A_cat [K, A·E·r], B_cat [A·E·r, N], router [K, A·E] —
+#   whose routing weights are zero outside the token's own adapter: the router logits of the other adapters
+#   are masked to -inf before the softmax (so each token's softmax, top-k and renormalisation run over its
+#   own adapter's E columns, the single-adapter values exactly), and the base tokens get weight 0 (MoV: s = 1).
+#   This is the ``custom_vjp`` core of the single-adapter op with that mask (``ids`` is kept for the
+#   backward, the masks are rebuilt from it): its memory does not grow with T times an adapter's size (the
+#   saved routing weights grow to [T, G, A·E] / [T, A·E]), its adapter arithmetic (router, merge / shrink,
+#   expand) is A times one adapter's; the frozen GEMMs run once, as always.
+#
+# Ids outside [-1, A), which only a traced call can pass (the checks refuse them on concrete values), get a
+# NaN weight: their rows come out NaN (and so do the gradients they reach), never another adapter's.
+
+
+def bank_form(tokens: int, num_adapters: int) -> str:
+    """``"gather"`` (per-token parameters) for T <= A, else ``"concat"`` (the adapters as A·E experts)."""
+    return "gather" if tokens <= num_adapters else "concat"
+
+
+def bank_keep(ids: jax.Array, num_adapters: int, dtype) -> jax.Array:
+    """[T]: 1 for an adapter's token, 0 for a base token (id -1), NaN for an id outside [-1, A)."""
+    inside = (ids >= 0) & (ids < num_adapters)
+    return jnp.where(ids == -1, 0.0, jnp.where(inside, 1.0, jnp.nan)).astype(dtype)
+
+
+def bank_index(ids: jax.Array, num_adapters: int) -> jax.Array:
+    """The adapter whose parameters a token reads: its id, clipped into [0, A) (base and bad ids are then
+    weighted by :func:`bank_keep`)."""
+    return jnp.clip(ids, 0, num_adapters - 1)
+
+
+def bank_mask(ids: jax.Array, num_adapters: int, width: int) -> jax.Array:
+    """[T, A·E] bool: the columns of the token's own adapter (column c belongs to adapter c // E)."""
+    per_adapter = width // num_adapters
+    return (jnp.arange(width) // per_adapter)[None, :] == bank_index(ids, num_adapters)[:, None]
+
+
+def _one_hot_probs(ids: jax.Array, num_adapters: int, cd) -> jax.Array:
+    """(IA)3 / LoRA (E = 1) in the concatenated form: the weight of adapter a is [ids == a], [T, A]."""
+    return jax.nn.one_hot(bank_index(ids, num_adapters), num_adapters, dtype=cd)
+
+
+def banked_router_probs(logits: jax.Array, ids: jax.Array, top_k: int | None, renormalize: bool) -> jax.Array:
+    """Sentence routing in a bank: from each adapter's router logits per token [T, A, E] (compute dtype), the
+    routing weights of the token's own adapter, in the layout of :func:`bank_form`'s form: [T, E] gathered,
+    [T, A·E] (zero outside the own adapter) concatenated. Plain autodiff (back to the router input and the
+    stacked router)."""
+    t, num_adapters, num_experts = logits.shape
+    if bank_form(t, num_adapters) == "gather":
+        own = jnp.take_along_axis(logits, bank_index(ids, num_adapters)[:, None, None], axis=1)[:, 0]
+        return select(jax.nn.softmax(own, axis=-1), top_k, renormalize)
+    flat = logits.reshape(t, num_adapters * num_experts)
+    masked = jnp.where(bank_mask(ids, num_adapters, flat.shape[1]), flat, -jnp.inf)
+    return select(jax.nn.softmax(masked, axis=-1), top_k, renormalize)
+
+
+# ---- MoV
+
+
+def _gathered_mov(h3, ids, router, experts, probs, top_k, renormalize):
+    """MoV with each token's own experts [T, G, E, D] and router [T, D, E] (probs [T, E]: sentence routing)."""
+    cd = compute_dtype(h3.dtype)
+    num_adapters = experts.shape[0]
+    idx = bank_index(ids, num_adapters)
+    keep = bank_keep(ids, num_adapters, cd)
+    h32 = h3.astype(cd)
+    experts_t = experts[idx].astype(cd)  # [T, G, E, D]
+    if probs is not None:
+        p = jnp.broadcast_to(probs.astype(cd)[:, None, :], h3.shape[:2] + probs.shape[-1:])
+    elif router is None:  # (IA)3
+        p = jnp.ones(h3.shape[:2] + (1,), dtype=cd)
+    else:
+        logits = jnp.einsum("tgd,tde->tge", h32, router[idx].astype(cd))
+        p = select(jax.nn.softmax(logits, axis=-1), top_k, renormalize)
+    s = jnp.einsum("tge,tged->tgd", p * keep[:, None, None], experts_t) + (1 - keep)[:, None, None]
+    return (h32 * s).astype(h3.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _banked_mov_core(h3, router, experts, probs, ids, num_adapters, top_k, renormalize):
+    return _mov_fwd_impl(h3, router, experts, probs, top_k, renormalize, ids, num_adapters)[0]
+
+
+def _banked_mov_core_fwd(h3, router, experts, probs, ids, num_adapters, top_k, renormalize):
+    y, p_soft = _mov_fwd_impl(h3, router, experts, probs, top_k, renormalize, ids, num_adapters)
+    return y, ((h3, router, experts, probs, p_soft), ids)
+
+
+def _banked_mov_core_bwd(num_adapters, top_k, renormalize, res, dy):
+    core_res, ids = res
+    return (*_mov_bwd_impl(top_k, renormalize, core_res, dy, ids, num_adapters), None)
+
+
+_banked_mov_core.defvjp(_banked_mov_core_fwd, _banked_mov_core_bwd)
+
+
+@partial(jax.jit, static_argnums=(5, 6))
+def banked_mov_site(
+    h: jax.Array,
+    ids: jax.Array,
+    router: jax.Array | None,
+    experts: jax.Array,
+    probs: jax.Array | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+) -> jax.Array:
+    """MoV with per-token adapters on flattened h [T, G·D]: ids [T] (int), router [A, D, E] or None, experts
+    [A, G, E, D]; probs (sentence routing, router then None) from :func:`banked_router_probs`."""
+    num_adapters, groups, num_experts, dim = experts.shape
+    t = h.shape[0]
+    h3 = h.reshape(t, groups, dim)
+    if bank_form(t, num_adapters) == "gather":
+        return _gathered_mov(h3, ids, router, experts, probs, top_k, renormalize).reshape(h.shape)
+    experts_cat = experts.transpose(1, 0, 2, 3).reshape(groups, num_adapters * num_experts, dim)
+    router_cat = None
+    if router is not None:
+        router_cat = router.transpose(1, 0, 2).reshape(router.shape[1], num_adapters * num_experts)
+    elif probs is None:  # (IA)3
+        probs = _one_hot_probs(ids, num_adapters, compute_dtype(h.dtype))
+    y = _banked_mov_core(h3, router_cat, experts_cat, probs, ids, num_adapters, top_k, renormalize)
+    return y.reshape(h.shape)
+
+
+# ---- MoLoRA
+
+
+def _gathered_molora(x, weight, lora_a, lora_b, router, probs, ids, scale, top_k, renormalize):
+    """x Wᵀ + scale·Σ_e p_e (x A_e) B_e with each token's own lora_a [T, E, K, r], lora_b [T, E, r, N] and router
+    [T, K, E] (probs [T, E]: sentence routing); the frozen GEMM and the adapter sum in float32, rounded once."""
+    dt, cd = x.dtype, compute_dtype(x.dtype)
+    num_adapters = lora_a.shape[0]
+    idx = bank_index(ids, num_adapters)
+    keep = bank_keep(ids, num_adapters, cd)
+    x32 = x.astype(cd)
+    u = jnp.einsum("tk,tekr->ter", x32, lora_a[idx].astype(cd))  # [T, E, r]
+    if probs is not None:
+        p = probs.astype(cd)
+    elif router is None:  # LoRA
+        p = jnp.ones(u.shape[:2], dtype=cd)
+    else:
+        logits = jnp.einsum("tk,tke->te", x32, router[idx].astype(cd))
+        p = select(jax.nn.softmax(logits, axis=-1), top_k, renormalize)
+    u_scaled = u * (p * keep[:, None])[:, :, None]
+    delta = jnp.einsum("ter,tern->tn", u_scaled, lora_b[idx].astype(cd))
+    base = jnp.matmul(x, weight.T, preferred_element_type=cd)
+    return (base + scale * delta).astype(dt)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _banked_molora_core(x, weight, lora_a, lora_b, router, probs, ids, scale, top_k, renormalize, num_adapters):
+    fwd = _molora_fwd_impl(x, weight, lora_a, lora_b, router, probs, scale, top_k, renormalize, ids, num_adapters)
+    return fwd[0]
+
+
+def _banked_molora_core_fwd(x, weight, lora_a, lora_b, router, probs, ids, scale, top_k, renormalize, num_adapters):
+    y, u, p_soft = _molora_fwd_impl(
+        x, weight, lora_a, lora_b, router, probs, scale, top_k, renormalize, ids, num_adapters
+    )
+    return y, ((x, weight, lora_a, lora_b, router, probs, p_soft, u), ids)
+
+
+def _banked_molora_core_bwd(scale, top_k, renormalize, num_adapters, res, dy):
+    core_res, ids = res
+    return (*_molora_bwd_impl(scale, top_k, renormalize, core_res, dy, ids, num_adapters), None)
+
+
+_banked_molora_core.defvjp(_banked_molora_core_fwd, _banked_molora_core_bwd)
+
+
+def banked_molora(
+    x: jax.Array,
+    ids: jax.Array,
+    weight: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    router: jax.Array | None,
+    *,
+    scale: float,
+    bias: jax.Array | None = None,
+    probs: jax.Array | None = None,
+    top_k: int | None = None,
+    renormalize: bool = False,
+) -> jax.Array:
+    """MoLoRA with per-token adapters on flattened x [T, K]: ids [T] (int), lora_a [A, E, K, r], lora_b
+    [A, E, r, N], router [A, K, E] or None; probs (sentence routing, router then None) from
+    :func:`banked_router_probs`."""
+    num_adapters, num_experts, k, rank = lora_a.shape
+    if bank_form(x.shape[0], num_adapters) == "gather":
+        y = _gathered_molora(x, weight, lora_a, lora_b, router, probs, ids, float(scale), top_k, renormalize)
+    else:
+        n = lora_b.shape[-1]
+        a_cat = lora_a.reshape(num_adapters * num_experts, k, rank)
+        b_cat = lora_b.reshape(num_adapters * num_experts, rank, n)
+        router_cat = None
+        if router is not None:
+            router_cat = router.transpose(1, 0, 2).reshape(k, num_adapters * num_experts)
+        elif probs is None:  # LoRA
+            probs = _one_hot_probs(ids, num_adapters, compute_dtype(x.dtype))
+        y = _banked_molora_core(
+            x, weight, a_cat, b_cat, router_cat, probs, ids, float(scale), top_k, renormalize, num_adapters
+        )
     return y if bias is None else y + bias.astype(y.dtype)
