@@ -41,6 +41,10 @@ MoLoRA (``molora``), A_cat = [A_1 … A_E] ([K, E·r]), B_cat = [B_1; …; B_E] 
   removes it when nothing asks for it (the usual case: only adapters train).
 Sentence routing: probabilities [T, E] are computed outside (reference router, plain autodiff) and
 passed in as ``probs``; their cotangent is returned.
+
+Adapter banks (``banked_mov_site``, ``banked_molora``: per-token adapters, parameters stacked along A): per-token
+gathers for T <= A, else the cores above over the adapters' experts concatenated along E with each token's
+routing confined to its own adapter's columns; see the last section.
 """
 
 from __future__ import annotations
