@@ -7,7 +7,8 @@
 Same semantics, argument names and weight layouts as the PyTorch side (SPEC §1), so one set of
 weights serves both frameworks. Implementations: "reference", "xla" (the default), and "pallas"
 for ``mov_linear`` (see :mod:`pemoe.jax.ops`). Layers: :mod:`pemoe.jax.layers` (Flax NNX; imported
-on demand). Scale-out (device mesh, sharded frozen backbone, the data-parallel train step):
+on demand). Mixed-adapter batches: every op takes ``adapter_ids=`` with stacked adapter parameters
+(see :mod:`pemoe.jax.ops`). Scale-out (device mesh, sharded frozen backbone, the data-parallel train step):
 :mod:`pemoe.jax.parallel` (imported on demand).
 """
 
