@@ -20,8 +20,10 @@ Backward (W frozen):
     dx = dy W + [dU | dlogits] @ [A_cat | router]ᵀ       (one extra GEMM of depth E·r + E)
     [d A_cat | d router] = xᵀ [dU | dlogits]              (one GEMM, run as ([dU | dlogits]ᵀ x)ᵀ: the
                                                            skinny-output form is ~1.5x faster on the CPU)
-Saved: x (the op's input, kept by the caller anyway), U ([T, E·r], small) and the router logits
-([E, T] in the compute dtype; for float32 x they share U's storage, the one GEMM's output). p_soft
+Saved: x (the op's input, kept by the caller anyway), U ([T, E·r], small; float32 when a router reads
+16-bit x, as are dU′ and dp in the backward: the softmax backward's cancellation needs them exact to
+float32) and the router logits ([E, T] in the compute dtype; for float32 x they share U's storage, the
+one GEMM's output). p_soft
 is recomputed from the logits in the backward (a softmax over [E, T]: bitwise the forward's).
 """
 
@@ -82,15 +84,19 @@ def _fused_forward(x, weight, bias, a_cat, router):
 
 
 def _shrink_and_logits(x, lora_a, router):
-    """U = x @ A_cat [T, E·r] in x's dtype and router logits [E, T] in the compute dtype."""
+    """U = x @ A_cat [T, E·r] and router logits [E, T] in the compute dtype; U in x's dtype without a router.
+
+    With a router, U is float32 for 16-bit x too: dp = Σ_r dU′·U feeds the softmax backward, whose
+    dp - Σ_e p·dp cancels, and 16-bit U or dU′ there breaks the tolerance rule for d router at few tokens.
+    The float32 copy of x the router needs anyway makes U one more block of the same float32 GEMM."""
     cd = compute_dtype(x.dtype)
-    a_cat = _cat_a(lora_a, x.dtype)
     if router is None:
-        return x @ a_cat, None
+        return x @ _cat_a(lora_a, x.dtype), None
+    a_cat = _cat_a(lora_a, cd)
     if x.dtype == cd:  # exact: one GEMM for the shrink and the router
         ul = x @ torch.cat([a_cat, router.to(cd)], dim=1)
         return ul[:, : a_cat.shape[1]], ul[:, a_cat.shape[1] :].t()
-    return x @ a_cat, _router_logits(x, router)
+    return _router_logits(x, router, a_cat)
 
 
 #: The float32 router GEMM of 16-bit x gets zero columns up to a multiple of this: MKL's sgemm at
@@ -103,20 +109,22 @@ ROUTER_COLUMNS_MULTIPLE = 16
 ROUTER_CHUNK_TOKENS = 256
 
 
-def _router_logits(x, router):
-    """Router logits [E, T] in float32 from 16-bit x (SPEC §5): converting x is the price of the float32 router."""
+def _router_logits(x, router, a_cat):
+    """(U = x @ A_cat [T, E·r], router logits [E, T]) in float32 from 16-bit x (SPEC §5): one float32 GEMM
+    x32 @ [A_cat | router]; converting x is the price of the float32 router."""
     cd = compute_dtype(x.dtype)
     k, num_experts = router.shape
-    pad = -num_experts % ROUTER_COLUMNS_MULTIPLE
-    padded = torch.cat([router.to(cd), router.new_zeros(k, pad, dtype=cd)], dim=1)
+    er = a_cat.shape[1]
+    pad = -(er + num_experts) % ROUTER_COLUMNS_MULTIPLE
+    padded = torch.cat([a_cat, router.to(cd), router.new_zeros(k, pad, dtype=cd)], dim=1)
     tokens = x.shape[0]
-    logits = x.new_empty(tokens, num_experts + pad, dtype=cd)
+    out = x.new_empty(tokens, er + num_experts + pad, dtype=cd)
     x32 = x.new_empty(min(tokens, ROUTER_CHUNK_TOKENS), k, dtype=cd)
     for start in range(0, tokens, ROUTER_CHUNK_TOKENS):
         rows = slice(start, start + ROUTER_CHUNK_TOKENS)
         chunk = x32[: x[rows].shape[0]].copy_(x[rows])
-        torch.mm(chunk, padded, out=logits[rows])
-    return logits[:, :num_experts].t().contiguous()
+        torch.mm(chunk, padded, out=out[rows])
+    return out[:, :er].contiguous(), out[:, er : er + num_experts].t().contiguous()
 
 
 def _weights(probs, p_soft, top_k, renormalize, cd):
@@ -164,7 +172,7 @@ class MoLoRAFunction(torch.autograd.Function):
         p_soft = None if logits is None else torch.softmax(logits, dim=0)
         p = _weights(probs, p_soft, top_k, renormalize, cd)
         b_cat = lora_b.to(x.dtype).reshape(num_experts * rank, -1)
-        y.addmm_(_scale_by_probs(u, p, rank), b_cat, alpha=scale)
+        y.addmm_(_scale_by_probs(u, p, rank).to(x.dtype), b_cat, alpha=scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, router, probs, logits, u)
         ctx.scale, ctx.top_k, ctx.renormalize = scale, top_k, renormalize
         return y
@@ -179,13 +187,16 @@ class MoLoRAFunction(torch.autograd.Function):
         t = x.shape[0]
         p_soft = None if logits is None else torch.softmax(logits, dim=0)
         p = _weights(probs, p_soft, ctx.top_k, ctx.renormalize, cd)
-        b_cat = lora_b.to(dt).reshape(num_experts * rank, -1)
+        # U is float32 where the router reads 16-bit x (see _shrink_and_logits): dU′ then is too
+        ud = u.dtype
+        b_cat = lora_b.to(ud).reshape(num_experts * rank, -1)
+        dy_u = dy.to(ud)
 
         dx = dw = db = d_a = d_b = d_router = d_probs = None
         if need_b_lora:
-            d_b = torch.mm(_scale_by_probs(u, p, rank).t(), dy).to(lora_b.dtype).mul_(ctx.scale).view_as(lora_b)
-        du_scaled = torch.mm(dy, b_cat.t()).mul_(ctx.scale)  # dU′ [T, E·r]
-        du = _scale_by_probs(du_scaled, p, rank)
+            d_b = torch.mm(_scale_by_probs(u, p, rank).t(), dy_u).to(lora_b.dtype).mul_(ctx.scale).view_as(lora_b)
+        du_scaled = torch.mm(dy_u, b_cat.t()).mul_(ctx.scale)  # dU′ [T, E·r]
+        du = _scale_by_probs(du_scaled, p, rank).to(dt)
         dlogits = None  # [E, T]
         if p is not None and (need_probs or (probs is None and (need_router or need_x))):
             dp = (du_scaled.to(cd).view(t, num_experts, rank) * u.to(cd).view(t, num_experts, rank)).sum(-1).t()
