@@ -31,7 +31,9 @@ shape) the adapter parameters are stacked along a new leading axis A (MoV: exper
 adapter ``adapter_ids[t]``'s parameters; -1 means no adapter (the frozen base alone). Without it the
 parameters have their single-adapter shapes. ``"reference"`` loops over the adapters, ``"torch"`` groups the
 tokens by adapter (see :mod:`pemoe.ops.banked`); ``"auto"`` picks ``"torch"``; ``"triton"`` has no
-adapter-bank kernel yet and raises ``NotImplementedError``.
+adapter-bank kernel for the MoLoRA ops yet and raises ``NotImplementedError``; for the MoV ops it runs
+forward-only kernels (:mod:`pemoe.kernels.triton.mov_banked`) and refuses, with ``NotImplementedError``, inputs
+that require grad while autograd records (use ``"torch"`` to train).
 
 Routing options shared by all ops: ``top_k`` (keep the k most probable experts; no
 renormalisation unless ``renormalize=True``) and ``router_input`` (sentence routing: the
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 
 from pemoe import _checks, reference
 from pemoe.ops import banked
-from pemoe.ops._dispatch import AVAILABLE, logger, resolve_implementation
+from pemoe.ops._dispatch import AVAILABLE, logger, resolve_implementation, triton_runs_on
 from pemoe.ops.molora import MoLoRAFunction
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
@@ -113,12 +115,20 @@ def _first(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 _announced_banked: set[tuple[str, str]] = set()
+#: Ops with a Triton kernel for adapter banks (forward only: :mod:`pemoe.kernels.triton.mov_banked`).
+_BANKED_TRITON = ("mov", "mov_linear", "mov_ffn")
 
 
 def _banked_implementation(op: str, implementation: str, device: torch.device) -> str:
-    """The implementation of ``op`` with ``adapter_ids``: ``"reference"`` or ``"torch"`` (``"auto"`` picks
-    ``"torch"`` on every device, logged once per op and device type). There is no Triton kernel for adapter
-    banks yet: ``"triton"`` raises ``NotImplementedError`` rather than running another implementation."""
+    """The implementation of ``op`` with ``adapter_ids``: ``"reference"``, ``"torch"`` (``"auto"`` picks
+    ``"torch"`` on every device, logged once per op and device type) or ``"triton"`` for the ops of
+    :data:`_BANKED_TRITON` where the kernels run; elsewhere ``"triton"`` raises ``NotImplementedError`` rather
+    than running another implementation."""
+    if implementation == "triton" and op in _BANKED_TRITON:
+        why = triton_runs_on(device)
+        if why is not None:
+            raise NotImplementedError(f"{op}: implementation='triton' cannot run here: {why}")
+        return "triton"
     if implementation == "triton":
         raise NotImplementedError(
             f"{op}: implementation='triton' has no kernel for adapter banks (adapter_ids) yet; "
@@ -446,8 +456,12 @@ def _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_inpu
     ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
     _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input, adapter_ids=ids)
     impl = _banked_implementation("mov", implementation, h.device)
-    fn = banked.reference_mov if impl == "reference" else banked.grouped_mov
     ri = banked.token_router_input(router_input, tokens)
+    if impl == "triton":
+        kernel, probs = _banked_triton("mov", h, ids, router, experts, ri, router_input, top_k, renormalize)
+        router, experts, probs = _float32(router, experts, probs)
+        return kernel.mov(_flat(h), ids, router, experts, probs, top_k, renormalize).reshape(h.shape)
+    fn = banked.reference_mov if impl == "reference" else banked.grouped_mov
     return fn(_flat(h), ids, router, experts, ri, top_k, renormalize).reshape(h.shape)
 
 
@@ -465,8 +479,15 @@ def _mov_linear_banked(x, weight, bias, router, experts, adapter_ids, top_k, ren
     )
     _checks.check_frozen(weight=weight)
     impl = _banked_implementation("mov_linear", impl, x.device)
-    fn = banked.reference_mov_linear if impl == "reference" else banked.grouped_mov_linear
     ri = banked.token_router_input(router_input, tokens)
+    if impl == "triton":
+        kernel, probs = _banked_triton(
+            "mov_linear", x, ids, router, experts, ri, router_input, top_k, renormalize, bias=bias
+        )
+        router, experts, probs = _float32(router, experts, probs)
+        y = kernel.mov_linear_banked(_flat(x), weight, bias, ids, router, experts, probs, top_k, renormalize)
+        return y.reshape(tokens + (weight.shape[0],))
+    fn = banked.reference_mov_linear if impl == "reference" else banked.grouped_mov_linear
     y = fn(_flat(x), weight, bias, ids, router, experts, ri, top_k, renormalize)
     return y.reshape(tokens + (weight.shape[0],))
 
@@ -486,10 +507,33 @@ def _mov_ffn_banked(
     )
     _checks.check_frozen(wi_0=wi_0, wi_1=wi_1, wo=wo)
     impl = _banked_implementation("mov_ffn", impl, x.device)
-    fn = banked.reference_mov_ffn if impl == "reference" else banked.grouped_mov_ffn
     ri = banked.token_router_input(router_input, tokens)
+    if impl == "triton":
+        kernel, probs = _banked_triton("mov_ffn", x, ids, router, experts, ri, router_input, top_k, renormalize)
+        router, experts, probs = _float32(router, experts, probs)
+        y = kernel.mov_ffn_banked(_flat(x), wi_0, wi_1, wo, ids, router, experts, probs, activation, top_k, renormalize)
+        return y.reshape(x.shape)
+    fn = banked.reference_mov_ffn if impl == "reference" else banked.grouped_mov_ffn
     y = fn(_flat(x), wi_0, wi_1, wo, ids, router, experts, ri, activation, top_k, renormalize)
     return y.reshape(x.shape)
+
+
+def _banked_triton(op, x, ids, router, experts, ri, router_input, top_k, renormalize, bias=None):
+    """The MoV bank kernels' module and sentence routing's per-token probabilities [T, E] (None for token
+    routing), after refusing inputs that require grad while autograd records: the kernels are forward only."""
+    if torch.is_grad_enabled():
+        given = {"h" if op == "mov" else "x": x, "bias": bias, "router": router, "experts": experts}
+        given["router_input"] = router_input
+        needs = [name for name, t in given.items() if t is not None and t.requires_grad]
+        if needs:
+            raise NotImplementedError(
+                f"{op}: implementation='triton' with adapter banks (adapter_ids) is forward only, and "
+                f"{', '.join(needs)} require grad: use implementation='torch' to train, or call under torch.no_grad()"
+            )
+    from pemoe.kernels.triton import mov_banked
+
+    probs = None if ri is None else banked.token_sentence_probs(ri, router, ids, top_k, renormalize)
+    return mov_banked, probs
 
 
 def _molora_banked(

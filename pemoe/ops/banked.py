@@ -51,7 +51,7 @@ from pemoe.ops import _router
 from pemoe.ops.molora import MoLoRAFunction
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
-__all__ = ["token_router_input", "run_grouped", "run_reference_loop"]
+__all__ = ["token_router_input", "token_sentence_probs", "run_grouped", "run_reference_loop"]
 
 Rows = list[torch.Tensor | None]
 
@@ -68,6 +68,18 @@ def token_router_input(router_input: torch.Tensor | None, tokens_shape: tuple[in
     if r.dim() == 2 and len(tokens_shape) > 1:
         r = r.reshape(r.shape[:1] + (1,) * (len(tokens_shape) - 1) + r.shape[1:])
     return r.expand(tokens_shape + (r.shape[-1],)).reshape(-1, r.shape[-1])
+
+
+def token_sentence_probs(
+    ri: torch.Tensor, router: torch.Tensor, ids: torch.Tensor, top_k: int | None, renormalize: bool
+) -> torch.Tensor:
+    """Sentence routing's probabilities per token [T, E] float32, each from its own adapter's router:
+    ``ri`` [T, R] (:func:`token_router_input`), router [A, R, E], ids [T] (rows of id -1 get adapter 0's,
+    which nothing reads). The logits of every adapter, [T, A, E] (small: A·E per token), then each token's
+    own; no host sync. For the kernels that take sentence routing as given probabilities."""
+    logits = torch.einsum("tr,are->tae", ri.float(), router.float())
+    own = logits.gather(1, ids.clamp(min=0).view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
+    return _router.select(torch.softmax(own, dim=-1), top_k, renormalize, dim=-1)
 
 
 def _segment_counts(ids: torch.Tensor, num_adapters: int) -> list[int]:
