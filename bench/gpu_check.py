@@ -3,7 +3,8 @@
 On one CUDA GPU it
 
 1. checks every Triton kernel (``mov_linear``, ``mov_ffn``, ``molora_linear``, and ``molora_adapter``: MoLoRA
-   over a base that runs its own forward; forward and every gradient) with real autotuning against the
+   over a base that runs its own forward; forward and every gradient; the MoV adapter-bank kernels of
+   ``mov_linear``, ``mov`` and ``mov_ffn``, forward only, as the "bank" variant) with real autotuning against the
    reference, by the tolerance rule of :mod:`pemoe.testing`: at T5-large widths in bfloat16, float16 and
    float32 with E ∈ {1, 10, 30}, plus top-2 (renormalised) and sentence routing (and mov_ffn with Llama's
    SiLU) at E = 10; at T5-XL and Llama-7B-like widths (K = N = 4096, F = 11008, D = 128) in bfloat16 at E = 10;
@@ -71,8 +72,10 @@ DRY_SHAPES: dict[str, dict[str, dict[str, int]]] = {
 }
 DRY_EXPERTS = (1, 3)
 VARIANTS = ("soft", "top2-renorm", "sentence")
-#: Variants of one op only: mov_ffn with Llama's gated SiLU.
-OP_VARIANTS = {"mov_ffn": ("silu",)}
+#: Variants of one op only: mov_ffn with Llama's gated SiLU; "bank": an adapter bank (per-token adapter_ids over
+#: BANK_SIZE stacked adapters, -1 included; forward only), which for mov_linear also checks the standalone mov.
+OP_VARIANTS = {"mov_ffn": ("silu", "bank"), "mov_linear": ("bank",)}
+BANK_SIZE = 4
 ROUTER_INPUT_WIDTH = 64  # sentence routing: one [B, 64] vector per sequence
 CSV_COLUMNS = ["op", "shape", "dtype", "E", "variant", "implementation", "tensor", "err", "ref_err", "bound", "ok"]
 
@@ -149,7 +152,22 @@ def make_arguments(case: Case, device: torch.device) -> tuple[dict, tuple[str, .
         kw["router_input"] = torch.randn(2, ROUTER_INPUT_WIDTH, generator=g).to(device)
         kw["router"] = (torch.randn(ROUTER_INPUT_WIDTH, case.experts, generator=g) * 0.2).to(device)
         params = (*params, "router_input")
+    elif case.variant == "bank":
+        return _bank(kw, device), ()  # the bank kernels are forward only: the output alone is compared
     return kw, ("x", *params)
+
+
+def _bank(kw: dict, device: torch.device) -> dict:
+    """The case's adapter as adapter 0 of BANK_SIZE (the others: perturbed copies) and seeded per-token ids in
+    [-1, BANK_SIZE), unsorted."""
+    g = torch.Generator().manual_seed(3)
+    for name in ("router", "experts"):
+        p = kw[name]
+        if p is not None:
+            noise = [torch.randn(p.shape, generator=g).to(device) for _ in range(BANK_SIZE - 1)]
+            kw[name] = torch.stack([p] + [p * (1 + 0.2 * n) for n in noise])
+    kw["adapter_ids"] = torch.randint(-1, BANK_SIZE, kw["x"].shape[:-1], generator=g).to(device)
+    return kw
 
 
 def _run(op: str, kw: dict, grad_names: Sequence[str], implementation: str, grad_out: torch.Tensor | None = None):
@@ -157,6 +175,9 @@ def _run(op: str, kw: dict, grad_names: Sequence[str], implementation: str, grad
     along ``grad_out`` (None: a seeded float64 normal of the output's shape, made here)."""
     from pemoe import ops
 
+    if not grad_names:  # forward only
+        with torch.no_grad():
+            return getattr(ops, op)(**kw, implementation=implementation), {}, grad_out
     leaves = {
         k: (v.detach().clone().requires_grad_(k in grad_names) if torch.is_tensor(v) else v) for k, v in kw.items()
     }
@@ -171,7 +192,7 @@ def _run(op: str, kw: dict, grad_names: Sequence[str], implementation: str, grad
 def _references(op: str, kw: dict, names: Sequence[str]):
     """(grad_out, (truth, its gradients), (ref, its gradients)): the reference in float64 from the upcast
     inputs and in the inputs' dtype, both along one grad_out, as the tolerance rule compares them."""
-    truth_kw = {k: (v.to(torch.float64) if torch.is_tensor(v) else v) for k, v in kw.items()}
+    truth_kw = {k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
     truth, truth_grads, grad_out = _run(op, truth_kw, names, "reference")
     ref, ref_grads, _ = _run(op, kw, names, "reference", grad_out)
     return grad_out, (truth, truth_grads), (ref, ref_grads)
@@ -192,6 +213,15 @@ def check_case(case: Case, device: torch.device, implementation: str = "triton")
         (f"d{n}", grads[n], truth_grads[n], ref_grads[n]) for n in names
     ]:
         rows.append(_row(case, implementation, tensor, check_rule(got, eager, want, case.dtype)))
+    if case.variant == "bank" and case.op == "mov_linear":  # the standalone mov on h = x Wᵀ + b, same bank
+        h = torch.nn.functional.linear(kw["x"], kw["weight"], kw["bias"])
+        mov_kw = dict(h=h, router=kw["router"], experts=kw["experts"], adapter_ids=kw["adapter_ids"])
+        _, (truth, _), (ref, _) = _references("mov", mov_kw, ())
+        try:
+            out, _, _ = _run("mov", mov_kw, (), implementation)
+        except Exception as e:  # noqa: BLE001 - as above
+            return [*rows, _row(case, implementation, "mov output", None, error=f"{type(e).__name__}: {e}")]
+        rows.append(_row(case, implementation, "mov output", check_rule(out, ref, truth, case.dtype)))
     return rows
 
 

@@ -32,6 +32,8 @@ def test_cases_cover_the_matrix():
         want |= {(torch.bfloat16, 10, "top2-renorm"), (torch.bfloat16, 10, "sentence")}
         if op == "mov_ffn":
             want.add((torch.bfloat16, 10, "silu"))
+        if op in ("mov_linear", "mov_ffn"):
+            want.add((torch.bfloat16, 10, "bank"))
         assert got == want, op
         assert {c.shape_name for c in cases if c.op == op} == {"t5-large", "t5-xl", "llama-7b"}
     llama = gpu_check.SHAPES["llama-7b"]
@@ -51,6 +53,8 @@ def test_dry_run_checks_every_case_and_writes_the_report(tmp_path):
     assert sentence == {"output", "dx", "drouter", "dlora_a", "dlora_b", "drouter_input"}
     adapter = {r["tensor"] for r in rows if r["op"] == "molora_adapter" and r["variant"] == "soft" and r["E"] == "3"}
     assert adapter == {"output", "dx", "drouter", "dlora_a", "dlora_b", "dbase"}
+    bank = {(r["op"], r["tensor"]) for r in rows if r["variant"] == "bank"}
+    assert bank == {("mov_linear", "output"), ("mov_linear", "mov output"), ("mov_ffn", "output")}
     md = (tmp_path / "gpu_check.md").read_text()
     assert f"{len(rows)} of {len(rows)} comparisons within the tolerance rule" in md and "Failures" not in md
 
@@ -76,6 +80,8 @@ def test_module_dry_run_with_timing_and_jax(tmp_path):
     assert {r["implementation"] for r in rows} == {"triton", "jax-pallas", "jax-triton"}
     timing = _rows(tmp_path / "results.csv")
     assert {r["provider"] for r in timing} == {"linear", "authors-einsum", "peft-ia3", "peft-lora"}
+    bank = {(r["op"], r["tensor"]) for r in rows if r["variant"] == "bank"}
+    assert bank == {("mov_linear", "output"), ("mov_linear", "mov output"), ("mov_ffn", "output")}
     md = (tmp_path / "gpu_check.md").read_text()
     assert "## Timing" in md and "pemoe-triton not timed" in md
 
