@@ -231,12 +231,13 @@ K_ROW_BYTES = 128
 #: dot p·experts[a] per adapter in the tile), in tuning order; :func:`ffn_candidates` keeps the legal ones, the
 #: first is the default. Calibrated spill-free on sm_80 and sm_90 by the AOT reports.
 UP_CONFIGS = [
-    _cfg(8, 3, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),  # 16-bit (wgmma on sm_90)
-    _cfg(4, 4, BLOCK_M=16, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),  # 16-bit, decode-sized T
+    _cfg(8, 3, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),  # 16-bit, E ≤ 16 (wgmma on sm_90)
+    _cfg(4, 4, BLOCK_M=32, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),  # 16-bit, E > 16; decode-sized T
+    _cfg(4, 4, BLOCK_M=16, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 3, BLOCK_M=128, BLOCK_F=128, BLOCK_K=64, GROUP_M=8),  # tuning only (larger tiles)
     _cfg(4, 4, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),  # float32, E ≤ 16
-    _cfg(8, 3, BLOCK_M=32, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),  # float32, E > 16; decode-sized T
+    _cfg(8, 3, BLOCK_M=32, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),  # float32
+    _cfg(8, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 3, BLOCK_M=16, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),
 ]
 SCALE_CONFIGS = [
@@ -257,13 +258,13 @@ def ffn_candidates(
     configs: list[triton.Config], T: int, F: int, M: int | None, itemsize: int, block_e: int
 ) -> list[triton.Config]:
     """The legal FFN configurations in tuning order (the first is the default): blocks that fit T and F (the
-    smallest tile if none does); for the up GEMM (``M`` given) K-rows of K_ROW_BYTES, and float32 with E > 16
+    smallest tile if none does); for the up GEMM (``M`` given) K-rows of K_ROW_BYTES, and with E > 16
     BLOCK_M ≤ 32; for the scaling (``M`` None) with E > 16, BLOCK_M·BLOCK_F ≤ 2048 (16-bit) or ≤ 512
     (float32), whose merge dots otherwise spill."""
     legal = configs
     if M is not None:
         legal = [c for c in legal if c.kwargs["BLOCK_K"] * itemsize == K_ROW_BYTES]
-        if itemsize == 4 and block_e > 16:
+        if block_e > 16:
             legal = [c for c in legal if c.kwargs["BLOCK_M"] <= 32]
     elif block_e > 16:
         limit = 512 if itemsize == 4 else 2048
