@@ -414,14 +414,6 @@ def test_molora_bank_ranks_must_agree():
         ops.molora_linear(**args, implementation="torch")
 
 
-@pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
-def test_triton_refuses_adapter_ids(op):
-    """No Triton kernel for banks yet: an explicit error, never another implementation in its place."""
-    args = (MoVLinearBank() if op == "mov_linear" else MoLoRALinearBank()).inputs(7, 4)
-    with pytest.raises(NotImplementedError, match="adapter banks"):
-        getattr(ops, op)(**args, implementation="triton")
-
-
 def test_without_adapter_ids_stacked_parameters_are_refused():
     """Stacked parameters without adapter_ids are not silently read as one adapter."""
     args = MoVLinearBank().inputs(7, 4)

@@ -30,10 +30,10 @@ shape) the adapter parameters are stacked along a new leading axis A (MoV: exper
 [A, D, E]; MoLoRA: lora_a [A, E, K, r], lora_b [A, E, r, N], router [A, K, E]) and token t runs the op with
 adapter ``adapter_ids[t]``'s parameters; -1 means no adapter (the frozen base alone). Without it the
 parameters have their single-adapter shapes. ``"reference"`` loops over the adapters, ``"torch"`` groups the
-tokens by adapter (see :mod:`pemoe.ops.banked`); ``"auto"`` picks ``"torch"``; ``"triton"`` has no
-adapter-bank kernel for the MoLoRA ops yet and raises ``NotImplementedError``; for the MoV ops it runs
-forward-only kernels (:mod:`pemoe.kernels.triton.mov_banked`) and refuses, with ``NotImplementedError``, inputs
-that require grad while autograd records (use ``"torch"`` to train).
+tokens by adapter (see :mod:`pemoe.ops.banked`); ``"auto"`` picks ``"torch"``; ``"triton"`` runs forward-only
+adapter-bank kernels (:mod:`pemoe.kernels.triton.mov_banked` for the MoV ops, segment-grouped
+:mod:`pemoe.kernels.triton.molora_banked` for ``molora_linear`` and ``molora_adapter``) and refuses, with
+``NotImplementedError``, inputs that require grad while autograd records (use ``"torch"`` to train).
 
 Routing options shared by all ops: ``top_k`` (keep the k most probable experts; no
 renormalisation unless ``renormalize=True``) and ``router_input`` (sentence routing: the
@@ -115,8 +115,9 @@ def _first(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 _announced_banked: set[tuple[str, str]] = set()
-#: Ops with a Triton kernel for adapter banks (forward only: :mod:`pemoe.kernels.triton.mov_banked`).
-_BANKED_TRITON = ("mov", "mov_linear", "mov_ffn")
+#: Ops with Triton kernels for adapter banks (forward only: :mod:`pemoe.kernels.triton.mov_banked`,
+#: :mod:`pemoe.kernels.triton.molora_banked`).
+_BANKED_TRITON = ("mov", "mov_linear", "mov_ffn", "molora_linear", "molora_adapter")
 
 
 def _banked_implementation(op: str, implementation: str, device: torch.device) -> str:
@@ -521,15 +522,8 @@ def _mov_ffn_banked(
 def _banked_triton(op, x, ids, router, experts, ri, router_input, top_k, renormalize, bias=None):
     """The MoV bank kernels' module and sentence routing's per-token probabilities [T, E] (None for token
     routing), after refusing inputs that require grad while autograd records: the kernels are forward only."""
-    if torch.is_grad_enabled():
-        given = {"h" if op == "mov" else "x": x, "bias": bias, "router": router, "experts": experts}
-        given["router_input"] = router_input
-        needs = [name for name, t in given.items() if t is not None and t.requires_grad]
-        if needs:
-            raise NotImplementedError(
-                f"{op}: implementation='triton' with adapter banks (adapter_ids) is forward only, and "
-                f"{', '.join(needs)} require grad: use implementation='torch' to train, or call under torch.no_grad()"
-            )
+    given = {"h" if op == "mov" else "x": x, "bias": bias, "router": router, "experts": experts}
+    _forward_only(op, **given, router_input=router_input)
     from pemoe.kernels.triton import mov_banked
 
     probs = None if ri is None else banked.token_sentence_probs(ri, router, ids, top_k, renormalize)
@@ -555,10 +549,15 @@ def _molora_banked(
     )  # fmt: skip
     _checks.check_frozen(weight=weight)
     impl = _banked_implementation(op, impl, x.device)
+    if impl == "triton":
+        _forward_only(op, x=x, bias=bias, base=base, lora_a=lora_a, lora_b=lora_b, router=router,
+                      router_input=router_input)  # fmt: skip
     ri = banked.token_router_input(router_input, tokens)
     n = lora_b.shape[-1]
     x2d = _flat(x)
-    if weight is not None:
+    if impl == "triton":
+        y = _molora_banked_triton(x2d, weight, bias, base, ids, lora_a, lora_b, router, ri, scale, top_k, renormalize)
+    elif weight is not None:
         if impl == "reference":
             y = banked.reference_molora_linear(
                 x2d, weight, bias, ids, lora_a, lora_b, router, ri, float(scale), top_k, renormalize
@@ -572,3 +571,31 @@ def _molora_banked(
         fn = banked.reference_molora_adapter if impl == "reference" else banked.grouped_molora
         y = fn(x2d, base2d, ids, lora_a, lora_b, router, ri, float(scale), top_k, renormalize)
     return y.reshape(tokens + (n,))
+
+
+def _forward_only(op: str, **tensors: torch.Tensor | None) -> None:
+    """The adapter-bank Triton kernels have no backward: refuse inputs that require grad while autograd records
+    (never another implementation in their place)."""
+    if not torch.is_grad_enabled():
+        return
+    need = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+    if need:
+        raise NotImplementedError(
+            f"{op}: implementation='triton' with adapter banks (adapter_ids) is forward only, but "
+            f"{', '.join(need)} {'requires' if len(need) == 1 else 'require'} grad while autograd records; use "
+            "implementation='torch' (grouped by adapter, differentiable) to train, or call under torch.no_grad()"
+        )
+
+
+def _molora_banked_triton(x2d, weight, bias, base, ids, lora_a, lora_b, router, ri, scale, top_k, renormalize):
+    """molora_linear (``weight`` given) or molora_adapter with per-token adapters through the segment-grouped
+    Triton kernels; sentence routing's per-token probabilities come from :func:`banked.token_sentence_probs`."""
+    from pemoe.kernels.triton import molora_banked as kernel
+
+    probs = None if ri is None else banked.token_sentence_probs(ri, router, ids, top_k, renormalize)
+    lora_a, lora_b, router, probs = _float32(lora_a, lora_b, router, probs)
+    args = (ids, lora_a, lora_b, router, probs, float(scale), top_k, renormalize)
+    if weight is not None:
+        return kernel.molora_linear(x2d, weight, bias, *args)
+    base2d = None if base is None else base.reshape(-1, lora_b.shape[-1])
+    return kernel.molora_adapter(x2d, base2d, *args)
