@@ -8,6 +8,8 @@ On one CUDA GPU it
    reference, by the tolerance rule of :mod:`pemoe.testing`: at T5-large widths in bfloat16, float16 and
    float32 with E ∈ {1, 10, 30}, plus top-2 (renormalised) and sentence routing (and mov_ffn with Llama's
    SiLU) at E = 10; at T5-XL and Llama-7B-like widths (K = N = 4096, F = 11008, D = 128) in bfloat16 at E = 10;
+   the adapter-bank kernels (``molora_linear`` / ``molora_adapter`` with ``adapter_ids``: forward only) on the
+   same matrix with a bank of 4 adapters, plus a decode-sized batch;
 2. times the fused ops against ``F.linear`` (cuBLAS; the plain FFN for ``mov_ffn``), the authors' einsum
    formulation and, at E = 1, PEFT's IA3 / LoRA, with ``triton.testing.do_bench`` (the ``pemoe bench``
    harness: medians, ratios against the floor measured in the same run);
@@ -39,9 +41,16 @@ import torch
 OPS = ("mov_linear", "mov_ffn", "molora_linear")
 #: Checked for correctness besides OPS (timed with them: no): MoLoRA over a base that runs its own forward, at
 #: molora_linear's shapes (its ``base`` the frozen linear's output).
-CHECKED_OPS = (*OPS, "molora_adapter")
+CHECKED_OPS = (*OPS, "molora_adapter", "molora_linear_banked", "molora_adapter_banked")
+#: Adapter-bank checks: the op each runs with ``adapter_ids`` (forward only: those kernels have no backward), on a
+#: bank of BANK_SIZE adapters, tokens naming BANK_IDS in turn (unsorted, -1 the base alone, adapter 2 absent).
+BANKED = {"molora_linear_banked": "molora_linear", "molora_adapter_banked": "molora_adapter"}
+BANK_SIZE = 4
+BANK_IDS = (0, 3, -1, 1, 3, 0, 1)
+DECODE_TOKENS = 32  # the "decode" variant: this many tokens, one per sequence, every id in turn
 #: Ops whose shapes are another op's.
-SHAPE_OF = {"molora_adapter": "molora_linear"}
+SHAPE_OF = {"molora_adapter": "molora_linear", "molora_linear_banked": "molora_linear",
+            "molora_adapter_banked": "molora_linear"}  # fmt: skip
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 EXPERTS = (1, 10, 30)
 #: Per-op widths of each model shape (T tokens; MoV heads of width D = N / G; FFN M = d_model, F = d_ff).
@@ -73,9 +82,12 @@ DRY_SHAPES: dict[str, dict[str, dict[str, int]]] = {
 DRY_EXPERTS = (1, 3)
 VARIANTS = ("soft", "top2-renorm", "sentence")
 #: Variants of one op only: mov_ffn with Llama's gated SiLU; "bank": an adapter bank (per-token adapter_ids over
-#: BANK_SIZE stacked adapters, -1 included; forward only), which for mov_linear also checks the standalone mov.
-OP_VARIANTS = {"mov_ffn": ("silu", "bank"), "mov_linear": ("bank",)}
-BANK_SIZE = 4
+#: BANK_SIZE stacked adapters, -1 included; forward only), which for mov_linear also checks the standalone mov;
+#: "decode": the MoLoRA bank kernels at DECODE_TOKENS tokens.
+OP_VARIANTS = {
+    "mov_ffn": ("silu", "bank"), "mov_linear": ("bank",),
+    "molora_linear_banked": ("decode",), "molora_adapter_banked": ("decode",),
+}  # fmt: skip
 ROUTER_INPUT_WIDTH = 64  # sentence routing: one [B, 64] vector per sequence
 CSV_COLUMNS = ["op", "shape", "dtype", "E", "variant", "implementation", "tensor", "err", "ref_err", "bound", "ok"]
 
@@ -119,6 +131,8 @@ def _bench_module(op: str):
 def make_arguments(case: Case, device: torch.device) -> tuple[dict, tuple[str, ...]]:
     """(keyword arguments of ``pemoe.ops.<op>``, the names of the tensors whose gradients are compared).
     Activations and frozen weights in the case's dtype, adapter parameters float32 (the bench's inputs)."""
+    if case.op in BANKED:
+        return _bank_arguments(case, device), ()
     shape = dict(case.shape, E=case.experts)
     t = _bench_module(case.op).make_inputs(shape, case.dtype, device)
     if case.op == "mov_linear":
@@ -170,18 +184,42 @@ def _bank(kw: dict, device: torch.device) -> dict:
     return kw
 
 
+def _bank_arguments(case: Case, device: torch.device) -> dict:
+    """Keyword arguments of a BANKED case: the single-adapter op's, its adapter parameters stacked with
+    BANK_SIZE - 1 more of the same scale (seeded), and ``adapter_ids``."""
+    one = dataclasses.replace(case, op=BANKED[case.op], variant="soft" if case.variant == "decode" else case.variant)
+    kw, _ = make_arguments(one, device)
+    g = torch.Generator().manual_seed(3)
+    for name in ("lora_a", "lora_b", "router"):
+        p = kw[name]
+        if p is not None:
+            more = [(torch.randn(p.shape, generator=g) * p.std().item()).to(device) for _ in range(BANK_SIZE - 1)]
+            kw[name] = torch.stack([p, *more])
+    if case.variant == "decode":
+        kw["x"] = kw["x"][:DECODE_TOKENS]
+        if kw.get("base") is not None:
+            kw["base"] = kw["base"][:DECODE_TOKENS]
+        ids = torch.arange(kw["x"].shape[0]) % (BANK_SIZE + 1) - 1
+    else:
+        ids = torch.tensor([BANK_IDS[(5 * t + 1) % len(BANK_IDS)] for t in range(kw["x"].shape[:-1].numel())])
+    kw["adapter_ids"] = ids.reshape(kw["x"].shape[:-1]).to(device)
+    return kw
+
+
 def _run(op: str, kw: dict, grad_names: Sequence[str], implementation: str, grad_out: torch.Tensor | None = None):
     """(output, {name: gradient}, grad_out) of ``pemoe.ops.<op>`` on fresh leaves of ``kw``, differentiated
-    along ``grad_out`` (None: a seeded float64 normal of the output's shape, made here)."""
+    along ``grad_out`` (None: a seeded float64 normal of the output's shape, made here); no gradients for an
+    empty ``grad_names`` (forward-only checks)."""
     from pemoe import ops
 
+    fn = getattr(ops, BANKED.get(op, op))
     if not grad_names:  # forward only
         with torch.no_grad():
-            return getattr(ops, op)(**kw, implementation=implementation), {}, grad_out
+            return fn(**kw, implementation=implementation), {}, grad_out
     leaves = {
         k: (v.detach().clone().requires_grad_(k in grad_names) if torch.is_tensor(v) else v) for k, v in kw.items()
     }
-    out = getattr(ops, op)(**leaves, implementation=implementation)
+    out = fn(**leaves, implementation=implementation)
     if grad_out is None:
         g = torch.Generator().manual_seed(2)
         grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)

@@ -4,6 +4,7 @@ kernels in their interpreters), a failing comparison making it exit 1, and its r
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def _rows(path):
 def test_cases_cover_the_matrix():
     cases = gpu_check.correctness_cases(gpu_check.SHAPES, gpu_check.EXPERTS)
     large = [c for c in cases if c.shape_name == "t5-large"]
-    assert set(gpu_check.CHECKED_OPS) == {"mov_linear", "mov_ffn", "molora_linear", "molora_adapter"}
+    banked = {"molora_linear_banked", "molora_adapter_banked"}
+    assert set(gpu_check.CHECKED_OPS) == {"mov_linear", "mov_ffn", "molora_linear", "molora_adapter"} | banked
     for op in gpu_check.CHECKED_OPS:
         got = {(c.dtype, c.experts, c.variant) for c in large if c.op == op}
         want = {(dt, e, "soft") for dt in gpu_check.DTYPES.values() for e in (1, 10, 30)}
@@ -34,6 +36,8 @@ def test_cases_cover_the_matrix():
             want.add((torch.bfloat16, 10, "silu"))
         if op in ("mov_linear", "mov_ffn"):
             want.add((torch.bfloat16, 10, "bank"))
+        if op in banked:
+            want.add((torch.bfloat16, 10, "decode"))
         assert got == want, op
         assert {c.shape_name for c in cases if c.op == op} == {"t5-large", "t5-xl", "llama-7b"}
     llama = gpu_check.SHAPES["llama-7b"]
@@ -55,6 +59,8 @@ def test_dry_run_checks_every_case_and_writes_the_report(tmp_path):
     assert adapter == {"output", "dx", "drouter", "dlora_a", "dlora_b", "dbase"}
     bank = {(r["op"], r["tensor"]) for r in rows if r["variant"] == "bank"}
     assert bank == {("mov_linear", "output"), ("mov_linear", "mov output"), ("mov_ffn", "output")}
+    # the adapter-bank kernels are forward only
+    assert {r["tensor"] for r in rows if r["op"].endswith("_banked")} == {"output"}
     md = (tmp_path / "gpu_check.md").read_text()
     assert f"{len(rows)} of {len(rows)} comparisons within the tolerance rule" in md and "Failures" not in md
 
@@ -101,3 +107,18 @@ def test_traffic_report_covers_every_op_and_shape():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] in gpu_check.OPS and cells[1] in gpu_check.SHAPES
         assert float(cells[3].rstrip("x")) >= 0.999 and float(cells[6].rstrip("x")) >= 0.999  # ≥ the minimum
+
+
+def test_bank_arguments():
+    """The bank cases: stacked parameters (adapter 0 the single-adapter case's own), ids of every kind."""
+    case = gpu_check.Case("molora_adapter_banked", "tiny", gpu_check.DRY_SHAPES["tiny"]["molora_linear"],
+                          torch.bfloat16, 3)  # fmt: skip
+    kw, names = gpu_check.make_arguments(case, torch.device("cpu"))
+    one, _ = gpu_check.make_arguments(dataclasses.replace(case, op="molora_adapter"), torch.device("cpu"))
+    assert names == () and kw["lora_a"].shape == (4, 3, 48, 4) and kw["router"].shape == (4, 48, 3)
+    assert torch.equal(kw["lora_a"][0], one["lora_a"]) and not torch.equal(kw["lora_a"][1], one["lora_a"])
+    ids = kw["adapter_ids"].tolist()
+    assert len(ids) == 40 and set(ids) == {-1, 0, 1, 3} and ids != sorted(ids)
+    decode, _ = gpu_check.make_arguments(dataclasses.replace(case, variant="decode"), torch.device("cpu"))
+    assert decode["x"].shape[0] == decode["base"].shape[0] == 32
+    assert set(decode["adapter_ids"].tolist()) == {-1, 0, 1, 2, 3}

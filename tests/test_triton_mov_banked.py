@@ -188,9 +188,7 @@ def test_inputs_requiring_grad_are_refused(op, name):
     args = inputs(op, 5, 4, sentence=name == "router_input")
     name = "h" if (op == "mov" and name == "x") else name
     args[name].requires_grad_()
-    with pytest.raises(
-        NotImplementedError, match=rf"forward only, but {name} requires grad.*implementation='torch'"
-    ):
+    with pytest.raises(NotImplementedError, match=rf"forward only, but {name} requires grad.*implementation='torch'"):
         getattr(ops, op)(**args, implementation="triton")
     with torch.no_grad():  # the same call without autograd runs
         getattr(ops, op)(**args, implementation="triton")
