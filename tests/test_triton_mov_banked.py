@@ -210,16 +210,6 @@ def test_unsupported_head_width_is_refused_by_name():
         ops.mov(**args, implementation="triton")
 
 
-def test_molora_banks_still_refuse_triton():
-    """Only the MoV ops have bank kernels here: the MoLoRA ops keep their explicit error."""
-    x = torch.randn(4, K)
-    with pytest.raises(NotImplementedError, match="adapter banks"):
-        ops.molora_linear(
-            x, torch.randn(8, K), torch.randn(A, 2, K, 4), torch.randn(A, 2, 4, 8), torch.randn(A, K, 2), scale=1.0,
-            adapter_ids=torch.zeros(4, dtype=torch.long), implementation="triton",
-        )  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------
 # ahead-of-time compiles: default configurations for sm_80 and sm_90, without spills
 # ------------------------------------------------------------------------------------------
