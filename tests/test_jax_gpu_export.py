@@ -213,18 +213,16 @@ def test_triton_molora_auto_schedule_follows_the_model(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(2048, 1024, 1024, 10, 4), (2048, 1024, 1024, 1, 4), (7, 40, 72, 15, 16)])
 def test_triton_molora_tiles_are_the_torch_autotuners(shape):
-    """Every launch of both schedules and the backward: the tiles pemoe.jax.triton uses
-    (``Launch.default_configs``) are those the torch autotuner's pruning keeps, in its order."""
-    import torch
-
+    """Every launch of both schedules and the backward: the tiles of the shared launch plan (``Launch.configs``,
+    what pemoe.jax.triton uses) are those the torch autotuner's pruning keeps, in its order."""
     from pemoe.kernels.triton import molora_linear as kernel
     from pemoe.kernels.triton import molora_linear_analysis as analysis
 
-    launches = analysis._example_launches(*shape, torch.bfloat16)
+    launches = analysis._example_launches(*shape, "bfloat16")
     assert {launch.role for launch in launches} == set(kernel.ROLE_CONFIGS)
     for launch in launches:
-        pruned = launch.kernel.early_config_prune(launch.kernel.configs, {**launch.named_args(), **launch.constexprs})
-        assert launch.default_configs() == pruned, launch.role
+        pruned = launch.kernel.early_config_prune(launch.kernel.configs, {**launch.scalars, **launch.constexprs})
+        assert list(launch.configs) == pruned, launch.role
 
 
 def test_triton_molora_limits_and_empty_batch():

@@ -106,13 +106,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, split_dot, tiles
-from pemoe.kernels.triton.autograd import absent, launch_device
-from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
+from pemoe.kernels.triton.interpreter import do_bench
+from pemoe.kernels.triton.plan import (
+    ITEMSIZE,
+    Buffer,
+    Launch,
+    Plan,
+    dtype_name,
+    load_torch_part,
+    strides_of,
+    torch_attribute,
+)
 
 logger = logging.getLogger("pemoe")
 
@@ -826,10 +834,10 @@ def _molora_wgrad_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers: validate, allocate, grid, launch
+# Launch plan: framework-neutral (shapes, dtype names, strides; no tensors), consumed by the PyTorch launcher
+# (molora_linear_torch.py) and by pemoe.jax.triton (jax-triton)
 # ------------------------------------------------------------------------------------------------
 
-ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Forced configurations per launch role (tests: multi-tile grids on small shapes); absent = autotune.
 _FORCED: dict[str, triton.Config] = {}
 #: A forced forward schedule (tests); None = the ``schedule=`` argument decides.
@@ -873,89 +881,9 @@ class use_schedule:
         _FORCED_SCHEDULE[0] = self._old
 
 
-@dataclass
-class Launch:
-    """One kernel launch: its role, the autotuned kernel, positional arguments, constexpr flags and grid."""
-
-    role: str
-    kernel: Any
-    args: tuple
-    constexprs: dict
-    grid: Callable[[dict], tuple]
-
-    def named_args(self) -> dict:
-        names = [a for a in self.kernel.fn.arg_names if a not in self.constexprs]
-        names = [a for a in names if a not in ROLE_CONFIGS[self.role][0].kwargs]
-        return dict(zip(names, self.args, strict=True))
-
-    def run(self) -> None:
-        forced = _FORCED.get(self.role)
-        if forced is None:
-            self.kernel[self.grid](*self.args, **self.constexprs)
-            return
-        meta = {**self.constexprs, **forced.kwargs}
-        self.kernel.fn[self.grid(meta)](*self.args, **meta, num_warps=forced.num_warps, num_stages=forced.num_stages)
-
-    def default_configs(self) -> list[triton.Config]:
-        """The legal configurations of this launch (first: the default), as autotune pruning and the AOT
-        cases see them; a ``use_configs`` configuration for this role instead, when one is forced."""
-        forced = _FORCED.get(self.role)
-        if forced is not None:
-            return [forced]
-        return legal_configs(_problem_from_args(self.role, {**self.named_args(), **self.constexprs}))
-
-    def written_outputs(self) -> tuple[bool, ...]:
-        """Which of the kernel's output pointers (the LAUNCH_INPUTS[role] pointers after its inputs) this
-        launch writes, given its feature flags; the others are unused pointers the plan aliased to any tensor.
-        For launchers that allocate one buffer per output slot (pemoe.jax.triton through jax-triton)."""
-        c = self.constexprs
-        save, token = bool(c.get("SAVE_FOR_BACKWARD")), c.get("ROUTING") == TOKEN_ROUTER
-        return {
-            "fused": (True, save, save and token),  # y, U, p_soft
-            "shrink": (True, save, save and token),  # U′, U, p_soft
-            "expand": (True,),
-            "dx": (True,),
-            "grad_u": (bool(c.get("NEED_D_U")), bool(c.get("NEED_U_SCALED")), bool(c.get("NEED_D_ROUTE"))),
-            "wgrad_a": (bool(c.get("HAS_RHS")), bool(c.get("HAS_RHS2")), bool(c.get("ROW_SUM"))),
-            "wgrad_b": (bool(c.get("HAS_RHS")), bool(c.get("HAS_RHS2")), bool(c.get("ROW_SUM"))),
-        }[self.role]
-
-
-#: Array inputs of each launch role: its kernel's first pointer parameters (the following ones are outputs).
-LAUNCH_INPUTS = {"fused": 7, "shrink": 4, "expand": 8, "dx": 8, "grad_u": 5, "wgrad_a": 3, "wgrad_b": 3}
-
-
-def _check_kernel_inputs(x, weight, bias, lora_a, lora_b, router, probs) -> None:
-    """What the kernels support beyond pemoe's argument checks: dtypes, devices, non-empty x, adapter width."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [T, K] (flattened tokens), got shape {list(x.shape)}")
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"molora_linear Triton kernels support x in float16, bfloat16 or float32, got {x.dtype}")
-    if weight is not None and weight.dtype != x.dtype:
-        raise TypeError(f"x and weight must share one dtype, got x {x.dtype} and weight {weight.dtype}")
-    if bias is not None and bias.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"bias must be float16, bfloat16 or float32 for the Triton kernels, got {bias.dtype}")
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("router", router), ("probs", probs)):
-        if t is not None and t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32 for the Triton kernels (adapter parameters), got {t.dtype}")
-    tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "router": router}
-    tensors["probs"] = probs
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.device.type != ("cpu" if INTERPRET else "cuda"):
-            where = "CPU tensors (TRITON_INTERPRET=1)" if INTERPRET else "CUDA tensors"
-            raise ValueError(f"molora_linear Triton kernels run on {where}; {name} is on {t.device}")
-        if t.device != x.device:
-            raise ValueError(f"all tensors must be on x's device {x.device}; {name} is on {t.device}")
-    num_experts, _, rank = lora_a.shape
-    block_e, rank_pad = _block_experts(num_experts, rank, _routing_mode(router, probs))
-    if block_e * rank_pad > MAX_ADAPTER_COLUMNS:
-        raise ValueError(
-            f"molora_linear Triton kernels: lora_a [E, K, r] with E = {num_experts}, r = {rank} needs "
-            f"{block_e * rank_pad} padded adapter columns (E and r rounded up to powers of two); at most "
-            f"{MAX_ADAPTER_COLUMNS} are supported"
-        )
+def forced_config(role: str) -> triton.Config | None:
+    """The ``use_configs`` configuration of a launch role, None when it autotunes."""
+    return _FORCED.get(role)
 
 
 def _block_experts(num_experts: int, rank: int, routing_mode: int) -> tuple[int, int]:
@@ -968,20 +896,21 @@ def _block_experts(num_experts: int, rank: int, routing_mode: int) -> tuple[int,
     return block_e, rank_pad
 
 
-def _routing_mode(router, probs) -> int:
+def _routing_mode(router: Any, probs: Any) -> int:
     if probs is not None:
         return GIVEN_PROBS
     return NO_ROUTER if router is None else TOKEN_ROUTER
 
 
-def _flags(dtype: torch.dtype, num_experts: int, rank: int, mode: int, top_k: int | None, renormalize: bool) -> dict:
+def _flags(dtype: Any, num_experts: int, rank: int, mode: int, top_k: int | None, renormalize: bool) -> dict:
+    """The routing and precision constexprs; ``dtype``: the activation dtype (a name, or a torch / JAX dtype)."""
     block_e, rank_pad = _block_experts(num_experts, rank, mode)
     full = top_k is None or top_k >= num_experts  # all experts kept: p_soft renormalised is p_soft
     return dict(
         ROUTING=mode,
         TOP_K=0 if full else int(top_k),
         RENORMALIZE=bool(renormalize) and not full,
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if dtype_name(dtype) == "float32" else "tf32",
         BLOCK_E=block_e,
         RANK_PAD=rank_pad,
     )
@@ -991,32 +920,96 @@ def _bucket(t: int) -> int:
     return triton.next_power_of_2(t)
 
 
+@dataclass(frozen=True)
+class MoLoRAProblem:
+    """One call's shapes and features: x [T, K] (activation dtype name ``dtype``), weight [N, K] (``has_weight``
+    False: the adapter-only op, y = base + delta), lora_a [E, K, r], lora_b [E, r, N], routing ``mode``
+    (NO_ROUTER, TOKEN_ROUTER, GIVEN_PROBS), top-k as the kernels take it (0: none)."""
+
+    T: int
+    K: int
+    N: int
+    E: int
+    R: int
+    dtype: str
+    mode: int
+    top_k: int | None = None
+    renormalize: bool = False
+    has_weight: bool = True
+    has_bias: bool = False
+    has_base: bool = False
+
+    @property
+    def flags(self) -> dict:
+        return _flags(self.dtype, self.E, self.R, self.mode, self.top_k, self.renormalize)
+
+
+def plan_problem(
+    x_shape: tuple[int, int],
+    lora_a_shape: tuple[int, int, int],
+    lora_b_shape: tuple[int, int, int],
+    dtype: Any,
+    *,
+    has_router: bool,
+    has_probs: bool,
+    top_k: int | None,
+    renormalize: bool,
+    has_weight: bool = True,
+    has_bias: bool = False,
+    has_base: bool = False,
+) -> MoLoRAProblem:
+    """The :class:`MoLoRAProblem` of a call, after the kernel limits that shapes and the dtype show (activation
+    dtype, adapter width); the launchers check devices and the framework-specific rest."""
+    name = dtype_name(dtype)
+    if name not in ITEMSIZE:
+        raise TypeError(f"molora_linear Triton kernels support x in float16, bfloat16 or float32, got {name}")
+    t, k = x_shape
+    e, _, r = lora_a_shape
+    mode = GIVEN_PROBS if has_probs else TOKEN_ROUTER if has_router else NO_ROUTER
+    block_e, rank_pad = _block_experts(e, r, mode)
+    if block_e * rank_pad > MAX_ADAPTER_COLUMNS:
+        raise ValueError(
+            f"molora_linear Triton kernels: lora_a [E, K, r] with E = {e}, r = {r} needs "
+            f"{block_e * rank_pad} padded adapter columns (E and r rounded up to powers of two); at most "
+            f"{MAX_ADAPTER_COLUMNS} are supported"
+        )
+    return MoLoRAProblem(
+        t, k, lora_b_shape[2], e, r, name, mode, top_k, bool(renormalize), has_weight, has_bias, has_base
+    )
+
+
+def _launch(role: str, kernel, inputs, outputs, scalars: dict, constexprs: dict, grid) -> Launch:
+    """A :class:`.plan.Launch` with the role's configurations: the forced one, else what pruning keeps."""
+    forced = forced_config(role)
+    configs = [forced] if forced is not None else legal_configs(_problem_from_args(role, {**scalars, **constexprs}))
+    return Launch(
+        role, f"pemoe_molora_{role}", kernel, tuple(inputs), tuple(outputs), scalars, constexprs, grid, tuple(configs)
+    )
+
+
+def _two(strides: tuple[int, ...] | None) -> tuple[int, int]:
+    return (strides[0], strides[1]) if strides is not None else (0, 0)
+
+
 def _gemm_launch(
-    role, a, b_strides, b, tail, adapter, adapter_strides, logits, router, router_strides, bias, out, flags,
-    residual=None,
+    role: str, m: int, n: int, k: int, inputs: tuple, b_strides, a_strides, tail_stride: int, adapter_strides,
+    logits_stride: int, router_strides, residual_strides, flags: dict, has_bias: bool,
 ):  # fmt: skip
     """out [M, N] = a [M, K]·b + tail·adapter_cat (+ logits·router) (+ bias) (+ residual) with
-    _molora_gemm_kernel. ``b`` None: no base GEMM (K = 0; the adapter-only op)."""
-    m, k = a.shape
-    if b is None:
-        k, b, b_strides = 0, a, (0, 0)  # the K loop runs no step: b is never read
-    n = out.shape[1]
-    num_experts = flags["E"]
-    logits_ = logits if logits is not None else out
-    router_ = router if router is not None else adapter
-    residual_ = residual if residual is not None else out
-    args = (
-        a, b, tail, adapter, logits_, router_, bias if bias is not None else out, residual_,
-        out,
-        m, n, k, num_experts, flags["R"], _bucket(m),
-        a.stride(0), a.stride(1), *b_strides, tail.stride(0), *adapter_strides,
-        logits_.stride(0), *(router_strides if router is not None else (0, 0)),
-        residual_.stride(0), residual_.stride(1), out.stride(0), out.stride(1),
+    _molora_gemm_kernel; ``inputs``: (a, b, tail, adapter, logits, router, bias, residual) names (None: absent;
+    k = 0: no base GEMM, the adapter-only op, with ``b`` any array the empty K loop never reads)."""
+    scalars = dict(
+        M=m, N=n, K=k, E=flags["E"], R=flags["R"], tokens_bucket=_bucket(m),
+        stride_am=a_strides[0], stride_ak=a_strides[1], stride_bk=b_strides[0], stride_bn=b_strides[1],
+        stride_tm=tail_stride, stride_ae=adapter_strides[0], stride_ar=adapter_strides[1],
+        stride_an=adapter_strides[2], stride_lm=logits_stride, stride_re=router_strides[0],
+        stride_rn=router_strides[1], stride_sm=residual_strides[0], stride_sn=residual_strides[1],
+        stride_om=n, stride_on=1,
     )  # fmt: skip
     constexprs = dict(
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
-        ROUTER_TAIL=logits is not None,
+        HAS_BIAS=has_bias,
+        HAS_RESIDUAL=inputs[7] is not None,
+        ROUTER_TAIL=inputs[4] is not None,
         DOT_PRECISION=flags["DOT_PRECISION"],
         BLOCK_E=flags["BLOCK_E"],
         RANK_PAD=flags["RANK_PAD"],
@@ -1026,70 +1019,90 @@ def _gemm_launch(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    return Launch(role, _molora_gemm_kernel, args, constexprs, grid)
+    output = "y" if role == "expand" else "dx"
+    return _launch(role, _molora_gemm_kernel, inputs, (output,), scalars, constexprs, grid)
 
 
-def _forward_plan(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule, base=None):
-    """Allocates the outputs and lists the launches of one forward schedule. ``weight`` None: the adapter-only
-    op (two_kernel schedule, the expand without a base GEMM, accumulating onto ``base`` [T, N] when given).
-
-    Returns ((y, U float32 | None, p_soft float32 | None), [Launch]).
-    """
-    t, k = x.shape
-    n = lora_b.shape[2]
-    num_experts, _, rank = lora_a.shape
-    mode = _routing_mode(router, probs)
-    flags = _flags(x.dtype, num_experts, rank, mode, top_k, renormalize)
-    dev = x.device
-    y = torch.empty((t, n), dtype=x.dtype, device=dev)
-    u = torch.empty((t, num_experts * rank), dtype=torch.float32, device=dev) if save else None
-    p_soft = torch.empty((t, num_experts), dtype=torch.float32, device=dev) if save and mode == TOKEN_ROUTER else None
-    router_ = router if router is not None else lora_a  # unused pointers: any tensor
-    probs_ = probs if probs is not None else lora_a
-    u_ = u if u is not None else y
-    p_soft_ = p_soft if p_soft is not None else y
+def forward_plan(
+    pb: MoLoRAProblem,
+    scale: float,
+    save: bool,
+    schedule: str,
+    strides: dict[str, tuple[int, ...]] | None = None,
+) -> Plan:
+    """The launches of one forward ``schedule`` ("fused" or "two_kernel"; the adapter-only op: "two_kernel", the
+    expand without a base GEMM, adding "base" when ``pb.has_base``) on the op inputs x, weight, bias, base,
+    lora_a, lora_b, router, probs; ``strides`` of those not row-major (PyTorch). Buffers: y [T, N] (x's dtype),
+    u [T, E·r] float32 and p_soft [T, E] float32 when ``save`` (p_soft with token routing only), u_scaled
+    [T, E·r] (two_kernel)."""
+    t, k, n, e, r = pb.T, pb.K, pb.N, pb.E, pb.R
+    flags = pb.flags
+    token = pb.mode == TOKEN_ROUTER
+    buffers = {"y": Buffer((t, n), pb.dtype)}
+    if save:
+        buffers["u"] = Buffer((t, e * r), "float32")
+        if token:
+            buffers["p_soft"] = Buffer((t, e), "float32")
+    u, p_soft = ("u" if save else None), ("p_soft" if save and token else None)
+    router = "router" if token else None
+    probs = "probs" if pb.mode == GIVEN_PROBS else None
+    sx = strides_of(strides, "x", (t, k))
+    sa = strides_of(strides, "lora_a", (e, k, r))
+    sb = strides_of(strides, "lora_b", (e, r, n))
+    sr = _two(strides_of(strides, "router", (k, e)) if router else None)
+    sp = _two(strides_of(strides, "probs", (t, e)) if probs else None)
     routing_flags = dict(flags, SAVE_FOR_BACKWARD=bool(save))
     if schedule == "fused":
-        args = (
-            x, weight, bias if bias is not None else y, lora_a, lora_b, router_, probs_,
-            y, u_, p_soft_,
-            t, n, k, num_experts, rank, _bucket(t),
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            *lora_a.stride(), *lora_b.stride(),
-            router_.stride(0), router_.stride(1), probs_.stride(0), probs_.stride(1),
-            y.stride(0), y.stride(1), u_.stride(0), p_soft_.stride(0),
-            float(scale),
+        if not pb.has_weight:
+            raise ValueError("molora_linear: the adapter-only op runs the two_kernel schedule")
+        sw = strides_of(strides, "weight", (n, k))
+        scalars = dict(
+            T=t, N=n, K=k, E=e, R=r, tokens_bucket=_bucket(t),
+            stride_xt=sx[0], stride_xk=sx[1], stride_wn=sw[0], stride_wk=sw[1],
+            stride_ae=sa[0], stride_ak=sa[1], stride_ar=sa[2], stride_be=sb[0], stride_br=sb[1], stride_bn=sb[2],
+            stride_rk=sr[0], stride_re=sr[1], stride_pt=sp[0], stride_pe=sp[1],
+            stride_yt=n, stride_yn=1, stride_ut=e * r if u else 0, stride_st=e if p_soft else 0,
+            scale=float(scale),
         )  # fmt: skip
 
         def grid(meta):
             return (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"] * meta["N_TILES"]),)
 
-        constexprs = dict(routing_flags, HAS_BIAS=bias is not None)
-        return (y, u, p_soft), [Launch("fused", _molora_fused_forward_kernel, args, constexprs, grid)]
+        inputs = ("x", "weight", "bias" if pb.has_bias else None, "lora_a", "lora_b", router, probs)
+        constexprs = dict(routing_flags, HAS_BIAS=pb.has_bias)
+        fused = _launch("fused", _molora_fused_forward_kernel, inputs, ("y", u, p_soft), scalars, constexprs, grid)
+        return Plan(buffers, (fused,))
 
     if schedule != "two_kernel":
         raise ValueError(f"schedule must be one of {SCHEDULES} or 'auto', got {schedule!r}")
-    u_scaled = torch.empty((t, num_experts * rank), dtype=x.dtype, device=dev)
-    args = (
-        x, lora_a, router_, probs_,
-        u_scaled, u_, p_soft_,
-        t, k, num_experts, rank, _bucket(t),
-        x.stride(0), x.stride(1), *lora_a.stride(),
-        router_.stride(0), router_.stride(1), probs_.stride(0), probs_.stride(1),
-        u_scaled.stride(0), u_.stride(0), p_soft_.stride(0),
-        float(scale),
+    buffers["u_scaled"] = Buffer((t, e * r), pb.dtype)
+    scalars = dict(
+        T=t, K=k, E=e, R=r, tokens_bucket=_bucket(t),
+        stride_xt=sx[0], stride_xk=sx[1], stride_ae=sa[0], stride_ak=sa[1], stride_ar=sa[2],
+        stride_rk=sr[0], stride_re=sr[1], stride_pt=sp[0], stride_pe=sp[1],
+        stride_vt=e * r, stride_ut=e * r if u else 0, stride_st=e if p_soft else 0,
+        scale=float(scale),
     )  # fmt: skip
 
     def shrink_grid(meta):
         return (triton.cdiv(t, meta["BLOCK_M"]),)
 
-    shrink = Launch("shrink", _molora_shrink_kernel, args, routing_flags, shrink_grid)
-    sizes = dict(flags, E=num_experts, R=rank)
-    expand = _gemm_launch(
-        "expand", x, (weight.stride(1), weight.stride(0)) if weight is not None else None, weight, u_scaled,
-        lora_b, lora_b.stride(), None, None, None, bias, y, sizes, residual=base,
+    shrink = _launch(
+        "shrink", _molora_shrink_kernel, ("x", "lora_a", router, probs), ("u_scaled", u, p_soft), scalars,
+        routing_flags, shrink_grid,
     )  # fmt: skip
-    return (y, u, p_soft), [shrink, expand]
+    if pb.has_weight:
+        sw = strides_of(strides, "weight", (n, k))
+        b, b_strides, kk = "weight", (sw[1], sw[0]), k
+    else:
+        b, b_strides, kk = "x", (0, 0), 0  # no base GEMM: the K loop runs no step, b is never read
+    base = "base" if pb.has_base else None
+    expand = _gemm_launch(
+        "expand", t, n, kk, ("x", b, "u_scaled", "lora_b", None, None, "bias" if pb.has_bias else None, base),
+        b_strides, sx, e * r, sb, 0, (0, 0), _two(strides_of(strides, "base", (t, n)) if base else None),
+        dict(flags, E=e, R=r), pb.has_bias,
+    )  # fmt: skip
+    return Plan(buffers, (shrink, expand))
 
 
 @functools.lru_cache(maxsize=512)
@@ -1103,144 +1116,126 @@ def _auto_schedule(t, k, n, e, r, dtype, mode, save) -> str:
     return schedule
 
 
-def resolve_schedule(
-    schedule: str, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, mode: int, save: bool
-) -> str:
+def resolve_schedule(schedule: str, pb: MoLoRAProblem, save: bool) -> str:
     """The forward schedule a call runs: a forced one (``use_schedule``), the argument, or the model's pick;
-    always "two_kernel" for the adapter-only op (``weight`` None: no base GEMM to fuse the shrink into)."""
-    if weight is None:
+    always "two_kernel" for the adapter-only op (no base GEMM to fuse the shrink into)."""
+    if not pb.has_weight:
         return "two_kernel"
     if _FORCED_SCHEDULE[0] is not None:
         return _FORCED_SCHEDULE[0]
     if schedule == "auto":
-        e, k, r = lora_a.shape
-        return _auto_schedule(x.shape[0], k, weight.shape[0], e, r, x.dtype, mode, save)
+        return _auto_schedule(pb.T, pb.K, pb.N, pb.E, pb.R, pb.dtype, pb.mode, bool(save))
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be 'auto' or one of {SCHEDULES}, got {schedule!r}")
     return schedule
 
 
-Tensor = torch.Tensor
-
-
-def molora_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor | None,
-    probs: Tensor | None,
+def backward_plan(
+    pb: MoLoRAProblem,
     scale: float,
-    top_k: int | None,
-    renormalize: bool,
-    save_for_backward: bool,
-    schedule: str = "auto",
-    base: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Runs the forward kernels of ``schedule`` ("auto", "fused", "two_kernel"; a ``use_schedule`` context
-    wins) on x [T, K]; returns (y [T, N], U float32 [T, E·r] | None, p_soft float32 [T, E] | None), the last
-    two when ``save_for_backward`` (p_soft with token routing only). ``weight`` None: the adapter-only op,
-    y = base + the adapter's delta (``base`` None: the delta alone)."""
-    schedule = resolve_schedule(schedule, x, weight, lora_a, _routing_mode(router, probs), bool(save_for_backward))
-    outputs, launches = _forward_plan(
-        x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save_for_backward, schedule, base
-    )
-    for launch in launches:
-        launch.run()
-    return outputs
-
-
-def _backward_plan(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs):
-    """Allocates buffers and lists the backward launches (``weight`` None: the adapter-only op, no dy·W in dx).
-    Returns (buffers dict, [Launch])."""
-    t, k = x.shape
-    n = lora_b.shape[2]
-    num_experts, _, rank = lora_a.shape
-    mode = _routing_mode(router, probs)
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+    strides: dict[str, tuple[int, ...]] | None = None,
+) -> Plan:
+    """The backward launches on dy, x, weight (absent: the adapter-only op, no dy·W in dx), lora_a, lora_b,
+    router, probs and the forward's u, p_soft, for ``needs`` = (dx, d bias, d lora_a, d lora_b, d router,
+    d probs). Buffers: d_u, u_scaled [T, E·r] (x's dtype), d_route [T, E] float32 (dlogits, or d probs), dx
+    [T, K], and the per-chunk partial sums part_a [C, E, K, r], part_router [C, K, E], part_b [C, E, r, N],
+    part_bias [C, N] (float32, C = ⌈T / REDUCE_ROWS⌉), each when needed; summing the partials over their first
+    axis finishes the reduction."""
+    t, k, n, e, r = pb.T, pb.K, pb.N, pb.E, pb.R
+    mode = pb.mode
     need_dx, need_bias, need_a, need_b, need_router, need_probs = needs
     need_router = need_router and mode == TOKEN_ROUTER
     need_probs = need_probs and mode == GIVEN_PROBS
-    flags = _flags(x.dtype, num_experts, rank, mode, top_k, renormalize)
-    sizes = dict(flags, E=num_experts, R=rank)
-    dev, er = x.device, num_experts * rank
-    f32 = dict(dtype=torch.float32, device=dev)
+    flags = pb.flags
+    sizes = dict(flags, E=e, R=r)
+    er = e * r
     need_d_u = need_dx or need_a
     need_d_route = (mode == TOKEN_ROUTER and (need_dx or need_router)) or need_probs
     need_u_scaled = need_b
     chunks = triton.cdiv(t, REDUCE_ROWS)
-    buf: dict[str, torch.Tensor | None] = dict(
-        d_u=torch.empty((t, er), dtype=x.dtype, device=dev) if need_d_u else None,
-        u_scaled=torch.empty((t, er), dtype=x.dtype, device=dev) if need_u_scaled else None,
-        d_route=torch.empty((t, num_experts), **f32) if need_d_route else None,
-        dx=torch.empty_like(x) if need_dx else None,
-        part_a=torch.empty((chunks, num_experts, k, rank), **f32) if need_a else None,
-        part_router=torch.empty((chunks, k, num_experts), **f32) if need_router else None,
-        part_b=torch.empty((chunks, num_experts, rank, n), **f32) if need_b else None,
-        part_bias=torch.empty((chunks, n), **f32) if need_bias else None,
+    specs = dict(
+        d_u=Buffer((t, er), pb.dtype) if need_d_u else None,
+        u_scaled=Buffer((t, er), pb.dtype) if need_u_scaled else None,
+        d_route=Buffer((t, e), "float32") if need_d_route else None,
+        dx=Buffer((t, k), pb.dtype) if need_dx else None,
+        part_a=Buffer((chunks, e, k, r), "float32") if need_a else None,
+        part_router=Buffer((chunks, k, e), "float32") if need_router else None,
+        part_b=Buffer((chunks, e, r, n), "float32") if need_b else None,
+        part_bias=Buffer((chunks, n), "float32") if need_bias else None,
     )
-    launches = []
-    any_ = next(v for v in (dy, u) if v is not None)  # unused pointers: any tensor
+    buffers = {name: b for name, b in specs.items() if b is not None}
 
     def ptr(name):
-        return buf[name] if buf[name] is not None else any_
+        return name if name in buffers else None
 
+    sdy = strides_of(strides, "dy", (t, n))
+    sx = strides_of(strides, "x", (t, k))
+    sa = strides_of(strides, "lora_a", (e, k, r))
+    sb = strides_of(strides, "lora_b", (e, r, n))
+    su = strides_of(strides, "u", (t, er))
+    token, given = mode == TOKEN_ROUTER, mode == GIVEN_PROBS
+    launches = []
     if need_d_u or need_d_route or need_u_scaled:
-        router_p = p_soft if p_soft is not None else any_
-        probs_ = probs if probs is not None else any_
-        args = (
-            dy, lora_b, u, router_p, probs_,
-            ptr("d_u"), ptr("u_scaled"), ptr("d_route"),
-            t, n, num_experts, rank, _bucket(t),
-            dy.stride(0), dy.stride(1), *lora_b.stride(), u.stride(0), router_p.stride(0),
-            probs_.stride(0), probs_.stride(1 if probs_.dim() > 1 else 0),
-            ptr("d_u").stride(0), ptr("u_scaled").stride(0), ptr("d_route").stride(0),
-            float(scale),
+        sp = _two(strides_of(strides, "probs", (t, e)) if given else None)
+        scalars = dict(
+            T=t, N=n, E=e, R=r, tokens_bucket=_bucket(t),
+            stride_dyt=sdy[0], stride_dyn=sdy[1], stride_be=sb[0], stride_br=sb[1], stride_bn=sb[2],
+            stride_ut=su[0], stride_st=strides_of(strides, "p_soft", (t, e))[0] if token else 0,
+            stride_pt=sp[0], stride_pe=sp[1],
+            stride_dut=er if need_d_u else 0, stride_vt=er if need_u_scaled else 0, stride_drt=e if need_d_route else 0,
+            scale=float(scale),
         )  # fmt: skip
         constexprs = dict(flags, NEED_D_U=need_d_u, NEED_D_ROUTE=need_d_route, NEED_U_SCALED=need_u_scaled)
 
         def grad_u_grid(meta):
             return (triton.cdiv(t, meta["BLOCK_M"]),)
 
-        launches.append(Launch("grad_u", _molora_grad_u_kernel, args, constexprs, grad_u_grid))
+        inputs = ("dy", "lora_b", "u", "p_soft" if token else None, "probs" if given else None)
+        outputs = (ptr("d_u"), ptr("u_scaled"), ptr("d_route"))
+        launches.append(_launch("grad_u", _molora_grad_u_kernel, inputs, outputs, scalars, constexprs, grad_u_grid))
     if need_dx:
-        router_tail = mode == TOKEN_ROUTER
+        if pb.has_weight:
+            sw = strides_of(strides, "weight", (n, k))
+            b, b_strides, kk = "weight", (sw[0], sw[1]), n
+        else:
+            b, b_strides, kk = "dy", (0, 0), 0
+        sr = _two(strides_of(strides, "router", (k, e))) if token else (0, 0)
         launches.append(
             _gemm_launch(
                 "dx",
-                dy,
-                (weight.stride(0), weight.stride(1)) if weight is not None else None,
-                weight,
-                buf["d_u"],
-                lora_a,
-                (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
-                buf["d_route"] if router_tail else None,
-                router if router_tail else None,
-                (router.stride(1), router.stride(0)) if router_tail else None,
-                None,
-                buf["dx"],
+                t,
+                k,
+                kk,
+                ("dy", b, "d_u", "lora_a", "d_route" if token else None, "router" if token else None, None, None),
+                b_strides,
+                sdy,
+                er,
+                (sa[0], sa[2], sa[1]),
+                e if token else 0,
+                (sr[1], sr[0]),
+                (0, 0),
                 sizes,
+                False,
             )  # fmt: skip
         )
-    for role, lhs, rhs, rhs2, out, out2, rowsum, cols in (
-        ("wgrad_a", x, buf["d_u"] if need_a else None, buf["d_route"] if need_router else None,
-         buf["part_a"], buf["part_router"], None, k),
-        ("wgrad_b", dy, buf["u_scaled"], None, buf["part_b"], None, buf["part_bias"], n),
+    for role, lhs, s_lhs, rhs, rhs2, out, out2, rowsum, cols in (
+        ("wgrad_a", "x", sx, ptr("d_u") if need_a else None, ptr("d_route") if need_router else None,
+         ptr("part_a"), ptr("part_router"), None, k),
+        ("wgrad_b", "dy", sdy, ptr("u_scaled"), None, ptr("part_b"), None, ptr("part_bias"), n),
     ):  # fmt: skip
         if rhs is None and rhs2 is None and rowsum is None:
             continue
         if role == "wgrad_a":  # part_a [z, e, k, j]: c = k
-            o_strides = (k * er, rank, k * rank, 1) if out is not None else (0, 0, 0, 0)
+            o_strides = (k * er, r, k * r, 1) if out is not None else (0, 0, 0, 0)
         else:  # part_b [z, e, j, n]: c = n
-            o_strides = (er * n, 1, rank * n, n) if out is not None else (0, 0, 0, 0)
-        rhs_, rhs2_ = (rhs if rhs is not None else any_), (rhs2 if rhs2 is not None else any_)
-        out_, out2_, rowsum_ = (v if v is not None else any_ for v in (out, out2, rowsum))
-        args = (
-            lhs, rhs_, rhs2_,
-            out_, out2_, rowsum_,
-            t, cols, num_experts, rank, _bucket(t), REDUCE_ROWS,
-            lhs.stride(0), lhs.stride(1), rhs_.stride(0), rhs2_.stride(0),
-            *o_strides, cols * num_experts if out2 is not None else 0, num_experts, cols,
+            o_strides = (er * n, 1, r * n, n) if out is not None else (0, 0, 0, 0)
+        scalars = dict(
+            T=t, C=cols, E=e, R=r, tokens_bucket=_bucket(t), rows_per_chunk=REDUCE_ROWS,
+            stride_lt=s_lhs[0], stride_lc=s_lhs[1], stride_rt=er if rhs is not None else 0,
+            stride_r2t=e if rhs2 is not None else 0,
+            stride_oz=o_strides[0], stride_oc=o_strides[1], stride_oe=o_strides[2], stride_or=o_strides[3],
+            stride_o2z=cols * e if out2 is not None else 0, stride_o2c=e, stride_sz=cols,
         )  # fmt: skip
         constexprs = dict(
             HAS_RHS=rhs is not None,
@@ -1256,229 +1251,20 @@ def _backward_plan(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scal
         def wgrad_grid(meta, cols=cols, num_j=num_j):
             return (chunks * triton.cdiv(cols, meta["BLOCK_C"]) * num_j,)
 
-        launches.append(Launch(role, _molora_wgrad_kernel, args, constexprs, wgrad_grid))
-    return buf, launches
-
-
-def molora_backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor | None,
-    probs: Tensor | None,
-    u: Tensor,
-    p_soft: Tensor | None,
-    scale: float,
-    top_k: int | None,
-    renormalize: bool,
-    needs: tuple[bool, bool, bool, bool, bool, bool],
-) -> tuple[Tensor | None, ...]:
-    """Runs the backward kernels. ``needs`` = (dx, d bias, d lora_a, d lora_b, d router, d probs) booleans.
-
-    Returns those gradients (None where not needed): dx in x's dtype, the others float32. The adapter
-    gradients are the chunk partial sums added by torch (deterministic: no atomics anywhere).
-    """
-    buf, launches = _backward_plan(
-        dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs
-    )
-    for launch in launches:
-        launch.run()
-
-    def total(name):  # Σ over token chunks (one chunk: the partial sum itself, no extra launch)
-        if buf[name] is None:
-            return None
-        return buf[name][0] if buf[name].shape[0] == 1 else buf[name].sum(dim=0)
-
-    mode = _routing_mode(router, probs)
-    d_probs = buf["d_route"] if (needs[5] and mode == GIVEN_PROBS) else None
-    return buf["dx"], total("part_bias"), total("part_a"), total("part_b"), total("part_router"), d_probs
+        launches.append(
+            _launch(role, _molora_wgrad_kernel, (lhs, rhs, rhs2), (out, out2, rowsum), scalars, constexprs, wgrad_grid)
+        )
+    return Plan(buffers, tuple(launches))
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd: torch.library custom ops (opaque to torch.compile; their fake kernels give the output shapes from
-# the input shapes alone, so tracing never reads autotune state or the schedule model) and the entry point
+# Launcher and autograd (PyTorch): molora_linear_torch.py, loaded with this module when torch is installed (its
+# entry points molora_linear / molora_adapter / molora_forward / molora_backward and the custom ops are attributes
+# of this module); without torch (JAX) this module holds the kernels and the launch plan alone.
 # ------------------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("pemoe::triton_molora_linear", mutates_args=())
-def _forward_op(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    base: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor | None,
-    probs: Tensor | None,
-    scale: float,
-    top_k: int | None,
-    renormalize: bool,
-    save: bool,
-    schedule: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [T, N] in x's dtype, U [T, E·r] float32 when ``save``, p_soft [T, E] float32 when ``save`` with
-    token routing); empty where not computed. ``weight`` None: the adapter-only op (y = base + delta)."""
-    if x.shape[0] == 0:  # no tokens: nothing to launch
-        return x.new_empty((0, lora_b.shape[2])), absent(x), absent(x)
-    with launch_device(x.device):
-        y, u, p_soft = molora_forward(
-            x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule, base
-        )
-    return y, (u if u is not None else absent(x)), (p_soft if p_soft is not None else absent(x))
+_torch_part = load_torch_part(__name__)
 
 
-@_forward_op.register_fake
-def _(x, weight, bias, base, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule):
-    T, (E, _, R) = x.shape[0], lora_a.shape
-    save = save and T > 0
-    u = x.new_empty((T, E * R), dtype=torch.float32) if save else absent(x)
-    token = save and _routing_mode(router, probs) == TOKEN_ROUTER
-    p_soft = x.new_empty((T, E), dtype=torch.float32) if token else absent(x)
-    return x.new_empty((T, lora_b.shape[2])), u, p_soft
-
-
-@torch.library.custom_op("pemoe::triton_molora_linear_backward", mutates_args=())
-def _backward_op(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    router: Tensor | None,
-    probs: Tensor | None,
-    u: Tensor,
-    p_soft: Tensor | None,
-    scale: float,
-    top_k: int | None,
-    renormalize: bool,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx [T, K], d bias [N], d lora_a [E, K, r], d lora_b [E, r, N], d router [K, E], d probs [T, E]) for
-    needs = (dx, d bias, d lora_a, d lora_b, d router, d probs); dx in x's dtype, the others float32; empty
-    where not needed."""
-    if x.shape[0] == 0:  # no tokens: the parameter gradients are zero
-        n = lora_b.shape[2]
-        grads = (x.new_empty(x.shape), x.new_zeros((n,), dtype=torch.float32), torch.zeros_like(lora_a),
-                 torch.zeros_like(lora_b), torch.zeros_like(router) if router is not None else None,
-                 torch.zeros_like(probs) if probs is not None else None)  # fmt: skip
-    else:
-        with launch_device(x.device):
-            grads = molora_backward(
-                dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, tuple(needs)
-            )
-    return tuple(g if g is not None and need else absent(x) for g, need in zip(grads, needs, strict=True))
-
-
-@_backward_op.register_fake
-def _(dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs):
-    (T, K), N, E = x.shape, lora_b.shape[2], lora_a.shape[0]
-    f32 = dict(dtype=torch.float32)
-    shapes = ((T, K), (N,), tuple(lora_a.shape), tuple(lora_b.shape), (K, E), (T, E))
-    return tuple(
-        (x.new_empty(shape) if i == 0 else x.new_empty(shape, **f32)) if need else absent(x)
-        for i, (shape, need) in enumerate(zip(shapes, needs, strict=True))
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, base, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule = inputs
-    _, u, p_soft = output
-    token = _routing_mode(router, probs) == TOKEN_ROUTER
-    ctx.save_for_backward(x, weight, lora_a, lora_b, router, probs, u, p_soft if token else None)
-    ctx.args = (scale, top_k, renormalize, bias.dtype if bias is not None else None)
-
-
-@torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
-def _backward_autograd(ctx, dy, _d_u, _d_p_soft):
-    x, weight, lora_a, lora_b, router, probs, u, p_soft = ctx.saved_tensors
-    scale, top_k, renormalize, bias_dtype = ctx.args
-    need_x, _, need_bias, need_base, need_a, need_b, need_router, need_probs = ctx.needs_input_grad[:8]
-    mode = _routing_mode(router, probs)
-    needs = [
-        need_x,
-        need_bias,
-        need_a,
-        need_b,
-        need_router and mode == TOKEN_ROUTER,
-        need_probs and mode == GIVEN_PROBS,
-    ]
-    grads = torch.ops.pemoe.triton_molora_linear_backward(
-        dy, x, weight, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, needs
-    )
-    dx, d_bias, d_a, d_b, d_router, d_probs = (g if need else None for g, need in zip(grads, needs, strict=True))
-    if d_bias is not None:
-        d_bias = d_bias.to(bias_dtype)
-    return dx, None, d_bias, dy if need_base else None, d_a, d_b, d_router, d_probs, None, None, None, None, None
-
-
-_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
-
-
-def molora_linear(
-    x2d: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    router: torch.Tensor | None,
-    probs: torch.Tensor | None,
-    scale: float,
-    top_k: int | None,
-    renormalize: bool,
-    schedule: str = "auto",
-) -> torch.Tensor:
-    """MoLoRA linear on x2d [T, K] -> [T, N] in x's dtype (autograd-aware; see the module docstring).
-
-    ``probs`` (sentence routing): float32 [T, E] per-token probabilities, ``router`` then unused.
-    ``schedule``: "auto" (:func:`choose_schedule`), "fused" or "two_kernel" (the forward; the backward
-    is the same for both). The base weight is frozen: a ``weight`` that requires grad raises
-    ``NotImplementedError``.
-    """
-    _check_kernel_inputs(x2d, weight, bias, lora_a, lora_b, router, probs)
-    if schedule != "auto" and schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be 'auto' or one of {SCHEDULES}, got {schedule!r}")
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError(
-            "molora_linear Triton kernels treat the base weight as frozen: weight.requires_grad must be False"
-        )
-    tensors = (x2d, bias, lora_a, lora_b, router if probs is None else None, probs)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, _, _ = torch.ops.pemoe.triton_molora_linear(
-        x2d, weight, bias, None, lora_a, lora_b, router if probs is None else None, probs, float(scale), top_k,
-        renormalize, save, schedule,
-    )  # fmt: skip
-    return y
-
-
-def molora_adapter(
-    x2d: torch.Tensor,
-    base: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    router: torch.Tensor | None,
-    probs: torch.Tensor | None,
-    scale: float,
-    top_k: int | None,
-    renormalize: bool,
-) -> torch.Tensor:
-    """The adapter-only op on x2d [T, K] -> [T, N] in x's dtype: base [T, N] (a frozen layer's own output,
-    e.g. a quantized linear's; None: zeros) + scale·Σ_e p_e (x A_e) B_e. The shrink kernel (router, U, U′),
-    then the expand GEMM with no base reduction (K = 0) whose epilogue adds ``base``; the backward is
-    molora_linear's without the dy·W term, and ``base`` gets dy."""
-    if base is not None and base.dtype != x2d.dtype:
-        raise TypeError(f"x and base must share one dtype, got x {x2d.dtype} and base {base.dtype}")
-    if base is not None and (base.device != x2d.device or tuple(base.shape) != (x2d.shape[0], lora_b.shape[2])):
-        raise ValueError(
-            f"base must be [T, N] = [{x2d.shape[0]}, {lora_b.shape[2]}] on x's device {x2d.device}, "
-            f"got {list(base.shape)} on {base.device}"
-        )
-    _check_kernel_inputs(x2d, None, None, lora_a, lora_b, router, probs)
-    tensors = (x2d, base, lora_a, lora_b, router if probs is None else None, probs)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, _, _ = torch.ops.pemoe.triton_molora_linear(
-        x2d, None, None, base, lora_a, lora_b, router if probs is None else None, probs, float(scale), top_k,
-        renormalize, save, "two_kernel",
-    )  # fmt: skip
-    return y
+def __getattr__(name: str):
+    return torch_attribute(_torch_part, __name__, name)

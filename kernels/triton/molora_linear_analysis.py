@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
 import triton
 
 from pemoe.kernels.triton import molora_linear
@@ -25,14 +25,15 @@ from pemoe.kernels.triton.molora_linear import (
     TOKEN_ROUTER,
     Launch,
     Problem,
-    _backward_plan,
     _flags,
-    _forward_plan,
-    _problem_from_args,
     _router_cols,
     _tail_step,
+    backward_plan,
+    forward_plan,
     legal_configs,
+    plan_problem,
 )
+from pemoe.kernels.triton.plan import ITEMSIZE, dtype_name
 
 # ------------------------------------------------------------------------------------------------
 # HBM-traffic, FLOP and time models
@@ -87,11 +88,11 @@ class DeviceModel:
 H100 = DeviceModel("H100 SXM", 132, 989e12, 67e12, 3.35e12, 1e-6)
 
 
-def modelled_seconds(kernels: list[KernelTraffic], dtype: torch.dtype, device: DeviceModel = H100) -> float:
+def modelled_seconds(kernels: list[KernelTraffic], dtype: Any, device: DeviceModel = H100) -> float:
     """Σ over launches of launch_gap + max(compute, memory): compute = ceil(programs / SMs) waves of one
     program's padded FLOPs at the per-SM peak; memory = unique bytes / HBM bandwidth. torch reductions
     count as launches too."""
-    peak = device.float32_flops if dtype == torch.float32 else device.tensor_flops
+    peak = device.float32_flops if dtype_name(dtype) == "float32" else device.tensor_flops
     total = 0.0
     for kern in kernels:
         per_program = kern.flops / max(kern.programs, 1)
@@ -117,7 +118,7 @@ class TrafficModel:
     minimum_backward: int  # dy, x, W, adapters in; dx and adapter gradients out
     authors_forward: int  # the authors' unfused formulation, eager ops ([T, E, N] written and read)
     authors_backward: int
-    dtype: torch.dtype = torch.bfloat16
+    dtype: Any = "bfloat16"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -189,7 +190,7 @@ def hbm_traffic(
     out_features: int,
     num_experts: int,
     rank: int,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: Any = "bfloat16",
     *,
     routing_mode: int | None = None,
     bias: bool = True,
@@ -214,7 +215,7 @@ def hbm_traffic(
         schedule = choose_schedule(t, k, n, e, r, dtype, routing_mode=routing_mode, save_for_backward=save_for_backward)
     configs = configs or {}
     rr = reduce_rows or molora_linear.REDUCE_ROWS  # read at call time: tests shrink it
-    es = torch.empty((), dtype=dtype).element_size()
+    es = ITEMSIZE[dtype_name(dtype)]
     bes = es if bias else 0
     token, given = routing_mode == TOKEN_ROUTER, routing_mode == GIVEN_PROBS
     flags = _flags(dtype, e, r, routing_mode, None, False)
@@ -383,7 +384,7 @@ def schedule_costs(
     out_features: int,
     num_experts: int,
     rank: int,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: Any = "bfloat16",
     *,
     routing_mode: int | None = None,
     save_for_backward: bool = True,
@@ -420,7 +421,7 @@ def choose_schedule(
     out_features: int,
     num_experts: int,
     rank: int,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: Any = "bfloat16",
     *,
     routing_mode: int | None = None,
     save_for_backward: bool = True,
@@ -440,26 +441,42 @@ def choose_schedule(
 
 #: T5-large attention projections (T = 2048 tokens, K = N = 1024) at the paper's MoLoRA settings.
 AOT_SHAPES = ((2048, 1024, 1024, 1, 4), (2048, 1024, 1024, 10, 4), (2048, 1024, 1024, 15, 16))
-AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+AOT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _example_launches(t, k, n, e, r, dtype) -> list[Launch]:
-    """Every launch of both forward schedules and the full backward at one shape (tensors on the CPU)."""
-    x = torch.empty((t, k), dtype=dtype)
-    weight = torch.empty((n, k), dtype=dtype)
-    bias = torch.empty((n,), dtype=dtype)
-    lora_a, lora_b = torch.empty((e, k, r)), torch.empty((e, r, n))
-    router = None if e == 1 else torch.empty((k, e))
+    """Every launch of both forward schedules and the full backward at one shape (``dtype``: the activation
+    dtype, a name or a torch dtype)."""
+    router = e > 1
+    pb = plan_problem(
+        (t, k), (e, k, r), (e, r, n), dtype, has_router=router, has_probs=False, top_k=None, renormalize=False,
+        has_bias=True,
+    )  # fmt: skip
     launches = []
     for schedule in SCHEDULES:
-        (y, u, p_soft), forward = _forward_plan(
-            x, weight, bias, lora_a, lora_b, router, None, 4.0, None, False, True, schedule
-        )
-        launches += forward
-    _, backward = _backward_plan(
-        y, x, weight, lora_a, lora_b, router, None, u, p_soft, 4.0, None, False, (True,) * 5 + (False,)
-    )
-    return launches + backward
+        launches += forward_plan(pb, 4.0, True, schedule).launches
+    return launches + list(backward_plan(pb, 4.0, (True,) * 5 + (False,)).launches)
+
+
+def _aot_args(launch: Launch, t, k, n, e, r, dtype) -> dict:
+    """A launch's named arguments on CPU tensors of the example shape (what :class:`.aot.AotCase` takes)."""
+    import torch
+
+    from pemoe.kernels.triton.autograd import allocate, launch_args, torch_dtype
+
+    act = torch_dtype(dtype_name(dtype))
+    cpu = torch.device("cpu")
+    tensors = dict(
+        x=torch.empty((t, k), dtype=act), weight=torch.empty((n, k), dtype=act), bias=torch.empty((n,), dtype=act),
+        lora_a=torch.empty((e, k, r)), lora_b=torch.empty((e, r, n)), router=torch.empty((k, e)) if e > 1 else None,
+        probs=None, base=None, dy=torch.empty((t, n), dtype=act), u=torch.empty((t, e * r)),
+        p_soft=torch.empty((t, e)) if e > 1 else None,
+    )  # fmt: skip
+    pb = plan_problem((t, k), (e, k, r), (e, r, n), dtype, has_router=e > 1, has_probs=False, top_k=None,
+                      renormalize=False, has_bias=True)  # fmt: skip
+    for plan in (forward_plan(pb, 4.0, True, "two_kernel"), backward_plan(pb, 4.0, (True,) * 5 + (False,))):
+        tensors |= {k_: v for k_, v in allocate(plan.buffers, cpu).items() if k_ not in tensors}
+    return launch_args(launch, tensors, cpu)
 
 
 def aot_cases() -> list:
@@ -477,10 +494,10 @@ def aot_cases() -> list:
     cases = []
     for dtype in AOT_DTYPES:
         for t, k, n, e, r in AOT_SHAPES:
-            name = f"{str(dtype).removeprefix('torch.')} E={e} r={r}"
+            name = f"{dtype} E={e} r={r}"
             for launch in _example_launches(t, k, n, e, r, dtype):
-                named = launch.named_args()
-                chosen = legal_configs(_problem_from_args(launch.role, {**named, **launch.constexprs}))
+                named = _aot_args(launch, t, k, n, e, r, dtype)
+                chosen = list(launch.configs)
                 for i, cfg in enumerate(chosen[:1] if defaults_only else chosen):
                     kw = cfg.kwargs
                     tile = "x".join(str(v) for key, v in kw.items() if key.startswith("BLOCK"))
@@ -509,9 +526,7 @@ REPORT_SHAPES = (
 )
 
 
-def report(
-    dtype: torch.dtype = torch.bfloat16, experts: tuple[tuple[int, int], ...] = ((10, 4), (15, 16), (1, 4))
-) -> str:
+def report(dtype: Any = "bfloat16", experts: tuple[tuple[int, int], ...] = ((10, 4), (15, 16), (1, 4))) -> str:
     """The model's table: bytes, padded FLOPs and modelled H100 time of each schedule vs a plain linear."""
     lines = [
         f"{'shape':<24} {'E':>3} {'r':>3} {'schedule':<10} {'MiB':>7} {'bytes':>6} {'FLOPs':>6} {'µs':>6} "

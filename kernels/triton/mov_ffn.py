@@ -55,16 +55,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import routing, tiles
-from pemoe.kernels.triton.autograd import absent, launch_device
-from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
+from pemoe.kernels.triton.interpreter import do_bench
+from pemoe.kernels.triton.plan import ITEMSIZE, Buffer, Launch, load_torch_part, strides_of, torch_attribute
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Routing modes (tl.constexpr strings): no router ((IA)3, p ≡ 1), self-routing (logits from a), given probs.
 ROUTE_NONE, ROUTE_SELF, ROUTE_GIVEN = "none", "self", "given"
 
@@ -263,17 +261,22 @@ def _fits(block: int, size: int) -> bool:
     return block <= max(16, triton.next_power_of_2(size))
 
 
+def legal_configs(configs: list[triton.Config], dims: dict[str, int], itemsize: int) -> list[triton.Config]:
+    """The configs whose K-rows hold K_ROW_BYTES of the operand's dtype (``itemsize`` bytes) and whose blocks
+    fit the launch's dims (``BLOCK_X -> size``); the smallest such tile if none fits. Order is kept: the first
+    is the default. Every block is ≥ 16, so tl.dot's minimum shapes hold for any T, M, F (and BLOCK_E ≥ 16)."""
+    legal = [c for c in configs if c.kwargs["BLOCK_K"] * itemsize == K_ROW_BYTES]
+    kept = [c for c in legal if all(_fits(c.kwargs[b], size) for b, size in dims.items())]
+    return kept or [min(legal, key=lambda c: math.prod(c.kwargs[b] for b in dims))]
+
+
 def _prune(dims: dict[str, str], operand: str):
-    """early_config_prune: configs whose K-rows hold K_ROW_BYTES of the ``operand`` tensor's dtype and
-    whose blocks fit the launch's dims (``BLOCK_X -> size arg``); the smallest such tile if none fits.
-    Every block is ≥ 16, so tl.dot's minimum shapes hold for any T, M, F (and BLOCK_E ≥ 16 for any E)."""
+    """early_config_prune: :func:`legal_configs` for the launch's sizes (``BLOCK_X -> size arg``) and the
+    ``operand`` tensor's dtype."""
 
     def prune(configs, named_args, **kwargs):
         sizes = {**named_args, **kwargs}
-        itemsize = sizes[operand].element_size()
-        legal = [c for c in configs if c.kwargs["BLOCK_K"] * itemsize == K_ROW_BYTES]
-        kept = [c for c in legal if all(_fits(c.kwargs[b], sizes[d]) for b, d in dims.items())]
-        return kept or [min(legal, key=lambda c: math.prod(c.kwargs[b] for b in dims))]
+        return legal_configs(configs, {b: sizes[d] for b, d in dims.items()}, sizes[operand].element_size())
 
     return prune
 
@@ -593,258 +596,94 @@ def _ffn_up_backward_kernel(
 
 
 # ------------------------------------------------------------------------------------------
-# Launchers: validate, allocate, grid, launch
+# Launch plan: framework-neutral (shapes, dtype names, strides; no tensors), consumed by the PyTorch
+# launcher (mov_ffn_torch.py) and by pemoe.jax.triton (jax-triton)
 # ------------------------------------------------------------------------------------------
 
-
-def _check_inputs(
-    x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, *, check_device: bool = True
-) -> tuple[int, int, int, int]:
-    """Clear errors for what these kernels do not support; returns (T, M, F, E). ``check_device=False``:
-    shapes and dtypes only (pemoe.jax.triton plans JAX launches with torch "meta" tensors)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"mov_ffn (triton): activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"mov_ffn (triton): x must be a 2-D tensor [T, M], got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"mov_ffn (triton): x has dtype {x.dtype}; the kernels support {[str(d) for d in SUPPORTED_DTYPES]}"
-        )
-    want = "cuda" if not INTERPRET else "cpu"
-    tensors = dict(x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs)
-    for name, t in tensors.items():
-        if check_device and t is not None and t.device.type != want:
-            raise NotImplementedError(
-                f"mov_ffn (triton): {name} is on {t.device.type}; the kernels run on {want} tensors"
-                + (" (TRITON_INTERPRET=1 is set)" if INTERPRET else "")
-            )
-    T, M = x.shape
-    if M == 0:
-        raise ValueError(f"mov_ffn (triton): x must have M >= 1 features, got {list(x.shape)}")
-    if wi_0.dim() != 2 or wi_0.shape[1] != M:
-        raise ValueError(f"mov_ffn (triton): wi_0 must have shape [F, M] = [F, {M}], got {list(wi_0.shape)}")
-    F = wi_0.shape[0]
-    for name, w, shape in (("wi_0", wi_0, (F, M)), ("wi_1", wi_1, (F, M)), ("wo", wo, (M, F))):
-        if w is None:
-            continue
-        if tuple(w.shape) != shape:
-            raise ValueError(f"mov_ffn (triton): {name} must have shape {list(shape)}, got {list(w.shape)}")
-        if w.dtype != x.dtype:
-            raise TypeError(f"mov_ffn (triton): {name} must have x's dtype {x.dtype}, got {w.dtype}")
-        if w.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(
-                f"mov_ffn (triton): {name} requires grad, but the kernels treat the base FFN weights as frozen "
-                "(no weight gradient); freeze it or use implementation='torch'"
-            )
-    if experts.dim() != 3 or experts.shape[0] != 1 or experts.shape[2] != F:
-        raise ValueError(
-            f"mov_ffn (triton): experts must have shape [1, E, F] = [1, E, {F}], got {list(experts.shape)}"
-        )
-    E = experts.shape[1]
-    if E == 0:
-        raise ValueError(f"mov_ffn (triton): experts must have E >= 1 experts, got shape {list(experts.shape)}")
-    for name, t in (("experts", experts), ("router", router), ("probs", probs)):
-        if t is not None and t.dtype != torch.float32:
-            raise TypeError(f"mov_ffn (triton): {name} must be float32 (adapter parameters), got {t.dtype}")
-    if probs is None:
-        if router is None and E != 1:
-            raise ValueError(f"mov_ffn (triton): router [F, E] is required when E = {E} > 1")
-        if router is not None and tuple(router.shape) != (F, E):
-            raise ValueError(f"mov_ffn (triton): router must have shape [F, E] = [{F}, {E}], got {list(router.shape)}")
-    elif tuple(probs.shape) != (T, E):
-        raise ValueError(f"mov_ffn (triton): probs must have shape [T, E] = [{T}, {E}], got {list(probs.shape)}")
-    # Row (token) and partial-buffer offsets are 64-bit in every kernel; within a weight the column offsets
-    # (k · stride) stay 32-bit, so a frozen weight must hold fewer than 2^31 elements.
-    for name, w in (("wi_0", wi_0), ("wi_1", wi_1), ("wo", wo)):
-        if w is not None and w.numel() >= 2**31:
-            raise ValueError(f"mov_ffn (triton): {name} has {w.numel()} elements; the kernels support < 2**31")
-    if top_k is not None and not 1 <= top_k <= E:
-        raise ValueError(f"mov_ffn (triton): top_k must be in [1, E = {E}], got {top_k}")
-    return T, M, F, E
+#: Names of the op's array inputs (and of the backward's extra ones), as a launch's pointers refer to them.
+INPUTS = ("x", "wi_0", "wi_1", "wo", "router", "experts", "probs")
+BACKWARD_INPUTS = INPUTS + ("dy", "inter", "p_soft")
 
 
-def _routing_mode(router, probs) -> str:
-    if probs is not None:
+def routing_mode(has_router: bool, has_probs: bool) -> str:
+    """ROUTE_GIVEN with probs, else ROUTE_SELF with a router, else ROUTE_NONE ((IA)3)."""
+    if has_probs:
         return ROUTE_GIVEN
-    return ROUTE_NONE if router is None else ROUTE_SELF
+    return ROUTE_SELF if has_router else ROUTE_NONE
 
 
 @dataclass(frozen=True)
-class _Problem:
-    """What the kernels specialise on (constexprs) besides the tile sizes."""
+class Problem:
+    """What the kernels specialise on besides the tile sizes: x [T, M], wi_0 / wi_1 [F, M], wo [M, F],
+    experts [1, E, F]; ``dtype`` the activation dtype name; ``mode`` ROUTE_NONE | ROUTE_SELF | ROUTE_GIVEN."""
 
-    dtype: torch.dtype
+    T: int
+    M: int
+    F: int
+    E: int
+    dtype: str
     gated: bool
-    mode: str  # ROUTE_NONE | ROUTE_SELF | ROUTE_GIVEN
+    mode: str
     activation: str
-    num_experts: int
     top_k: int = 0  # 0: no top-k (also when top_k == E)
     renormalize: bool = False
 
-    @staticmethod
-    def of(x, wi_1, router, experts, probs, activation, top_k, renormalize) -> _Problem:
-        num_experts = experts.shape[1]
-        k = 0 if top_k is None or top_k == num_experts else int(top_k)
-        return _Problem(
-            x.dtype,
-            wi_1 is not None,
-            _routing_mode(router, probs),
-            activation,
-            num_experts,
-            k,
-            bool(renormalize) and k > 0,
-        )
+    @property
+    def num_experts(self) -> int:
+        return self.E
 
     @property
     def block_e(self) -> int:
         """E padded to a power of two, at least 16 (tl.dot's minimum M/N/K) — for every E, E = 1 included."""
-        return max(16, triton.next_power_of_2(self.num_experts))
+        return max(16, triton.next_power_of_2(self.E))
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
 
     @property
     def precisions(self) -> dict[str, str]:
         """GEMM and router-dot input precisions: "ieee" for float32 activations (torch's float32 matmul)."""
-        if self.dtype == torch.float32:
+        if self.dtype == "float32":
             return dict(DOT_PRECISION="ieee", ROUTER_PRECISION="ieee")
         return dict(DOT_PRECISION="tf32", ROUTER_PRECISION="tf32x3")
+
+
+def plan_problem(
+    T: int,
+    M: int,
+    F: int,
+    E: int,
+    dtype: str,
+    *,
+    gated: bool,
+    has_router: bool,
+    has_probs: bool,
+    activation: str,
+    top_k: int | None,
+    renormalize: bool,
+) -> Problem:
+    """The :class:`Problem` of x [T, M] (activation dtype name ``dtype``), F intermediate features, E experts,
+    after the checks of what these kernels support that shapes and dtype names show (the launchers check
+    devices and the PyTorch-specific rest)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"mov_ffn (triton): activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if dtype not in ITEMSIZE:
+        raise TypeError(f"mov_ffn (triton): x has dtype {dtype}; the kernels support {list(ITEMSIZE)}")
+    if M == 0:
+        raise ValueError(f"mov_ffn (triton): x must have M >= 1 features, got [{T}, {M}]")
+    if E == 0:
+        raise ValueError(f"mov_ffn (triton): experts must have E >= 1 experts, got shape [1, 0, {F}]")
+    if top_k is not None and not 1 <= top_k <= E:
+        raise ValueError(f"mov_ffn (triton): top_k must be in [1, E = {E}], got {top_k}")
+    k = 0 if top_k is None or top_k == E else int(top_k)
+    mode = routing_mode(has_router, has_probs)
+    return Problem(T, M, F, E, dtype, bool(gated), mode, activation, k, bool(renormalize) and k > 0)
 
 
 def _num_tiles(size: int, configs, block: str) -> int:
     """Slots of a split buffer: enough for the smallest ``block`` autotune may pick."""
     return triton.cdiv(size, min(c.kwargs[block] for c in configs))
-
-
-def _strides(t: torch.Tensor | None, n: int = 2) -> tuple[int, ...]:
-    return tuple(t.stride()[:n]) if t is not None else (0,) * n
-
-
-def _empty(shape, dtype, device, needed: bool = True) -> torch.Tensor:
-    """A buffer, or a 1-element float32 placeholder for a pointer the kernel never touches."""
-    return torch.empty(shape, dtype=dtype, device=device) if needed else torch.empty(1, device=device)
-
-
-def _up_launch(x, wi_0, wi_1, router, prob: _Problem):
-    """(args, constexprs) of (a); allocates u [T, F] and the logit partials."""
-    (T, M), F, E = x.shape, wi_0.shape[0], prob.num_experts
-    self_routed = prob.mode == ROUTE_SELF
-    inter = torch.empty((T, F), dtype=x.dtype, device=x.device)
-    logits_part = _empty((_num_tiles(F, _ffn_up_kernel.configs, "BLOCK_F"), T, E), torch.float32, x.device, self_routed)
-    wi_1 = wi_1 if prob.gated else wi_0  # never read when not GATED
-    router = router if self_routed else logits_part
-    args = dict(
-        x_ptr=x, wi_0_ptr=wi_0, wi_1_ptr=wi_1, router_ptr=router, inter_ptr=inter, logits_part_ptr=logits_part,
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
-        stride_xt=x.stride(0), stride_xm=x.stride(1), stride_w0f=wi_0.stride(0), stride_w0m=wi_0.stride(1),
-        stride_w1f=wi_1.stride(0), stride_w1m=wi_1.stride(1),
-        stride_rf=router.stride(0) if self_routed else 0, stride_re=router.stride(1) if self_routed else 0,
-        stride_ut=inter.stride(0), stride_uf=inter.stride(1),
-        stride_lj=logits_part.stride(0) if self_routed else 0, stride_lt=logits_part.stride(1) if self_routed else 0,
-    )  # fmt: skip
-    cx = dict(ACTIVATION=prob.activation, GATED=prob.gated, ROUTE_LOGITS=self_routed, BLOCK_E=prob.block_e)
-    return args, {**cx, **prob.precisions}
-
-
-def _down_launch(inter, wo, experts, logits_part, probs, num_f_tiles: int, prob: _Problem, save_p_soft: bool):
-    """(args, constexprs) of (b); allocates y [T, M] and p_soft [T, E] (when saved)."""
-    (T, F), M, E = inter.shape, wo.shape[0], prob.num_experts
-    save = save_p_soft and prob.mode == ROUTE_SELF
-    y = torch.empty((T, M), dtype=inter.dtype, device=inter.device)
-    p_soft = _empty((T, E), torch.float32, inter.device, save)
-    p_io = probs if prob.mode == ROUTE_GIVEN else p_soft
-    ex = experts[0]
-    has_p = save or prob.mode == ROUTE_GIVEN
-    args = dict(
-        inter_ptr=inter, wo_ptr=wo, experts_ptr=ex, logits_part_ptr=logits_part, probs_ptr=p_io,
-        y_ptr=y, p_soft_ptr=p_io,
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), NUM_F_TILES=num_f_tiles,
-        stride_ut=inter.stride(0), stride_uf=inter.stride(1), stride_wom=wo.stride(0), stride_wof=wo.stride(1),
-        stride_ee=ex.stride(0), stride_ef=ex.stride(1),
-        stride_lj=logits_part.stride(0) if prob.mode == ROUTE_SELF else 0,
-        stride_lt=logits_part.stride(1) if prob.mode == ROUTE_SELF else 0,
-        stride_pt=p_io.stride(0) if has_p else 0, stride_pe=p_io.stride(1) if has_p else 0,
-        stride_yt=y.stride(0), stride_ym=y.stride(1),
-    )  # fmt: skip
-    cx = dict(
-        ROUTING=prob.mode, TOP_K=prob.top_k, RENORMALIZE=prob.renormalize, SAVE_P_SOFT=save,
-        DOT_PRECISION=prob.precisions["DOT_PRECISION"], BLOCK_E=prob.block_e,
-    )  # fmt: skip
-    return args, cx, (p_soft if save else None)
-
-
-def _down_backward_launch(dy, wo, inter, experts, p, prob: _Problem, need_du, need_dp, need_dexperts):
-    """(args, constexprs) of (c); allocates du [T, F] and the dp / d experts partials."""
-    (T, F), M, E = inter.shape, wo.shape[0], prob.num_experts
-    configs = _ffn_down_backward_kernel.configs
-    du = _empty((T, F), inter.dtype, inter.device, need_du)
-    dp_part = _empty((_num_tiles(F, configs, "BLOCK_F"), T, E), torch.float32, inter.device, need_dp)
-    dex_part = _empty((_num_tiles(T, configs, "BLOCK_M"), E, F), torch.float32, inter.device, need_dexperts)
-    has_p = prob.mode != ROUTE_NONE
-    p = p if has_p else dp_part
-    ex = experts[0]
-    args = dict(
-        dy_ptr=dy, wo_ptr=wo, inter_ptr=inter, experts_ptr=ex, p_ptr=p,
-        du_ptr=du, dp_part_ptr=dp_part, dexperts_part_ptr=dex_part,
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
-        stride_dyt=dy.stride(0), stride_dym=dy.stride(1), stride_wom=wo.stride(0), stride_wof=wo.stride(1),
-        stride_ut=inter.stride(0), stride_uf=inter.stride(1), stride_ee=ex.stride(0), stride_ef=ex.stride(1),
-        stride_pt=p.stride(0) if has_p else 0, stride_pe=p.stride(1) if has_p else 0,
-        stride_dut=du.stride(0) if need_du else 0, stride_duf=du.stride(1) if need_du else 0,
-        stride_dpj=dp_part.stride(0) if need_dp else 0, stride_dpt=dp_part.stride(1) if need_dp else 0,
-        stride_dej=dex_part.stride(0) if need_dexperts else 0, stride_dee=dex_part.stride(1) if need_dexperts else 0,
-    )  # fmt: skip
-    cx = dict(
-        ROUTING=prob.mode, TOP_K=prob.top_k, RENORMALIZE=prob.renormalize,
-        NEED_DU=need_du, NEED_DP=need_dp, NEED_DEXPERTS=need_dexperts, BLOCK_E=prob.block_e,
-    )  # fmt: skip
-    return args, {**cx, **prob.precisions}
-
-
-def _router_backward_launch(dp_part, p_soft, num_f_tiles: int, T: int, prob: _Problem):
-    """(args, constexprs) of (r); allocates dlogits / d probs [T, E] float32."""
-    E = prob.num_experts
-    out = torch.empty((T, E), dtype=torch.float32, device=dp_part.device)
-    self_routed = prob.mode == ROUTE_SELF
-    args = dict(
-        dp_part_ptr=dp_part, p_soft_ptr=p_soft if self_routed else out, out_ptr=out,
-        T=T, E=E, NUM_F_TILES=num_f_tiles, stride_dpj=dp_part.stride(0),
-    )  # fmt: skip
-    cx = dict(
-        TOP_K=prob.top_k, RENORMALIZE=prob.renormalize, SELF_ROUTED=self_routed,
-        BLOCK_M=ROUTER_BACKWARD_CONFIG["BLOCK_M"], BLOCK_E=prob.block_e,
-    )  # fmt: skip
-    return args, cx
-
-
-def _up_backward_launch(x, wi_0, wi_1, router, du, dlogits, prob: _Problem, need_dh, need_drouter):
-    """(args, constexprs) of (d); allocates dh0, dg [T, F] and the d router partials."""
-    (T, M), F, E = x.shape, wi_0.shape[0], prob.num_experts
-    self_routed = prob.mode == ROUTE_SELF
-    dh0 = _empty((T, F), x.dtype, x.device, need_dh)
-    dg = _empty((T, F), x.dtype, x.device, need_dh and prob.gated)
-    dr_part = _empty(
-        (_num_tiles(T, _ffn_up_backward_kernel.configs, "BLOCK_M"), F, E), torch.float32, x.device, need_drouter
-    )
-    wi_1 = wi_1 if prob.gated else wi_0
-    router = router if self_routed else dh0
-    dlogits = dlogits if self_routed else dh0
-    du = du if need_dh else dh0
-    args = dict(
-        x_ptr=x, wi_0_ptr=wi_0, wi_1_ptr=wi_1, router_ptr=router, du_ptr=du, dlogits_ptr=dlogits,
-        dh0_ptr=dh0, dg_ptr=dg, drouter_part_ptr=dr_part,
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
-        stride_xt=x.stride(0), stride_xm=x.stride(1), stride_w0f=wi_0.stride(0), stride_w0m=wi_0.stride(1),
-        stride_w1f=wi_1.stride(0), stride_w1m=wi_1.stride(1),
-        stride_rf=router.stride(0) if self_routed else 0, stride_re=router.stride(1) if self_routed else 0,
-        stride_dut=du.stride(0) if need_dh else 0, stride_duf=du.stride(1) if need_dh else 0,
-        stride_dht=dh0.stride(0) if need_dh else 0, stride_dhf=dh0.stride(1) if need_dh else 0,
-        stride_dgt=dg.stride(0) if need_dh and prob.gated else 0,
-        stride_dgf=dg.stride(1) if need_dh and prob.gated else 0,
-        stride_drj=dr_part.stride(0) if need_drouter else 0, stride_drf=dr_part.stride(1) if need_drouter else 0,
-    )  # fmt: skip
-    cx = dict(
-        ACTIVATION=prob.activation, GATED=prob.gated, SELF_ROUTED=self_routed,
-        NEED_DH=need_dh, NEED_DROUTER=need_drouter, BLOCK_E=prob.block_e,
-    )  # fmt: skip
-    return args, {**cx, **prob.precisions}
 
 
 def tile_grid(rows: int, cols: int, block_cols: str, grouped: bool = True):
@@ -861,197 +700,213 @@ def router_backward_grid(T: int) -> tuple[int]:
     return (triton.cdiv(T, ROUTER_BACKWARD_CONFIG["BLOCK_M"]),)
 
 
-def _forward(x, wi_0, wi_1, wo, router, experts, probs, prob: _Problem, save_p_soft: bool):
-    """Launches (a) and (b); returns (y [T, M], u [T, F], p_soft [T, E] float32 or None)."""
-    T, M = x.shape
-    F = wi_0.shape[0]
-    args, cx = _up_launch(x, wi_0, wi_1, router, prob)
-    _ffn_up_kernel[tile_grid(T, F, "BLOCK_F")](**args, **cx)
-    num_f_tiles = triton.cdiv(F, _ffn_up_kernel.best_config.kwargs["BLOCK_F"])
-    inter, logits_part = args["inter_ptr"], args["logits_part_ptr"]
-    args, cx, p_soft = _down_launch(inter, wo, experts, logits_part, probs, num_f_tiles, prob, save_p_soft)
-    _ffn_down_kernel[tile_grid(T, M, "BLOCK_N")](**args, **cx)
-    return args["y_ptr"], inter, p_soft
+def _configs(kernel, pb: Problem, dims: dict[str, int]) -> tuple[triton.Config, ...]:
+    """What the kernel's autotuner runs from: its one configuration, else the pruned list."""
+    if len(kernel.configs) == 1:
+        return tuple(kernel.configs)
+    return tuple(legal_configs(kernel.configs, dims, pb.itemsize))
 
 
-def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob: _Problem, needs):
-    """Launches (c), (r), (d) and the dx GEMMs; returns (dx, d router, d experts, d probs), None where not needed."""
-    need_x, need_router, need_experts, need_probs = needs
-    T, F = inter.shape
-    self_routed = prob.mode == ROUTE_SELF
+def _strided(t: tuple[int, ...] | None, needed: bool) -> tuple[int, int]:
+    return (t[0], t[1]) if needed and t is not None else (0, 0)
+
+
+def up_launch(pb: Problem, strides: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, Buffer], Launch]:
+    """(a): buffers u ("inter" [T, F], x's dtype) and the logit partials ("logits_part" [slots, T, E] float32,
+    self-routing only); ``strides`` of the op inputs where not row-major (PyTorch)."""
+    T, M, F, E = pb.T, pb.M, pb.F, pb.E
+    self_routed = pb.mode == ROUTE_SELF
+    configs = _ffn_up_kernel.configs
+    buffers = {"inter": Buffer((T, F), pb.dtype)}
+    if self_routed:
+        buffers["logits_part"] = Buffer((_num_tiles(F, configs, "BLOCK_F"), T, E), "float32")
+    sx = strides_of(strides, "x", (T, M))
+    s0 = strides_of(strides, "wi_0", (F, M))
+    s1 = strides_of(strides, "wi_1", (F, M)) if pb.gated else s0  # never read when not GATED
+    sr = _strided(strides_of(strides, "router", (F, E)), self_routed)
+    sl = _strided(buffers["logits_part"].strides if self_routed else None, self_routed)
+    scalars = dict(
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
+        stride_xt=sx[0], stride_xm=sx[1], stride_w0f=s0[0], stride_w0m=s0[1], stride_w1f=s1[0], stride_w1m=s1[1],
+        stride_rf=sr[0], stride_re=sr[1], stride_ut=F, stride_uf=1, stride_lj=sl[0], stride_lt=sl[1],
+    )  # fmt: skip
+    cx = dict(ACTIVATION=pb.activation, GATED=pb.gated, ROUTE_LOGITS=self_routed, BLOCK_E=pb.block_e)
+    launch = Launch(
+        role="up", name="pemoe_mov_ffn_up", kernel=_ffn_up_kernel,
+        inputs=("x", "wi_0", "wi_1" if pb.gated else None, "router" if self_routed else None),
+        outputs=("inter", "logits_part" if self_routed else None),
+        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=tile_grid(T, F, "BLOCK_F"),
+        configs=_configs(_ffn_up_kernel, pb, {"BLOCK_M": T, "BLOCK_F": F, "BLOCK_K": M}),
+    )  # fmt: skip
+    return buffers, launch
+
+
+def down_launch(
+    pb: Problem, num_f_tiles: int, save_p_soft: bool, strides: dict[str, tuple[int, ...]] | None = None
+) -> tuple[dict[str, Buffer], Launch]:
+    """(b), reading ``num_f_tiles`` logit partials (the F tiles (a) ran with): buffers y [T, M] and p_soft [T, E]
+    float32 (self-routing, when saved for the backward)."""
+    T, M, F, E = pb.T, pb.M, pb.F, pb.E
+    self_routed, given = pb.mode == ROUTE_SELF, pb.mode == ROUTE_GIVEN
+    save = save_p_soft and self_routed
+    buffers = {"y": Buffer((T, M), pb.dtype)}
+    if save:
+        buffers["p_soft"] = Buffer((T, E), "float32")
+    sw = strides_of(strides, "wo", (M, F))
+    se = strides_of(strides, "experts", (1, E, F))[1:]  # experts[0]
+    sp = strides_of(strides, "probs", (T, E)) if given else (E, 1) if save else (0, 0)
+    scalars = dict(
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), NUM_F_TILES=num_f_tiles,
+        stride_ut=F, stride_uf=1, stride_wom=sw[0], stride_wof=sw[1], stride_ee=se[0], stride_ef=se[1],
+        stride_lj=T * E if self_routed else 0, stride_lt=E if self_routed else 0,
+        stride_pt=sp[0], stride_pe=sp[1], stride_yt=M, stride_ym=1,
+    )  # fmt: skip
+    cx = dict(
+        ROUTING=pb.mode, TOP_K=pb.top_k, RENORMALIZE=pb.renormalize, SAVE_P_SOFT=save,
+        DOT_PRECISION=pb.precisions["DOT_PRECISION"], BLOCK_E=pb.block_e,
+    )  # fmt: skip
+    launch = Launch(
+        role="down", name="pemoe_mov_ffn_down", kernel=_ffn_down_kernel,
+        inputs=("inter", "wo", "experts", "logits_part" if self_routed else None, "probs" if given else None),
+        outputs=("y", "p_soft" if save else None),
+        scalars=scalars, constexprs=cx, grid=tile_grid(T, M, "BLOCK_N"),
+        configs=_configs(_ffn_down_kernel, pb, {"BLOCK_M": T, "BLOCK_N": M, "BLOCK_K": F}),
+    )  # fmt: skip
+    return buffers, launch
+
+
+def down_backward_launch(
+    pb: Problem,
+    need_du: bool,
+    need_dp: bool,
+    need_dexperts: bool,
+    strides: dict[str, tuple[int, ...]] | None = None,
+) -> tuple[dict[str, Buffer], Launch]:
+    """(c) on dy, wo, inter (u), experts and p (p_soft when self-routed, probs when given): buffers du [T, F]
+    (x's dtype), the dp partials "dp_part" [F slots, T, E] and d experts partials "dexperts_part" [T slots, E, F]
+    (float32), each when needed."""
+    T, M, F, E = pb.T, pb.M, pb.F, pb.E
+    configs = _ffn_down_backward_kernel.configs
+    buffers = {}
+    if need_du:
+        buffers["du"] = Buffer((T, F), pb.dtype)
+    if need_dp:
+        buffers["dp_part"] = Buffer((_num_tiles(F, configs, "BLOCK_F"), T, E), "float32")
+    if need_dexperts:
+        buffers["dexperts_part"] = Buffer((_num_tiles(T, configs, "BLOCK_M"), E, F), "float32")
+    p_name = {ROUTE_SELF: "p_soft", ROUTE_GIVEN: "probs", ROUTE_NONE: None}[pb.mode]
+    sdy = strides_of(strides, "dy", (T, M))
+    sw = strides_of(strides, "wo", (M, F))
+    su = strides_of(strides, "inter", (T, F))
+    se = strides_of(strides, "experts", (1, E, F))[1:]
+    sp = _strided(strides_of(strides, p_name, (T, E)) if p_name else None, p_name is not None)
+    sdp = _strided(buffers["dp_part"].strides if need_dp else None, need_dp)
+    sde = _strided(buffers["dexperts_part"].strides if need_dexperts else None, need_dexperts)
+    scalars = dict(
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
+        stride_dyt=sdy[0], stride_dym=sdy[1], stride_wom=sw[0], stride_wof=sw[1],
+        stride_ut=su[0], stride_uf=su[1], stride_ee=se[0], stride_ef=se[1],
+        stride_pt=sp[0], stride_pe=sp[1],
+        stride_dut=F if need_du else 0, stride_duf=1 if need_du else 0,
+        stride_dpj=sdp[0], stride_dpt=sdp[1], stride_dej=sde[0], stride_dee=sde[1],
+    )  # fmt: skip
+    cx = dict(
+        ROUTING=pb.mode, TOP_K=pb.top_k, RENORMALIZE=pb.renormalize,
+        NEED_DU=need_du, NEED_DP=need_dp, NEED_DEXPERTS=need_dexperts, BLOCK_E=pb.block_e,
+    )  # fmt: skip
+    launch = Launch(
+        role="down_backward", name="pemoe_mov_ffn_down_bwd", kernel=_ffn_down_backward_kernel,
+        inputs=("dy", "wo", "inter", "experts", p_name),
+        outputs=tuple(n if n in buffers else None for n in ("du", "dp_part", "dexperts_part")),
+        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=tile_grid(T, F, "BLOCK_F"),
+        configs=_configs(_ffn_down_backward_kernel, pb, {"BLOCK_M": T, "BLOCK_F": F, "BLOCK_K": M}),
+    )  # fmt: skip
+    return buffers, launch
+
+
+def router_backward_launch(pb: Problem, num_f_tiles: int) -> tuple[dict[str, Buffer], Launch]:
+    """(r) on the ``num_f_tiles`` dp partials (and p_soft when self-routed): buffer "d_route" [T, E] float32,
+    dlogits (self-routing) or d probs (given probs)."""
+    T, E = pb.T, pb.E
+    self_routed = pb.mode == ROUTE_SELF
+    buffers = {"d_route": Buffer((T, E), "float32")}
+    cx = dict(
+        TOP_K=pb.top_k, RENORMALIZE=pb.renormalize, SELF_ROUTED=self_routed,
+        BLOCK_M=ROUTER_BACKWARD_CONFIG["BLOCK_M"], BLOCK_E=pb.block_e,
+    )  # fmt: skip
+    launch = Launch(
+        role="router_backward", name="pemoe_mov_ffn_router_bwd", kernel=_router_backward_kernel,
+        inputs=("dp_part", "p_soft" if self_routed else None), outputs=("d_route",),
+        scalars=dict(T=T, E=E, NUM_F_TILES=num_f_tiles, stride_dpj=T * E),
+        constexprs=cx, grid=lambda meta: router_backward_grid(T),
+        configs=(triton.Config({}, num_warps=ROUTER_BACKWARD_CONFIG["num_warps"]),),
+    )  # fmt: skip
+    return buffers, launch
+
+
+def up_backward_launch(
+    pb: Problem, need_dh: bool, need_drouter: bool, strides: dict[str, tuple[int, ...]] | None = None
+) -> tuple[dict[str, Buffer], Launch]:
+    """(d) on x, the weights, router, du and d_route (dlogits): buffers dh0, dg [T, F] (x's dtype; dg gated only)
+    and the d router partials "drouter_part" [T slots, F, E] float32, each when needed."""
+    T, M, F, E = pb.T, pb.M, pb.F, pb.E
+    self_routed = pb.mode == ROUTE_SELF
+    buffers = {}
+    if need_dh:
+        buffers["dh0"] = Buffer((T, F), pb.dtype)
+        if pb.gated:
+            buffers["dg"] = Buffer((T, F), pb.dtype)
+    if need_drouter:
+        slots = _num_tiles(T, _ffn_up_backward_kernel.configs, "BLOCK_M")
+        buffers["drouter_part"] = Buffer((slots, F, E), "float32")
+    sx = strides_of(strides, "x", (T, M))
+    s0 = strides_of(strides, "wi_0", (F, M))
+    s1 = strides_of(strides, "wi_1", (F, M)) if pb.gated else s0
+    sr = _strided(strides_of(strides, "router", (F, E)), self_routed)
+    sdu = _strided(strides_of(strides, "du", (T, F)), need_dh)
+    sdr = _strided(buffers["drouter_part"].strides if need_drouter else None, need_drouter)
+    dh, dg = (F, 1) if need_dh else (0, 0), (F, 1) if need_dh and pb.gated else (0, 0)
+    scalars = dict(
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
+        stride_xt=sx[0], stride_xm=sx[1], stride_w0f=s0[0], stride_w0m=s0[1], stride_w1f=s1[0], stride_w1m=s1[1],
+        stride_rf=sr[0], stride_re=sr[1], stride_dut=sdu[0], stride_duf=sdu[1],
+        stride_dht=dh[0], stride_dhf=dh[1], stride_dgt=dg[0], stride_dgf=dg[1], stride_drj=sdr[0], stride_drf=sdr[1],
+    )  # fmt: skip
+    cx = dict(
+        ACTIVATION=pb.activation, GATED=pb.gated, SELF_ROUTED=self_routed,
+        NEED_DH=need_dh, NEED_DROUTER=need_drouter, BLOCK_E=pb.block_e,
+    )  # fmt: skip
+    launch = Launch(
+        role="up_backward", name="pemoe_mov_ffn_up_bwd", kernel=_ffn_up_backward_kernel,
+        inputs=(
+            "x", "wi_0", "wi_1" if pb.gated else None, "router" if self_routed else None,
+            "du" if need_dh else None, "d_route" if self_routed else None,
+        ),
+        outputs=tuple(n if n in buffers else None for n in ("dh0", "dg", "drouter_part")),
+        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=tile_grid(T, F, "BLOCK_F", grouped=False),
+        configs=_configs(_ffn_up_backward_kernel, pb, {"BLOCK_M": T, "BLOCK_F": F, "BLOCK_K": M}),
+    )  # fmt: skip
+    return buffers, launch
+
+
+def backward_needs(pb: Problem, need_x: bool, need_router: bool, need_experts: bool, need_probs: bool) -> dict:
+    """Which of (c), (r), (d) run and what they produce for the gradients asked for."""
+    self_routed = pb.mode == ROUTE_SELF
     need_drouter = need_router and self_routed
     need_dlogits = self_routed and (need_x or need_drouter)
-    need_dp = need_dlogits or (prob.mode == ROUTE_GIVEN and need_probs)
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()  # explicit: unit-stride rows for the GEMM loads
-    # ---- (c)
-    p = p_soft if self_routed else probs
-    args, cx = _down_backward_launch(dy, wo, inter, experts, p, prob, need_x, need_dp, need_experts)
-    _ffn_down_backward_kernel[tile_grid(T, F, "BLOCK_F")](**args, **cx)
-    best = _ffn_down_backward_kernel.best_config.kwargs
-    du = args["du_ptr"]
-    d_experts = d_probs = dlogits = None
-    if need_experts:
-        d_experts = args["dexperts_part_ptr"][: triton.cdiv(T, best["BLOCK_M"])].sum(0).unsqueeze(0)
-        if prob.mode == ROUTE_NONE:
-            d_experts = d_experts[:, :1]  # only expert row 0 is written when p ≡ 1 (E = 1)
-    # ---- (r)
-    if need_dp:
-        r_args, r_cx = _router_backward_launch(args["dp_part_ptr"], p_soft, triton.cdiv(F, best["BLOCK_F"]), T, prob)
-        warps = ROUTER_BACKWARD_CONFIG["num_warps"]
-        _router_backward_kernel[router_backward_grid(T)](**r_args, **r_cx, num_warps=warps)
-        if self_routed:
-            dlogits = r_args["out_ptr"]
-        else:
-            d_probs = r_args["out_ptr"]
-    # ---- (d) and the dx GEMMs (torch: the vendor GEMM)
-    dx = d_router = None
-    if need_x or need_drouter:
-        args, cx = _up_backward_launch(x, wi_0, wi_1, router, du, dlogits, prob, need_x, need_drouter)
-        _ffn_up_backward_kernel[tile_grid(T, F, "BLOCK_F", grouped=False)](**args, **cx)
-        if need_drouter:
-            m_tiles = triton.cdiv(T, _ffn_up_backward_kernel.best_config.kwargs["BLOCK_M"])
-            d_router = args["drouter_part_ptr"][:m_tiles].sum(0)
-        if need_x:
-            dx = args["dh0_ptr"] @ wi_0
-            if prob.gated:
-                dx.addmm_(args["dg_ptr"], wi_1)
-    return dx, d_router, d_experts, d_probs
+    need_dp = need_dlogits or (pb.mode == ROUTE_GIVEN and need_probs)
+    return dict(need_du=need_x, need_dp=need_dp, need_dexperts=need_experts, need_drouter=need_drouter,
+                run_up_backward=need_x or need_drouter)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
-# Autograd: torch.library custom ops (opaque to torch.compile; their fake kernels give the output
-# shapes from the input shapes alone, so tracing never reads autotune state) and the entry point
+# Launcher and autograd (PyTorch): mov_ffn_torch.py, loaded with this module when torch is installed (its
+# entry point mov_ffn and the custom ops are attributes of this module); without torch (JAX) this module
+# holds the kernels and the launch plan alone.
 # ------------------------------------------------------------------------------------------
 
-Tensor = torch.Tensor
+_torch_part = load_torch_part(__name__)
 
 
-@torch.library.custom_op("pemoe::triton_mov_ffn", mutates_args=())
-def _forward_op(
-    x: Tensor,
-    wi_0: Tensor,
-    wi_1: Tensor | None,
-    wo: Tensor,
-    router: Tensor | None,
-    experts: Tensor,
-    probs: Tensor | None,
-    activation: str,
-    top_k: int | None,
-    renormalize: bool,
-    save: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [T, M], the intermediate u [T, F] in x's dtype, p_soft [T, E] float32 when ``save`` with token
-    routing, else empty). u is the wo GEMM's input, kept for the backward (under no grad it is simply freed)."""
-    T, F = x.shape[0], wi_0.shape[0]
-    if T == 0:  # no tokens: nothing to launch
-        return x.new_empty((0, wo.shape[0])), x.new_empty((0, F)), absent(x)
-    prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
-    with launch_device(x.device):
-        y, inter, p_soft = _forward(x, wi_0, wi_1, wo, router, experts, probs, prob, save_p_soft=save)
-    return y, inter, (p_soft if p_soft is not None else absent(x))
-
-
-@_forward_op.register_fake
-def _(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, save):
-    T, E = x.shape[0], experts.shape[1]
-    p_soft = x.new_empty((T, E), dtype=torch.float32) if save and _saves_p_soft(router, probs) else absent(x)
-    return x.new_empty((T, wo.shape[0])), x.new_empty((T, wi_0.shape[0])), p_soft
-
-
-def _saves_p_soft(router: Tensor | None, probs: Tensor | None) -> bool:
-    return _routing_mode(router, probs) == ROUTE_SELF
-
-
-@torch.library.custom_op("pemoe::triton_mov_ffn_backward", mutates_args=())
-def _backward_op(
-    dy: Tensor,
-    x: Tensor,
-    wi_0: Tensor,
-    wi_1: Tensor | None,
-    wo: Tensor,
-    router: Tensor | None,
-    experts: Tensor,
-    probs: Tensor | None,
-    inter: Tensor,
-    p_soft: Tensor | None,
-    activation: str,
-    top_k: int | None,
-    renormalize: bool,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx [T, M], d router [F, E], d experts [1, E, F], d probs [T, E]) for needs = (x, router, experts,
-    probs); the ones not computed (not needed, or not this routing's) are empty."""
-    need_x, need_router, need_experts, need_probs = needs
-    if x.shape[0] == 0:  # no tokens: the parameter gradients are zero
-        grads = (x.new_empty((0, x.shape[1])), torch.zeros_like(router) if router is not None else None,
-                 torch.zeros_like(experts), torch.zeros_like(probs) if probs is not None else None)  # fmt: skip
-    else:
-        prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
-        with launch_device(x.device):
-            grads = _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob, tuple(needs))
-    return tuple(g if g is not None and need else absent(x) for g, need in zip(grads, needs, strict=True))
-
-
-@_backward_op.register_fake
-def _(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, activation, top_k, renormalize, needs):
-    T, M, E, F = x.shape[0], x.shape[1], experts.shape[1], wi_0.shape[0]
-    mode = _routing_mode(router, probs)
-    f32 = dict(dtype=torch.float32)
-    return (
-        x.new_empty((T, M)) if needs[0] else absent(x),
-        x.new_empty((F, E), **f32) if needs[1] and mode == ROUTE_SELF else absent(x),
-        x.new_empty((1, E, F), **f32) if needs[2] else absent(x),
-        x.new_empty((T, E), **f32) if needs[3] and mode == ROUTE_GIVEN else absent(x),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, save = inputs
-    _, inter, p_soft = output
-    p_soft = p_soft if save and _saves_p_soft(router, probs) else None
-    ctx.save_for_backward(x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft)
-    ctx.args = (activation, top_k, renormalize)
-
-
-@torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
-def _backward_autograd(ctx, dy, _d_inter, _d_p_soft):
-    x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft = ctx.saved_tensors
-    activation, top_k, renormalize = ctx.args
-    n = ctx.needs_input_grad
-    mode = _routing_mode(router, probs)
-    needs = [n[0], n[4] and mode == ROUTE_SELF, n[5], n[6] and mode == ROUTE_GIVEN]
-    dx, d_router, d_experts, d_probs = torch.ops.pemoe.triton_mov_ffn_backward(
-        dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, activation, top_k, renormalize, needs
-    )
-    grads = [g if need else None for g, need in zip((dx, d_router, d_experts, d_probs), needs, strict=True)]
-    dx, d_router, d_experts, d_probs = grads
-    return dx, None, None, None, d_router, d_experts, d_probs, None, None, None, None
-
-
-_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
-
-
-def mov_ffn(
-    x2d: torch.Tensor,
-    wi_0: torch.Tensor,
-    wi_1: torch.Tensor | None,
-    wo: torch.Tensor,
-    router: torch.Tensor | None,
-    experts: torch.Tensor,
-    probs: torch.Tensor | None,
-    activation: str,
-    top_k: int | None,
-    renormalize: bool,
-) -> torch.Tensor:
-    """Fused MoV T5 FFN on x2d [T, M] -> [T, M] in x's dtype (autograd-aware; see the module docstring).
-
-    ``probs`` [T, E] float32 is given for sentence routing (then ``router`` is not used here);
-    ``router`` is None when E = 1 ((IA)3). Strided inputs are read through their strides.
-    """
-    _check_inputs(x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k)
-    # grad mode, not requires_grad alone: under torch.no_grad() the forward keeps nothing for a backward
-    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, router, experts, probs))
-    y, _, _ = torch.ops.pemoe.triton_mov_ffn(
-        x2d, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, need
-    )
-    return y
+def __getattr__(name: str):
+    return torch_attribute(_torch_part, __name__, name)

@@ -13,23 +13,24 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from pemoe.kernels.triton.autograd import allocate, launch_args
 from pemoe.kernels.triton.mov_ffn import (
     ROUTE_GIVEN,
     ROUTE_NONE,
     ROUTE_SELF,
     ROUTER_BACKWARD_CONFIG,
-    _down_backward_launch,
-    _down_launch,
     _ffn_down_backward_kernel,
     _ffn_down_kernel,
     _ffn_up_backward_kernel,
     _ffn_up_kernel,
-    _Problem,
-    _router_backward_kernel,
-    _router_backward_launch,
-    _up_backward_launch,
-    _up_launch,
+    down_backward_launch,
+    down_launch,
+    plan_problem,
+    router_backward_launch,
+    up_backward_launch,
+    up_launch,
 )
+from pemoe.kernels.triton.plan import dtype_name
 
 # ------------------------------------------------------------------------------------------
 # HBM-traffic model
@@ -267,28 +268,28 @@ def _aot_problem_tensors(dtype, gated, mode, E):
 
 
 def _aot_launches(dtype, gated, mode, E, activation="gelu_new", top_k=None, renormalize=False):
-    """[(kernel name, kernel, args, constexprs)] of one forward + backward, built by the launchers."""
+    """[(kernel name, kernel, args, constexprs)] of one forward + backward, from the launch plan (CPU tensors)."""
     x, wi_0, wi_1, wo, router, experts, probs = _aot_problem_tensors(dtype, gated, mode, E)
-    prob = _Problem.of(x, wi_1, router, experts, probs, activation, top_k, renormalize)
-    T, F = x.shape[0], wi_0.shape[0]
-    out = []
-    args, cx = _up_launch(x, wi_0, wi_1, router, prob)
-    out.append(("_ffn_up_kernel", _ffn_up_kernel, args, cx))
-    inter, logits_part = args["inter_ptr"], args["logits_part_ptr"]
+    (T, M), F = x.shape, wi_0.shape[0]
+    prob = plan_problem(
+        T, M, F, E, dtype_name(dtype), gated=gated, has_router=router is not None, has_probs=probs is not None,
+        activation=activation, top_k=top_k, renormalize=renormalize,
+    )  # fmt: skip
+    cpu = torch.device("cpu")
+    tensors = dict(x=x, dy=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs)
     num_f_tiles = triton.cdiv(F, 128)
-    args, cx, p_soft = _down_launch(inter, wo, experts, logits_part, probs, num_f_tiles, prob, True)
-    out.append(("_ffn_down_kernel", _ffn_down_kernel, args, cx))
-    p = p_soft if mode == ROUTE_SELF else probs
-    need_dp = mode != ROUTE_NONE
-    args, cx = _down_backward_launch(x, wo, inter, experts, p, prob, True, need_dp, True)
-    out.append(("_ffn_down_backward_kernel", _ffn_down_backward_kernel, args, cx))
-    dlogits = None
-    if need_dp:
-        r_args, r_cx = _router_backward_launch(args["dp_part_ptr"], p_soft, num_f_tiles, T, prob)
-        out.append(("_router_backward_kernel", _router_backward_kernel, r_args, r_cx))
-        dlogits = r_args["out_ptr"]
-    args, cx = _up_backward_launch(x, wi_0, wi_1, router, args["du_ptr"], dlogits, prob, True, mode == ROUTE_SELF)
-    out.append(("_ffn_up_backward_kernel", _ffn_up_backward_kernel, args, cx))
+    plans = [
+        up_launch(prob),
+        down_launch(prob, num_f_tiles, True),
+        down_backward_launch(prob, True, mode != ROUTE_NONE, True),
+    ]
+    if mode != ROUTE_NONE:
+        plans.append(router_backward_launch(prob, num_f_tiles))
+    plans.append(up_backward_launch(prob, True, mode == ROUTE_SELF))
+    out = []
+    for buffers, launch in plans:
+        tensors |= allocate(buffers, cpu)
+        out.append((launch.fn.__name__, launch.kernel, launch_args(launch, tensors, cpu), launch.constexprs))
     return out
 
 

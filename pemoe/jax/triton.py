@@ -10,26 +10,28 @@ through jax-triton, so GPU users of JAX run the very kernels the PyTorch side ru
             and, for completeness, the frozen weight's cotangent dhᵀ·x (dead code under ``jax.jit`` when
             nothing asks for it, the usual case: only adapters train).
 
-What is shared with the PyTorch launchers (``kernels/triton/mov_linear.py``), not copied: the kernels, the
-problem checks and launch description (``plan_problem``), the tile configurations and their legality rules
-(``default_config``), the grids (``forward_grid`` / ``backward_grid``), the feature constexprs and the
-backward's output/workspace shapes (``backward_outputs``). jax-triton passes the array inputs in order and
-then one pointer per output; the kernels' parameters start with exactly that (inputs, then outputs), so the
-``triton.jit`` functions themselves are called, no wrapper. Every size and stride after them is passed as a
-compile-time constant (jax-triton specialises any keyword it is given): JAX shapes are static and each
-shape is compiled when JAX lowers it anyway, and constant sizes and strides give Triton the alignment facts
-the PyTorch launch gets from specialising integers divisible by 16. Optional inputs (bias, router, probs)
-and unused outputs get one-element placeholder arrays that the kernels never touch (their feature
-constexprs are off).
+One launch plan for both frameworks: each kernel module (``kernels/triton/mov_linear.py``, ``mov_ffn.py``,
+``molora_linear.py``) describes its launches from shapes, dtype names, strides and routing flags alone
+(:mod:`pemoe.kernels.triton.plan`: grids, buffer shapes and dtypes, runtime scalars, constexprs, the legal tile
+configurations, which kernel), and both the PyTorch launcher and this module consume those descriptions; nothing
+here imports torch on the jax-triton path. For ``mov_linear`` that is ``plan_problem``, ``default_config``, the
+grids, the feature constexprs and ``backward_outputs``; for ``mov_ffn`` ``plan_problem`` and the per-kernel
+``up_launch`` / ``down_launch`` / ``down_backward_launch`` / ``router_backward_launch`` / ``up_backward_launch``
+(built one after another: (b) reads as many logit partials as (a)'s tile made); for ``molora_linear``
+``plan_problem``, ``resolve_schedule``, ``forward_plan`` and ``backward_plan`` (whole :class:`Plan` s).
+jax-triton passes the array inputs in order and then one pointer per output; the kernels' parameters start
+with exactly that (inputs, then outputs), so the ``triton.jit`` functions themselves are called, no wrapper.
+Every size and stride after them is passed as a compile-time constant (jax-triton specialises any keyword it is
+given): JAX shapes are static and each shape is compiled when JAX lowers it anyway, and constant sizes and
+strides give Triton the alignment facts the PyTorch launch gets from specialising integers divisible by 16. A
+pointer the plan leaves unnamed (an absent optional input, an output a feature flag turns off) gets a
+one-element float32 placeholder array, as the PyTorch launcher passes a one-element float32 tensor.
 
 ``mov_ffn`` (SPEC §3.2): the T5 FFN with MoV on the activation, x [T, M] -> [T, M]: the forward kernels
 (a) dual GEMM + router-logit partials and (b) wo GEMM with softmax and merge as its prologue (saving u [T, F]
 and p_soft [T, E]); the backward kernels (c), (r), (d) of ``kernels/triton/mov_ffn.py``, then XLA for the
-partial sums and dx = dh0·wi_0 + dg·wi_1 (and the frozen weights' cotangents, dead code under jit). Its
-launches are not re-described here at all: the PyTorch launch builders (``_up_launch``, ``_down_launch``, …)
-run on torch tensors on the "meta" device (shapes, dtypes, strides; no memory) and :class:`_FFNPlan` maps
-their argument dicts onto JAX arrays, output shapes and constants; grids come from ``tile_grid`` /
-``router_backward_grid``, configurations from the kernels' own autotune pruning.
+partial sums and dx = dh0·wi_0 + dg·wi_1 (and the frozen weights' cotangents, dead code under jit). Tiles: each
+launch's default (the first legal configuration).
 
 ``molora_linear`` (SPEC §3.3): y = x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e, x [T, K], weight [N, K] (frozen),
 bias [N], lora_a [E, K, r], lora_b [E, r, N], router [K, E] (None: LoRA), probs [T, E] (sentence routing)
@@ -43,12 +45,8 @@ bias [N], lora_a [E, K, r], lora_b [E, r, N], router [K, E] (None: LoRA), probs 
             weight-gradient launches (per-chunk partial sums of d lora_a, d router, d lora_b, d bias), then
             XLA adds the chunks (deterministic, no atomics) and forms the frozen weight's cotangent dyᵀ·x
             (dead code under ``jax.jit`` when nothing asks for it).
-Its launches are not re-described either: the PyTorch plan builders (``_forward_plan`` / ``_backward_plan``)
-run on "meta" tensors and return whole launches (role, kernel, arguments, constexprs, grid);
-:class:`_MoLoRAPlan` splits each launch's pointers into inputs (``LAUNCH_INPUTS``) and outputs, allocates the
-outputs the launch writes (``Launch.written_outputs``, from its feature flags) and gives the others
-placeholders; tiles are ``Launch.default_configs`` (the pruned list, as the AOT cases see it; a
-``use_configs`` tile when forced), the first by default, all of them with ``configs="all"``.
+Tiles: ``Launch.configs`` (the pruned list, as the AOT cases see it; a ``use_configs`` tile when forced), the
+first by default, all of them with ``configs="all"``.
 
 Tile configuration: the default of each kernel (the first legal entry of its configuration list, the one
 the AOT reports hold to zero spills); for ``mov_linear`` and ``molora_linear``, ``configs="all"`` (or
@@ -64,8 +62,9 @@ Where it runs (``pemoe.jax.ops.resolve_implementation`` enforces it, nothing fal
   * any backend inside :func:`cuda_target` (or with ``$PEMOE_TRITON_CAPABILITY`` set) — ahead-of-time
     lowering (``jax.export(..., platforms=["cuda"])``) for a stated compute capability without a GPU;
   * the Triton interpreter when ``TRITON_INTERPRET=1`` (the development machines): the same kernels
-    with the same launch plans run on the CPU through ``jax.pure_callback`` (torch tensors in and out), so
-    outputs and gradients are tested here; outputs that the kernel must write are NaN-filled first.
+    with the same launch plans run on the CPU through ``jax.pure_callback`` (torch tensors in and out: the
+    interpreter runs on torch CPU tensors, so this development path alone imports torch), so outputs and
+    gradients are tested here; outputs that the kernel must write are NaN-filled first.
 Elsewhere asking for it raises ``NotImplementedError``.
 
 Install: ``pip install "pemoe[jax-gpu]"`` on a GPU machine (jax[cuda12] and jax-triton). For ahead-of-time
@@ -97,6 +96,7 @@ from pemoe.kernels.triton import interpreter
 from pemoe.kernels.triton import molora_linear as ml_lora
 from pemoe.kernels.triton import mov_ffn as mf
 from pemoe.kernels.triton import mov_linear as ml
+from pemoe.kernels.triton import plan as kplan
 
 __all__ = [
     "CAPABILITY_ENV",
@@ -288,7 +288,7 @@ def _placeholder(dtype=jnp.float32) -> jax.Array:
     return jnp.zeros((1,), dtype)
 
 
-def _problem(x, weight, router, experts, probs, top_k, renormalize) -> ml._Problem:
+def _problem(x, weight, router, experts, probs, top_k, renormalize) -> ml.Problem:
     if x.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32):
         raise NotImplementedError(
             f"mov_linear (triton): supports float16, bfloat16 and float32 activations, got {x.dtype}"
@@ -306,18 +306,18 @@ def _problem(x, weight, router, experts, probs, top_k, renormalize) -> ml._Probl
     )
 
 
-def _configs(pb: ml._Problem, backward: bool, configs: str) -> tuple[triton.Config, ...]:
+def _configs(pb: ml.Problem, backward: bool, configs: str) -> tuple[triton.Config, ...]:
     if configs == "default":
         return (ml.default_config(pb, backward),)
     table = ml.BACKWARD_CONFIGS if backward else ml.FORWARD_CONFIGS
     return tuple(ml.candidate_configs(table, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing))
 
 
-def _sizes(pb: ml._Problem) -> dict[str, int]:
+def _sizes(pb: ml.Problem) -> dict[str, int]:
     return dict(T=pb.T, N=pb.N, K=pb.K, G=pb.G, E=pb.E, M_BUCKET=pb.m_bucket)
 
 
-def forward_launch(pb: ml._Problem, dtype, has_bias: bool, save_p_soft: bool, configs: str = "default") -> Launch:
+def forward_launch(pb: ml.Problem, dtype, has_bias: bool, save_p_soft: bool, configs: str = "default") -> Launch:
     """The forward kernel's launch for problem ``pb`` with activations of ``dtype``: outputs y [T, N] and
     p_soft [T, G, E] float32 (a placeholder unless saved). x and W are row-major (JAX arrays)."""
     constexprs = _sizes(pb) | dict(stride_xm=pb.K, stride_xk=1, stride_wn=pb.K, stride_wk=1)
@@ -334,7 +334,7 @@ def forward_launch(pb: ml._Problem, dtype, has_bias: bool, save_p_soft: bool, co
     )
 
 
-def backward_launch(pb: ml._Problem, dtype, has_bias: bool, configs: str = "default") -> Launch:
+def backward_launch(pb: ml.Problem, dtype, has_bias: bool, configs: str = "default") -> Launch:
     """The backward kernel's launch (every gradient needed): outputs as ``ml.backward_outputs`` lists them,
     placeholders for the ones this routing mode does not produce."""
     needs = (True, True, True)
@@ -447,175 +447,95 @@ def mov_linear(
 
 
 # ------------------------------------------------------------------------------------------
-# mov_ffn: the PyTorch launch builders run on "meta" tensors, and custom_vjp
+# mov_ffn: the shared launch plan (kernels/triton/mov_ffn.py), and custom_vjp
 # ------------------------------------------------------------------------------------------
 
-#: Array inputs of each mov_ffn kernel: its first pointer parameters (the following ones are its outputs).
-_FFN_KERNEL_INPUTS = {
-    "_ffn_up_kernel": 4,
-    "_ffn_down_kernel": 5,
-    "_ffn_down_backward_kernel": 5,
-    "_router_backward_kernel": 2,
-    "_ffn_up_backward_kernel": 6,
-}
+
+def _plan_launch(
+    launch: kplan.Launch, buffers: dict[str, kplan.Buffer], arrays: dict[str, jax.Array | None], configs: str
+) -> None:
+    """Runs one planned launch on JAX arrays: its input pointers are ``arrays`` by name (a one-element
+    placeholder where the plan names none), its outputs the plan's buffers (a placeholder for an unused output
+    slot); the written buffers are added to ``arrays``. ``configs``: "default" (the launch's first legal tile)
+    or "all" (every legal tile, autotuned by jax-triton)."""
+    inputs = [_placeholder() if name is None else arrays[name] for name in launch.inputs]
+    out_shapes = tuple(
+        _PLACEHOLDER if name is None else jax.ShapeDtypeStruct(buffers[name].shape, jnp.dtype(buffers[name].dtype))
+        for name in launch.outputs
+    )
+    zeroed = tuple(i for i, name in enumerate(launch.outputs) if name is not None and buffers[name].zeroed)
+    outputs = _call(
+        Launch(
+            kernel=launch.fn,
+            name=launch.name,
+            out_shapes=out_shapes,
+            zeroed_outputs=zeroed,
+            constexprs=launch.scalars | launch.constexprs,
+            configs=launch.configs if configs == "all" else launch.configs[:1],
+            grid_fn=launch.grid,
+        ),
+        *inputs,
+    )
+    for name, out in zip(launch.outputs, outputs, strict=True):
+        if name is not None:
+            arrays[name] = out
 
 
-def _torch_dtype(dtype):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[jnp.dtype(dtype).name]
-
-
-def _jax_dtype(dtype):
-    return jnp.dtype(str(dtype).removeprefix("torch."))
-
-
-class _FFNPlan:
-    """Runs the launch builders of ``kernels/triton/mov_ffn.py`` (``_up_launch``, ``_down_launch``, …) on
-    torch tensors on the "meta" device — shapes, dtypes and strides, no memory — and turns each launch into a
-    :class:`Launch`: a builder argument that stands for a JAX array (an op input or an earlier kernel's
-    output) becomes that array, one the builder allocated in an output slot becomes an output shape, a builder
-    placeholder in an input slot (a pointer the kernel never reads) a one-element array, and the integers
-    (sizes, strides) compile-time constants. The tile configuration is the one the kernel's autotuner
-    prunes to first (the AOT-checked default)."""
-
-    def __init__(self) -> None:
-        self.arrays: dict[int, jax.Array] = {}
-        self.keep: list[Any] = []  # the meta tensors, alive while their ids are keys
-
-    def meta(self, a: jax.Array | None):
-        import torch
-
-        if a is None:
-            return None
-        t = torch.empty(tuple(a.shape), dtype=_torch_dtype(a.dtype), device="meta")
-        self.arrays[id(t)] = a
-        self.keep.append(t)
-        return t
-
-    def array(self, t) -> jax.Array | None:
-        """The JAX array a builder argument stands for: a registered tensor, or a contiguous view of one (the
-        builders slice, e.g. ``experts[0]``); None for what the builder allocated itself."""
-        if id(t) in self.arrays:
-            return self.arrays[id(t)]
-        base = t._base
-        if base is not None and id(base) in self.arrays:
-            if not t.is_contiguous():
-                raise NotImplementedError(f"mov_ffn (triton): a strided view {tuple(t.stride())} of a JAX array")
-            start = t.storage_offset()
-            return self.arrays[id(base)].reshape(-1)[start : start + t.numel()].reshape(tuple(t.shape))
-        return None
-
-    def run(self, kernel, args: dict, constexprs: dict, grid_fn, name: str, config: triton.Config | None = None):
-        """Launches ``kernel`` (an autotuner, or a plain triton.jit function with ``config``) with the builder's
-        ``args``; returns its outputs (JAX arrays, in its output order) and the configuration used."""
-        import torch
-        from triton.runtime.autotuner import Autotuner
-
-        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-        if config is None:
-            config = kernel.early_config_prune(kernel.configs, {**args, **constexprs})[0]
-        pointers = [n for n in fn.arg_names if isinstance(args.get(n), torch.Tensor)]
-        n_in = _FFN_KERNEL_INPUTS[fn.__name__]
-        inputs = []
-        for n in pointers[:n_in]:
-            a = self.array(args[n])
-            inputs.append(_placeholder(_jax_dtype(args[n].dtype)) if a is None else a)
-        out_shapes, produced = [], []
-        for n in pointers[n_in:]:
-            t = args[n]
-            if self.array(t) is not None:  # an input in an output slot the kernel does not write
-                out_shapes.append(_PLACEHOLDER)
-                produced.append(None)
-            else:
-                out_shapes.append(jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)))
-                produced.append(t)
-        consts = {n: v for n, v in args.items() if n not in pointers} | constexprs
-        launch = Launch(
-            kernel=fn,
-            name=name,
-            out_shapes=tuple(out_shapes),
-            zeroed_outputs=(),
-            constexprs=consts,
-            configs=(config,),
-            grid_fn=grid_fn,
-        )
-        outputs = _call(launch, *inputs)
-        for t, out in zip(produced, outputs, strict=True):
-            if t is not None:
-                self.arrays[id(t)] = out
-                self.keep.append(t)
-        return outputs, config
-
-
-def _ffn_plan(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize):
-    plan = _FFNPlan()
-    metas = [plan.meta(a) for a in (x, wi_0, wi_1, wo, router, experts, probs)]
-    mf._check_inputs(*metas, activation, top_k, check_device=False)
-    prob = mf._Problem.of(metas[0], metas[2], metas[4], metas[5], metas[6], activation, top_k, renormalize)
-    return plan, metas, prob
+def _ffn_problem(x, wi_0, wi_1, router, experts, probs, activation, top_k, renormalize) -> mf.Problem:
+    (T, M), F, E = x.shape, wi_0.shape[0], experts.shape[1]
+    return mf.plan_problem(
+        T, M, F, E, jnp.dtype(x.dtype).name, gated=wi_1 is not None, has_router=router is not None,
+        has_probs=probs is not None, activation=activation, top_k=top_k, renormalize=renormalize,
+    )  # fmt: skip
 
 
 def _ffn_forward(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize, save_p_soft):
     """(a) then (b): y [T, M], u [T, F] (x's dtype), p_soft [T, E] float32 (a placeholder unless saved)."""
-    plan, (xm, w0m, w1m, wom, rm, em, pm), prob = _ffn_plan(
-        x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize
-    )
-    T, F, M = x.shape[0], wi_0.shape[0], x.shape[1]
-    args, cx = mf._up_launch(xm, w0m, w1m, rm, prob)
-    (inter, _), up = plan.run(mf._ffn_up_kernel, args, cx, mf.tile_grid(T, F, "BLOCK_F"), "pemoe_mov_ffn_up")
-    num_f_tiles = triton.cdiv(F, up.kwargs["BLOCK_F"])
-    args, cx, _ = mf._down_launch(
-        args["inter_ptr"], wom, em, args["logits_part_ptr"], pm, num_f_tiles, prob, save_p_soft
-    )
-    (y, p_soft), _ = plan.run(mf._ffn_down_kernel, args, cx, mf.tile_grid(T, M, "BLOCK_N"), "pemoe_mov_ffn_down")
-    return y, inter, p_soft
+    pb = _ffn_problem(x, wi_0, wi_1, router, experts, probs, activation, top_k, renormalize)
+    arrays = dict(x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs)
+    buffers, up = mf.up_launch(pb)
+    _plan_launch(up, buffers, arrays, "default")
+    num_f_tiles = triton.cdiv(pb.F, up.configs[0].kwargs["BLOCK_F"])
+    buffers, down = mf.down_launch(pb, num_f_tiles, save_p_soft)
+    _plan_launch(down, buffers, arrays, "default")
+    return arrays["y"], arrays["inter"], arrays.get("p_soft", _placeholder())
 
 
 def _ffn_backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, activation, top_k, renormalize):
     """(c), (r), (d) and the dx GEMMs (XLA); every gradient the op's inputs have. Returns (dx, d router,
     d experts, d probs, dh0, dg) — dh0/dg [T, F] for the frozen weights' cotangents."""
-    plan, (xm, w0m, w1m, wom, rm, em, pm), prob = _ffn_plan(
-        x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, renormalize
-    )
-    T, F = inter.shape
-    self_routed, given = prob.mode == mf.ROUTE_SELF, prob.mode == mf.ROUTE_GIVEN
-    dym, interm = plan.meta(dy.astype(x.dtype)), plan.meta(inter)
-    p_soft_m = plan.meta(p_soft) if self_routed else None
+    pb = _ffn_problem(x, wi_0, wi_1, router, experts, probs, activation, top_k, renormalize)
+    T, F = pb.T, pb.F
+    self_routed, given = pb.mode == mf.ROUTE_SELF, pb.mode == mf.ROUTE_GIVEN
+    arrays = dict(
+        x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs, dy=dy.astype(x.dtype),
+        inter=inter, p_soft=p_soft if self_routed else None,
+    )  # fmt: skip
     need_dp = self_routed or given
     # ---- (c)
-    args, cx = mf._down_backward_launch(
-        dym, wom, interm, em, p_soft_m if self_routed else pm, prob, True, need_dp, True
-    )
-    (_, _, dex_part), down = plan.run(
-        mf._ffn_down_backward_kernel, args, cx, mf.tile_grid(T, F, "BLOCK_F"), "pemoe_mov_ffn_down_bwd"
-    )
-    d_experts = dex_part[: triton.cdiv(T, down.kwargs["BLOCK_M"])].sum(0)[None]
-    if prob.mode == mf.ROUTE_NONE:
+    buffers, down = mf.down_backward_launch(pb, True, need_dp, True)
+    _plan_launch(down, buffers, arrays, "default")
+    tiles = down.configs[0].kwargs
+    d_experts = arrays["dexperts_part"][: triton.cdiv(T, tiles["BLOCK_M"])].sum(0)[None]
+    if pb.mode == mf.ROUTE_NONE:
         d_experts = d_experts[:, :1]  # only expert row 0 is written when p ≡ 1 (E = 1)
     # ---- (r)
-    dlogits_m = d_probs = None
+    d_probs = None
     if need_dp:
-        f_tiles = triton.cdiv(F, down.kwargs["BLOCK_F"])
-        r_args, r_cx = mf._router_backward_launch(args["dp_part_ptr"], p_soft_m, f_tiles, T, prob)
-        config = triton.Config({}, num_warps=mf.ROUTER_BACKWARD_CONFIG["num_warps"])
-        grid = lambda meta: mf.router_backward_grid(T)  # noqa: E731
-        (out,), _ = plan.run(mf._router_backward_kernel, r_args, r_cx, grid, "pemoe_mov_ffn_router_bwd", config)
-        if self_routed:
-            dlogits_m = r_args["out_ptr"]
-        else:
-            d_probs = out
+        buffers, router_bwd = mf.router_backward_launch(pb, triton.cdiv(F, tiles["BLOCK_F"]))
+        _plan_launch(router_bwd, buffers, arrays, "default")
+        d_probs = arrays["d_route"] if given else None
     # ---- (d) and the dx GEMMs
-    args, cx = mf._up_backward_launch(xm, w0m, w1m, rm, args["du_ptr"], dlogits_m, prob, True, self_routed)
-    (dh0, dg, dr_part), up = plan.run(
-        mf._ffn_up_backward_kernel, args, cx, mf.tile_grid(T, F, "BLOCK_F", grouped=False), "pemoe_mov_ffn_up_bwd"
-    )
-    d_router = dr_part[: triton.cdiv(T, up.kwargs["BLOCK_M"])].sum(0) if self_routed else None
+    buffers, up = mf.up_backward_launch(pb, True, self_routed)
+    _plan_launch(up, buffers, arrays, "default")
+    rows = triton.cdiv(T, up.configs[0].kwargs["BLOCK_M"])
+    d_router = arrays["drouter_part"][:rows].sum(0) if self_routed else None
+    dh0, dg = arrays["dh0"], arrays.get("dg")
     f32 = jnp.float32
     dx = jnp.matmul(dh0, wi_0, preferred_element_type=f32)
     if wi_1 is not None:
         dx = dx + jnp.matmul(dg, wi_1, preferred_element_type=f32)
-    return dx.astype(x.dtype), d_router, d_experts, d_probs, dh0, (dg if wi_1 is not None else None)
+    return dx.astype(x.dtype), d_router, d_experts, d_probs, dh0, dg
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -677,57 +597,23 @@ def mov_ffn(
 
 
 # ------------------------------------------------------------------------------------------
-# molora_linear: the PyTorch launch plans run on "meta" tensors, and custom_vjp
+# molora_linear: the shared launch plan (kernels/triton/molora_linear.py), and custom_vjp
 # ------------------------------------------------------------------------------------------
 
 
-class _MoLoRAPlan(_FFNPlan):
-    """:class:`_FFNPlan` for ``kernels/triton/molora_linear.py``, whose plan builders (``_forward_plan``,
-    ``_backward_plan``) return whole launches (``ml.Launch``: role, kernel, positional arguments, constexprs,
-    grid). Each launch's pointers split into ``ml.LAUNCH_INPUTS[role]`` inputs and its outputs; an output slot
-    the launch writes (``Launch.written_outputs``, from its feature flags) becomes a new JAX array, any other
-    output slot (the builders alias unused ones to some tensor) a one-element placeholder."""
-
-    def run_launch(self, launch: ml_lora.Launch, configs: str) -> list[jax.Array]:
-        import torch
-
-        named = launch.named_args()
-        pointers = [n for n, v in named.items() if isinstance(v, torch.Tensor)]
-        n_in = ml_lora.LAUNCH_INPUTS[launch.role]
-        inputs = []
-        for n in pointers[:n_in]:
-            a = self.array(named[n])
-            inputs.append(_placeholder(_jax_dtype(named[n].dtype)) if a is None else a)
-        out_shapes, produced = [], []
-        for n, written in zip(pointers[n_in:], launch.written_outputs(), strict=True):
-            t = named[n]
-            if written:
-                out_shapes.append(jax.ShapeDtypeStruct(tuple(t.shape), _jax_dtype(t.dtype)))
-                produced.append(t)
-            else:
-                out_shapes.append(_PLACEHOLDER)
-                produced.append(None)
-        legal = launch.default_configs()
-        outputs = _call(
-            Launch(
-                kernel=launch.kernel.fn,
-                name=f"pemoe_molora_{launch.role}",
-                out_shapes=tuple(out_shapes),
-                zeroed_outputs=(),
-                constexprs={n: v for n, v in named.items() if n not in pointers} | launch.constexprs,
-                configs=tuple(legal) if configs == "all" else tuple(legal[:1]),
-                grid_fn=launch.grid,
-            ),
-            *inputs,
-        )
-        for t, out in zip(produced, outputs, strict=True):
-            if t is not None:
-                self.arrays[id(t)] = out
-                self.keep.append(t)
-        return outputs
+def _molora_problem(x, weight, bias, lora_a, lora_b, router, probs, top_k, renormalize) -> ml_lora.MoLoRAProblem:
+    """The launch plan's problem; the kernels' limits raise NotImplementedError at trace time."""
+    try:
+        return ml_lora.plan_problem(
+            tuple(x.shape), tuple(lora_a.shape), tuple(lora_b.shape), jnp.dtype(x.dtype).name,
+            has_router=router is not None, has_probs=probs is not None, top_k=top_k, renormalize=renormalize,
+            has_weight=weight is not None, has_bias=bias is not None,
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise NotImplementedError(f"molora_linear (triton): {e}") from e
 
 
-def _molora_check(x, weight, bias, lora_a, router, probs) -> None:
+def _molora_check(x, weight, bias, lora_a, lora_b, router, probs) -> None:
     """The kernels' limits beyond pemoe.jax's argument checks (NotImplementedError at trace time)."""
     if x.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32):
         raise NotImplementedError(
@@ -738,53 +624,45 @@ def _molora_check(x, weight, bias, lora_a, router, probs) -> None:
             f"molora_linear (triton): x, weight and bias must share one dtype, got x {x.dtype}, weight "
             f"{weight.dtype}, bias {None if bias is None else bias.dtype}"
         )
-    e, _, r = lora_a.shape
-    block_e, rank_pad = ml_lora._block_experts(e, r, ml_lora._routing_mode(router, probs))
-    if block_e * rank_pad > ml_lora.MAX_ADAPTER_COLUMNS:
-        raise NotImplementedError(
-            f"molora_linear (triton): lora_a [E, K, r] with E = {e}, r = {r} needs {block_e * rank_pad} padded "
-            f"adapter columns (E and r rounded up to powers of two); at most {ml_lora.MAX_ADAPTER_COLUMNS}"
-        )
+    _molora_problem(x, weight, bias, lora_a, lora_b, router, probs, None, False)
 
 
 def _molora_forward(x, weight, bias, lora_a, lora_b, router, probs, scale, top_k, renormalize, save, schedule, configs):
     """The forward launches of the schedule (``ml.resolve_schedule``: a ``use_schedule`` context, the argument, or
     ``choose_schedule``'s model pick): (y [T, N], U float32 [T, E·r] | None, p_soft float32 [T, E] | None), the
     last two when ``save`` (p_soft with token routing only)."""
-    plan = _MoLoRAPlan()
-    xm, wm, bm, am, lbm, rm, pm = (plan.meta(a) for a in (x, weight, bias, lora_a, lora_b, router, probs))
-    mode = ml_lora._routing_mode(rm, pm)
-    schedule = ml_lora.resolve_schedule(schedule, xm, wm, am, mode, save)
-    (y, u, p_soft), launches = ml_lora._forward_plan(
-        xm, wm, bm, am, lbm, rm, pm, scale, top_k, renormalize, save, schedule
-    )
-    for launch in launches:
-        plan.run_launch(launch, configs)
-    return tuple(None if t is None else plan.arrays[id(t)] for t in (y, u, p_soft))
+    pb = _molora_problem(x, weight, bias, lora_a, lora_b, router, probs, top_k, renormalize)
+    plan = ml_lora.forward_plan(pb, scale, save, ml_lora.resolve_schedule(schedule, pb, save))
+    arrays = dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, router=router, probs=probs)
+    for launch in plan.launches:
+        _plan_launch(launch, plan.buffers, arrays, configs)
+    return arrays["y"], arrays.get("u"), arrays.get("p_soft")
 
 
 def _molora_backward(dy, x, weight, bias, lora_a, lora_b, router, probs, u, p_soft, scale, top_k, renormalize, configs):
     """grad_u, the dx GEMM and the two weight-gradient launches; the chunk partial sums are added by XLA.
     Returns (dx, d bias, d lora_a, d lora_b, d router, d probs), None where the input is None."""
-    plan = _MoLoRAPlan()
-    metas = [plan.meta(a) for a in (dy.astype(x.dtype), x, weight, lora_a, lora_b, router, probs, u, p_soft)]
+    pb = _molora_problem(x, weight, bias, lora_a, lora_b, router, probs, top_k, renormalize)
     needs = (True, bias is not None, True, True, router is not None, probs is not None)
-    buf, launches = ml_lora._backward_plan(*metas, scale, top_k, renormalize, needs)
-    for launch in launches:
-        plan.run_launch(launch, configs)
+    plan = ml_lora.backward_plan(pb, scale, needs)
+    arrays = dict(
+        dy=dy.astype(x.dtype), x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, router=router, probs=probs, u=u,
+        p_soft=p_soft,
+    )  # fmt: skip
+    for launch in plan.launches:
+        _plan_launch(launch, plan.buffers, arrays, configs)
 
     def total(name):  # Σ over token chunks, in XLA
-        return None if buf[name] is None else plan.arrays[id(buf[name])].sum(0)
+        return arrays[name].sum(0) if name in plan.buffers else None
 
     d_bias = total("part_bias")
-    d_probs = plan.arrays[id(buf["d_route"])] if probs is not None else None
     return (
-        plan.arrays[id(buf["dx"])],
+        arrays["dx"],
         None if d_bias is None else d_bias.astype(bias.dtype),
         total("part_a"),
         total("part_b"),
         total("part_router"),
-        d_probs,
+        arrays["d_route"] if probs is not None else None,
     )
 
 
@@ -848,7 +726,7 @@ def molora_linear(
         raise ValueError(f"configs must be 'default' or 'all', got {configs!r}")
     if schedule != "auto" and schedule not in ml_lora.SCHEDULES:
         raise ValueError(f"schedule must be 'auto' or one of {ml_lora.SCHEDULES}, got {schedule!r}")
-    _molora_check(x, weight, bias, lora_a, router, probs)
+    _molora_check(x, weight, bias, lora_a, lora_b, router, probs)
     n = weight.shape[0]
     if x.shape[0] == 0:  # no token: no launch (the kernels need T >= 1); zero cotangents by autodiff
         return jnp.zeros((0, n), x.dtype)
