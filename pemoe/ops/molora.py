@@ -194,7 +194,9 @@ class MoLoRAFunction(torch.autograd.Function):
 
         dx = dw = db = d_a = d_b = d_router = d_probs = None
         if need_b_lora:
-            d_b = torch.mm(_scale_by_probs(u, p, rank).t(), dy_u).to(lora_b.dtype).mul_(ctx.scale).view_as(lora_b)
+            # not on the router's path: U′ rounded to the activation dtype, as the forward's expand reads it
+            u_scaled = _scale_by_probs(u, p, rank).to(dt)
+            d_b = torch.mm(u_scaled.t(), dy).to(lora_b.dtype).mul_(ctx.scale).view_as(lora_b)
         du_scaled = torch.mm(dy_u, b_cat.t()).mul_(ctx.scale)  # dU′ [T, E·r]
         du = _scale_by_probs(du_scaled, p, rank).to(dt)
         dlogits = None  # [E, T]
