@@ -8,6 +8,7 @@ heads, so N = 48 is not a multiple of the default column tile (BLOCK_N = 128, or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,8 +22,8 @@ from pemoe import ops, reference
 from pemoe.kernels.triton import aot, interpreter
 from pemoe.kernels.triton import mov_linear as kernel
 from pemoe.kernels.triton import mov_linear_analysis as analysis
-from tests.helpers import run_with_grads
-from tests.test_ops import DTYPES, MoVLinearCases
+from tests.helpers import assert_within_rule, cast_inputs, run_with_grads
+from tests.test_ops import ACTIVATION_NAMES, DTYPES, MoVLinearCases
 
 pytestmark = pytest.mark.skipif(not interpreter.INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
 
@@ -78,6 +79,64 @@ class TestMoVLinearTriton(MoVLinearCases):
         args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         with pytest.raises(NotImplementedError, match="supports float16, bfloat16 and float32"):
             ops.mov_linear(**args, implementation="triton")
+
+
+class TestMoVLinearTritonFusedRecompute(TestMoVLinearTriton):
+    """A subset of the shared cases with the backward recomputing h per tile (the plan's alternative to
+    reading h from one GEMM, :data:`.mov_linear.BACKWARD_H_FROM_GEMM`)."""
+
+    @pytest.fixture(autouse=True)
+    def _fused_recompute(self, monkeypatch):
+        monkeypatch.setattr(kernel, "BACKWARD_H_FROM_GEMM", False)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("t", [1, 123])
+    @pytest.mark.parametrize("e", [1, 10])
+    def test_matches_reference(self, dtype, t, e):
+        self.check(self.inputs(t, e), dtype)
+
+    test_top_k = None
+    test_trainable_bias = None
+    test_head_widths = None
+    test_ia3_with_trainable_bias = None
+    test_gradcheck_float64 = None
+    test_no_bias = None
+
+
+#: The interpreter's name of each activation dtype in :class:`.interpreter.Traffic`'s per-dtype counts.
+TRAFFIC_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["token", "top2r", "sentence", "ia3"])
+def test_backward_reads_h_from_the_gemm(dtype, case, monkeypatch):
+    """The default backward reads h (one torch GEMM in the launcher): the kernel's activation-dtype loads are
+    h and dy once each, no x or W (16-bit activations; float32 ones share the count with the adapters); its
+    gradients match the fused recompute's within the tolerance rule (with the fused path as the reference)."""
+    cases = TestMoVLinearTriton()
+    kw = dict(top_k=2, renormalize=True) if case == "top2r" else dict(sentence=case == "sentence")
+    inputs = cases.inputs(45, 1 if case == "ia3" else 6, groups=5, **kw)
+    inputs["bias"].requires_grad_()
+    args = cast_inputs(inputs, dtype, torch.float32, ACTIVATION_NAMES)
+    args64 = cast_inputs(inputs, torch.float64, torch.float64, ACTIVATION_NAMES)
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    probe, _ = run_with_grads(lambda **a: cases.call("reference", **a), args64)
+    grad_out = torch.randn(probe.shape, dtype=torch.float64)
+    _, truth_grads = run_with_grads(lambda **a: cases.call("reference", **a), args64, grad_out)
+    grads = {}
+    for from_gemm in (True, False):
+        monkeypatch.setattr(kernel, "BACKWARD_H_FROM_GEMM", from_gemm)
+        leaves = {k: v.detach().clone().requires_grad_(k in names) if k in names else v for k, v in args.items()}
+        y = cases.call("triton", **leaves)
+        with interpreter.count_traffic() as traffic:
+            gs = torch.autograd.grad(y, [leaves[k] for k in names], grad_out.to(y.dtype))
+        grads[from_gemm] = dict(zip(names, gs, strict=True))
+        h_and_dy = 2 * y.numel() * dtype.itemsize
+        if dtype != torch.float32:
+            act_loads = traffic.loads[TRAFFIC_DTYPE[dtype]]
+            assert act_loads == h_and_dy if from_gemm else act_loads > h_and_dy + args["weight"].numel() * 2
+    for name in names:
+        assert_within_rule(grads[True][name], grads[False][name], truth_grads[name], dtype, f"d{name}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -270,8 +329,10 @@ def test_p_soft_is_written_only_for_backward():
     "routing,e,bias,dtype",
     [("token", 10, True, torch.bfloat16), ("none", 1, False, torch.float16), ("sentence", 6, True, torch.float32)],
 )
-def test_traffic_model_matches_the_interpreter(routing, e, bias, dtype):
-    """The model's issued bytes equal the interpreter's count of every load and store, per kernel."""
+@pytest.mark.parametrize("h_from_gemm", [True, False], ids=["h-gemm", "h-fused"])
+def test_traffic_model_matches_the_interpreter(routing, e, bias, dtype, h_from_gemm):
+    """The model's issued bytes equal the interpreter's count of every load and store, per kernel, for both
+    ways the backward gets h (the torch GEMM's own entry is not a Triton kernel: not counted here)."""
     t, groups = 2 * kernel.REDUCE_ROWS + 37, 5
     n = groups * D
     x = torch.randn(t, K, dtype=dtype)
@@ -280,14 +341,17 @@ def test_traffic_model_matches_the_interpreter(routing, e, bias, dtype):
     router = torch.randn(D, e) if routing == "token" else None
     experts = 1 + 0.3 * torch.randn(groups, e, D)
     probs = torch.softmax(torch.randn(t, e), -1) if routing == "sentence" else None
-    pb = kernel._problem(x, w, b, router, experts, probs, None, False)
+    pb = dataclasses.replace(kernel._problem(x, w, b, router, experts, probs, None, False), h_from_gemm=h_from_gemm)
     with interpreter.count_traffic() as fwd:
         _, p_soft = kernel.mov_linear_forward(x, w, b, router, experts, probs, pb, True, TALL_TILES)
     dy = torch.randn(t, n, dtype=dtype)
     with interpreter.count_traffic() as bwd:
         kernel.mov_linear_backward(x, w, b, router, experts, probs, p_soft, dy, pb, (True, True, True), TALL_TILES)
-    model = analysis.hbm_traffic(t, K, n, groups, e, dtype, TALL_TILES, TALL_TILES, routing=routing, bias=bias)
-    f, bk = model.forward[0], model.backward[0]
+    model = analysis.hbm_traffic(
+        t, K, n, groups, e, dtype, TALL_TILES, TALL_TILES, routing=routing, bias=bias, h_from_gemm=h_from_gemm
+    )
+    f, bk = model.forward[0], next(k for k in model.backward if k.name == "mov_linear_bwd_kernel")
+    assert [k.name for k in model.backward].count("h = x·Wᵀ + b (torch GEMM)") == int(h_from_gemm)
     print(f"\n{routing}: forward issued model {f.issued_read}/{f.issued_written} interpreter {fwd.loaded}/{fwd.stored}")
     print(
         f"{routing}: backward issued model {bk.issued_read}/{bk.issued_written} interpreter {bwd.loaded}/{bwd.stored}"
@@ -374,7 +438,10 @@ cases = m.aot_cases(dtypes=(torch.bfloat16,), all_configs=False)
 cases += m.aot_cases(dtypes=(torch.float16, torch.float32), shapes=m.AOT_SHAPES[:1], all_configs=False)
 reports = [aot.compile_case(c, cc) for c in cases for cc in aot.CAPABILITIES]
 # bf16 defaults without wgmma on sm_90: their first 64-row candidate (what autotuning on an H100 can pick)
-plain = {r.name.rsplit(" ", 1)[0] for r in reports if r.capability == 90 and "bfloat16" in r.name and not r.uses_wgmma}
+plain = {
+    r.name.rsplit(" ", 1)[0] for r in reports
+    if r.capability == 90 and "bfloat16" in r.name and not r.uses_wgmma and not r.name.startswith("bwd ")
+}
 alternatives, seen = [], set()
 for c in m.aot_cases(dtypes=(torch.bfloat16,), all_configs=True):
     key = c.name.rsplit(" ", 1)[0]
@@ -384,8 +451,18 @@ for c in m.aot_cases(dtypes=(torch.bfloat16,), all_configs=True):
 print(json.dumps([[dataclasses.asdict(r) for r in reports], [dataclasses.asdict(r) for r in alternatives]]))
 """
 #: bf16 defaults that use mma.sync on sm_90 (spill-free 64-row tiles do not fit sm_80's registers with the
-#: float32-grade split epilogue); each must have a spill-free wgmma candidate for autotuning on sm_90.
-SM90_PLAIN_DEFAULTS = {"fwd t5-large E=60 bfloat16", "bwd t5-large E=10 sent bfloat16"}
+#: float32-grade split epilogue); each must have a spill-free wgmma candidate for autotuning on sm_90. The
+#: backward that reads h ("bwd ...", the default) has no GEMM: its dots are the epilogue's, wgmma or not.
+SM90_PLAIN_DEFAULTS = {"fwd t5-large E=60 bfloat16", "bwd-fused t5-large E=10 sent bfloat16"}
+#: Defaults of the backward that reads h which spill, (name, capability) -> bytes (the AOT reports): its
+#: epilogue, fed by loaded tiles rather than the recompute's accumulator, takes more registers than the fused
+#: kernel's at the same tiles, and 16 rows is the shortest tile. Recorded so that growth or a new spill fails.
+H_READ_SPILLS = {
+    ("bwd t5-large E=60 bfloat16", 90): 48,
+    ("bwd t5-large E=10 sent bfloat16", 80): 32,
+    ("bwd t5-large E=10 sent bfloat16", 90): 48,
+    ("bwd d128 E=10 bfloat16", 90): 144,
+}
 #: Largest dynamic shared memory per block (bytes): sm_80 163 KiB, sm_90 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -406,11 +483,13 @@ def _aot_defaults_in_background():
 def _check_reports(reports: list[aot.CompileReport]) -> None:
     errors = [f"{r.name} sm_{r.capability}: {r.error}" for r in reports if r.error]
     assert not errors, "\n".join(errors)
-    spilled = [f"{r.name} sm_{r.capability}" for r in reports if r.default and r.spill_bytes != 0]
+    allowed = lambda r: H_READ_SPILLS.get((r.name.rsplit(" ", 1)[0], r.capability), 0)  # noqa: E731
+    spilled = [f"{r.name} sm_{r.capability}" for r in reports if r.default and r.spill_bytes > allowed(r)]
     assert not spilled, spilled
     too_big = [f"{r.name} sm_{r.capability}" for r in reports if r.shared_bytes > SMEM_LIMIT[r.capability]]
     assert not too_big, f"shared memory over the per-block limit: {too_big}"
-    bf16_sm90 = [r for r in reports if r.capability == 90 and "bfloat16" in r.name and r.default]
+    wgmma_kinds = [r for r in reports if not r.name.startswith("bwd ")]  # the h-reading backward has no GEMM
+    bf16_sm90 = [r for r in wgmma_kinds if r.capability == 90 and "bfloat16" in r.name and r.default]
     plain = {r.name.rsplit(" ", 1)[0] for r in bf16_sm90 if not r.uses_wgmma}
     assert bf16_sm90 and plain <= SM90_PLAIN_DEFAULTS, plain
 
@@ -425,12 +504,14 @@ def test_aot_default_configs_compile_without_spills_and_with_wgmma(_aot_defaults
     print(
         f"\n{aot.format_reports(reports + alternatives)}\n({len(reports)} compiles; waited {time.time() - start:.0f} s)"
     )
-    assert len(reports) == 2 * (2 * len(analysis.AOT_SHAPES) + 4)
+    assert len(reports) == 2 * (3 * len(analysis.AOT_SHAPES) + 6)  # fwd, bwd (reads h), bwd-fused
     assert all(r.default for r in reports)
     _check_reports(reports)
     # where the sm_90 default is mma.sync, autotuning on sm_90 has a spill-free wgmma tile to pick
     plain = {
-        r.name.rsplit(" ", 1)[0] for r in reports if r.capability == 90 and "bfloat16" in r.name and not r.uses_wgmma
+        r.name.rsplit(" ", 1)[0]
+        for r in reports
+        if r.capability == 90 and "bfloat16" in r.name and not r.uses_wgmma and not r.name.startswith("bwd ")
     }
     assert {r.name.rsplit(" ", 1)[0] for r in alternatives} == plain
     assert all(r.uses_wgmma and r.spill_bytes == 0 and not r.error for r in alternatives), aot.format_reports(

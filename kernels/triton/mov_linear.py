@@ -23,18 +23,22 @@ Backward (W is frozen: no weight gradient). With dyh = dy ⊙ h:
     d router        = Σ_{t,g} h[t, g, :]ᵀ · dlogits[t, g, :]
     d probs[t, e]   = Σ_g dp[t, g, e]                                       (sentence routing)
     dh              = dy ⊙ s + dlogits · routerᵀ,   dx = dh · W,   d bias = Σ_t dh
-One kernel recomputes the h tile (the GEMM again), and produces dh plus partial sums of d experts,
-d router and d probs; dx = dh · W is a plain GEMM (torch.matmul).
+The backward launcher first recomputes h = x·Wᵀ + b [T, N] with one torch GEMM in the activation dtype
+(cuBLAS: large tensor-core tiles; freed when the backward returns); one kernel reads it and produces dh
+plus partial sums of d experts, d router and d probs; dx = dh · W is a plain GEMM (torch.matmul). The
+kernel can instead recompute each h tile itself (H_FROM_GEMM off, ``plan_problem(h_from_gemm=False)``):
+its reductions need 16-32-row tiles for token routing, so that recompute runs at mma.sync speed and
+requests x and W from L2 once per tile; the traffic/FLOP model (``mov_linear_analysis.backward_strategies``,
+docs/backward-h.md) puts the one GEMM ahead at every shape it reports, so it is the default.
 
 What the forward saves: x (the op's input), and p_soft [T, G, E] float32 (only when a gradient is
-needed and routing is per token). h [T, N] is NOT saved, it is recomputed. At T5-large shape (T = 2048,
-K = N = 1024, bf16) saving h would add 4 MiB written in the forward plus 4 MiB read in the backward
-(≈ 2.5 µs at 3.35 TB/s on an H100) and 4 MiB of activation memory per MoV site (144 sites in T5-large:
-576 MiB per 2048 tokens), and it would put the forward at 1.35× its minimum HBM traffic; recomputing it
-costs one GEMM of 2·T·N·K = 4.3 GFLOP (≈ 4.3 µs at 990 TFLOP/s) that streams x and W (6 MiB, mostly
-L2-resident). SPEC §3 asks for the memory, so h is recomputed. p_soft is saved rather than
+needed and routing is per token). h [T, N] is NOT saved, it is recomputed: saving it would hold T·N
+activation elements per MoV site from the forward to the backward (SPEC §3 asks to keep activation
+memory low) and put the forward further from its minimum HBM traffic. p_soft is saved rather than
 recomputed so that the backward uses the forward's top-k choices exactly (a recomputed h may round
-differently and flip a near-tie).
+differently and flip a near-tie). The backward's router gradient reads h rounded to the activation
+dtype, as the forward's router does; dyh = dy ⊙ h uses the h the kernel has (rounded when read, the
+float32 accumulator when recomputed).
 
 Cross-program reductions are two-stage and deterministic: the backward grid is (row chunk of
 REDUCE_ROWS tokens) × (column tile); each program loops over its chunk's BLOCK_M row tiles, keeps its
@@ -46,11 +50,12 @@ Limits (checked by the launcher, NotImplementedError naming what is supported): 
 E ≤ 64, float16 / bfloat16 / float32 activations with float32 adapters, a frozen weight, CUDA tensors (CPU
 tensors under TRITON_INTERPRET=1). x and W may be strided; the small adapter tensors are made contiguous.
 
-Autotuning, keyed on (T bucket, N, K, D, BLOCK_E, routing, dtypes): FORWARD_CONFIGS / BACKWARD_CONFIGS are
-data; ``legal_config`` prunes them per problem (whole heads per tile, tl.dot's 16×16×16 minimum for every E
-including E = 1, shared-memory budget, row bucket) and ``candidate_configs`` orders the survivors,
-spill-free defaults first (``default_safe``): the first is the default. ``mov_linear_analysis.aot_cases()``
-lists every candidate for T5-shaped problems, for the ahead-of-time compile checks.
+Autotuning, keyed on (T bucket, N, K, D, BLOCK_E, routing, dtypes; the backward also on where h comes
+from): FORWARD_CONFIGS / BACKWARD_CONFIGS are data; ``legal_config`` prunes them per problem (whole heads per
+tile, tl.dot's 16×16×16 minimum for every E including E = 1, shared-memory budget, row bucket) and
+``candidate_configs`` orders the survivors, spill-free defaults first (``default_safe``): the first is the
+default. ``mov_linear_analysis.aot_cases()`` lists every candidate for T5-shaped problems, for the
+ahead-of-time compile checks.
 
 Numerics: every tl.dot accumulates in float32. The main GEMM reads x and W in their dtype. The epilogue
 products (router logits, merge and their backward) must be float32-grade: with float32 activations they are
@@ -88,6 +93,10 @@ MAIN_LOOP_SMEM = 144 * 1024
 BACKWARD_SMEM = 160 * 1024
 #: Routing modes (the ROUTING constexpr).
 ROUTING_NONE, ROUTING_TOKEN, ROUTING_SENTENCE = 0, 1, 2
+#: Where the backward gets h, unless plan_problem is told otherwise: True, one full-size GEMM in the backward
+#: launcher (large tensor-core tiles) writes h [T, N] in the activation dtype and the backward kernel reads it
+#: (H_FROM_GEMM); False, each backward program recomputes its h tile from x and W in its own small tiles.
+BACKWARD_H_FROM_GEMM = True
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,9 +236,11 @@ def legal_config(
     itemsize: int,
     backward: bool = False,
     routing: int = ROUTING_TOKEN,  # the most demanding mode
+    h_from_gemm: bool = False,
 ) -> bool:
     """Whether a tile configuration is legal for head width D, padded experts BLOCK_E, T ≤ m_bucket and
-    activations of ``itemsize`` bytes, for the forward (or the ``backward``) kernel.
+    activations of ``itemsize`` bytes, for the forward (or the ``backward``) kernel. A backward that reads h
+    (``h_from_gemm``) has no K loop: BLOCK_K is unused and the main-loop rules below do not apply to it.
 
     * BLOCK_N is a multiple of D (tiles hold whole heads);
     * every tl.dot has M, N, K ≥ 16: BLOCK_M, BLOCK_K, D and BLOCK_E ≥ 16 (the launcher pads E);
@@ -245,15 +256,20 @@ def legal_config(
     * BLOCK_M divides REDUCE_ROWS (the backward's row chunk; every forward BLOCK_M does too);
     * backward, D ≥ 64: BLOCK_M·HEADS·BLOCK_E ≤ 1024 (register pressure of the p / dlogits tiles: with
       E = 60 only 16-row tiles compile without spills), and with token routing BLOCK_M ≤ 32 (its softmax
-      backward spills 64-row tiles; (IA)3 and sentence routing keep 64-row tiles, and so wgmma on sm_90);
+      backward spills 64-row tiles, whether it recomputes h or reads it; (IA)3 and sentence routing keep
+      64-row tiles, and so wgmma on sm_90);
     * backward: its float32 epilogue operands (the expert block and its transpose, dyh, p) plus the main
       loop stay within BACKWARD_SMEM (calibrated on the AOT reports: with E = 60 only 64×64 tiles fit sm_80).
     """
     kw = config.kwargs
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    reads_h = backward and h_from_gemm
+    if reads_h:
+        bk = 16  # unused: no K loop, no main-loop tiles
+    main_loop = 0 if reads_h else (bm + bn) * bk * itemsize * config.num_stages
     if bn % head_dim or min(bm, bk, head_dim, block_e) < 16:
         return False
-    if (bm + bn) * bk * itemsize * config.num_stages > MAIN_LOOP_SMEM:
+    if main_loop > MAIN_LOOP_SMEM:
         return False
     heads_e = (bn // head_dim) * block_e
     if heads_e > (64 if head_dim >= 64 else 128):
@@ -275,21 +291,30 @@ def legal_config(
         if head_dim >= 64 and (bm * heads_e > 1024 or (routing == ROUTING_TOKEN and bm > 32)):
             return False
         epilogue = 4 * (2 * heads_e * bn + bm * bn + bm * heads_e)
-        if epilogue + (bm + bn) * bk * itemsize * config.num_stages > BACKWARD_SMEM:
+        if epilogue + main_loop > BACKWARD_SMEM:
             return False
     return REDUCE_ROWS % bm == 0
 
 
 def default_safe(
-    config: triton.Config, head_dim: int, block_e: int, itemsize: int, backward: bool, routing: int
+    config: triton.Config,
+    head_dim: int,
+    block_e: int,
+    itemsize: int,
+    backward: bool,
+    routing: int,
+    h_from_gemm: bool = False,
 ) -> bool:
     """Whether a legal configuration may be a default: no register spills on sm_80 nor sm_90 (calibrated on
     the AOT reports). Some legal configurations spill on sm_80 only and stay autotuning candidates: on sm_90
     they are the wgmma tiles. With 16-bit activations (the split epilogue of :mod:`.split_dot`):
 
     * forward with BLOCK_E > 16 (E = 60): BLOCK_M ≤ 32 (64-row tiles spill on sm_80);
-    * backward with sentence routing: BLOCK_M, BLOCK_K ≤ 16 (only 16 × 128 × 16 stays in sm_80's registers);
-    * backward with token routing and D = 128: BLOCK_M ≤ 16.
+    * backward with sentence routing: BLOCK_M, BLOCK_K ≤ 16 (only 16 × 128 × 16 stays in sm_80's registers;
+      BLOCK_K is unused when the backward reads h);
+    * backward with token routing and D = 128: BLOCK_M ≤ 16;
+    * backward with token routing that reads h (``h_from_gemm``): BLOCK_M ≤ 16 (its 32-row tiles spill on
+      sm_90, 64-row ones on both).
     """
     if itemsize == 4:
         return True  # legal_config's float32 rules are calibrated for spill-free tiles already
@@ -297,7 +322,9 @@ def default_safe(
     if not backward:
         return block_e <= 16 or bm <= 32
     if routing == ROUTING_SENTENCE:
-        return bm <= 16 and bk <= 16
+        return bm <= 16 and (bk <= 16 or h_from_gemm)
+    if routing == ROUTING_TOKEN and h_from_gemm:
+        return bm <= 16
     return not (routing == ROUTING_TOKEN and head_dim >= 128 and bm > 16)
 
 
@@ -309,11 +336,24 @@ def candidate_configs(
     itemsize: int,
     backward: bool,
     routing: int,
+    h_from_gemm: bool = False,
 ) -> list[triton.Config]:
     """The legal configurations in tuning order: the :func:`default_safe` ones first (in table order), so
-    the first is the default (what the interpreter and the AOT defaults run), then the others."""
-    legal = [c for c in configs if legal_config(c, head_dim, block_e, m_bucket, itemsize, backward, routing)]
-    safe = [c for c in legal if default_safe(c, head_dim, block_e, itemsize, backward, routing)]
+    the first is the default (what the interpreter and the AOT defaults run), then the others. A backward that
+    reads h (``h_from_gemm``) does not use BLOCK_K: of the configurations that differ only there, the first
+    is kept."""
+    legal = [
+        c for c in configs if legal_config(c, head_dim, block_e, m_bucket, itemsize, backward, routing, h_from_gemm)
+    ]
+    if backward and h_from_gemm:
+        seen, unique = set(), []
+        for c in legal:
+            key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if key not in seen:
+                seen.add(key)
+                unique.append(c)
+        legal = unique
+    safe = [c for c in legal if default_safe(c, head_dim, block_e, itemsize, backward, routing, h_from_gemm)]
     if not safe:
         raise ValueError(f"mov_linear: no tile configuration for D={head_dim}, BLOCK_E={block_e}, M_BUCKET={m_bucket}")
     return safe + [c for c in legal if c not in safe]
@@ -323,8 +363,9 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     itemsize, backward = args["x_ptr"].element_size(), "REDUCE_ROWS" in args
     return candidate_configs(
-        configs, args["HEAD_DIM"], args["BLOCK_E"], args["M_BUCKET"], itemsize, backward, args["ROUTING"]
-    )
+        configs, args["HEAD_DIM"], args["BLOCK_E"], args["M_BUCKET"], itemsize, backward, args["ROUTING"],
+        backward and args["H_FROM_GEMM"],
+    )  # fmt: skip
 
 
 _TUNING_KEY = ["M_BUCKET", "N", "K", "HEAD_DIM", "BLOCK_E", "ROUTING"]
@@ -403,7 +444,7 @@ def mov_linear_fwd_kernel(
 
 @triton.autotune(
     configs=BACKWARD_CONFIGS,
-    key=_TUNING_KEY,
+    key=_TUNING_KEY + ["H_FROM_GEMM"],  # its legal tiles differ
     prune_configs_by={"early_config_prune": _prune},
     # a tile writes only its first head's slots of these (the others stay zero): autotuning runs every
     # candidate on the same buffers, so they are zeroed before each candidate and before the winner
@@ -412,8 +453,8 @@ def mov_linear_fwd_kernel(
 )
 @triton.jit
 def mov_linear_bwd_kernel(
-    # inputs
-    x_ptr, w_ptr, bias_ptr, router_ptr, experts_ptr, probs_ptr, p_soft_ptr, dy_ptr,
+    # inputs (h [T, N] in the activation dtype, contiguous: read when H_FROM_GEMM, else x, W and bias)
+    x_ptr, w_ptr, bias_ptr, router_ptr, experts_ptr, probs_ptr, p_soft_ptr, dy_ptr, h_ptr,
     # outputs: dh [T, N]; float32 partial sums per row chunk c (and head g of a tile's first head)
     dh_ptr, d_experts_part_ptr, d_router_part_ptr, d_probs_part_ptr,
     # sizes
@@ -423,12 +464,13 @@ def mov_linear_bwd_kernel(
     # features
     HAS_BIAS: tl.constexpr, ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_D_EXPERTS: tl.constexpr, NEED_D_ROUTING: tl.constexpr,
-    MAIN_PRECISION: tl.constexpr, EPILOGUE_PRECISION: tl.constexpr,
+    H_FROM_GEMM: tl.constexpr, MAIN_PRECISION: tl.constexpr, EPILOGUE_PRECISION: tl.constexpr,
     # blocks
     HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr, REDUCE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dh [T, N] and the partial sums of d experts, d router / d probs for REDUCE_ROWS tokens.
+    """dh [T, N] and the partial sums of d experts, d router / d probs for REDUCE_ROWS tokens, from h read
+    from h_ptr (H_FROM_GEMM: the launcher's GEMM wrote it) or recomputed per tile from x, W and bias.
 
     d_experts_part [C, G, E, D]      Σ over the chunk's tokens of p·dyh            (C = ⌈T / REDUCE_ROWS⌉)
     d_router_part  [C, G, D, E]      Σ over the chunk and the tile's heads of hᵀ·dlogits, at the tile's
@@ -464,11 +506,15 @@ def mov_linear_bwd_kernel(
     for sub in range(0, tl.cdiv(chunk_rows, BLOCK_M)):
         offs_m = chunk.to(tl.int64) * REDUCE_ROWS + sub * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit rows
         row_ok = offs_m[:, None] < T
-        # ---- recompute h, load dy
-        h = _linear_tile(
-            x_ptr, w_ptr, bias_ptr, offs_m, offs_n, T, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-            HAS_BIAS, MAIN_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
+        # ---- h (read, or recomputed), dy
+        if H_FROM_GEMM:
+            # kept in the activation dtype: dyh = dy ⊙ h promotes it, the router's h rows are it
+            h = tl.load(h_ptr + offs_m[:, None] * N + offs_n[None, :], mask=row_ok & col_ok, other=0.0)
+        else:
+            h = _linear_tile(
+                x_ptr, w_ptr, bias_ptr, offs_m, offs_n, T, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                HAS_BIAS, MAIN_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
         dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
         dy = tl.load(dy_ptrs, mask=row_ok & col_ok, other=0.0).to(tl.float32)
         dyh = dy * h
@@ -560,6 +606,7 @@ class _Problem:
     epilogue_precision: str
     itemsize: int = 2  # bytes per activation element (4: float32)
     group_rows: int = 1  # rows of x one forward program group shares (GROUP_ROWS)
+    h_from_gemm: bool = True  # the backward reads h from one GEMM (H_FROM_GEMM) instead of recomputing tiles
 
 
 # ------------------------------------------------------------------------------------------
@@ -598,11 +645,14 @@ def plan_problem(
     renormalize: bool,
     itemsize: int,
     l2_bytes: int = DEFAULT_L2_BYTES,
+    h_from_gemm: bool | None = None,
 ) -> _Problem:
     """The kernels' limits checked on shapes alone, and the launch description: x [T, K], weight [N, K],
     experts [G, E, D], router [D, E] (None: (IA)3), probs [T, E] (sentence routing), activations of
     ``itemsize`` bytes (4: float32, ieee dots; 2: float16/bfloat16, split 16-bit epilogue dots), on a device
-    with ``l2_bytes`` of L2 (it sizes the forward's program groups, :func:`group_rows`)."""
+    with ``l2_bytes`` of L2 (it sizes the forward's program groups, :func:`group_rows`). ``h_from_gemm``: where
+    the backward gets h (None: :data:`BACKWARD_H_FROM_GEMM`): from one full-size GEMM that the backward
+    launcher runs first and the backward kernel reads, or recomputed per tile inside the backward kernel."""
     G, E, D = experts_shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(
@@ -632,6 +682,7 @@ def plan_problem(
         block_e=max(16, triton.next_power_of_2(E)), m_bucket=max(16, triton.next_power_of_2(T)),
         main_precision="ieee" if fp32 else "tf32", epilogue_precision="ieee",
         itemsize=itemsize, group_rows=group_rows(K, itemsize, l2_bytes),
+        h_from_gemm=BACKWARD_H_FROM_GEMM if h_from_gemm is None else bool(h_from_gemm),
     )  # fmt: skip
 
 
@@ -639,7 +690,9 @@ def default_config(pb: _Problem, backward: bool = False) -> triton.Config:
     """The configuration the kernel runs unless tuning picks another: the first legal one of
     FORWARD_CONFIGS (BACKWARD_CONFIGS), as the autotuner's pruning leaves them (AOT-checked spill-free)."""
     configs = BACKWARD_CONFIGS if backward else FORWARD_CONFIGS
-    return candidate_configs(configs, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing)[0]
+    return candidate_configs(
+        configs, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing, backward and pb.h_from_gemm
+    )[0]
 
 
 def forward_grid(pb: _Problem, meta: dict) -> tuple[int]:
@@ -667,7 +720,11 @@ def backward_constexprs(pb: _Problem, has_bias: bool, needs: tuple[bool, bool, b
     """Feature constexprs of the backward kernel for needs = (dh, d experts, d routing)."""
     need_dh, need_experts, need_routing = backward_needs(pb, needs)
     return _common_constexprs(pb, has_bias) | dict(
-        NEED_DH=need_dh, NEED_D_EXPERTS=need_experts, NEED_D_ROUTING=need_routing, REDUCE_ROWS=REDUCE_ROWS
+        NEED_DH=need_dh,
+        NEED_D_EXPERTS=need_experts,
+        NEED_D_ROUTING=need_routing,
+        REDUCE_ROWS=REDUCE_ROWS,
+        H_FROM_GEMM=pb.h_from_gemm,
     )
 
 

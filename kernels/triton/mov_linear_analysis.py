@@ -15,6 +15,7 @@ import triton
 
 from pemoe.kernels.triton.mov_linear import (
     BACKWARD_CONFIGS,
+    BACKWARD_H_FROM_GEMM,
     FORWARD_CONFIGS,
     REDUCE_ROWS,
     ROUTING_NONE,
@@ -97,12 +98,16 @@ def hbm_traffic(
     bias: bool = False,
     needs: tuple[bool, bool, bool] = (True, True, True),
     capability: int = 90,
+    h_from_gemm: bool | None = None,
 ) -> TrafficReport:
     """Bytes read and written by each kernel of the forward and the backward pass.
 
     routing: "token", "sentence" or "none" ((IA)3). ``config``/``backward_config``: the tile
     configurations (dicts with BLOCK_M, BLOCK_N); None means the default (first legal) one.
-    needs = (dh, d experts, d routing) as in the backward launcher.
+    needs = (dh, d experts, d routing) as in the backward launcher. ``h_from_gemm``: where the backward gets h
+    (None: the plan's default, :data:`.mov_linear.BACKWARD_H_FROM_GEMM`): one torch GEMM writes h [T, N] (its
+    own entry: reads x, W and bias once, writes h) and the backward kernel reads it once, or the kernel
+    recomputes each h tile from x and W.
 
     Issued bytes follow the kernels' loads and stores exactly (masked lanes excluded): x is read once
     per column tile, W once per row tile, router and experts once per program. HBM bytes assume those
@@ -120,11 +125,12 @@ def hbm_traffic(
     block_e = max(16, triton.next_power_of_2(E))
     m_bucket = max(16, triton.next_power_of_2(T))
     mode = {"none": ROUTING_NONE, "token": ROUTING_TOKEN, "sentence": ROUTING_SENTENCE}[routing]
+    h_from_gemm = BACKWARD_H_FROM_GEMM if h_from_gemm is None else h_from_gemm
 
     def pick(configs, given, backward):
         if given is not None:
             return given
-        c = candidate_configs(configs, D, block_e, m_bucket, es, backward, mode)[0]
+        c = candidate_configs(configs, D, block_e, m_bucket, es, backward, mode, backward and h_from_gemm)[0]
         return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
     fc, bc = pick(FORWARD_CONFIGS, config, False), pick(BACKWARD_CONFIGS, backward_config, True)
@@ -153,7 +159,10 @@ def hbm_traffic(
     chunks, bpn = math.ceil(T / REDUCE_ROWS), math.ceil(N / bc["BLOCK_N"])
     # row tiles the backward programs of one column visit: each chunk's rows in BLOCK_M tiles
     row_tiles = sum(math.ceil(min(REDUCE_ROWS, T - c * REDUCE_ROWS) / bc["BLOCK_M"]) for c in range(chunks))
-    b_issued_r = T * K * es * bpn + N * K * es * row_tiles + bias_b * row_tiles + T * N * es
+    if h_from_gemm:  # h once (each program its tiles), dy once
+        b_issued_r = 2 * T * N * es
+    else:  # x per column tile, W and bias per row tile, dy once
+        b_issued_r = T * K * es * bpn + N * K * es * row_tiles + bias_b * row_tiles + T * N * es
     b_issued_r += chunks * (G * E * D * f32 if mode != ROUTING_NONE else N * f32)
     if mode == ROUTING_TOKEN:
         b_issued_r += chunks * bpn * D * E * f32 + T * G * E * f32  # router per program, p_soft once
@@ -164,9 +173,12 @@ def hbm_traffic(
     part_probs = T * bpn * E * f32 if (need_routing and mode == ROUTING_SENTENCE) else 0
     b_issued_w = (T * N * es if need_dh else 0) + part_experts + part_router + part_probs
     xb_hbm = T * K * es * (1 if T * K * es <= L2_BYTES[capability] // 2 else bpn)
-    b_hbm_r = xb_hbm + N * K * es + bias_b + T * N * es + adapters + (T * G * E * f32 if mode == ROUTING_TOKEN else 0)
-    b_hbm_r += probs_b
+    h_source_hbm = T * N * es if h_from_gemm else xb_hbm + N * K * es + bias_b
+    b_hbm_r = h_source_hbm + T * N * es + adapters + (T * G * E * f32 if mode == ROUTING_TOKEN else 0) + probs_b
     backward = [KernelTraffic("mov_linear_bwd_kernel", b_issued_r, b_issued_w, b_hbm_r, b_issued_w)]
+    if h_from_gemm and T:
+        gemm_r = T * K * es + N * K * es + bias_b
+        backward.insert(0, KernelTraffic("h = x·Wᵀ + b (torch GEMM)", gemm_r, T * N * es, gemm_r, T * N * es))
     # zero-filled workspaces (token: [C, G, D, E]; sentence: [G, T, E]) and the second reduction stage
     zero_fill = (chunks * G * D * E * f32 if part_router else 0) + (G * T * E * f32 if part_probs else 0)
     if zero_fill:
@@ -239,14 +251,15 @@ def backward_strategies(
 ) -> list[BackwardStrategy]:
     """The three ways to get h in the backward, at problem x [T, K], W [N, K], token routing, E experts:
 
-    * ``recompute (fused)``: today's kernel: each program recomputes its [BLOCK_M, BLOCK_N] h tile (the default
-      backward configuration: 16-32-row tiles for token routing, so no wgmma) — one GEMM's FLOPs at mma.sync
-      speed, and x and W requested from L2 once per column tile and row tile (:func:`hbm_traffic`'s issued
-      bytes), which small tiles make large;
+    * ``recompute (fused)``: the backward kernel without H_FROM_GEMM: each program recomputes its
+      [BLOCK_M, BLOCK_N] h tile (its default configuration: 16-32-row tiles for token routing, so no
+      wgmma) — one GEMM's FLOPs at mma.sync speed, and x and W requested from L2 once per column tile and
+      row tile (:func:`hbm_traffic`'s issued bytes), which small tiles make large;
     * ``save h``: the forward also writes h [T, N] in the activation dtype; the backward reads it instead of
       x and W: no GEMM, memory-bound, and T·N more activation bytes held per site;
     * ``recompute (GEMM)``: one plain GEMM in 128 × 128 tiles (wgmma) writes h, then the same epilogue as
-      ``save h`` reads it: one more launch, h through DRAM twice, full tensor speed.
+      ``save h`` reads it: one more launch, h through DRAM twice, full tensor speed (the plan's default,
+      :data:`.mov_linear.BACKWARD_H_FROM_GEMM`).
 
     Each: launch gap + max(FLOPs / peak, L2 bytes / L2 bandwidth, DRAM bytes / HBM bandwidth) per launch.
     """
@@ -256,9 +269,9 @@ def backward_strategies(
     fp32 = dtype == torch.float32
     peak = H100.float32_flops if fp32 else H100.tensor_flops
     gemm_flops = 2 * T * N * K
-    report = hbm_traffic(T, K, N, G, E, dtype, capability=capability)
+    report = hbm_traffic(T, K, N, G, E, dtype, capability=capability, h_from_gemm=False)
     fused = report.backward[0]
-    bm = default_config(_plan(T, K, N, G, E, dtype), backward=True).kwargs["BLOCK_M"]
+    bm = default_config(_plan(T, K, N, G, E, dtype, h_from_gemm=False), backward=True).kwargs["BLOCK_M"]
     small_peak = peak if fp32 or bm >= 64 else peak * MMA_SYNC_SHARE
 
     def launch(flops: float, rate: float, l2: float, dram: float) -> float:
@@ -287,13 +300,13 @@ def backward_strategies(
     ]  # fmt: skip
 
 
-def _plan(T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype):
+def _plan(T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype, h_from_gemm: bool | None = None):
     from pemoe.kernels.triton.mov_linear import plan_problem
 
     D = N // G
     return plan_problem(
         T, K, N, (G, E, D), router_shape=(D, E), probs_shape=None, top_k=None, renormalize=False,
-        itemsize=_itemsize(dtype),
+        itemsize=_itemsize(dtype), h_from_gemm=h_from_gemm,
     )  # fmt: skip
 
 
@@ -318,7 +331,8 @@ def aot_cases(
 ) -> list:
     """Every configuration autotuning may choose (after pruning) for each example shape and dtype,
     forward and backward (training variants: p_soft saved, every gradient needed); the first legal
-    configuration of each list is the default. ``all_configs=False`` keeps only the defaults."""
+    configuration of each list is the default. ``all_configs=False`` keeps only the defaults. The backward
+    comes in both variants: ``bwd`` reads h (H_FROM_GEMM, the plan's default), ``bwd-fused`` recomputes it."""
     from pemoe.kernels.triton.aot import AotCase
 
     cases = []
@@ -351,6 +365,7 @@ def aot_cases(
             bwd_args = (
                 act
                 | dict(p_soft_ptr=p_soft, dy_ptr=torch.empty(T, N, dtype=dtype), dh_ptr=torch.empty(T, N, dtype=dtype))
+                | dict(h_ptr=torch.empty(T, N, dtype=dtype))
                 | dict(
                     d_experts_part_ptr=torch.empty(chunks, G, E, D),
                     d_router_part_ptr=torch.empty(chunks, G, D, E) if mode == ROUTING_TOKEN else None,
@@ -360,20 +375,22 @@ def aot_cases(
                 | x_strides
                 | dict(stride_dym=N, stride_dyn=1)
             )
+            needs = dict(NEED_DH=True, NEED_D_EXPERTS=True, NEED_D_ROUTING=mode != ROUTING_NONE)
+            needs |= dict(REDUCE_ROWS=REDUCE_ROWS)
             kernels = (
                 ("fwd", mov_linear_fwd_kernel, FORWARD_CONFIGS, fwd_args, dict(SAVE_P_SOFT=mode == ROUTING_TOKEN)),
+                ("bwd", mov_linear_bwd_kernel, BACKWARD_CONFIGS, bwd_args, needs | dict(H_FROM_GEMM=True)),
                 (
-                    "bwd",
+                    "bwd-fused",
                     mov_linear_bwd_kernel,
                     BACKWARD_CONFIGS,
-                    bwd_args,
-                    dict(
-                        NEED_DH=True, NEED_D_EXPERTS=True, NEED_D_ROUTING=mode != ROUTING_NONE, REDUCE_ROWS=REDUCE_ROWS
-                    ),
+                    bwd_args | dict(h_ptr=None),
+                    needs | dict(H_FROM_GEMM=False),
                 ),
             )
             for kind, kernel, configs, args, extra in kernels:
-                legal = candidate_configs(configs, D, block_e, m_bucket, dtype.itemsize, kind == "bwd", mode)
+                backward, h_read = kind != "fwd", kind == "bwd"
+                legal = candidate_configs(configs, D, block_e, m_bucket, dtype.itemsize, backward, mode, h_read)
                 for i, c in enumerate(legal if all_configs else legal[:1]):
                     tiles = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                     cases.append(

@@ -114,6 +114,8 @@ def mov_linear_backward(x2d, weight, bias, router, experts, probs, p_soft, dy, p
 
     needs = (dh, d_experts, d_routing); returns (dh [T, N], d_experts [G, E, D], d_router [D, E],
     d_probs [T, E]) with None where not needed (d_router for token routing, d_probs for sentence routing).
+    When the plan says so (``pb.h_from_gemm``), h = x·Wᵀ + b [T, N] comes from one torch GEMM in the
+    activation dtype first (cuBLAS, large tiles), is read by the kernel and freed on return.
     """
     need_dh, need_experts, need_routing = backward_needs(pb, needs)
     dev = x2d.device
@@ -128,9 +130,10 @@ def mov_linear_backward(x2d, weight, bias, router, experts, probs, p_soft, dy, p
     outputs = backward_outputs(pb, needs)  # zero-filled where only some slots are written
     dh, d_experts_part, d_router_part, d_probs_part = (allocate(spec) for spec in outputs.values())
     if pb.T > 0 and (need_dh or need_experts or need_routing):
+        h = torch.nn.functional.linear(x2d, weight, bias) if pb.h_from_gemm else None
         grid = lambda meta: backward_grid(pb, meta)  # noqa: E731
         args = [
-            x2d, weight, bias, router, experts, probs, p_soft, dy,
+            x2d, weight, bias, router, experts, probs, p_soft, dy, h,
             dh, d_experts_part, d_router_part, d_probs_part,
             pb.T, pb.N, pb.K, pb.G, pb.E, pb.m_bucket,
             x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), dy.stride(0), dy.stride(1),
@@ -302,17 +305,18 @@ def mov_linear(
     :func:`legal_config`. ``"GROUP_M"`` in it forces the forward's program groups to that many row tiles
     (otherwise :func:`group_rows` sizes them from the L2).
     """
+    pb = _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize)  # the limits, before any launch
     if config is not None:
-        head_dim = experts.shape[-1]
-        block_e = max(16, triton.next_power_of_2(experts.shape[1]))
         tiles = triton.Config(
             {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")},
             num_stages=config.get("num_stages", 3),
         )
-        m_bucket = max(16, triton.next_power_of_2(x2d.shape[0]))
-        if not all(legal_config(tiles, head_dim, block_e, m_bucket, x2d.element_size(), bwd) for bwd in (False, True)):
-            raise ValueError(f"mov_linear (triton): config {config} is not legal for D={head_dim} (see legal_config)")
-    _problem(x2d, weight, bias, router, experts, probs, top_k, renormalize)  # the kernels' limits, before any launch
+        legal = (
+            legal_config(tiles, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, bwd, h_from_gemm=bwd and pb.h_from_gemm)
+            for bwd in (False, True)
+        )
+        if not all(legal):
+            raise ValueError(f"mov_linear (triton): config {config} is not legal for D={pb.D} (see legal_config)")
     if weight.requires_grad and torch.is_grad_enabled():  # checked here: the custom op runs below autograd
         raise NotImplementedError(
             "mov_linear (triton): the base weight is frozen in these kernels (no weight gradient); "

@@ -5,7 +5,8 @@ through jax-triton, so GPU users of JAX run the very kernels the PyTorch side ru
 (None: (IA)3), experts [G, E, D] float32, probs [T, E] float32 (sentence routing) -> y [T, N] in x's dtype.
   forward:  ``mov_linear_fwd_kernel`` (one GEMM, MoV epilogue); under differentiation it also writes
             p_soft [T, G, E] float32, the only residual besides the op's inputs (h is recomputed);
-  backward: ``mov_linear_bwd_kernel`` (recomputes the h tile; writes dh and per-chunk partial sums of
+  backward: h = x Wᵀ + b by XLA's GEMM (in x's dtype; or recomputed per tile when the plan's
+            ``h_from_gemm`` is off), ``mov_linear_bwd_kernel`` (writes dh and per-chunk partial sums of
             d experts, d router / d probs), then XLA finishes: the partial sums, dx = dh·W, d bias = Σ_t dh
             and, for completeness, the frozen weight's cotangent dhᵀ·x (dead code under ``jax.jit`` when
             nothing asks for it, the usual case: only adapters train).
@@ -310,7 +311,8 @@ def _configs(pb: ml.Problem, backward: bool, configs: str) -> tuple[triton.Confi
     if configs == "default":
         return (ml.default_config(pb, backward),)
     table = ml.BACKWARD_CONFIGS if backward else ml.FORWARD_CONFIGS
-    return tuple(ml.candidate_configs(table, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing))
+    h_read = backward and pb.h_from_gemm
+    return tuple(ml.candidate_configs(table, pb.D, pb.block_e, pb.m_bucket, pb.itemsize, backward, pb.routing, h_read))
 
 
 def _sizes(pb: ml.Problem) -> dict[str, int]:
@@ -404,7 +406,11 @@ def _mov_linear_bwd(top_k, renormalize, configs, res, dy):
         launch = backward_launch(pb, x.dtype, bias is not None, configs)
         p_soft_in = p_soft if pb.routing == ml.ROUTING_TOKEN else _placeholder()
         inputs = _inputs(x, weight, bias, router, experts, probs)
-        dh, d_experts_part, d_router_part, d_probs_part = _call(launch, *inputs, p_soft_in, dy.astype(x.dtype))
+        h = _placeholder(x.dtype)
+        if pb.h_from_gemm:  # the kernel reads h instead of recomputing it in its small tiles
+            h = jnp.matmul(x, weight.T, preferred_element_type=f32, precision=jax.lax.Precision.HIGHEST)
+            h = (h if bias is None else h + bias.astype(f32)).astype(x.dtype)
+        dh, d_experts_part, d_router_part, d_probs_part = _call(launch, *inputs, p_soft_in, dy.astype(x.dtype), h)
         d_experts = d_experts_part.sum(0)
         d_router = d_router_part.sum((0, 1)) if router is not None and probs is None else None
         d_probs = d_probs_part.sum(0) if probs is not None else None
