@@ -355,7 +355,11 @@ def _linear_types(shape: dict, act: str) -> tuple[list[list[str]], list[list[str
     inputs = [_t(T, K, ty=act), _t(N, K, ty=act), _t(1, ty=act), router, _t(G, E, D), probs]
     d_router = _t(C, G, D, E) if routing == "token" else _t(1)
     d_probs = _t(G, T, E) if routing == "sentence" else _t(1)
-    operands = [inputs, inputs + [p_soft, _t(T, N, ty=act), _t(T, N, ty=act)]]  # backward: + dy, h (XLA's GEMM)
+    # backward: + dy, h (XLA's GEMM) where the plan reads h (kernels/triton/mov_linear.py backward_reads_h: token
+    # routing or (IA)3, D <= 64, E <= 16), else a placeholder (the kernel recomputes h)
+    reads_h = routing != "sentence" and D <= 64 and E <= 16
+    h = _t(T, N, ty=act) if reads_h else _t(1, ty=act)
+    operands = [inputs, inputs + [p_soft, _t(T, N, ty=act), h]]
     results = [[_t(T, N, ty=act), p_soft], [_t(T, N, ty=act), _t(C, G, E, D), d_router, d_probs]]
     return operands, results
 

@@ -29,7 +29,9 @@ plus partial sums of d experts, d router and d probs; dx = dh · W is a plain GE
 kernel can instead recompute each h tile itself (H_FROM_GEMM off, ``plan_problem(h_from_gemm=False)``):
 its reductions need 16-32-row tiles for token routing, so that recompute runs at mma.sync speed and
 requests x and W from L2 once per tile; the traffic/FLOP model (``mov_linear_analysis.backward_strategies``,
-docs/backward-h.md) puts the one GEMM ahead at every shape it reports, so it is the default.
+docs/backward-h.md) puts the one GEMM ahead at every shape it reports, so it is the default wherever the
+h-reading kernel's default tile compiles spill-free (:func:`backward_reads_h`: not for sentence routing,
+BLOCK_E > 16 or D = 128, which recompute).
 
 What the forward saves: x (the op's input), and p_soft [T, G, E] float32 (only when a gradient is
 needed and routing is per token). h [T, N] is NOT saved, it is recomputed: saving it would hold T·N
@@ -95,7 +97,8 @@ BACKWARD_SMEM = 160 * 1024
 ROUTING_NONE, ROUTING_TOKEN, ROUTING_SENTENCE = 0, 1, 2
 #: Where the backward gets h, unless plan_problem is told otherwise: True, one full-size GEMM in the backward
 #: launcher (large tensor-core tiles) writes h [T, N] in the activation dtype and the backward kernel reads it
-#: (H_FROM_GEMM); False, each backward program recomputes its h tile from x and W in its own small tiles.
+#: (H_FROM_GEMM) wherever :func:`backward_reads_h` allows it; False, each backward program recomputes its h
+#: tile from x and W in its own small tiles, for every problem.
 BACKWARD_H_FROM_GEMM = True
 
 
@@ -651,8 +654,9 @@ def plan_problem(
     experts [G, E, D], router [D, E] (None: (IA)3), probs [T, E] (sentence routing), activations of
     ``itemsize`` bytes (4: float32, ieee dots; 2: float16/bfloat16, split 16-bit epilogue dots), on a device
     with ``l2_bytes`` of L2 (it sizes the forward's program groups, :func:`group_rows`). ``h_from_gemm``: where
-    the backward gets h (None: :data:`BACKWARD_H_FROM_GEMM`): from one full-size GEMM that the backward
-    launcher runs first and the backward kernel reads, or recomputed per tile inside the backward kernel."""
+    the backward gets h (None: :func:`backward_reads_h`, the spill-free choice for the shape): from one
+    full-size GEMM that the backward launcher runs first and the backward kernel reads, or recomputed per tile
+    inside the backward kernel."""
     G, E, D = experts_shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(
@@ -677,13 +681,33 @@ def plan_problem(
     # top_k = E keeps every expert: the plain softmax (renormalising by Σp = 1 changes nothing)
     k = 0 if (top_k is None or top_k == E or routing_mode != ROUTING_TOKEN) else int(top_k)
     fp32 = itemsize == 4
+    block_e = max(16, triton.next_power_of_2(E))
+    h_from_gemm = backward_reads_h(routing_mode, D, block_e) if h_from_gemm is None else bool(h_from_gemm)
     return _Problem(
         T=T, K=K, N=N, G=G, E=E, D=D, routing=routing_mode, top_k=k, renormalize=bool(renormalize and k),
-        block_e=max(16, triton.next_power_of_2(E)), m_bucket=max(16, triton.next_power_of_2(T)),
+        block_e=block_e, m_bucket=max(16, triton.next_power_of_2(T)),
         main_precision="ieee" if fp32 else "tf32", epilogue_precision="ieee",
-        itemsize=itemsize, group_rows=group_rows(K, itemsize, l2_bytes),
-        h_from_gemm=BACKWARD_H_FROM_GEMM if h_from_gemm is None else bool(h_from_gemm),
+        itemsize=itemsize, group_rows=group_rows(K, itemsize, l2_bytes), h_from_gemm=h_from_gemm,
     )  # fmt: skip
+
+
+def backward_reads_h(routing: int, head_dim: int, block_e: int) -> bool:
+    """Whether the backward of a problem reads h from one GEMM (H_FROM_GEMM) by default, rather than recompute
+    each h tile inside the backward kernel: :data:`BACKWARD_H_FROM_GEMM`, and a problem whose h-reading default
+    tile compiles without register spills — token routing or (IA)3, head width D ≤ 64, BLOCK_E = 16 (E ≤ 16).
+
+    The reason is registers, not speed (the one GEMM is faster at every shape the traffic/FLOP model reports,
+    docs/backward-h.md). The h-reading kernel's epilogue is fed by loaded h tiles instead of the recompute's
+    float32 accumulator and needs more registers at the same tile, and its default is already the shortest
+    (16 rows; BLOCK_K unused). In the AOT reports (bf16, triton 3.9) that default spills for sentence routing
+    (32 B on sm_80, 48 B on sm_90), for BLOCK_E = 64 (E = 60: 48 B on sm_90) and for
+    D = 128 (144 B on sm_90), while the fused recompute's defaults of those problems are spill-free; the
+    other example problems (token routing with E = 10, top-2 renormalised, (IA)3; D = 64) read h spill-free.
+    Defaults must be spill-free, so those problems keep the fused recompute. The rule is by shape alone, the
+    same for every activation dtype (float32 was measured only where h is read), and conservative between the
+    measured points (BLOCK_E = 32 and (IA)3 with D = 128 recompute too). ``plan_problem(h_from_gemm=True)``
+    still selects the h-reading kernel for any problem (autotuning and tests)."""
+    return BACKWARD_H_FROM_GEMM and routing != ROUTING_SENTENCE and head_dim <= 64 and block_e <= 16
 
 
 def default_config(pb: _Problem, backward: bool = False) -> triton.Config:

@@ -15,13 +15,13 @@ import triton
 
 from pemoe.kernels.triton.mov_linear import (
     BACKWARD_CONFIGS,
-    BACKWARD_H_FROM_GEMM,
     FORWARD_CONFIGS,
     REDUCE_ROWS,
     ROUTING_NONE,
     ROUTING_SENTENCE,
     ROUTING_TOKEN,
     SUPPORTED_DTYPES,
+    backward_reads_h,
     candidate_configs,
     default_config,
     group_rows,
@@ -105,7 +105,7 @@ def hbm_traffic(
     routing: "token", "sentence" or "none" ((IA)3). ``config``/``backward_config``: the tile
     configurations (dicts with BLOCK_M, BLOCK_N); None means the default (first legal) one.
     needs = (dh, d experts, d routing) as in the backward launcher. ``h_from_gemm``: where the backward gets h
-    (None: the plan's default, :data:`.mov_linear.BACKWARD_H_FROM_GEMM`): one torch GEMM writes h [T, N] (its
+    (None: the plan's default, :func:`.mov_linear.backward_reads_h`): one torch GEMM writes h [T, N] (its
     own entry: reads x, W and bias once, writes h) and the backward kernel reads it once, or the kernel
     recomputes each h tile from x and W.
 
@@ -125,7 +125,7 @@ def hbm_traffic(
     block_e = max(16, triton.next_power_of_2(E))
     m_bucket = max(16, triton.next_power_of_2(T))
     mode = {"none": ROUTING_NONE, "token": ROUTING_TOKEN, "sentence": ROUTING_SENTENCE}[routing]
-    h_from_gemm = BACKWARD_H_FROM_GEMM if h_from_gemm is None else h_from_gemm
+    h_from_gemm = backward_reads_h(mode, D, block_e) if h_from_gemm is None else h_from_gemm
 
     def pick(configs, given, backward):
         if given is not None:
@@ -259,7 +259,7 @@ def backward_strategies(
       x and W: no GEMM, memory-bound, and T·N more activation bytes held per site;
     * ``recompute (GEMM)``: one plain GEMM in 128 × 128 tiles (wgmma) writes h, then the same epilogue as
       ``save h`` reads it: one more launch, h through DRAM twice, full tensor speed (the plan's default,
-      :data:`.mov_linear.BACKWARD_H_FROM_GEMM`).
+      :func:`.mov_linear.backward_reads_h`, where its default tile is spill-free).
 
     Each: launch gap + max(FLOPs / peak, L2 bytes / L2 bandwidth, DRAM bytes / HBM bandwidth) per launch.
     """
@@ -327,12 +327,18 @@ AOT_SHAPES = (
 
 
 def aot_cases(
-    dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES, shapes: tuple = AOT_SHAPES, all_configs: bool = True
+    dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES,
+    shapes: tuple = AOT_SHAPES,
+    all_configs: bool = True,
+    h_read_everywhere: bool = False,
 ) -> list:
     """Every configuration autotuning may choose (after pruning) for each example shape and dtype,
     forward and backward (training variants: p_soft saved, every gradient needed); the first legal
     configuration of each list is the default. ``all_configs=False`` keeps only the defaults. The backward
-    comes in both variants: ``bwd`` reads h (H_FROM_GEMM, the plan's default), ``bwd-fused`` recomputes it."""
+    comes in two variants: ``bwd-fused`` recomputes h (every shape: ``BACKWARD_H_FROM_GEMM = False`` selects it
+    everywhere) and ``bwd`` reads it (H_FROM_GEMM), listed where the plan reads h by default
+    (:func:`.mov_linear.backward_reads_h`); ``h_read_everywhere`` lists it for the other shapes too, with no
+    case marked default there (the compiles that show why the plan recomputes h at those shapes)."""
     from pemoe.kernels.triton.aot import AotCase
 
     cases = []
@@ -388,9 +394,13 @@ def aot_cases(
                     needs | dict(H_FROM_GEMM=False),
                 ),
             )
+            plan_reads_h = backward_reads_h(mode, D, block_e)
             for kind, kernel, configs, args, extra in kernels:
                 backward, h_read = kind != "fwd", kind == "bwd"
+                if h_read and not (plan_reads_h or h_read_everywhere):
+                    continue
                 legal = candidate_configs(configs, D, block_e, m_bucket, dtype.itemsize, backward, mode, h_read)
+                planned = plan_reads_h or not h_read
                 for i, c in enumerate(legal if all_configs else legal[:1]):
                     tiles = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                     cases.append(
@@ -401,7 +411,7 @@ def aot_cases(
                             constexprs=common | extra | c.kwargs,
                             num_warps=c.num_warps,
                             num_stages=c.num_stages,
-                            default=i == 0,
+                            default=i == 0 and planned,
                         )
                     )
     return cases
