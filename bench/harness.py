@@ -186,6 +186,8 @@ class OpBench:
     run_group: Callable[..., None] | None = None
     #: (device) -> a line for the report header (e.g. the JAX version and backend)
     describe: Callable[[torch.device], str] | None = None
+    #: the dtypes (names of :data:`DTYPES`) run when ``--dtypes`` is not given; None: the runner's default
+    dtypes: tuple[str, ...] | None = None
 
 
 def shape_str(shape: dict[str, int]) -> str:
@@ -635,6 +637,15 @@ TABLE_COLUMNS = {
     ("fwd", "tflops"): "fwd TFLOP/s",
     ("fwd", "gbps"): "fwd GB/s",
     ("fwd", "roofline_pct"): "fwd % roofline",
+    # serving (bench/mixed_batch.py): throughput, and throughput ratios (higher is better)
+    ("prefill", "tokens_per_s"): "prefill tok/s",
+    ("prefill", "throughput_vs_one"): "prefill vs one",
+    ("prefill", "throughput_vs_loop"): "prefill vs loop",
+    ("prefill", "throughput_vs_peft"): "prefill vs PEFT",
+    ("decode", "tokens_per_s"): "decode tok/s",
+    ("decode", "throughput_vs_one"): "decode vs one",
+    ("decode", "throughput_vs_loop"): "decode vs loop",
+    ("decode", "throughput_vs_peft"): "decode vs PEFT",
 }
 
 
@@ -651,7 +662,8 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
         col = TABLE_COLUMNS.get((r["mode"], metric))
         if col is not None:
             v = float(r["p50"])
-            vals.setdefault(key, {})[col] = f"{v:.2f}x" if "ratio" in col else f"{v:.2f}"
+            ratio = "ratio" in col or metric.startswith("throughput_vs_")
+            vals.setdefault(key, {})[col] = f"{v:.2f}x" if ratio else (f"{v:.0f}" if "tok/s" in col else f"{v:.2f}")
     measured = {c for v in vals.values() for c in v}
     cols = [c for c in TABLE_COLUMNS.values() if c in measured]
     lines = [

@@ -7,7 +7,9 @@ saves for backward are recorded (:mod:`pemoe.bench.harness` says exactly what is
 long-format, rows appended as each case finishes. ``--ops jax_mov_linear,jax_molora_linear,jax_mov_ffn``
 times the JAX ops under ``jax.jit`` the same way (:mod:`pemoe.bench.jax_ops`). ``--ops t5_step,llama_step``
 times a whole training step of a T5 and of a Llama per adapter method against PEFT's
-(:mod:`pemoe.bench.t5_step`, :mod:`pemoe.bench.llama_step`).
+(:mod:`pemoe.bench.t5_step`, :mod:`pemoe.bench.llama_step`). ``--ops mixed_batch`` times serving one batch
+over a bank of 8 and 32 adapters (prefill and greedy decode, modes ``prefill`` and ``decode``) against one
+adapter for all, a loop over the adapters and PEFT's mixed-batch LoRA (:mod:`pemoe.bench.mixed_batch`).
 
 The command line (:mod:`pemoe.cli`) adds these options to its ``bench`` subcommand and calls :func:`run`;
 ``python -m pemoe.bench`` and ``python -m pemoe.bench.<op>`` call :func:`main`. The benchmarks never import
@@ -32,9 +34,12 @@ DEFAULT_OPS = ("mov_linear", "molora_linear", "mov_ffn")
 JAX_OPS = ("jax_mov_linear", "jax_molora_linear", "jax_mov_ffn")
 #: whole training steps per adapter method (T5, Llama), on request: a step takes about a second
 STEP_OPS = ("t5_step", "llama_step")
-ALL_OPS = (*DEFAULT_OPS, *STEP_OPS, *JAX_OPS)
+#: serving a batch over an adapter bank (prefill and greedy decode), on request: it takes minutes
+SERVING_OPS = ("mixed_batch",)
+ALL_OPS = (*DEFAULT_OPS, *STEP_OPS, *SERVING_OPS, *JAX_OPS)
 DEFAULT_DTYPES = ("float32", "bfloat16")
-MODES = ("fwd", "bwd", "fwd_bwd", "step")  # harness.py's; "bwd" (backward alone) on request
+#: harness.py's ("bwd", the backward alone, on request), then mixed_batch's serving modes
+MODES = ("fwd", "bwd", "fwd_bwd", "step", "prefill", "decode")
 DESCRIPTION = (
     "Time each op / provider / shape / dtype / mode, relative to the frozen linear floor, and measure the "
     "activation memory saved for backward. Writes results.csv, results.md and ratios.png."
@@ -59,12 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser, benches: dict, default_ops: S
         default=None,
         help=f"comma list of {', '.join(providers)} (default: each op's own; the 'linear' floor is always measured)",
     )
-    parser.add_argument("--dtypes", type=csv_list(list(DTYPES), "dtype"), default=list(DEFAULT_DTYPES))
+    parser.add_argument(
+        "--dtypes",
+        type=csv_list(list(DTYPES), "dtype"),
+        default=None,
+        help=f"comma list (default: each op's own; {','.join(DEFAULT_DTYPES)}, mixed_batch: float32)",
+    )
     parser.add_argument(
         "--modes",
         type=csv_list(list(MODES), "mode"),
         default=None,
-        help="comma list (default: each op's own: fwd,fwd_bwd; t5_step, llama_step: fwd_bwd,step)",
+        help="comma list (default: each op's own: fwd,fwd_bwd; t5_step, llama_step: fwd_bwd,step; "
+        "mixed_batch: prefill,decode)",
     )
     parser.add_argument(
         "--tokens",
@@ -121,7 +132,9 @@ def run(args: argparse.Namespace, benches: dict) -> int:
     out_dir: pathlib.Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out_dir / "results.csv", out_dir / "results.md", out_dir / "ratios.png"
-    dtypes = [harness.DTYPES[d] for d in args.dtypes]
+
+    def dtypes(bench) -> list[torch.dtype]:
+        return [harness.DTYPES[d] for d in args.dtypes or bench.dtypes or DEFAULT_DTYPES]
 
     header = [f"Device: {harness.device_description(device)}"]
     header += [
@@ -163,7 +176,7 @@ def run(args: argparse.Namespace, benches: dict) -> int:
                     else:
                         skipped.append(f"skipped {bench.op} / {p} at {harness.shape_str(shape)}: {reason}")
                         print(skipped[-1])
-                for dtype in dtypes:
+                for dtype in dtypes(bench):
                     (bench.run_group or harness.run_group)(bench, applies, shape, dtype, device, modes, settings, sink)
     except KeyboardInterrupt:
         interrupted = True
