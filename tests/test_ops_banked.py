@@ -371,6 +371,64 @@ class TestMoLoRAAdapterBankTorchGrouped(MoLoRAAdapterBank, _BankVsReference, _Gr
     implementation = "torch"
 
 
+class _MoLoRAInference:
+    """``"torch"`` MoLoRA when autograd records nothing (``torch.no_grad``, inference): each adapter's rows go
+    through the single-adapter forward's steps without its autograd Function. The same GEMMs on the same
+    rows as the grouped Function: bitwise its output; and within the rule against the banked reference."""
+
+    def _no_grad(self, inputs: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        args = _cast(inputs, dtype, torch.float32)
+        calls, segments = [], banked._segments_molora
+        banked._segments_molora = lambda *a, **k: calls.append(1) or segments(*a, **k)
+        try:
+            with torch.no_grad():
+                out = self.call("torch", **args)
+        finally:
+            banked._segments_molora = segments
+        assert len(calls) == (len(set(inputs["adapter_ids"].reshape(-1).tolist())) > 1)  # the path under test
+        with torch.no_grad():
+            ref = self.call("reference", **args)
+            truth = self.call("reference", **_cast(inputs, torch.float64, torch.float64))
+        with_grad, _ = run_with_grads(lambda **kw: self.call("torch", **kw), args)  # the grouped Function
+        assert torch.equal(out, with_grad.detach()), "not the grouped form's bits"
+        return out, ref, truth
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("t", [1, 7, 123])
+    @pytest.mark.parametrize("e", [1, 4])
+    def test_no_grad_matches_grouped_and_reference(self, dtype, t, e):
+        out, ref, truth = self._no_grad(self.inputs(t, e), dtype)
+        assert_within_rule(out, ref, truth, dtype, f"{self.op_name} output (no grad)")
+
+    @pytest.mark.parametrize("case", ["top_k", "sentence", "every token an adapter", "one adapter"])
+    def test_no_grad_routing_and_ids(self, case):
+        inputs = {
+            "top_k": lambda: self.inputs(33, 4, top_k=2, renormalize=True),
+            "sentence": lambda: self.inputs(5, 4, sentence=True),
+            "every token an adapter": lambda: self.inputs(9, 3),
+            "one adapter": lambda: self.inputs(9, 3),
+        }[case]()
+        if case == "every token an adapter":
+            inputs["adapter_ids"] = inputs["adapter_ids"].clamp(min=0)
+        if case == "one adapter":
+            inputs["adapter_ids"] = torch.full_like(inputs["adapter_ids"], 1)
+        out, ref, truth = self._no_grad(inputs, torch.float32)
+        assert_within_rule(out, ref, truth, torch.float32, f"{self.op_name} output (no grad, {case})")
+
+
+class TestMoLoRALinearBankTorchInference(MoLoRALinearBank, _MoLoRAInference):
+    implementation = "torch"
+
+
+class TestMoLoRAAdapterBankTorchInference(MoLoRAAdapterBank, _MoLoRAInference):
+    implementation = "torch"
+
+    def test_no_grad_without_base(self):
+        inputs = self.inputs(11, 3)
+        inputs["base"] = None
+        self._no_grad(inputs, torch.float32)
+
+
 class TestMoVLinearBankAuto(MoVLinearBank):
     """``"auto"`` with adapter_ids resolves to ``"torch"`` on the CPU and gives the same results."""
 

@@ -29,9 +29,16 @@ Two implementations, one semantics:
     [T, G, E, D] are gathered (``param[ids]``) and the op runs as batched products in the compute dtype
     (float32), in one pass whatever the number of adapters, with plain autograd (the gathers' backward
     accumulates into the stacked parameters). Its memory grows with T times one adapter's size, hence the
-    bound. MoLoRA always runs grouped: a gathered form (GEMMs over the adapters present) sums in another
-    float32 order, enough to break the tolerance rule at the model level on ill-conditioned tiny models,
-    while the grouped form is bitwise the single-adapter op there.
+    bound. MoLoRA always runs grouped: a gathered or batched form (``bmm`` over the adapters present, each
+    entry padded to the longest segment) sums in another float32 order wherever torch's batched GEMM takes
+    another kernel than its GEMM (small products), enough to break the tolerance rule at the model level on
+    ill-conditioned tiny models, while the grouped form is bitwise the single-adapter op there.
+  - MoLoRA when autograd records nothing (inference, ``torch.no_grad``): grouped by adapter, each segment
+    through the single-adapter forward's own steps (shrink and router GEMM, routing weights, ``addmm_`` of
+    the expand onto the base rows) written in place into one sorted buffer, without the autograd Function
+    and the per-segment copies (clone of the base rows, concatenation of the outputs): the same GEMMs on
+    the same rows, so the same bits, at a third of the per-adapter overhead (decoding a batch over many
+    adapters runs about seven small ops per adapter and site).
 
   Either way the frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once over all tokens.
 
@@ -48,7 +55,7 @@ import torch.nn.functional as F
 
 from pemoe import reference
 from pemoe.ops import _router
-from pemoe.ops.molora import MoLoRAFunction
+from pemoe.ops.molora import MoLoRAFunction, _scale_by_probs, _shrink_and_logits, _weights
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
 __all__ = ["token_router_input", "token_sentence_probs", "run_grouped", "run_reference_loop"]
@@ -93,14 +100,16 @@ def run_grouped(
     rows: Rows,
     base_fn: Callable[..., torch.Tensor],
     adapter_fn: Callable[..., torch.Tensor],
+    counts: list[int] | None = None,
 ) -> torch.Tensor:
     """y[t] = adapter_fn(a, *rows of a's tokens) for a = ids[t] >= 0, base_fn(*rows) for ids[t] = -1.
 
     ``rows``: per-token tensors [T, ...] (or None) handed to the functions segment by segment. Rows are
     sorted by adapter once (stable), each adapter's segment is processed on its own, and the outputs are
-    gathered back into token order.
+    gathered back into token order. ``counts``: :func:`_segment_counts` where the caller has them.
     """
-    counts = _segment_counts(ids, num_adapters)
+    if counts is None:
+        counts = _segment_counts(ids, num_adapters)
     present = [i for i, n in enumerate(counts) if n]
     if len(present) <= 1:  # one adapter (or none) for the whole batch: no permutation
         a = present[0] - 1 if present else -1
@@ -194,6 +203,49 @@ def _gathered_mov(h2d, ids, router, experts, ri, top_k, renormalize):
 
 
 # ------------------------------------------------------------------------------------------
+# "torch": MoLoRA segments without autograd (inference)
+# ------------------------------------------------------------------------------------------
+
+
+def _records_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _segments_molora(x2d, base2d, ids, counts, lora_a, lora_b, router, ri, scale, top_k, renormalize):
+    """MoLoRA grouped by adapter when autograd records nothing: the single-adapter forward's steps
+    (:class:`pemoe.ops.molora.MoLoRAFunction`: shrink and router logits, routing weights, U·p, then
+    ``addmm_`` of scale·U′ @ B_cat onto the base rows) on each adapter's rows, written into one buffer of the
+    adapter tokens sorted by adapter (no autograd Function, no per-segment copies), then put back in token
+    order. Every GEMM has the grouped form's operands and shape, so the outputs are the same bits."""
+    num_experts, _, rank = lora_a.shape[1:]
+    n = lora_b.shape[-1]
+    cd = reference.compute_dtype(x2d.dtype)
+    perm = torch.argsort(ids, stable=True)[counts[0] :]  # the tokens naming an adapter, grouped by adapter
+    xs = x2d.index_select(0, perm)
+    ys = x2d.new_zeros(perm.shape[0], n) if base2d is None else base2d.index_select(0, perm)
+    ris = None if ri is None else ri.index_select(0, perm)
+    start = 0
+    for a, count in enumerate(counts[1:]):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        r = _pick(router, a)
+        probs = _probs(None if ris is None else ris[rows], r, top_k, renormalize)
+        u, logits = _shrink_and_logits(xs[rows], lora_a[a], r if probs is None else None)
+        p_soft = None if logits is None else torch.softmax(logits, dim=0)
+        p = _weights(probs, p_soft, top_k, renormalize, cd)
+        b_cat = lora_b[a].to(x2d.dtype).reshape(num_experts * rank, n)
+        ys[rows].addmm_(_scale_by_probs(u, p, rank), b_cat, alpha=scale)
+    if counts[0] == 0:  # every token names an adapter: ys back in token order
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return ys.index_select(0, inverse)
+    out = x2d.new_zeros(x2d.shape[0], n) if base2d is None else base2d.clone()
+    return out.index_copy_(0, perm, ys)
+
+
+# ------------------------------------------------------------------------------------------
 # "torch": grouped by adapter (or gathered per token, see above)
 # ------------------------------------------------------------------------------------------
 
@@ -238,6 +290,9 @@ def grouped_mov_ffn(x2d, wi_0, wi_1, wo, ids, router, experts, ri, activation, t
 def grouped_molora(x2d, base2d, ids, lora_a, lora_b, router, ri, scale, top_k, renormalize):
     """base + scale·Σ_e p_e (x A_e) B_e with per-token adapters; ``base2d`` [T, N] (None: zeros)."""
     n = lora_b.shape[-1]
+    counts = _segment_counts(ids, lora_a.shape[0])
+    if sum(1 for c in counts if c) > 1 and not _records_grad(x2d, base2d, lora_a, lora_b, router, ri):
+        return _segments_molora(x2d, base2d, ids, counts, lora_a, lora_b, router, ri, scale, top_k, renormalize)
 
     def adapter(a, x_s, base_s, ri_s):
         r = _pick(router, a)
@@ -247,7 +302,7 @@ def grouped_molora(x2d, base2d, ids, lora_a, lora_b, router, ri, scale, top_k, r
     def base(x_s, base_s, ri_s):
         return x_s.new_zeros(x_s.shape[0], n) if base_s is None else base_s
 
-    return run_grouped(ids, lora_a.shape[0], [x2d, base2d, ri], base, adapter)
+    return run_grouped(ids, lora_a.shape[0], [x2d, base2d, ri], base, adapter, counts)
 
 
 # ------------------------------------------------------------------------------------------
