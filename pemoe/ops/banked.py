@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from pemoe import reference
 from pemoe.ops import _router
-from pemoe.ops.molora import MoLoRAFunction, _scale_by_probs, _shrink_and_logits, _weights
+from pemoe.ops.molora import MoLoRAFunction, _shrink_and_logits, expand_into
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
 __all__ = ["token_router_input", "token_sentence_probs", "run_grouped", "run_reference_loop"]
@@ -217,9 +217,7 @@ def _segments_molora(x2d, base2d, ids, counts, lora_a, lora_b, router, ri, scale
     ``addmm_`` of scale·U′ @ B_cat onto the base rows) on each adapter's rows, written into one buffer of the
     adapter tokens sorted by adapter (no autograd Function, no per-segment copies), then put back in token
     order. Every GEMM has the grouped form's operands and shape, so the outputs are the same bits."""
-    num_experts, _, rank = lora_a.shape[1:]
     n = lora_b.shape[-1]
-    cd = reference.compute_dtype(x2d.dtype)
     perm = torch.argsort(ids, stable=True)[counts[0] :]  # the tokens naming an adapter, grouped by adapter
     xs = x2d.index_select(0, perm)
     ys = x2d.new_zeros(perm.shape[0], n) if base2d is None else base2d.index_select(0, perm)
@@ -233,10 +231,7 @@ def _segments_molora(x2d, base2d, ids, counts, lora_a, lora_b, router, ri, scale
         r = _pick(router, a)
         probs = _probs(None if ris is None else ris[rows], r, top_k, renormalize)
         u, logits = _shrink_and_logits(xs[rows], lora_a[a], r if probs is None else None)
-        p_soft = None if logits is None else torch.softmax(logits, dim=0)
-        p = _weights(probs, p_soft, top_k, renormalize, cd)
-        b_cat = lora_b[a].to(x2d.dtype).reshape(num_experts * rank, n)
-        ys[rows].addmm_(_scale_by_probs(u, p, rank), b_cat, alpha=scale)
+        expand_into(ys[rows], u, logits, probs, lora_b[a], scale, top_k, renormalize)
     if counts[0] == 0:  # every token names an adapter: ys back in token order
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)

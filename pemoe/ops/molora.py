@@ -150,13 +150,32 @@ def _adapter_output(x: torch.Tensor, base: torch.Tensor | None, n: int) -> torch
     return x.new_zeros((x.shape[0], n)) if base is None else base.clone(memory_format=torch.contiguous_format)
 
 
+def expand_into(
+    y: torch.Tensor,
+    u: torch.Tensor,
+    logits: torch.Tensor | None,
+    probs: torch.Tensor | None,
+    lora_b: torch.Tensor,
+    scale: float,
+    top_k: int | None,
+    renormalize: bool,
+) -> None:
+    """The expand, in place: y += scale · U′ @ B_cat, U′ = U scaled by the routing weights (from ``probs``
+    [T, E], or the router ``logits`` [E, T], or none for LoRA) and rounded once to y's dtype. ``u`` [T, E·r]
+    is :func:`_shrink_and_logits`' (float32 where a router reads 16-bit x)."""
+    num_experts, rank, _ = lora_b.shape
+    p_soft = None if logits is None else torch.softmax(logits, dim=0)
+    p = _weights(probs, p_soft, top_k, renormalize, compute_dtype(y.dtype))
+    b_cat = lora_b.to(y.dtype).reshape(num_experts * rank, -1)
+    y.addmm_(_scale_by_probs(u, p, rank).to(y.dtype), b_cat, alpha=scale)
+
+
 class MoLoRAFunction(torch.autograd.Function):
     """y = molora(x, W, b, lora_a, lora_b, router) on flattened x [T, K]; with ``weight`` None the adapter-only
     op: y = base + the adapter's delta, ``base`` [T, N] the frozen layer's own output (or None: zeros)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, base, lora_a, lora_b, router, probs, scale, top_k, renormalize):
-        num_experts, _, rank = lora_a.shape
         cd = compute_dtype(x.dtype)
         router_reads_x = router if probs is None else None
         # (not under torch.compile: sharing the GEMM output's storage is a graph break for Dynamo, and
@@ -169,10 +188,7 @@ class MoLoRAFunction(torch.autograd.Function):
         else:
             u, logits = _shrink_and_logits(x, lora_a, router_reads_x)
             y = F.linear(x, weight, bias) if weight is not None else _adapter_output(x, base, lora_b.shape[2])
-        p_soft = None if logits is None else torch.softmax(logits, dim=0)
-        p = _weights(probs, p_soft, top_k, renormalize, cd)
-        b_cat = lora_b.to(x.dtype).reshape(num_experts * rank, -1)
-        y.addmm_(_scale_by_probs(u, p, rank).to(x.dtype), b_cat, alpha=scale)
+        expand_into(y, u, logits, probs, lora_b, scale, top_k, renormalize)
         ctx.save_for_backward(x, weight, lora_a, lora_b, router, probs, logits, u)
         ctx.scale, ctx.top_k, ctx.renormalize = scale, top_k, renormalize
         return y
