@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pemoe.kernels.triton import split_dot, tiles
+from pemoe.kernels.triton import tiles
 from pemoe.kernels.triton.autograd import launch_device
 from pemoe.kernels.triton.interpreter import do_bench
 from pemoe.kernels.triton.molora_linear import (
@@ -67,9 +67,9 @@ from pemoe.kernels.triton.molora_linear import (
     _check_kernel_inputs,
     _expert_columns,
     _flags,
-    _forward_probs,
     _routing_mode,
-    _scale_per_expert,
+    _shrink_rows,
+    _tail_dot,
     _tail_step,
 )
 
@@ -207,31 +207,15 @@ def _banked_shrink_kernel(
     """One row tile of one adapter's segment: U = x·A_cat[a] and the logits x·router[a] in one pass over K
     (x rows gathered through perm), p (softmax / top-k / given / ones), U′ = scale·U·p stored at the tile's
     sorted positions."""
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     adapter, pos, tokens, m_mask = _tile_rows(tiles_ptr, perm_ptr, BLOCK_M)
-    a_ptr = lora_a_ptr + adapter * stride_aa
-    r_ptr = router_ptr + adapter * stride_ra
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_e = tl.arange(0, BLOCK_E)
     expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
-
-    acc_u = tl.zeros((BLOCK_M, BLOCK_E * RANK_PAD), dtype=tl.float32)
-    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        x_tile = tiles.load_tile(x_ptr, tokens * stride_xt, kk * stride_xk, m_mask, k_mask)
-        a_tile = tiles.load_tile(a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
-        acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
-        if ROUTING == 1:
-            router_tile = tiles.load_tile(r_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
-            logits = split_dot.dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
-
-    p, _ = _forward_probs(
-        logits, probs_ptr, tokens, m_mask, offs_e, E, stride_pt, stride_pe,
-        ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
+    _, _, u_scaled = _shrink_rows(
+        x_ptr, lora_a_ptr + adapter * stride_aa, router_ptr + adapter * stride_ra, probs_ptr, tokens, m_mask,
+        K, E, R,
+        stride_xt, stride_xk, stride_ae, stride_ak, stride_ar, stride_rk, stride_re, stride_pt, stride_pe,
+        scale,
+        ROUTING, TOP_K, RENORMALIZE, DOT_PRECISION, BLOCK_E, RANK_PAD, BLOCK_M, BLOCK_K,
     )  # fmt: skip
-    u_scaled = _scale_per_expert(acc_u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale
     cols = expert * R + rank
     tiles.store_tile(u_scaled_ptr, pos * stride_vt, cols, u_scaled.to(u_scaled_ptr.dtype.element_ty), m_mask, col_real)
 
@@ -264,22 +248,17 @@ def _banked_expand_kernel(
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of y for one row tile of adapter a's segment: out[tokens] += U′·B_cat[a]
     (float32 accumulation, base added in the epilogue, one store scattered to the tokens' rows)."""
-    DT: tl.constexpr = u_scaled_ptr.dtype.element_ty
     adapter, pos, tokens, m_mask = _tile_rows(tiles_ptr, perm_ptr, BLOCK_M)
-    b_ptr = lora_b_ptr + adapter * stride_ba
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
 
     # ---- the E·R reduction: padded columns c = e·RANK_PAD + j, TAIL_STEP at a time
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, BLOCK_E * RANK_PAD, TAIL_STEP):
-        offs_c = c0 + tl.arange(0, TAIL_STEP)
-        expert = offs_c // RANK_PAD
-        rank = offs_c % RANK_PAD
-        real = (expert < E) & (rank < R)
-        u_tile = tiles.load_tile(u_scaled_ptr, pos * stride_vt, expert * R + rank, m_mask, real)
-        b_tile = tiles.load_tile(b_ptr, expert * stride_be + rank * stride_br, offs_n * stride_bn, real, n_mask)
-        acc = tl.dot(u_tile, b_tile.to(DT), acc, input_precision=DOT_PRECISION)
+    acc = _tail_dot(
+        acc, u_scaled_ptr, pos * stride_vt, m_mask, lora_b_ptr + adapter * stride_ba, offs_n, n_mask, E, R,
+        stride_be, stride_br, stride_bn,
+        DOT_PRECISION, BLOCK_E, RANK_PAD, TAIL_STEP,
+    )  # fmt: skip
 
     # ---- epilogue: + base (the output's current rows), one store in token order
     rows = tokens * stride_ot

@@ -204,6 +204,61 @@ def _forward_probs(
     return p, p_soft
 
 
+@triton.jit
+def _shrink_rows(
+    x_ptr, lora_a_ptr, router_ptr, probs_ptr, rows, m_mask, K, E, R,
+    stride_xt, stride_xk, stride_ae, stride_ak, stride_ar, stride_rk, stride_re, stride_pt, stride_pe,
+    scale,
+    ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The shrink of the x rows ``rows`` [BLOCK_M] int64 (and the same rows of probs): U = x·A_cat and the
+    router logits x·router (float32, hi/lo for 16-bit x) in one pass over K, then p (softmax / top-k / given /
+    ones). Returns (U, p_soft, U′ = scale·U·p), float32, U and U′ [BLOCK_M, BLOCK_E·RANK_PAD] in the padded
+    column layout (:func:`_expert_columns`). lora_a_ptr / router_ptr point at one adapter's [E, K, R] / [K, E]."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_e = tl.arange(0, BLOCK_E)
+    expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_E * RANK_PAD), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        x_tile = tiles.load_tile(x_ptr, rows * stride_xt, kk * stride_xk, m_mask, k_mask)
+        a_tile = tiles.load_tile(lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
+        acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
+        if ROUTING == 1:
+            router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
+            logits = split_dot.dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
+
+    p, p_soft = _forward_probs(
+        logits, probs_ptr, rows, m_mask, offs_e, E, stride_pt, stride_pe,
+        ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
+    )  # fmt: skip
+    return acc_u, p_soft, _scale_per_expert(acc_u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale
+
+
+@triton.jit
+def _tail_dot(
+    acc, tail_ptr, tail_rows, m_mask, adapter_ptr, offs_n, n_mask, E, R, stride_ae, stride_ar, stride_an,
+    DOT_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, TAIL_STEP: tl.constexpr,
+):  # fmt: skip
+    """acc + tail·adapter_cat: the E·R reduction over the padded columns c = e·RANK_PAD + j, TAIL_STEP at a
+    time. tail [M, E·R] (activation dtype, unit column stride) at the row offsets ``tail_rows`` [BLOCK_M];
+    adapter [E, R, N] float32, cast to the tail's dtype for the dot; adapter_cat[e·R + j, n] = adapter[e, j, n]."""
+    DT: tl.constexpr = tail_ptr.dtype.element_ty
+    for c0 in range(0, BLOCK_E * RANK_PAD, TAIL_STEP):
+        offs_c = c0 + tl.arange(0, TAIL_STEP)
+        expert = offs_c // RANK_PAD
+        rank = offs_c % RANK_PAD
+        real = (expert < E) & (rank < R)
+        t_tile = tiles.load_tile(tail_ptr, tail_rows, expert * R + rank, m_mask, real)
+        ad_tile = tiles.load_tile(adapter_ptr, expert * stride_ae + rank * stride_ar, offs_n * stride_an, real, n_mask)
+        acc = tl.dot(t_tile, ad_tile.to(DT), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 # ------------------------------------------------------------------------------------------------
 # Autotune configurations (data) and pruning
 # ------------------------------------------------------------------------------------------------
@@ -557,33 +612,19 @@ def _molora_shrink_kernel(
     """Two-kernel schedule, pass 1, rows [pid·BLOCK_M, +BLOCK_M): one pass over x gives U = x·A_cat and the
     router logits x·router (float32, hi/lo for 16-bit x), then p (softmax / top-k / given / ones) and
     U′ = scale·U·p, stored in the activation dtype for the expand GEMM."""
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)  # pointer arithmetic in int64: T·K may exceed 2^31
     m_mask = offs_m < T
-    offs_k = tl.arange(0, BLOCK_K)
     offs_e = tl.arange(0, BLOCK_E)
     expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
-
-    acc_u = tl.zeros((BLOCK_M, BLOCK_E * RANK_PAD), dtype=tl.float32)
-    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        x_tile = tiles.load_tile(x_ptr, rows * stride_xt, kk * stride_xk, m_mask, k_mask)
-        a_tile = tiles.load_tile(lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
-        acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
-        if ROUTING == 1:
-            router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
-            logits = split_dot.dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
-
-    p, p_soft = _forward_probs(
-        logits, probs_ptr, rows, m_mask, offs_e, E, stride_pt, stride_pe,
-        ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
+    acc_u, p_soft, u_scaled = _shrink_rows(
+        x_ptr, lora_a_ptr, router_ptr, probs_ptr, rows, m_mask, K, E, R,
+        stride_xt, stride_xk, stride_ae, stride_ak, stride_ar, stride_rk, stride_re, stride_pt, stride_pe,
+        scale,
+        ROUTING, TOP_K, RENORMALIZE, DOT_PRECISION, BLOCK_E, RANK_PAD, BLOCK_M, BLOCK_K,
     )  # fmt: skip
     u_mask = m_mask[:, None] & col_real[None, :]
     cols = (expert * R + rank)[None, :]
-    u_scaled = _scale_per_expert(acc_u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale
     tl.store(u_scaled_ptr + rows[:, None] * stride_vt + cols, u_scaled.to(u_scaled_ptr.dtype.element_ty), mask=u_mask)
     if SAVE_FOR_BACKWARD:
         tl.store(u_ptr + rows[:, None] * stride_ut + cols, acc_u, mask=u_mask)
@@ -648,14 +689,10 @@ def _molora_gemm_kernel(
         acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
 
     # ---- the E·R tail: extra reduction columns c = e·RANK_PAD + j, TAIL_STEP at a time
-    for c0 in range(0, BLOCK_E * RANK_PAD, TAIL_STEP):
-        offs_c = c0 + tl.arange(0, TAIL_STEP)
-        expert = offs_c // RANK_PAD
-        rank = offs_c % RANK_PAD
-        real = (expert < E) & (rank < R)
-        t_tile = tiles.load_tile(tail_ptr, rows * stride_tm, expert * R + rank, m_mask, real)
-        ad_tile = tiles.load_tile(adapter_ptr, expert * stride_ae + rank * stride_ar, offs_n * stride_an, real, n_mask)
-        acc = tl.dot(t_tile, ad_tile.to(DT), acc, input_precision=DOT_PRECISION)
+    acc = _tail_dot(
+        acc, tail_ptr, rows * stride_tm, m_mask, adapter_ptr, offs_n, n_mask, E, R, stride_ae, stride_ar, stride_an,
+        DOT_PRECISION, BLOCK_E, RANK_PAD, TAIL_STEP,
+    )  # fmt: skip
     if ROUTER_TAIL:
         offs_e = tl.arange(0, BLOCK_E)
         lg = tiles.load_tile(logits_ptr, rows * stride_lm, offs_e, m_mask, offs_e < E)
