@@ -72,6 +72,7 @@ from pemoe.kernels.triton.molora_linear import (
     _tail_dot,
     _tail_step,
 )
+from pemoe.kernels.triton.molora_linear_torch import _check_base
 
 logger = logging.getLogger("pemoe")
 
@@ -521,13 +522,7 @@ def molora_adapter(
     starts as a copy)."""
     _refuse_grad("molora_adapter", x=x2d, base=base, lora_a=lora_a, lora_b=lora_b, router=router, probs=probs)
     n = lora_b.shape[-1]
-    if base is not None and base.dtype != x2d.dtype:
-        raise TypeError(f"x and base must share one dtype, got x {x2d.dtype} and base {base.dtype}")
-    if base is not None and (base.device != x2d.device or tuple(base.shape) != (x2d.shape[0], n)):
-        raise ValueError(
-            f"base must be [T, N] = [{x2d.shape[0]}, {n}] on x's device {x2d.device}, got {list(base.shape)} "
-            f"on {base.device}"
-        )
+    _check_base(x2d, base, n)
     out = x2d.new_zeros((x2d.shape[0], n)) if base is None else base.clone(memory_format=torch.contiguous_format)
     return molora_banked_forward(x2d, ids, out, lora_a, lora_b, router, probs, scale, top_k, renormalize)
 

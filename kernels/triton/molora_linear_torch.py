@@ -67,6 +67,19 @@ def _check_kernel_inputs(x, weight, bias, lora_a, lora_b, router, probs) -> None
         )
 
 
+def _check_base(x, base, n: int) -> None:
+    """The adapter-only op's ``base``: None, or [T, N] in x's dtype on x's device."""
+    if base is None:
+        return
+    if base.dtype != x.dtype:
+        raise TypeError(f"x and base must share one dtype, got x {x.dtype} and base {base.dtype}")
+    if base.device != x.device or tuple(base.shape) != (x.shape[0], n):
+        raise ValueError(
+            f"base must be [T, N] = [{x.shape[0]}, {n}] on x's device {x.device}, "
+            f"got {list(base.shape)} on {base.device}"
+        )
+
+
 def _problem(x, weight, bias, base, lora_a, lora_b, router, probs, top_k, renormalize) -> MoLoRAProblem:
     return plan_problem(
         tuple(x.shape), tuple(lora_a.shape), tuple(lora_b.shape), x.dtype,
@@ -266,6 +279,18 @@ def _backward_autograd(ctx, dy, _d_u, _d_p_soft):
 _forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
+def _apply(x2d, weight, bias, base, lora_a, lora_b, router, probs, scale, top_k, renormalize, schedule) -> Tensor:
+    """y of the forward custom op (``router`` dropped under sentence routing); U and p_soft are saved for the
+    backward only when grad mode is on and a differentiable input requires grad (the weight is frozen)."""
+    router = router if probs is None else None
+    tensors = (x2d, bias, base, lora_a, lora_b, router, probs)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, _, _ = torch.ops.pemoe.triton_molora_linear(
+        x2d, weight, bias, base, lora_a, lora_b, router, probs, float(scale), top_k, renormalize, save, schedule
+    )
+    return y
+
+
 def molora_linear(
     x2d: torch.Tensor,
     weight: torch.Tensor,
@@ -293,13 +318,7 @@ def molora_linear(
         raise NotImplementedError(
             "molora_linear Triton kernels treat the base weight as frozen: weight.requires_grad must be False"
         )
-    tensors = (x2d, bias, lora_a, lora_b, router if probs is None else None, probs)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, _, _ = torch.ops.pemoe.triton_molora_linear(
-        x2d, weight, bias, None, lora_a, lora_b, router if probs is None else None, probs, float(scale), top_k,
-        renormalize, save, schedule,
-    )  # fmt: skip
-    return y
+    return _apply(x2d, weight, bias, None, lora_a, lora_b, router, probs, scale, top_k, renormalize, schedule)
 
 
 def molora_adapter(
@@ -317,18 +336,6 @@ def molora_adapter(
     e.g. a quantized linear's; None: zeros) + scale·Σ_e p_e (x A_e) B_e. The shrink kernel (router, U, U′),
     then the expand GEMM with no base reduction (K = 0) whose epilogue adds ``base``; the backward is
     molora_linear's without the dy·W term, and ``base`` gets dy."""
-    if base is not None and base.dtype != x2d.dtype:
-        raise TypeError(f"x and base must share one dtype, got x {x2d.dtype} and base {base.dtype}")
-    if base is not None and (base.device != x2d.device or tuple(base.shape) != (x2d.shape[0], lora_b.shape[2])):
-        raise ValueError(
-            f"base must be [T, N] = [{x2d.shape[0]}, {lora_b.shape[2]}] on x's device {x2d.device}, "
-            f"got {list(base.shape)} on {base.device}"
-        )
+    _check_base(x2d, base, lora_b.shape[2])
     _check_kernel_inputs(x2d, None, None, lora_a, lora_b, router, probs)
-    tensors = (x2d, base, lora_a, lora_b, router if probs is None else None, probs)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, _, _ = torch.ops.pemoe.triton_molora_linear(
-        x2d, None, None, base, lora_a, lora_b, router if probs is None else None, probs, float(scale), top_k,
-        renormalize, save, "two_kernel",
-    )  # fmt: skip
-    return y
+    return _apply(x2d, None, None, base, lora_a, lora_b, router, probs, scale, top_k, renormalize, "two_kernel")
