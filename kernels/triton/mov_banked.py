@@ -60,7 +60,7 @@ import triton.language as tl
 from pemoe.kernels.triton import mov_linear, routing, split_dot, tiles
 from pemoe.kernels.triton.autograd import launch_device
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
-from pemoe.kernels.triton.mov_ffn import _activation, _dual_gemm
+from pemoe.kernels.triton.mov_ffn import _up_tile
 from pemoe.kernels.triton.mov_linear import _expert_block, _linear_tile, _sentence_probs_tile
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
@@ -308,15 +308,13 @@ def mov_ffn_banked_up_kernel(
     in_rows = offs_m < T
     tok = tl.load(rows_ptr + offs_m, mask=in_rows, other=T)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    # ---- main loop: h0 = x·wi_0ᵀ, g = x·wi_1ᵀ (the token's own rows of x)
-    h0, g = _dual_gemm(
+    # ---- main loop and activation: act = act(x·wi_0ᵀ), u = act [⊙ x·wi_1ᵀ] (the token's own rows of x)
+    act, u = _up_tile(
         x_ptr, wi_0_ptr, wi_1_ptr, tok, offs_f, T, F, M,
         stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-        GATED, MAIN_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+        ACTIVATION, GATED, MAIN_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
     )  # fmt: skip
-    # ---- epilogue: activation, u at the tokens' rows (padded columns: act(0) = 0)
-    act, _ = _activation(h0, ACTIVATION, False)
-    u = act * g if GATED else act
+    # ---- epilogue: u at the tokens' rows (padded columns: act(0) = 0)
     tile_ok = in_rows[:, None] & (offs_f[None, :] < F)
     tl.store(u_ptr + tok[:, None] * F + offs_f[None, :], u.to(u_ptr.dtype.element_ty), mask=tile_ok)
     if ROUTE_LOGITS:  # this F slice's share of every row's logits, with the row's own router

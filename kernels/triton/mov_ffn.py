@@ -136,6 +136,25 @@ def _dual_gemm(
 
 
 @triton.jit
+def _up_tile(
+    x_ptr, wi_0_ptr, wi_1_ptr,  # x [T, M]; wi_0, wi_1 [F, M]
+    offs_m, offs_f, T, F, M,
+    stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """(act(x·wi_0ᵀ), u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ]) float32 [BLOCK_M, BLOCK_F] for the x rows offs_m (rows
+    >= T and columns >= F read as 0, so padded entries hold act(0) = 0)."""
+    h0, g = _dual_gemm(
+        x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, T, F, M,
+        stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
+        GATED, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+    )  # fmt: skip
+    a, _ = _activation(h0, ACTIVATION, False)
+    return a, (a * g if GATED else a)
+
+
+@triton.jit
 def _load_probs(p_ptr, offs_m, offs_e, T, E, stride_pt, stride_pe):
     """[BLOCK_M, BLOCK_E] float32 probabilities; padded rows read as 1 on the E real columns (so a
     renormalising top-k never divides 0 by 0 there), padded columns as 0."""
@@ -322,15 +341,13 @@ def _ffn_up_kernel(
     pid_m, pid_f = pid_m.to(tl.int64), pid_f.to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    # ---- main loop: h0 = x·wi_0ᵀ, g = x·wi_1ᵀ
-    h0, g = _dual_gemm(
+    # ---- main loop (h0 = x·wi_0ᵀ, g = x·wi_1ᵀ) and activation: a = act(h0), u = a [⊙ g]
+    a, u = _up_tile(
         x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, T, F, M,
         stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-        GATED, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+        ACTIVATION, GATED, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
     )  # fmt: skip
-    # ---- epilogue: activation, intermediate, router-logit partial (padded columns: act(0) = 0)
-    a, _ = _activation(h0, ACTIVATION, False)
-    u = a * g if GATED else a
+    # ---- epilogue: intermediate, router-logit partial (padded columns: act(0) = 0)
     tile_mask = (offs_m[:, None] < T) & (offs_f[None, :] < F)
     tl.store(
         inter_ptr + offs_m[:, None] * stride_ut + offs_f[None, :] * stride_uf,
