@@ -309,11 +309,12 @@ def mov_ffn_banked_up_kernel(
     tok = tl.load(rows_ptr + offs_m, mask=in_rows, other=T)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     # ---- main loop and activation: act = act(x·wi_0ᵀ), u = act [⊙ x·wi_1ᵀ] (the token's own rows of x)
-    act, u = _up_tile(
+    act, _, g = _up_tile(
         x_ptr, wi_0_ptr, wi_1_ptr, tok, offs_f, T, F, M,
         stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-        ACTIVATION, GATED, MAIN_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+        ACTIVATION, GATED, False, MAIN_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
     )  # fmt: skip
+    u = act * g if GATED else act
     # ---- epilogue: u at the tokens' rows (padded columns: act(0) = 0)
     tile_ok = in_rows[:, None] & (offs_f[None, :] < F)
     tl.store(u_ptr + tok[:, None] * F + offs_f[None, :], u.to(u_ptr.dtype.element_ty), mask=tile_ok)

@@ -140,18 +140,19 @@ def _up_tile(
     x_ptr, wi_0_ptr, wi_1_ptr,  # x [T, M]; wi_0, wi_1 [F, M]
     offs_m, offs_f, T, F, M,
     stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, WITH_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """(act(x·wi_0ᵀ), u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ]) float32 [BLOCK_M, BLOCK_F] for the x rows offs_m (rows
-    >= T and columns >= F read as 0, so padded entries hold act(0) = 0)."""
+    """(act(h0), act'(h0), g) float32 [BLOCK_M, BLOCK_F] with h0 = x·wi_0ᵀ, g = x·wi_1ᵀ (zeros unless GATED) for
+    the x rows offs_m; act'(h0) as :func:`_activation` (only with WITH_GRAD). Rows >= T and columns >= F read
+    as 0, so padded entries hold act(0) = 0."""
     h0, g = _dual_gemm(
         x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, T, F, M,
         stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
         GATED, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
     )  # fmt: skip
-    a, _ = _activation(h0, ACTIVATION, False)
-    return a, (a * g if GATED else a)
+    a, act_grad = _activation(h0, ACTIVATION, WITH_GRAD)
+    return a, act_grad, g
 
 
 @triton.jit
@@ -342,11 +343,12 @@ def _ffn_up_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     # ---- main loop (h0 = x·wi_0ᵀ, g = x·wi_1ᵀ) and activation: a = act(h0), u = a [⊙ g]
-    a, u = _up_tile(
+    a, _, g = _up_tile(
         x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, T, F, M,
         stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-        ACTIVATION, GATED, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+        ACTIVATION, GATED, False, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
     )  # fmt: skip
+    u = a * g if GATED else a
     # ---- epilogue: intermediate, router-logit partial (padded columns: act(0) = 0)
     tile_mask = (offs_m[:, None] < T) & (offs_f[None, :] < F)
     tl.store(
@@ -569,14 +571,13 @@ def _ffn_up_backward_kernel(
     row_ok = offs_m[:, None] < T
     col_ok = offs_f[None, :] < F
     tile_mask = row_ok & col_ok
-    # ---- main loop: recompute h0 = x·wi_0ᵀ, g = x·wi_1ᵀ
-    h0, g = _dual_gemm(
+    # ---- main loop: recompute h0 = x·wi_0ᵀ, g = x·wi_1ᵀ, then a = act(h0), act'(h0)
+    a, act_grad, g = _up_tile(
         x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, T, F, M,
         stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-        GATED, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+        ACTIVATION, GATED, True, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
     )  # fmt: skip
     # ---- epilogue
-    a, act_grad = _activation(h0, ACTIVATION, True)
     if SELF_ROUTED:
         dlogits = tl.load(
             dlogits_ptr + offs_m[:, None] * E + offs_e[None, :], mask=row_ok & (offs_e[None, :] < E), other=0.0
