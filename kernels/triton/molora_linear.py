@@ -205,6 +205,24 @@ def _forward_probs(
 
 
 @triton.jit
+def _shrink_step(
+    x_tile, kk, k_mask, acc_u, logits, lora_a_ptr, router_ptr, expert, rank, col_real, offs_e, E,
+    stride_ae, stride_ak, stride_ar, stride_rk, stride_re,
+    ROUTING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One K step of the shrink on the x tile [BLOCK_M, BLOCK_K] of reduction indices kk: (acc_u + x·A_cat[kk],
+    logits + x·router[kk]) — the adapter tile float32, cast to x's dtype for the dot; the router logits
+    float32-grade (:func:`.split_dot.dot_exact_a`), only with token routing."""
+    DT: tl.constexpr = x_tile.dtype
+    a_tile = tiles.load_tile(lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
+    acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
+    if ROUTING == 1:
+        router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
+        logits = split_dot.dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
+    return acc_u, logits
+
+
+@triton.jit
 def _shrink_rows(
     x_ptr, lora_a_ptr, router_ptr, probs_ptr, rows, m_mask, K, E, R,
     stride_xt, stride_xk, stride_ae, stride_ak, stride_ar, stride_rk, stride_re, stride_pt, stride_pe,
@@ -216,7 +234,6 @@ def _shrink_rows(
     router logits x·router (float32, hi/lo for 16-bit x) in one pass over K, then p (softmax / top-k / given /
     ones). Returns (U, p_soft, U′ = scale·U·p), float32, U and U′ [BLOCK_M, BLOCK_E·RANK_PAD] in the padded
     column layout (:func:`_expert_columns`). lora_a_ptr / router_ptr point at one adapter's [E, K, R] / [K, E]."""
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
     offs_e = tl.arange(0, BLOCK_E)
     expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
@@ -226,11 +243,10 @@ def _shrink_rows(
         kk = k0 + offs_k
         k_mask = kk < K
         x_tile = tiles.load_tile(x_ptr, rows * stride_xt, kk * stride_xk, m_mask, k_mask)
-        a_tile = tiles.load_tile(lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
-        acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
-        if ROUTING == 1:
-            router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
-            logits = split_dot.dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
+        acc_u, logits = _shrink_step(
+            x_tile, kk, k_mask, acc_u, logits, lora_a_ptr, router_ptr, expert, rank, col_real, offs_e, E,
+            stride_ae, stride_ak, stride_ar, stride_rk, stride_re, ROUTING, DOT_PRECISION,
+        )  # fmt: skip
 
     p, p_soft = _forward_probs(
         logits, probs_ptr, rows, m_mask, offs_e, E, stride_pt, stride_pe,
@@ -547,13 +563,10 @@ def _molora_fused_forward_kernel(
             w_tile = tiles.load_tile(weight_ptr, kk * stride_wk, offs_n * stride_wn, k_mask, n_mask)
             acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
             if tile == 0:
-                a_tile = tiles.load_tile(
-                    lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real
-                )
-                acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
-                if ROUTING == 1:
-                    router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
-                    logits = split_dot.dot_exact_a(x_tile, router_tile, logits, DT, DOT_PRECISION)
+                acc_u, logits = _shrink_step(
+                    x_tile, kk, k_mask, acc_u, logits, lora_a_ptr, router_ptr, expert, rank, col_real, offs_e, E,
+                    stride_ae, stride_ak, stride_ar, stride_rk, stride_re, ROUTING, DOT_PRECISION,
+                )  # fmt: skip
 
         if tile == 0:
             # ---- routing weights p [BLOCK_M, BLOCK_E] (float32; padded experts 0), U′ = scale·U·p
