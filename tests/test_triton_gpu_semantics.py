@@ -174,11 +174,11 @@ def test_kernels_launch_on_their_tensors_device(monkeypatch):
 
     assert isinstance(autograd.launch_device(torch.device("cuda", 1)), torch.cuda.device)
     assert autograd.launch_device(torch.device("cuda", 1)).idx == 1
-    from pemoe.kernels.triton import molora_linear, mov_ffn, mov_linear
+    from pemoe.kernels.triton import molora_linear_torch, mov_ffn_torch, mov_linear_torch
 
     seen = []
     real = autograd.launch_device
-    for module in (mov_linear, mov_ffn, molora_linear):
+    for module in (mov_linear_torch, mov_ffn_torch, molora_linear_torch):  # the torch launchers
         monkeypatch.setattr(module, "launch_device", lambda d: seen.append(d) or real(d))
     for op, make in OPS.items():
         seen.clear()
