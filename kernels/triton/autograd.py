@@ -17,6 +17,17 @@ def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def refuse_grad(what: str, hint: str, **tensors: torch.Tensor | None) -> None:
+    """Forward-only kernels: NotImplementedError naming the ``tensors`` that require grad while autograd records
+    (``what`` is forward only, then ``hint``); nothing when grad mode is off or none requires grad."""
+    if not torch.is_grad_enabled():
+        return
+    need = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+    if need:
+        verb = "requires" if len(need) == 1 else "require"
+        raise NotImplementedError(f"{what} is forward only, but {', '.join(need)} {verb} grad: {hint}")
+
+
 def absent(like: torch.Tensor) -> torch.Tensor:
     """A custom op's output slot for a tensor that is not computed: an empty float32 tensor on ``like``'s device
     (custom ops have fixed output schemas, so "no tensor" is an empty one)."""

@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import tiles
-from pemoe.kernels.triton.autograd import launch_device
+from pemoe.kernels.triton.autograd import launch_device, refuse_grad
 from pemoe.kernels.triton.interpreter import do_bench
 from pemoe.kernels.triton.molora_linear import (
     DOT_MIN,
@@ -437,15 +437,8 @@ def _check_bank(x, ids, lora_a, lora_b, router, probs) -> None:
 
 
 def _refuse_grad(op: str, **tensors: Tensor | None) -> None:
-    if not torch.is_grad_enabled():
-        return
-    need = [name for name, t in tensors.items() if t is not None and t.requires_grad]
-    if need:
-        raise NotImplementedError(
-            f"{op} banked Triton kernels are forward only, but {', '.join(need)} "
-            f"{'requires' if len(need) == 1 else 'require'} grad: call under torch.no_grad() / "
-            "torch.inference_mode(), or detach them"
-        )
+    hint = "call under torch.no_grad() / torch.inference_mode(), or detach them"
+    refuse_grad(f"{op} (banked Triton kernels)", hint, **tensors)
 
 
 def molora_banked_forward(

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from pemoe.kernels.triton import mov_linear, routing, split_dot, tiles
-from pemoe.kernels.triton.autograd import launch_device
+from pemoe.kernels.triton.autograd import launch_device, refuse_grad
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
 from pemoe.kernels.triton.mov_ffn import _up_tile
 from pemoe.kernels.triton.mov_linear import _expert_block, _linear_tile, _sentence_probs_tile
@@ -444,13 +444,9 @@ def _check(op: str, x, ids, router, experts, probs, tensors: dict) -> None:
             raise NotImplementedError(f"{op} (triton): {name} must be float32 (adapter parameters), got {t.dtype}")
     if ids.dim() != 1 or ids.shape[0] != x.shape[0] or ids.dtype.is_floating_point:
         raise ValueError(f"{op} (triton): ids must be an integer tensor [T] = [{x.shape[0]}], got {list(ids.shape)}")
-    if torch.is_grad_enabled():
-        needs = [name for name, t in ({"x": x} | tensors).items() if t is not None and t.requires_grad]
-        if needs:
-            raise NotImplementedError(
-                f"{op} (triton, adapter bank) is forward only; {', '.join(needs)} require grad: "
-                "use implementation='torch', or call under torch.no_grad()"
-            )
+    refuse_grad(
+        f"{op} (triton, adapter bank)", "use implementation='torch', or call under torch.no_grad()", x=x, **tensors
+    )
 
 
 def _plan(op: str, T: int, N: int, router, experts, probs, top_k, renormalize, itemsize: int) -> _Plan:

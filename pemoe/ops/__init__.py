@@ -576,15 +576,10 @@ def _molora_banked(
 def _forward_only(op: str, **tensors: torch.Tensor | None) -> None:
     """The adapter-bank Triton kernels have no backward: refuse inputs that require grad while autograd records
     (never another implementation in their place)."""
-    if not torch.is_grad_enabled():
-        return
-    need = [name for name, t in tensors.items() if t is not None and t.requires_grad]
-    if need:
-        raise NotImplementedError(
-            f"{op}: implementation='triton' with adapter banks (adapter_ids) is forward only, but "
-            f"{', '.join(need)} {'requires' if len(need) == 1 else 'require'} grad while autograd records; use "
-            "implementation='torch' (grouped by adapter, differentiable) to train, or call under torch.no_grad()"
-        )
+    from pemoe.kernels.triton.autograd import refuse_grad
+
+    hint = "use implementation='torch' (grouped by adapter, differentiable) to train, or call under torch.no_grad()"
+    refuse_grad(f"{op}: implementation='triton' with adapter banks (adapter_ids)", hint, **tensors)
 
 
 def _molora_banked_triton(x2d, weight, bias, base, ids, lora_a, lora_b, router, ri, scale, top_k, renormalize):
