@@ -16,7 +16,9 @@ The adapters of a bank must share the config (method, expert count, rank, alpha,
 ``implementation`` may differ, a run-time choice) and the model family; a file or folder that does not fit
 is refused with an error naming the adapter, and the bank is left as it was. :func:`add_adapter` and
 :func:`remove_adapter` change one adapter without touching the others' parameters (the stacked tensors are
-rebuilt, so an optimizer holding the old ones must be rebuilt too).
+rebuilt, so an optimizer holding the old ones must be rebuilt too). ``pemoe.save_adapter(model, path,
+adapter=name)`` (and ``save_pretrained``) saves one adapter of the bank as the file or folder a model holding
+only that adapter writes.
 
 How the names reach the layers: :func:`adapter_batch` sets one adapter index per sequence on every site for
 the duration of a ``with`` block (the layers broadcast it over the sequence's tokens, so a batch of B
@@ -178,13 +180,17 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | pathlib.Path]) 
         if undo is not None:
             undo()
         raise
+    # each adapter's own config (the bank's, with the adapter's run-time ``implementation``): what saving it
+    # alone writes (pemoe.save_adapter(model, path, adapter=name))
+    configs = {n: dataclasses.replace(want, implementation=read[n][0].implementation) for n in read}
     _set_stacked(slots, stacked)
     state = _require_injected(model)
     if bank is None:
-        state["bank"] = {"names": list(read), "shapes": shapes, "active": []}
+        state["bank"] = {"names": list(read), "shapes": shapes, "active": [], "configs": configs}
         _install_entry_points(model)
     else:
         bank["names"].extend(read)
+        bank["configs"].update(configs)
     return list(state["bank"]["names"])
 
 
@@ -220,6 +226,7 @@ def remove_adapter(model: nn.Module, name: str) -> list[str]:
         stacked[key] = torch.cat([p[:i], p[i + 1 :]])
     _set_stacked(slots, stacked)
     names.pop(i)
+    bank["configs"].pop(name)
     return list(names)
 
 

@@ -1,7 +1,13 @@
 """Adapter files: :func:`save_adapter` / :func:`load_adapter` (one safetensors file holding the adapter
 tensors and the config as JSON metadata; written atomically, refused whole when they do not fit the model),
 :func:`load_adapter_state_dict`, and the authors' (T5X) parameter names (:func:`authors_name`,
-:func:`to_authors_state`, :func:`from_authors_state`; the table: :mod:`pemoe.adapters`)."""
+:func:`to_authors_state`, :func:`from_authors_state`; the table: :mod:`pemoe.adapters`).
+
+A model holding an adapter bank (:mod:`pemoe.banks`) saves one of its adapters at a time:
+``save_adapter(model, path, adapter=name)`` and ``save_pretrained(model, folder, adapter=name)`` write exactly
+the file or folder a model holding only that adapter would write (the adapter's slice a of every stacked
+parameter, under the same keys; the adapter's own config), so it loads into a single-adapter model or a bank.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,15 @@ import torch
 from torch import nn
 
 from pemoe.config import AdapterConfig, MoVConfig, config_from_dict
-from pemoe.injection import _apply, _require_injected, adapter_config, adapter_state_dict, require_unmerged
+from pemoe.injection import (
+    _adapter_module,
+    _apply,
+    _require_injected,
+    _site_parameters,
+    adapter_config,
+    adapter_state_dict,
+    require_unmerged,
+)
 
 FORMAT_VERSION = "1"
 
@@ -30,32 +44,65 @@ def _config_for_compare(config: AdapterConfig) -> dict:
     return d
 
 
-def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter parameters as they are written: detached, on the CPU, contiguous (float32 as trained)."""
-    return {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+def _saved_adapter(model: nn.Module, what: str, adapter: str | None) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) that saving writes: the model's one adapter (``adapter`` None), or adapter ``adapter``
+    of the model's bank. Tensors as written: detached, on the CPU, contiguous (float32 as trained).
+
+    ValueError (before anything is written) for a bank without ``adapter``, a name the bank does not hold
+    (naming it and listing the bank) or ``adapter`` given for a model holding one adapter; TypeError for a
+    name that is not a str."""
+    state = require_unmerged(model, what, bank_ok=True)
+    bank = state.get("bank")
+    if bank is None:
+        if adapter is not None:
+            raise ValueError(
+                f"{what}: adapter={adapter!r} names an adapter of a bank, but the model holds one adapter (not a "
+                "bank); call it without adapter="
+            )
+        return state["config"], {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+    names = bank["names"]
+    if adapter is None:
+        raise ValueError(
+            f"{what}: the model holds an adapter bank {names}; name the adapter to save with adapter=<name>"
+        )
+    if not isinstance(adapter, str):
+        raise TypeError(
+            f"{what}: adapter must be the name (a str) of one of the bank's adapters {names}, got {adapter!r}"
+        )
+    if adapter not in names:
+        raise ValueError(f"{what}: unknown adapter {adapter!r}; the bank holds {names}")
+    i = names.index(adapter)
+    tensors = {}
+    for key, site in state["sites"].items():
+        for name, p in _site_parameters(_adapter_module(model, site)).items():
+            tensors[f"{key}.{name}"] = p.detach()[i].to("cpu").contiguous()
+    return bank["configs"][adapter], tensors
 
 
-def save_adapter(model: nn.Module, path: str | pathlib.Path) -> None:
+def save_adapter(model: nn.Module, path: str | pathlib.Path, *, adapter: str | None = None) -> None:
     """Save the adapter parameters alone (safetensors, float32 as trained), config in the metadata.
 
     The file is written whole or not at all: to a temporary file beside ``path``, then renamed over it, so a
     failed save never leaves a half-written file (nor damages one already at ``path``). ``path`` must name a
     file in an existing folder: a missing folder raises ``FileNotFoundError``, a folder ``IsADirectoryError``.
+
+    ``adapter``: for a model holding an adapter bank, the name of the adapter to save (required there); the
+    file is the one a model holding only that adapter writes. An unknown name raises ValueError naming it and
+    the bank's adapters, and nothing is written.
     """
     from safetensors.torch import save_file
 
-    require_unmerged(model, "save_adapter")
+    config, tensors = _saved_adapter(model, "save_adapter", adapter)
     path = pathlib.Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"save_adapter: {path} is a directory; give the path of a file to write")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"save_adapter: the folder {path.parent} of {path} does not exist")
     state = _require_injected(model)
-    tensors = _adapter_tensors(model)
     metadata = {
         "format": "pt",
         "pemoe_format": FORMAT_VERSION,
-        "pemoe_config": json.dumps(state["config"].to_dict()),
+        "pemoe_config": json.dumps(config.to_dict()),
         "pemoe_saved_from": state["model"],
     }
     # a unique name beside the target: the same file system, so the rename is atomic
@@ -260,11 +307,11 @@ def model_family(model: nn.Module) -> str:
     return model_type if isinstance(model_type, str) and model_type else type(model).__name__
 
 
-def _folder_config(model: nn.Module) -> dict:
+def _folder_config(model: nn.Module, config: AdapterConfig) -> dict:
     state = _require_injected(model)
     return {
         "pemoe_format": FORMAT_VERSION,
-        "config": state["config"].to_dict(),
+        "config": config.to_dict(),
         "model_family": model_family(model),
         "saved_from": state["model"],
         "sites": list(state["sites"]),
@@ -312,7 +359,7 @@ def _write_folder(target: pathlib.Path, write: Callable[[pathlib.Path], None], w
         raise
 
 
-def save_pretrained(model: nn.Module, folder: str | pathlib.Path) -> None:
+def save_pretrained(model: nn.Module, folder: str | pathlib.Path, *, adapter: str | None = None) -> None:
     """Save an injected model's adapters as a folder: ``adapter_config.json`` (the pemoe config, the format
     version, the model family and the site names it was saved from) and ``adapter_model.safetensors`` (the
     adapter tensors by pemoe's model-independent names, float32 as trained).
@@ -320,12 +367,15 @@ def save_pretrained(model: nn.Module, folder: str | pathlib.Path) -> None:
     The folder is written whole or not at all: built in a temporary sibling folder, then swapped in, so a
     failed save never leaves a half folder over a good one (other files in an existing folder are kept).
     Missing parent folders are created. Raises ValueError for a model without adapters or with merged ones.
+
+    ``adapter``: for a model holding an adapter bank, the name of the adapter to save (required there); the
+    folder is the one a model holding only that adapter writes. An unknown name raises ValueError naming it
+    and the bank's adapters, and nothing is written.
     """
     from safetensors.torch import save_file
 
-    require_unmerged(model, "save_pretrained")
-    meta = _folder_config(model)
-    tensors = _adapter_tensors(model)
+    config, tensors = _saved_adapter(model, "save_pretrained", adapter)
+    meta = _folder_config(model, config)
 
     def write(tmp: pathlib.Path) -> None:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "pemoe_format": FORMAT_VERSION})

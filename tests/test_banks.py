@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import pathlib
 
 import pytest
 import torch
@@ -376,3 +378,130 @@ def test_a_copy_of_a_bank_runs_itself(saved):
             p.zero_()
         assert torch.count_nonzero(twin(x, adapter_names=names).logits) == 0
         assert torch.count_nonzero(model(x, adapter_names=names).logits) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# saving one adapter out of a bank
+
+
+def _content(path) -> dict:
+    """What a saved adapter file or folder holds: {file name: its metadata and tensors (safetensors; the header's
+    metadata order is not fixed, so the bytes are not compared) or its JSON}."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if f.suffix == ".json":
+            out[f.name] = json.loads(f.read_text())
+        else:
+            with safe_open(str(f), framework="pt") as g:
+                out[f.name] = (g.metadata(), {k: g.get_tensor(k) for k in g.keys()})
+    return out
+
+
+def _assert_same_content(got, want, what: str) -> None:
+    a, b = _content(got), _content(want)
+    if got.is_dir():
+        assert list(a) == list(b), what
+    assert len(a) == len(b) == (2 if got.is_dir() else 1), what
+    for x, y in zip(a.values(), b.values(), strict=True):
+        if isinstance(x, tuple):
+            assert x[0] == y[0], what  # metadata: the config, the format, the model it was saved from
+            assert list(x[1]) == list(y[1]), what
+            assert all(t.dtype == y[1][k].dtype and torch.equal(t, y[1][k]) for k, t in x[1].items()), what
+        else:
+            assert x == y, what
+
+
+def test_saving_one_adapter_of_a_bank_writes_its_own_file(saved, tmp_path):
+    """Every adapter of a bank, saved alone (file and folder), holds what the model holding only that adapter
+    writes and what the original save holds (metadata and JSON equal, tensors bitwise); loaded into a fresh
+    single-adapter model it gives that model's logits bitwise (the same parameters, the same computation),
+    and the bank's rows agree with it under the tolerance rule. Indices shift after remove_adapter: saving
+    still picks the named adapter."""
+    method, paths = saved
+    model = _bank(paths, NAMES)
+    x = ids(model, batch=3, length=6)
+    new_paths = {}
+    for name in NAMES:
+        single = _single(paths[name])
+        file, folder = tmp_path / f"{name}.safetensors", tmp_path / f"{name}-folder"
+        save_adapter(model, file, adapter=name)
+        save_pretrained(model, folder, adapter=name)
+        want_file, want_folder = tmp_path / f"{name}-single.safetensors", tmp_path / f"{name}-single-folder"
+        save_adapter(single, want_file)
+        save_pretrained(single, want_folder)
+        _assert_same_content(file, want_file, name)
+        _assert_same_content(folder, want_folder, name)
+        _assert_same_content(folder if paths[name].is_dir() else file, paths[name], name)
+        with torch.no_grad():
+            want = single(x).logits
+            for path in (file, folder):
+                assert torch.equal(_single(path)(x).logits, want), (name, path.name)
+        new_paths[name] = file
+    names = ["code", "support", "legal"]
+    with torch.no_grad():
+        logits = model(x, adapter_names=names).logits
+    _check_rows(logits, names, x, new_paths)
+    # the saved files make the same bank again, bit for bit
+    stacked, again = _stacked(model), _stacked(_bank(new_paths, NAMES))
+    assert list(again) == list(stacked) and all(torch.equal(again[k], v) for k, v in stacked.items())
+    remove_adapter(model, "support")
+    save_adapter(model, tmp_path / "code-after.safetensors", adapter="code")
+    _assert_same_content(tmp_path / "code-after.safetensors", paths["code"], "code after remove_adapter")
+
+
+def test_saving_keeps_each_adapters_implementation(tmp_path):
+    """The bank runs with the first adapter's implementation; saving an adapter writes its own config (the
+    run-time implementation it was saved with), as the model holding only it would."""
+    paths = {
+        "support": _save(tmp_path, "mov", "support", seed=1),
+        "legal": _save(tmp_path, "mov", "legal", seed=2, config=MoVConfig(num_experts=3, implementation="reference")),
+    }
+    model = _bank(paths)
+    for name in NAMES[:2]:
+        out = tmp_path / f"{name}-out.safetensors"
+        save_adapter(model, out, adapter=name)
+        _assert_same_content(out, paths[name], name)
+    assert adapter_config(_single(tmp_path / "legal-out.safetensors")).implementation == "reference"
+
+
+def test_saving_an_unknown_adapter_writes_nothing(saved, tmp_path):
+    _, paths = saved
+    model = _bank(paths)
+    target = tmp_path / "kept.safetensors"
+    target.write_bytes(b"old")
+    folder = tmp_path / "folder"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for save, path in ((save_adapter, target), (save_pretrained, folder)):
+        with pytest.raises(ValueError, match=r"unknown adapter 'medical'; the bank holds \['support', 'legal'\]"):
+            save(model, path, adapter="medical")
+        with pytest.raises(ValueError, match=r"holds an adapter bank \['support', 'legal'\]; name the adapter"):
+            save(model, path)
+        with pytest.raises(TypeError, match="adapter must be the name"):
+            save(model, path, adapter=0)
+        with pytest.raises(ValueError, match="adapter='support' names an adapter of a bank, but the model holds one"):
+            save(_single(paths["support"]), path, adapter="support")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no folder, no temporary file left
+    assert target.read_bytes() == b"old"
+
+
+def test_a_failed_write_of_one_adapter_leaves_the_target(saved, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    _, paths = saved
+    model = _bank(paths)
+    target = tmp_path / "kept.safetensors"
+    target.write_bytes(b"old")
+
+    def failing_save(tensors, filename, metadata=None):
+        pathlib.Path(filename).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, target, adapter="legal")
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, tmp_path / "folder", adapter="legal")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.safetensors"]
+    assert target.read_bytes() == b"old"
