@@ -137,3 +137,39 @@ def test_missing_or_wrong_parameter_names_raise() -> None:
     pemoe.inject(model, ADAPTERS["molora"])
     with pytest.raises(ValueError, match="adapter="):
         _jax_logits(params_from_torch(model), model.config, ids, mask, dec, adapter=None)
+
+
+@pytest.mark.parametrize("adapter", ["mov", "molora"])
+def test_adapter_bank_matches_the_torch_bank(adapter: str, tmp_path) -> None:
+    """A torch T5 holding a bank of two adapters: its params (stacked [A, ...]) and one adapter index per
+    sequence give the torch bank's logits (adapter_names), under jax.jit with the ids traced; each sequence's
+    adapter moves its logits well beyond the tolerance."""
+    paths = {}
+    for i, name in enumerate(("support", "legal")):
+        single = t5_tiny.pemoe_t5("v1.1")
+        pemoe.inject(single, ADAPTERS[adapter])
+        _randomise_adapters(single, seed=20 + i)
+        paths[name] = tmp_path / f"{name}.safetensors"
+        pemoe.save_adapter(single, paths[name])
+    model = t5_tiny.pemoe_t5("v1.1")
+    pemoe.load_adapters(model, paths)
+    ids, mask, dec, _ = t5_tiny.batch()
+    names = ["legal", None, "support"]
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, decoder_input_ids=dec, adapter_names=names).logits.numpy()
+        base = model(ids, attention_mask=mask, decoder_input_ids=dec, adapter_names=[None] * 3).logits.numpy()
+    params = params_from_torch(model)
+    assert params["encoder.block.0.layer.0.SelfAttention.v.lora_a" if adapter == "molora" else
+                  "encoder.block.0.layer.0.SelfAttention.v.experts"].shape[0] == 2  # fmt: skip
+    run = jax.jit(functools.partial(t5_logits, config=model.config, adapter=adapter_config(model)))
+    got = run(params, input_ids=jnp.asarray(ids.numpy()), decoder_input_ids=jnp.asarray(dec.numpy()),
+              attention_mask=jnp.asarray(mask.numpy()), adapter_ids=jnp.asarray([1, -1, 0], jnp.int32))  # fmt: skip
+    tol = _assert_close(np.asarray(got), want)
+    for b in (0, 2):
+        assert np.abs(want[b] - base[b]).max() > 100 * tol, "the adapters barely change the logits"
+    with pytest.raises(ValueError, match=r"adapter_ids must have shape \[B\] = \[3\]"):
+        t5_logits(params, model.config, jnp.asarray(ids.numpy()), jnp.asarray(dec.numpy()),
+                  adapter=adapter_config(model), adapter_ids=jnp.asarray([0, 1], jnp.int32))  # fmt: skip
+    with pytest.raises(ValueError, match=r"outside \[-1, 2\)"):
+        t5_logits(params, model.config, jnp.asarray(ids.numpy()), jnp.asarray(dec.numpy()),
+                  adapter=adapter_config(model), adapter_ids=jnp.asarray([0, 2, 1], jnp.int32))  # fmt: skip

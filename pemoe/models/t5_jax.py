@@ -16,6 +16,11 @@ T5 conventions as in the torch model: RMS norm with float32 statistics, no 1/sqr
 bucketed relative position bias from each stack's first block (bidirectional encoder, causal decoder,
 none in cross-attention), float32 scores and softmax, tied head rescaled by d_model**-0.5.
 
+Adapter banks (the torch bank's semantics, :mod:`pemoe.banks`): with ``adapter_ids`` [B] (one adapter index
+per sequence, -1: the bare base model) every adapter parameter is stacked along a leading adapter axis A, as
+``params_from_torch`` reads it from a torch model holding a bank; every site then runs :mod:`pemoe.jax.ops`
+with the sequence's index broadcast over its tokens (encoder and decoder alike).
+
 Not covered: sentence routing (``NotImplementedError``), decoder padding masks, generation (greedy
 decoding would call :func:`t5_logits` on the growing prefix; there is no key/value cache here).
 """
@@ -159,8 +164,15 @@ def _clamp_fp16(h: jax.Array) -> jax.Array:
 class _Forward:
     """One forward pass: params access, config and adapter options shared by the building blocks."""
 
-    def __init__(self, params: _Params, config: T5Config, adapter, implementation: str) -> None:
+    def __init__(self, params: _Params, config: T5Config, adapter, implementation: str, adapter_ids=None) -> None:
         self.p, self.c, self.adapter, self.impl = params, config, adapter, implementation
+        self.adapter_ids = adapter_ids
+
+    def _ids(self, x: jax.Array) -> jax.Array | None:
+        """The sequences' adapter indices [B] broadcast over x's tokens [B, S] (None without a bank)."""
+        if self.adapter_ids is None:
+            return None
+        return jnp.broadcast_to(self.adapter_ids.reshape(-1, 1), x.shape[:2])
 
     def _routing(self, site: str) -> dict:
         if self.adapter is None:
@@ -170,16 +182,19 @@ class _Forward:
             )
         return dict(top_k=self.adapter.top_k, renormalize=self.adapter.renormalize, implementation=self.impl)
 
+    def _site_routing(self, site: str, x: jax.Array) -> dict:
+        return dict(self._routing(site), adapter_ids=self._ids(x))
+
     def linear(self, name: str, x: jax.Array) -> jax.Array:
         """A linear site ``name`` (torch layout [N, K]): plain, MoV (mov_linear) or MoLoRA (molora_linear)."""
         p = self.p
         weight, bias = p[f"{name}.weight"], p.get(f"{name}.bias")
         if f"{name}.experts" in p:
             return jax_ops.mov_linear(
-                x, weight, p.get(f"{name}.router"), p[f"{name}.experts"], bias=bias, **self._routing(name)
+                x, weight, p.get(f"{name}.router"), p[f"{name}.experts"], bias=bias, **self._site_routing(name, x)
             )
         if f"{name}.lora_a" in p:
-            routing = self._routing(name)
+            routing = self._site_routing(name, x)
             lora_a, lora_b = p[f"{name}.lora_a"], p[f"{name}.lora_b"]
             scale = self.adapter.alpha / self.adapter.rank
             return jax_ops.molora_linear(
@@ -210,7 +225,7 @@ class _Forward:
         c, p = self.c, self.p
         first = f"{name}.wi_0" if c.is_gated else f"{name}.wi"
         if f"{name}.mov.experts" in p:
-            routing = self._routing(f"{name}.mov")
+            routing = self._site_routing(f"{name}.mov", x)
             return jax_ops.mov_ffn(
                 x,
                 p[f"{first}.weight"],
@@ -284,6 +299,7 @@ def t5_logits(
     implementation: str = "xla",
     *,
     adapter=None,
+    adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Logits [B, T, vocab] of a T5 encoder–decoder (see the module docstring for ``params``).
 
@@ -291,7 +307,9 @@ def t5_logits(
     encoder keys and cross-attention keys. ``implementation`` is passed to every pemoe.jax op at the
     adapter sites. ``adapter``: the injected :class:`pemoe.adapters` config (``adapter_config(model)``),
     required when params hold adapter parameters (top_k, renormalize, alpha / rank). ``config`` and
-    ``adapter`` are static: under ``jax.jit`` close over them (``functools.partial``).
+    ``adapter`` are static: under ``jax.jit`` close over them (``functools.partial``). ``adapter_ids`` [B]
+    (integer; may be traced): one adapter index per sequence of a bank (see the module docstring); the ops
+    refuse ids outside [-1, A) when concrete.
 
     Raises KeyError naming a parameter the config needs and params lacks, ValueError naming params the
     config does not use, NotImplementedError for sentence routing.
@@ -314,8 +332,19 @@ def t5_logits(
         raise ValueError(
             f"attention_mask must have input_ids' shape {list(input_ids.shape)}, got {list(attention_mask.shape)}"
         )
+    if adapter_ids is not None:
+        if not isinstance(adapter_ids, (jax.Array, np.ndarray)) or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
+            raise TypeError(
+                f"adapter_ids must be an integer array [B], got {getattr(adapter_ids, 'dtype', adapter_ids)!r}"
+            )
+        if tuple(adapter_ids.shape) != (input_ids.shape[0],):
+            raise ValueError(
+                f"adapter_ids must have shape [B] = [{input_ids.shape[0]}] (one adapter index per sequence), got "
+                f"{list(adapter_ids.shape)}"
+            )
+        adapter_ids = jnp.asarray(adapter_ids)
     p = _Params(params)
-    run = _Forward(p, config, adapter, implementation)
+    run = _Forward(p, config, adapter, implementation, adapter_ids)
     memory = run.stack("encoder", input_ids, attention_mask)
     h = run.stack("decoder", decoder_input_ids, None, memory=memory, memory_mask=attention_mask)
     if config.tie_word_embeddings:
