@@ -8,6 +8,7 @@ import ast
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
@@ -143,3 +144,53 @@ def test_bench_op_modules_run_their_own_op(module, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run", lambda args, benches: seen.setdefault("ops", args.ops) and 0)
     assert importlib.import_module(module).main(["--out", str(tmp_path)]) == 0
     assert seen["ops"] == OWN_OPS[module]
+
+
+#: The public names of ``pemoe`` and the module that defines each (the package loads them on first use).
+PUBLIC = {
+    "pemoe.ops": ("mov", "mov_linear", "mov_ffn", "molora_linear", "molora_adapter"),
+    "pemoe.adapters": (
+        "inject", "MoVConfig", "IA3Config", "MoLoRAConfig", "LoRAConfig", "save_adapter", "load_adapter",
+        "save_pretrained", "from_pretrained", "export_peft", "import_peft", "merge", "unmerge", "is_merged",
+        "sentence_routing",
+    ),
+    "pemoe.router_health": ("RouterMonitor", "routing_by_task", "plot_routing"),
+    "pemoe.banks": ("load_adapters", "add_adapter", "remove_adapter", "bank_names", "adapter_batch"),
+}  # fmt: skip
+SUBMODULES = ("ops", "reference", "adapters", "models", "router_health", "hf")
+
+
+def test_pemoe_loads_its_public_names_on_first_use():
+    """``import pemoe`` imports no framework; every public name, ``from pemoe import *``, ``dir()`` and the
+    submodules (public or not) still resolve, to the defining module's objects."""
+    code = (
+        "import importlib, json, sys\n"
+        "import pemoe\n"
+        "cold = sorted(m for m in ('torch', 'jax', 'transformers') if m in sys.modules)\n"
+        f"public, submodules = {PUBLIC!r}, {SUBMODULES!r}\n"
+        "def defined(m, n):\n"
+        "    return getattr(importlib.import_module(m), n)\n"
+        "same = all(getattr(pemoe, n) is defined(m, n) for m, ns in public.items() for n in ns)\n"
+        "subs = all(getattr(pemoe, s) is importlib.import_module('pemoe.' + s) for s in submodules)\n"
+        "star = {}\n"
+        "exec('from pemoe import *', star)\n"
+        "try:\n"
+        "    pemoe.no_such_name\n"
+        "    missing = 'resolved'\n"
+        "except AttributeError as e:\n"
+        "    missing = str(e)\n"
+        "print(json.dumps(dict(cold=cold, same=same, subs=subs, all=pemoe.__all__, dir=dir(pemoe),\n"
+        "    star=sorted(n for n in star if n != '__builtins__'), banks=pemoe.banks.__name__, missing=missing,\n"
+        "    version=pemoe.__version__)))\n"
+    )
+    done = _run([sys.executable, "-c", code], cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["cold"] == [], got["cold"]
+    assert got["same"] and got["subs"]
+    names = {n for ns in PUBLIC.values() for n in ns} | set(SUBMODULES) | {"__version__"}
+    assert set(got["all"]) == names and len(got["all"]) == len(names)
+    assert names <= set(got["dir"])
+    assert set(got["star"]) == names
+    assert got["banks"] == "pemoe.banks" and got["version"] == "0.1.0"
+    assert got["missing"] == "module 'pemoe' has no attribute 'no_such_name'"

@@ -1,6 +1,7 @@
 """Argument validation for the JAX ops, at trace time (shapes and dtypes are static in JAX).
 
-Same contract as :mod:`pemoe._checks` on the PyTorch side: every check runs before any
+Same contract as :mod:`pemoe._checks` on the PyTorch side, with the same structural rules
+(:mod:`pemoe._shape_checks`, which imports no framework, so neither does this module): every check runs before any
 computation, so a bad call fails the same way whichever ``implementation=`` was asked for —
 a ``TypeError`` for non-arrays or wrong dtypes, a ``ValueError`` for wrong shapes or
 hyper-parameters — and each message names the argument and the expected shape. Values
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pemoe import _checks
+from pemoe import _shape_checks
 
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
@@ -41,21 +42,21 @@ def check_float_array(name: str, t: object, *, ndim: int | None = None, min_ndim
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {_shape(t)}")
 
 
-#: The structural checks (shapes, E, r, top_k, routing) are pemoe._checks' own, run with the array
-#: check above: one set of rules and messages for both frameworks.
-check_routing = _checks.check_routing
-check_finite_number = _checks.check_finite_number
-check_router = functools.partial(_checks.check_router, check_array=check_float_array)
-check_mov = functools.partial(_checks.check_mov, check_array=check_float_array)
-check_linear = functools.partial(_checks.check_linear, check_array=check_float_array)
-check_molora = functools.partial(_checks.check_molora, check_array=check_float_array)
+#: The structural checks (shapes, E, r, top_k, routing) are pemoe._shape_checks' (the torch ops' too), run with the
+#: array check above: one set of rules and messages for both frameworks.
+check_routing = _shape_checks.check_routing
+check_finite_number = _shape_checks.check_finite_number
+check_router = functools.partial(_shape_checks.check_router, check_array=check_float_array)
+check_mov = functools.partial(_shape_checks.check_mov, check_array=check_float_array)
+check_linear = functools.partial(_shape_checks.check_linear, check_array=check_float_array)
+check_molora = functools.partial(_shape_checks.check_molora, check_array=check_float_array)
 
 
 # ---------------------------------------------------------------------------------------------
 # adapter banks: parameters stacked along a leading axis A, one adapter index per token (the messages
-# are pemoe._checks' own)
+# are pemoe._checks')
 
-check_bank_size = _checks.check_bank_size
+check_bank_size = _shape_checks.check_bank_size
 
 
 def unstack(name: str, t: Any, ndim: int, layout: str) -> int | None:

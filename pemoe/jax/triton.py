@@ -165,8 +165,21 @@ def target_capability() -> int | None:
 
 
 def runnable(backend: str) -> str | None:
-    """None when ``implementation="triton"`` can run (or be lowered) with JAX backend ``backend``; else why not."""
-    if backend == "gpu" or target_capability() is not None or interpreter.INTERPRET:
+    """None when ``implementation="triton"`` can run (or be lowered) with JAX backend ``backend``; else why not.
+
+    The Triton interpreter stand-in (``TRITON_INTERPRET=1``, off the GPU) runs the kernels on torch CPU tensors,
+    so it alone needs torch: without torch it is refused here, rather than failing inside the first callback."""
+    if backend == "gpu" or target_capability() is not None:
+        return None
+    if interpreter.INTERPRET:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return (
+                "implementation='triton' runs in the Triton interpreter (TRITON_INTERPRET=1) on torch CPU tensors, "
+                "and torch is not installed; the 'gpu' backend and pemoe.jax.triton.cuda_target(capability) do "
+                "not need it"
+            )
         return None
     return (
         f"implementation='triton' runs on the 'gpu' backend (CUDA, through jax-triton), got backend {backend!r}; "
@@ -263,7 +276,8 @@ def _to_numpy(t, dtype) -> np.ndarray:
 
 
 def _interpret(launch: Launch, *inputs: np.ndarray) -> list[np.ndarray]:
-    """Runs the launch in the Triton interpreter on torch CPU tensors (TRITON_INTERPRET=1): the default
+    """Runs the launch in the Triton interpreter on torch CPU tensors (TRITON_INTERPRET=1; the one part of the JAX
+    Triton path that imports torch, which :func:`runnable` checks first): the default
     configuration, outputs NaN-filled (zero-filled where the launch says so) so an unwritten output shows."""
     import torch
 
