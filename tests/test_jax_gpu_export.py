@@ -39,14 +39,14 @@ from tests.test_jax_ops import check
 K, G, D = 40, 3, 16
 
 
-def _inputs(t, e, *, top_k=None, renormalize=False, sentence=False, bias=True, seed=0):
+def _inputs(t, e, *, top_k=None, renormalize=False, sentence=False, bias=True, seed=0, groups=G, dim=D):
     rng = np.random.default_rng(seed)
-    n = G * D
+    n = groups * dim
     f32 = np.float32
     args = dict(
         x=rng.standard_normal((t, K)).astype(f32),
         weight=(rng.standard_normal((n, K)) * K**-0.5).astype(f32),
-        experts=(1.0 + 0.3 * rng.standard_normal((G, e, D))).astype(f32),
+        experts=(1.0 + 0.3 * rng.standard_normal((groups, e, dim))).astype(f32),
         top_k=top_k,
         renormalize=renormalize,
     )
@@ -57,7 +57,7 @@ def _inputs(t, e, *, top_k=None, renormalize=False, sentence=False, bias=True, s
         args["router_input"] = rng.standard_normal((2, 9)).astype(f32)
         args["router"] = (0.5 * rng.standard_normal((9, e))).astype(f32)
     else:
-        args["router"] = (0.5 * rng.standard_normal((D, e))).astype(f32) if e > 1 else None
+        args["router"] = (0.5 * rng.standard_normal((dim, e))).astype(f32) if e > 1 else None
     return args
 
 
@@ -71,6 +71,8 @@ INTERPRETER_CASES = {
     "ia3-T1-bf16": (jnp.bfloat16, dict(t=1, e=1)),
     "top2-renorm-T7-f32": (jnp.float32, dict(t=7, e=10, top_k=2, renormalize=True)),
     "sentence-T5-bf16": (jnp.bfloat16, dict(t=5, e=10, sentence=True)),
+    # D = 128: the backward reads h (XLA's GEMM) in two passes
+    "d128-top2-renorm-T37-bf16": (jnp.bfloat16, dict(t=37, e=10, top_k=2, renormalize=True, groups=2, dim=128)),
 }
 
 
@@ -355,9 +357,9 @@ def _linear_types(shape: dict, act: str) -> tuple[list[list[str]], list[list[str
     inputs = [_t(T, K, ty=act), _t(N, K, ty=act), _t(1, ty=act), router, _t(G, E, D), probs]
     d_router = _t(C, G, D, E) if routing == "token" else _t(1)
     d_probs = _t(G, T, E) if routing == "sentence" else _t(1)
-    # backward: + dy, h (XLA's GEMM) where the plan reads h (kernels/triton/mov_linear.py backward_reads_h: token
-    # routing or (IA)3, D <= 64, E <= 16), else a placeholder (the kernel recomputes h)
-    reads_h = routing != "sentence" and D <= 64 and E <= 16
+    # backward: + dy, h (XLA's GEMM) where the plan reads h (kernels/triton/mov_linear.py backward_reads_h: E <= 16
+    # and token routing or (IA)3 with D <= 64, or token routing with D = 128), else a placeholder (recomputed h)
+    reads_h = E <= 16 and ((routing != "sentence" and D <= 64) or (routing == "token" and D == 128))
     h = _t(T, N, ty=act) if reads_h else _t(1, ty=act)
     operands = [inputs, inputs + [p_soft, _t(T, N, ty=act), h]]
     results = [[_t(T, N, ty=act), p_soft], [_t(T, N, ty=act), _t(C, G, E, D), d_router, d_probs]]

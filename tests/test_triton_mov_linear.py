@@ -66,6 +66,17 @@ class TestMoVLinearTriton(MoVLinearCases):
     def test_head_widths(self, dim, dtype):
         self.check(self.inputs(9, 10, groups=2, dim=dim), dtype)
 
+    @pytest.mark.parametrize("trainable", ["all", "x", "router", "experts"])
+    def test_d128_backward_reads_h_in_two_passes(self, trainable):
+        """D = 128, token routing: the plan reads h, and the kernel runs two passes over each chunk (d experts;
+        then dh and d router in column halves). Top-2 renormalised, T over two row chunks with a ragged tail, and
+        each gradient alone (a pass is skipped when nothing needs it)."""
+        assert kernel.backward_reads_h(kernel.ROUTING_TOKEN, 128, 16)
+        inputs = self.inputs(kernel.REDUCE_ROWS + 21, 10, top_k=2, renormalize=True, groups=2, dim=128)
+        for name in ("x", "router", "experts"):
+            inputs[name].requires_grad_(trainable in (name, "all"))
+        self.check(inputs, torch.bfloat16)
+
     def test_ia3_with_trainable_bias(self):
         inputs = self.inputs(21, 1)
         inputs["bias"].requires_grad_()
@@ -98,6 +109,7 @@ class TestMoVLinearTritonFusedRecompute(TestMoVLinearTriton):
     test_top_k = None
     test_trainable_bias = None
     test_head_widths = None
+    test_d128_backward_reads_h_in_two_passes = None
     test_ia3_with_trainable_bias = None
     test_gradcheck_float64 = None
     test_no_bias = None
@@ -183,6 +195,7 @@ class TestMoVLinearTritonTiles(TestMoVLinearTriton):
     test_top_k = None
     test_gradcheck_float64 = None
     test_head_widths = None
+    test_d128_backward_reads_h_in_two_passes = None
     test_ia3_with_trainable_bias = None
     test_no_bias = None
 
@@ -326,30 +339,37 @@ def test_p_soft_is_written_only_for_backward():
 # ------------------------------------------------------------------------------------------
 
 
+#: One D = 128 head a tile (the backward that reads h runs two passes there).
+D128_TILES = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+
+
 @pytest.mark.parametrize(
-    "routing,e,bias,dtype",
-    [("token", 10, True, torch.bfloat16), ("none", 1, False, torch.float16), ("sentence", 6, True, torch.float32)],
-)
+    "routing,e,bias,dtype,dim",
+    [
+        ("token", 10, True, torch.bfloat16, D), ("none", 1, False, torch.float16, D),
+        ("sentence", 6, True, torch.float32, D), ("token", 10, False, torch.float16, 128),
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("h_from_gemm", [True, False], ids=["h-gemm", "h-fused"])
-def test_traffic_model_matches_the_interpreter(routing, e, bias, dtype, h_from_gemm):
+def test_traffic_model_matches_the_interpreter(routing, e, bias, dtype, dim, h_from_gemm):
     """The model's issued bytes equal the interpreter's count of every load and store, per kernel, for both
     ways the backward gets h (the torch GEMM's own entry is not a Triton kernel: not counted here)."""
-    t, groups = 2 * kernel.REDUCE_ROWS + 37, 5
-    n = groups * D
+    t, groups = 2 * kernel.REDUCE_ROWS + 37, 5 if dim == D else 2
+    n, tiles = groups * dim, TALL_TILES if dim == D else D128_TILES
     x = torch.randn(t, K, dtype=dtype)
     w = (torch.randn(n, K) * K**-0.5).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
-    router = torch.randn(D, e) if routing == "token" else None
-    experts = 1 + 0.3 * torch.randn(groups, e, D)
+    router = torch.randn(dim, e) if routing == "token" else None
+    experts = 1 + 0.3 * torch.randn(groups, e, dim)
     probs = torch.softmax(torch.randn(t, e), -1) if routing == "sentence" else None
     pb = dataclasses.replace(kernel._problem(x, w, b, router, experts, probs, None, False), h_from_gemm=h_from_gemm)
     with interpreter.count_traffic() as fwd:
-        _, p_soft = kernel.mov_linear_forward(x, w, b, router, experts, probs, pb, True, TALL_TILES)
+        _, p_soft = kernel.mov_linear_forward(x, w, b, router, experts, probs, pb, True, tiles)
     dy = torch.randn(t, n, dtype=dtype)
     with interpreter.count_traffic() as bwd:
-        kernel.mov_linear_backward(x, w, b, router, experts, probs, p_soft, dy, pb, (True, True, True), TALL_TILES)
+        kernel.mov_linear_backward(x, w, b, router, experts, probs, p_soft, dy, pb, (True, True, True), tiles)
     model = analysis.hbm_traffic(
-        t, K, n, groups, e, dtype, TALL_TILES, TALL_TILES, routing=routing, bias=bias, h_from_gemm=h_from_gemm
+        t, K, n, groups, e, dtype, tiles, tiles, routing=routing, bias=bias, h_from_gemm=h_from_gemm
     )
     f, bk = model.forward[0], next(k for k in model.backward if k.name == "mov_linear_bwd_kernel")
     assert [k.name for k in model.backward].count("h = x·Wᵀ + b (torch GEMM)") == int(h_from_gemm)
@@ -460,8 +480,9 @@ print(json.dumps([[dataclasses.asdict(r) for r in rs] for rs in (reports, altern
 SM90_PLAIN_DEFAULTS = {"fwd t5-large E=60 bfloat16", "bwd-fused t5-large E=10 sent bfloat16"}
 #: Example shapes where the plan recomputes h in the backward (mov_linear.backward_reads_h): the h-reading
 #: kernel's first tile spills there (its epilogue, fed by loaded tiles rather than the recompute's accumulator,
-#: takes more registers at the same tile, and 16 rows is the shortest tile).
-H_RECOMPUTED = {"t5-large E=60", "t5-large E=10 sent", "d128 E=10"}
+#: takes more registers at the same tile, and 16 rows is the shortest tile). Not "d128 E=10": there the h-reading
+#: kernel runs in two passes, spill-free, and the plan reads h.
+H_RECOMPUTED = {"t5-large E=60", "t5-large E=10 sent"}
 #: Largest dynamic shared memory per block (bytes): sm_80 163 KiB, sm_90 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 

@@ -31,7 +31,9 @@ its reductions need 16-32-row tiles for token routing, so that recompute runs at
 requests x and W from L2 once per tile; the traffic/FLOP model (``mov_linear_analysis.backward_strategies``,
 docs/backward-h.md) puts the one GEMM ahead at every shape it reports, so it is the default wherever the
 h-reading kernel's default tile compiles spill-free (:func:`backward_reads_h`: not for sentence routing,
-BLOCK_E > 16 or D = 128, which recompute).
+BLOCK_E > 16 or (IA)3 at D = 128, which recompute). With token routing and D = 128 (one head a tile) the
+h-reading kernel runs in two passes over its rows, the second in column halves (:func:`_bwd_token_halves`):
+its one-pass loop spills there.
 
 What the forward saves: x (the op's input), and p_soft [T, G, E] float32 (only when a gradient is
 needed and routing is per token). h [T, N] is NOT saved, it is recomputed: saving it would hold T·N
@@ -167,6 +169,135 @@ def _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E: tl.constexp
     col_e = cols % BLOCK_E
     mask = (offs_m[:, None] < T) & (col_e[None, :] < E) & (head0 + cols[None, :] // BLOCK_E < G)
     return tl.load(probs_ptr + offs_m[:, None] * E + col_e[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _token_probs_rows(p_soft_rows, offs_m, head, rows, G, E, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                      BLOCK_E: tl.constexpr):  # fmt: skip
+    """The saved p_soft [BLOCK_M, BLOCK_E] of one head for rows offs_m (< ``rows`` valid) and the routing weights
+    p used (top-k, renormalised on request); padded rows get a finite stand-in p_soft (no 0/0) and p = 0."""
+    offs_e = tl.arange(0, BLOCK_E)
+    row_ok = offs_m[:, None] < rows
+    p_soft = tl.load(
+        p_soft_rows + (offs_m[:, None] * G + head) * E + offs_e[None, :], mask=row_ok & (offs_e[None, :] < E), other=0.0
+    )
+    p_soft = tl.where(row_ok | (offs_e[None, :] >= E), p_soft, 1.0 / E)
+    return p_soft, tl.where(row_ok, routing.select(p_soft, offs_e, E, TOP_K, RENORMALIZE), 0.0)
+
+
+@triton.jit
+def _h_dy_columns(h_rows, dy_rows, offs_m, offs_n, rows, N, stride_dym, stride_dyn):
+    """h (activation dtype) and dy (float32) at rows offs_m (< ``rows`` valid) and columns offs_n."""
+    ok = offs_m[:, None] < rows
+    h = tl.load(h_rows + offs_m[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+    dy = tl.load(dy_rows + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=ok, other=0.0)
+    return h, dy.to(tl.float32)
+
+
+@triton.jit
+def _dh_columns(dh_rows, offs_m, offs_n, rows, N, p, dlogits, dy, experts, router, DT: tl.constexpr,
+                PRECISION: tl.constexpr):  # fmt: skip
+    """dh = dy ⊙ (p·experts) + dlogits·routerᵀ at rows offs_m and columns offs_n of one head, stored in dh's dtype."""
+    dh = split_dot.dot_split(p, experts, tl.zeros(dy.shape, tl.float32), DT, PRECISION) * dy
+    dh = split_dot.dot_split(dlogits, tl.trans(router), dh, DT, PRECISION)
+    tl.store(
+        dh_rows + offs_m[:, None] * N + offs_n[None, :], dh.to(dh_rows.dtype.element_ty), mask=offs_m[:, None] < rows
+    )
+
+
+@triton.jit
+def _bwd_token_halves(
+    h_ptr, router_ptr, experts_ptr, p_soft_ptr, dy_ptr,
+    dh_ptr, d_experts_part_ptr, d_router_part_ptr,
+    chunk, head0, T, N, G, E, stride_dym, stride_dyn,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_D_EXPERTS: tl.constexpr, NEED_D_ROUTING: tl.constexpr,
+    EPILOGUE_PRECISION: tl.constexpr, DT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_E: tl.constexpr, REDUCE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The token-routing backward that reads h, for one head a tile (BLOCK_N = D = 128): the math of
+    :func:`mov_linear_bwd_kernel`'s loop, arranged so that it compiles without register spills.
+
+    * Two passes over the chunk's row tiles: the first accumulates d experts = Σ pᵀ·dyh; the second dh and
+      d router. Each pass holds only its own partial sums (the second re-reads p_soft, h and dy from L1/L2).
+    * The second pass holds every [BLOCK_M, D] tile as two [BLOCK_M, D / 2] column halves (lo, hi): the sum over
+      d of dp = dyh·expertsᵀ adds the halves' products; s, dh and d router are per half.
+    Per row tile of the second pass: dp → dlogits (routing.router_probs_backward), then per half
+    dh = dy ⊙ (p·experts) + dlogits·routerᵀ and d router += hᵀ·dlogits (h in the activation dtype, as the
+    forward's router reads it)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_c = tl.arange(0, HALF)
+    # the chunk's first row moves the row pointers once (64-bit: T·N passes 2^31 at long contexts); offsets
+    # within the chunk (fewer than REDUCE_ROWS rows) are 32-bit
+    row0 = chunk.to(tl.int64) * REDUCE_ROWS
+    h_rows = h_ptr + row0 * N
+    dy_rows = dy_ptr + row0 * stride_dym
+    if NEED_DH:  # absent otherwise
+        dh_rows = dh_ptr + row0 * N
+    p_soft_rows = p_soft_ptr + row0 * G * E
+    head = head0.to(tl.int32)
+    cols_lo = head * HEAD_DIM + offs_c
+    cols_hi = cols_lo + HALF
+    rows = min(REDUCE_ROWS, T - chunk * REDUCE_ROWS)
+
+    # ---- first pass: d experts
+    if NEED_D_EXPERTS:
+        d_experts_lo = tl.zeros((BLOCK_E, HALF), dtype=tl.float32)
+        d_experts_hi = tl.zeros((BLOCK_E, HALF), dtype=tl.float32)
+        for sub in range(0, tl.cdiv(rows, BLOCK_M)):
+            offs_m = sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            _, p = _token_probs_rows(p_soft_rows, offs_m, head, rows, G, E, TOP_K, RENORMALIZE, BLOCK_E)
+            h, dy = _h_dy_columns(h_rows, dy_rows, offs_m, cols_lo, rows, N, stride_dym, stride_dyn)
+            d_experts_lo = split_dot.dot_split(tl.trans(p), dy * h, d_experts_lo, DT, EPILOGUE_PRECISION)
+            h, dy = _h_dy_columns(h_rows, dy_rows, offs_m, cols_hi, rows, N, stride_dym, stride_dyn)
+            d_experts_hi = split_dot.dot_split(tl.trans(p), dy * h, d_experts_hi, DT, EPILOGUE_PRECISION)
+        ptrs = d_experts_part_ptr + ((chunk * G + head0) * E + offs_e[:, None]) * HEAD_DIM + offs_c[None, :]
+        tl.store(ptrs, d_experts_lo, mask=offs_e[:, None] < E)
+        tl.store(ptrs + HALF, d_experts_hi, mask=offs_e[:, None] < E)
+
+    # ---- second pass: dh and d router
+    if NEED_DH or NEED_D_ROUTING:
+        e_ok = offs_e < E
+        experts_lo = tl.load(
+            experts_ptr + (head * E + offs_e[:, None]) * HEAD_DIM + offs_c[None, :], mask=e_ok[:, None], other=0.0
+        )
+        experts_hi = tl.load(
+            experts_ptr + (head * E + offs_e[:, None]) * HEAD_DIM + HALF + offs_c[None, :],
+            mask=e_ok[:, None],
+            other=0.0,
+        )
+        router_lo = tl.load(router_ptr + offs_c[:, None] * E + offs_e[None, :], mask=e_ok[None, :], other=0.0)
+        router_hi = tl.load(router_ptr + (HALF + offs_c[:, None]) * E + offs_e[None, :], mask=e_ok[None, :], other=0.0)
+        d_router_lo = tl.zeros((HALF, BLOCK_E), dtype=tl.float32)
+        d_router_hi = tl.zeros((HALF, BLOCK_E), dtype=tl.float32)
+        for sub in range(0, tl.cdiv(rows, BLOCK_M)):
+            offs_m = sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            p_soft, p = _token_probs_rows(p_soft_rows, offs_m, head, rows, G, E, TOP_K, RENORMALIZE, BLOCK_E)
+            h_lo, dy_lo = _h_dy_columns(h_rows, dy_rows, offs_m, cols_lo, rows, N, stride_dym, stride_dyn)
+            h_hi, dy_hi = _h_dy_columns(h_rows, dy_rows, offs_m, cols_hi, rows, N, stride_dym, stride_dyn)
+            dp = split_dot.dot_split(
+                dy_lo * h_lo, tl.trans(experts_lo), tl.zeros((BLOCK_M, BLOCK_E), tl.float32), DT, EPILOGUE_PRECISION
+            )
+            dp = split_dot.dot_split(dy_hi * h_hi, tl.trans(experts_hi), dp, DT, EPILOGUE_PRECISION)
+            dlogits = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
+            dlogits = tl.where((offs_m < rows)[:, None], dlogits, 0.0)
+            if NEED_D_ROUTING:
+                d_router_lo = split_dot.dot_exact_a_scaled_b(
+                    tl.trans(h_lo.to(DT)), dlogits, d_router_lo, DT, EPILOGUE_PRECISION
+                )
+                d_router_hi = split_dot.dot_exact_a_scaled_b(
+                    tl.trans(h_hi.to(DT)), dlogits, d_router_hi, DT, EPILOGUE_PRECISION
+                )
+            if NEED_DH:
+                _dh_columns(dh_rows, offs_m, cols_lo, rows, N, p, dlogits, dy_lo, experts_lo, router_lo, DT,
+                            EPILOGUE_PRECISION)  # fmt: skip
+                _dh_columns(dh_rows, offs_m, cols_hi, rows, N, p, dlogits, dy_hi, experts_hi, router_hi, DT,
+                            EPILOGUE_PRECISION)  # fmt: skip
+        if NEED_D_ROUTING:
+            ptrs = d_router_part_ptr + ((chunk * G + head0) * HEAD_DIM + offs_c[:, None]) * E + offs_e[None, :]
+            tl.store(ptrs, d_router_lo, mask=e_ok[None, :])
+            tl.store(ptrs + HALF * E, d_router_hi, mask=e_ok[None, :])
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -494,97 +625,110 @@ def mov_linear_bwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n[None, :] < N
 
-    # ---- loop-invariant adapter tiles and the partial-sum accumulators
-    if ROUTING == 0:
-        s = tl.load(experts_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        d_experts_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if H_FROM_GEMM and ROUTING == 1 and HEAD_DIM > 64:
+        # one D = 128 head a tile: two passes, the second in column halves (this loop spills there)
+        tl.static_assert(HEADS == 1)
+        _bwd_token_halves(
+            h_ptr, router_ptr, experts_ptr, p_soft_ptr, dy_ptr, dh_ptr, d_experts_part_ptr, d_router_part_ptr,
+            chunk, head0, T, N, G, E, stride_dym, stride_dyn, TOP_K, RENORMALIZE, NEED_DH, NEED_D_EXPERTS,
+            NEED_D_ROUTING, EPILOGUE_PRECISION, DT, HEAD_DIM, BLOCK_E, REDUCE_ROWS, BLOCK_M,
+        )  # fmt: skip
     else:
-        experts = _expert_block(experts_ptr, head0, G, E, HEAD_DIM, BLOCK_E, BLOCK_N)
-        d_experts_acc = tl.zeros((HEADS * BLOCK_E, BLOCK_N), dtype=tl.float32)
-    if ROUTING == 1:
-        router = tl.load(router_ptr + offs_d[:, None] * E + offs_e[None, :], mask=offs_e[None, :] < E, other=0.0)
-        d_router_acc = tl.zeros((HEAD_DIM, BLOCK_E), dtype=tl.float32)
-
-    chunk_rows = min(REDUCE_ROWS, T - chunk * REDUCE_ROWS)
-    for sub in range(0, tl.cdiv(chunk_rows, BLOCK_M)):
-        offs_m = chunk.to(tl.int64) * REDUCE_ROWS + sub * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit rows
-        row_ok = offs_m[:, None] < T
-        # ---- h (read, or recomputed), dy
-        if H_FROM_GEMM:
-            # kept in the activation dtype: dyh = dy ⊙ h promotes it, the router's h rows are it
-            h = tl.load(h_ptr + offs_m[:, None] * N + offs_n[None, :], mask=row_ok & col_ok, other=0.0)
-        else:
-            h = _linear_tile(
-                x_ptr, w_ptr, bias_ptr, offs_m, offs_n, T, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                HAS_BIAS, MAIN_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-        dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-        dy = tl.load(dy_ptrs, mask=row_ok & col_ok, other=0.0).to(tl.float32)
-        dyh = dy * h
+        # ---- loop-invariant adapter tiles and the partial-sum accumulators
         if ROUTING == 0:
-            dh = dy * s
-            if NEED_D_EXPERTS:
-                d_experts_acc += tl.sum(dyh, axis=0)
+            s = tl.load(experts_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+            d_experts_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         else:
-            # ---- routing weights p [BLOCK_M, HEADS·BLOCK_E] and the merge s
-            if ROUTING == 1:
-                row_m, row_g, row_valid = _head_rows(offs_m, head0, T, G, HEAD_DIM, BLOCK_M, BLOCK_N)
-                p_ptrs = p_soft_ptr + (row_m[:, None] * G + row_g[:, None]) * E + offs_e[None, :]
-                p_soft = tl.load(p_ptrs, mask=row_valid[:, None] & (offs_e[None, :] < E), other=0.0)
-                # padded (token, head) rows: a finite stand-in (no 0/0 when renormalising), then p = 0
-                p_soft = tl.where(row_valid[:, None] | (offs_e[None, :] >= E), p_soft, 1.0 / E)
-                p = tl.where(row_valid[:, None], routing.select(p_soft, offs_e, E, TOP_K, RENORMALIZE), 0.0)
-                p_heads = tl.reshape(p, (BLOCK_M, HEADS * BLOCK_E))
-            else:
-                p_heads = _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E, HEADS)
-            s = split_dot.dot_split(p_heads, experts, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DT, EPILOGUE_PRECISION)
-            dh = dy * s
-            # ---- d experts: the diagonal blocks of pᵀ·dyh
-            if NEED_D_EXPERTS:
-                d_experts_acc = split_dot.dot_split(tl.trans(p_heads), dyh, d_experts_acc, DT, EPILOGUE_PRECISION)
-            # ---- dp = dyh · expertsᵀ, then d probs (sentence) or d logits (token)
-            if NEED_D_ROUTING or (ROUTING == 1 and NEED_DH):
-                dp_heads = tl.zeros((BLOCK_M, HEADS * BLOCK_E), dtype=tl.float32)
-                dp_heads = split_dot.dot_split(dyh, tl.trans(experts), dp_heads, DT, EPILOGUE_PRECISION)
-                if ROUTING == 2:
-                    d_probs = tl.sum(tl.reshape(dp_heads, (BLOCK_M, HEADS, BLOCK_E)), axis=1)
-                    ptrs = d_probs_part_ptr + (head0 * T + offs_m[:, None]) * E + offs_e[None, :]
-                    tl.store(ptrs, d_probs, mask=row_ok & (offs_e[None, :] < E))
-                else:
-                    dp = tl.reshape(dp_heads, (BLOCK_M * HEADS, BLOCK_E))
-                    dlogits = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
-                    dlogits = tl.where(row_valid[:, None], dlogits, 0.0)
-                    if NEED_D_ROUTING:
-                        h_rows = tl.reshape(h.to(DT), (BLOCK_M * HEADS, HEAD_DIM))  # as the forward's router
-                        d_router_acc = split_dot.dot_exact_a_scaled_b(
-                            tl.trans(h_rows), dlogits, d_router_acc, DT, EPILOGUE_PRECISION
-                        )
-                    if NEED_DH:
-                        dh_router = tl.zeros((BLOCK_M * HEADS, HEAD_DIM), dtype=tl.float32)
-                        dh_router = split_dot.dot_split(dlogits, tl.trans(router), dh_router, DT, EPILOGUE_PRECISION)
-                        dh += tl.reshape(dh_router, (BLOCK_M, BLOCK_N))
-        # ---- store dh in the activation dtype
-        if NEED_DH:
-            tl.store(
-                dh_ptr + offs_m[:, None] * N + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=row_ok & col_ok
-            )
+            experts = _expert_block(experts_ptr, head0, G, E, HEAD_DIM, BLOCK_E, BLOCK_N)
+            d_experts_acc = tl.zeros((HEADS * BLOCK_E, BLOCK_N), dtype=tl.float32)
+        if ROUTING == 1:
+            router = tl.load(router_ptr + offs_d[:, None] * E + offs_e[None, :], mask=offs_e[None, :] < E, other=0.0)
+            d_router_acc = tl.zeros((HEAD_DIM, BLOCK_E), dtype=tl.float32)
 
-    # ---- write the chunk's partial sums once
-    if NEED_D_EXPERTS:
-        if ROUTING == 0:  # [C, G, 1, D] is [C, N]
-            tl.store(d_experts_part_ptr + chunk * N + offs_n, d_experts_acc, mask=offs_n < N)
-        else:
-            rows = tl.arange(0, HEADS * BLOCK_E)
-            row_head, row_e = rows // BLOCK_E, rows % BLOCK_E
-            col_head, col_d = tl.arange(0, BLOCK_N) // HEAD_DIM, tl.arange(0, BLOCK_N) % HEAD_DIM
-            g = head0 + row_head[:, None]
-            mask = (row_head[:, None] == col_head[None, :]) & (row_e[:, None] < E) & (g < G)
-            ptrs = d_experts_part_ptr + ((chunk * G + g) * E + row_e[:, None]) * HEAD_DIM + col_d[None, :]
-            tl.store(ptrs, d_experts_acc, mask=mask)
-    if ROUTING == 1:
-        if NEED_D_ROUTING:
-            ptrs = d_router_part_ptr + ((chunk * G + head0) * HEAD_DIM + offs_d[:, None]) * E + offs_e[None, :]
-            tl.store(ptrs, d_router_acc, mask=offs_e[None, :] < E)
+        chunk_rows = min(REDUCE_ROWS, T - chunk * REDUCE_ROWS)
+        for sub in range(0, tl.cdiv(chunk_rows, BLOCK_M)):
+            offs_m = chunk.to(tl.int64) * REDUCE_ROWS + sub * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit rows
+            row_ok = offs_m[:, None] < T
+            # ---- h (read, or recomputed), dy
+            if H_FROM_GEMM:
+                # kept in the activation dtype: dyh = dy ⊙ h promotes it, the router's h rows are it
+                h = tl.load(h_ptr + offs_m[:, None] * N + offs_n[None, :], mask=row_ok & col_ok, other=0.0)
+            else:
+                h = _linear_tile(
+                    x_ptr, w_ptr, bias_ptr, offs_m, offs_n, T, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                    HAS_BIAS, MAIN_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+            dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+            dy = tl.load(dy_ptrs, mask=row_ok & col_ok, other=0.0).to(tl.float32)
+            dyh = dy * h
+            if ROUTING == 0:
+                dh = dy * s
+                if NEED_D_EXPERTS:
+                    d_experts_acc += tl.sum(dyh, axis=0)
+            else:
+                # ---- routing weights p [BLOCK_M, HEADS·BLOCK_E] and the merge s
+                if ROUTING == 1:
+                    row_m, row_g, row_valid = _head_rows(offs_m, head0, T, G, HEAD_DIM, BLOCK_M, BLOCK_N)
+                    p_ptrs = p_soft_ptr + (row_m[:, None] * G + row_g[:, None]) * E + offs_e[None, :]
+                    p_soft = tl.load(p_ptrs, mask=row_valid[:, None] & (offs_e[None, :] < E), other=0.0)
+                    # padded (token, head) rows: a finite stand-in (no 0/0 when renormalising), then p = 0
+                    p_soft = tl.where(row_valid[:, None] | (offs_e[None, :] >= E), p_soft, 1.0 / E)
+                    p = tl.where(row_valid[:, None], routing.select(p_soft, offs_e, E, TOP_K, RENORMALIZE), 0.0)
+                    p_heads = tl.reshape(p, (BLOCK_M, HEADS * BLOCK_E))
+                else:
+                    p_heads = _sentence_probs_tile(probs_ptr, offs_m, head0, T, G, E, BLOCK_E, HEADS)
+                s = split_dot.dot_split(
+                    p_heads, experts, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DT, EPILOGUE_PRECISION
+                )
+                dh = dy * s
+                # ---- d experts: the diagonal blocks of pᵀ·dyh
+                if NEED_D_EXPERTS:
+                    d_experts_acc = split_dot.dot_split(tl.trans(p_heads), dyh, d_experts_acc, DT, EPILOGUE_PRECISION)
+                # ---- dp = dyh · expertsᵀ, then d probs (sentence) or d logits (token)
+                if NEED_D_ROUTING or (ROUTING == 1 and NEED_DH):
+                    dp_heads = tl.zeros((BLOCK_M, HEADS * BLOCK_E), dtype=tl.float32)
+                    dp_heads = split_dot.dot_split(dyh, tl.trans(experts), dp_heads, DT, EPILOGUE_PRECISION)
+                    if ROUTING == 2:
+                        d_probs = tl.sum(tl.reshape(dp_heads, (BLOCK_M, HEADS, BLOCK_E)), axis=1)
+                        ptrs = d_probs_part_ptr + (head0 * T + offs_m[:, None]) * E + offs_e[None, :]
+                        tl.store(ptrs, d_probs, mask=row_ok & (offs_e[None, :] < E))
+                    else:
+                        dp = tl.reshape(dp_heads, (BLOCK_M * HEADS, BLOCK_E))
+                        dlogits = routing.router_probs_backward(dp, p_soft, offs_e, E, TOP_K, RENORMALIZE)
+                        dlogits = tl.where(row_valid[:, None], dlogits, 0.0)
+                        if NEED_D_ROUTING:
+                            h_rows = tl.reshape(h.to(DT), (BLOCK_M * HEADS, HEAD_DIM))  # as the forward's router
+                            d_router_acc = split_dot.dot_exact_a_scaled_b(
+                                tl.trans(h_rows), dlogits, d_router_acc, DT, EPILOGUE_PRECISION
+                            )
+                        if NEED_DH:
+                            dh_router = tl.zeros((BLOCK_M * HEADS, HEAD_DIM), dtype=tl.float32)
+                            dh_router = split_dot.dot_split(
+                                dlogits, tl.trans(router), dh_router, DT, EPILOGUE_PRECISION
+                            )
+                            dh += tl.reshape(dh_router, (BLOCK_M, BLOCK_N))
+            # ---- store dh in the activation dtype
+            if NEED_DH:
+                tl.store(
+                    dh_ptr + offs_m[:, None] * N + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=row_ok & col_ok
+                )
+
+        # ---- write the chunk's partial sums once
+        if NEED_D_EXPERTS:
+            if ROUTING == 0:  # [C, G, 1, D] is [C, N]
+                tl.store(d_experts_part_ptr + chunk * N + offs_n, d_experts_acc, mask=offs_n < N)
+            else:
+                rows = tl.arange(0, HEADS * BLOCK_E)
+                row_head, row_e = rows // BLOCK_E, rows % BLOCK_E
+                col_head, col_d = tl.arange(0, BLOCK_N) // HEAD_DIM, tl.arange(0, BLOCK_N) % HEAD_DIM
+                g = head0 + row_head[:, None]
+                mask = (row_head[:, None] == col_head[None, :]) & (row_e[:, None] < E) & (g < G)
+                ptrs = d_experts_part_ptr + ((chunk * G + g) * E + row_e[:, None]) * HEAD_DIM + col_d[None, :]
+                tl.store(ptrs, d_experts_acc, mask=mask)
+        if ROUTING == 1:
+            if NEED_D_ROUTING:
+                ptrs = d_router_part_ptr + ((chunk * G + head0) * HEAD_DIM + offs_d[:, None]) * E + offs_e[None, :]
+                tl.store(ptrs, d_router_acc, mask=offs_e[None, :] < E)
 
 
 # ------------------------------------------------------------------------------------------
@@ -694,20 +838,24 @@ def plan_problem(
 def backward_reads_h(routing: int, head_dim: int, block_e: int) -> bool:
     """Whether the backward of a problem reads h from one GEMM (H_FROM_GEMM) by default, rather than recompute
     each h tile inside the backward kernel: :data:`BACKWARD_H_FROM_GEMM`, and a problem whose h-reading default
-    tile compiles without register spills — token routing or (IA)3, head width D ≤ 64, BLOCK_E = 16 (E ≤ 16).
+    tile compiles without register spills — BLOCK_E = 16 (E ≤ 16) and either token routing or (IA)3 with head
+    width D ≤ 64, or token routing with D = 128.
 
     The reason is registers, not speed (the one GEMM is faster at every shape the traffic/FLOP model reports,
     docs/backward-h.md). The h-reading kernel's epilogue is fed by loaded h tiles instead of the recompute's
     float32 accumulator and needs more registers at the same tile, and its default is already the shortest
-    (16 rows; BLOCK_K unused). In the AOT reports (bf16, triton 3.9) that default spills for sentence routing
-    (32 B on sm_80, 48 B on sm_90), for BLOCK_E = 64 (E = 60: 48 B on sm_90) and for
-    D = 128 (144 B on sm_90), while the fused recompute's defaults of those problems are spill-free; the
-    other example problems (token routing with E = 10, top-2 renormalised, (IA)3; D = 64) read h spill-free.
-    Defaults must be spill-free, so those problems keep the fused recompute. The rule is by shape alone, the
-    same for every activation dtype (float32 was measured only where h is read), and conservative between the
-    measured points (BLOCK_E = 32 and (IA)3 with D = 128 recompute too). ``plan_problem(h_from_gemm=True)``
-    still selects the h-reading kernel for any problem (autotuning and tests)."""
-    return BACKWARD_H_FROM_GEMM and routing != ROUTING_SENTENCE and head_dim <= 64 and block_e <= 16
+    (16 rows; BLOCK_K unused). In the AOT reports (triton 3.9) its one-pass loop spills for sentence routing
+    (bf16: 32 B on sm_80, 48 B on sm_90) and for BLOCK_E = 64 (E = 60: 48 B on sm_90), where the fused
+    recompute's defaults are spill-free, so those problems keep the fused recompute. At D = 128 with token
+    routing the one-pass loop spilled too (144 B on sm_90); the kernel runs those problems in two passes
+    instead (:func:`_bwd_token_halves`), whose default 16 × 128 tile compiles spill-free on sm_80 and sm_90 in
+    bf16, fp16 and fp32, soft, top-2 and top-2 renormalised. The rule is by shape alone, the same for every
+    activation dtype, and conservative between the measured points (BLOCK_E = 32, and (IA)3 with D = 128, which
+    runs the one-pass loop, recompute). ``plan_problem(h_from_gemm=True)`` still selects the h-reading kernel
+    for any problem (autotuning and tests)."""
+    if not BACKWARD_H_FROM_GEMM or block_e > 16:
+        return False
+    return (routing != ROUTING_SENTENCE and head_dim <= 64) or (routing == ROUTING_TOKEN and head_dim == 128)
 
 
 def default_config(pb: _Problem, backward: bool = False) -> triton.Config:

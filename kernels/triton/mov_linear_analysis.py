@@ -159,13 +159,18 @@ def hbm_traffic(
     chunks, bpn = math.ceil(T / REDUCE_ROWS), math.ceil(N / bc["BLOCK_N"])
     # row tiles the backward programs of one column visit: each chunk's rows in BLOCK_M tiles
     row_tiles = sum(math.ceil(min(REDUCE_ROWS, T - c * REDUCE_ROWS) / bc["BLOCK_M"]) for c in range(chunks))
-    if h_from_gemm:  # h once (each program its tiles), dy once
-        b_issued_r = 2 * T * N * es
+    # token routing reading h with D = 128 runs two passes over each chunk (mov_linear._bwd_token_halves): d experts,
+    # then dh and d router; each pass reads h, dy and p_soft (the second from L1 or L2), the second the adapters
+    two_passes = h_from_gemm and mode == ROUTING_TOKEN and D > 64
+    passes = (int(need_experts) + int(need_dh or need_routing)) if two_passes else 1
+    adapter_reads = (need_dh or need_routing) if two_passes else 1
+    if h_from_gemm:  # h once (each program its tiles), dy once, per pass
+        b_issued_r = 2 * T * N * es * passes
     else:  # x per column tile, W and bias per row tile, dy once
         b_issued_r = T * K * es * bpn + N * K * es * row_tiles + bias_b * row_tiles + T * N * es
-    b_issued_r += chunks * (G * E * D * f32 if mode != ROUTING_NONE else N * f32)
-    if mode == ROUTING_TOKEN:
-        b_issued_r += chunks * bpn * D * E * f32 + T * G * E * f32  # router per program, p_soft once
+    b_issued_r += chunks * (G * E * D * f32 if mode != ROUTING_NONE else N * f32) * adapter_reads
+    if mode == ROUTING_TOKEN:  # router per program, p_soft once per pass
+        b_issued_r += chunks * bpn * D * E * f32 * adapter_reads + T * G * E * f32 * passes
     if mode == ROUTING_SENTENCE:
         b_issued_r += probs_b * G
     part_experts = chunks * (G * E * D if mode != ROUTING_NONE else N) * f32 if need_experts else 0
@@ -283,6 +288,8 @@ def backward_strategies(
     adapters = (G * E * D + D * E) * f32
     epilogue_dram = fused.hbm_written + 2 * h_bytes + T * G * E * f32 + adapters  # h and dy
     epilogue_l2 = epilogue_dram + adapters * (math.ceil(T / REDUCE_ROWS) * math.ceil(N / 128) - 1)
+    if D > 64:  # two passes over each chunk (mov_linear._bwd_token_halves): h, dy and p_soft requested twice
+        epilogue_l2 += 2 * h_bytes + T * G * E * f32
     xw = T * K * es + N * K * es
     epilogue = launch(0, peak, epilogue_l2, epilogue_dram)
     save_forward = h_bytes / H100.hbm_bytes_per_s
