@@ -42,7 +42,7 @@ from torch import nn
 
 from pemoe.config import AdapterConfig
 from pemoe.injection import _adapter_module, _apply, _require_injected, adapter_config, require_unmerged
-from pemoe.layers import MoVLinear
+from pemoe.layers import BankBatch, MoVLinear
 from pemoe.serialization import _config_for_compare, _read_adapter_file, model_family, read_pretrained
 
 __all__ = ["BASE", "load_adapters", "add_adapter", "remove_adapter", "bank_names", "adapter_batch"]
@@ -251,7 +251,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[Non
     slots = _slots(model)
     owners = list({id(o): o for o, _ in slots.values()}.values())
     device = getattr(*next(iter(slots.values()))).device
-    ids = torch.tensor([-1 if _is_base(n) else known.index(n) for n in names], dtype=torch.long, device=device)
+    ids = BankBatch([-1 if _is_base(n) else known.index(n) for n in names], len(known), device)
     previous = [o._bank_ids for o in owners]
     batch = tuple(n for n in names if not _is_base(n))
     bank["active"].append(batch)

@@ -28,7 +28,9 @@ called by model code); calling a sentence-routed layer without either raises Val
 Adapter banks (:mod:`pemoe.banks`): a layer whose adapter parameters are stacked along a leading adapter
 axis A (``banked``) passes the ops one adapter index per token, its sequence's index set by
 ``pemoe.banks.adapter_batch`` (inputs [B, ..., width], batch dimension first); called outside a batch it
-raises ValueError.
+raises ValueError. The per-token indices go to the ops as a :class:`pemoe.ops.AdapterGroups` built once per
+batch and input leading shape (:class:`BankBatch`) and shared by every site: the sites of one forward read
+nothing back from the device to find their segments.
 """
 
 from __future__ import annotations
@@ -56,6 +58,31 @@ ROUTER_INIT_STD = 0.02
 LORA_A_INIT_STD = 0.02
 
 
+class BankBatch:
+    """The adapter of each sequence of a running batch (set on every banked site by
+    ``pemoe.banks.adapter_batch``): ``sequence_ids`` (host ints, -1: the base alone) over a bank of
+    ``num_adapters``, and ``ids`` [B] on ``device``. :meth:`groups` gives the ops' per-token
+    :class:`pemoe.ops.AdapterGroups` for an input leading shape, built on first use and then shared by every
+    site (a few shapes per batch: prefill, decoding, an encoder's and a decoder's lengths)."""
+
+    #: at most this many leading shapes are kept per batch (the oldest is dropped beyond it)
+    MAX_SHAPES = 8
+
+    def __init__(self, sequence_ids: list[int], num_adapters: int, device: torch.device) -> None:
+        self.sequence_ids, self.num_adapters, self.device = tuple(sequence_ids), num_adapters, device
+        self.ids = torch.tensor(self.sequence_ids, dtype=torch.long, device=device)
+        self._groups: dict[tuple[int, ...], ops.AdapterGroups] = {}
+
+    def groups(self, lead: tuple[int, ...]) -> ops.AdapterGroups:
+        g = self._groups.get(lead)
+        if g is None:
+            if len(self._groups) >= self.MAX_SHAPES:
+                self._groups.pop(next(iter(self._groups)))
+            g = ops.AdapterGroups.from_sequences(self.sequence_ids, lead, self.num_adapters, self.device)
+            self._groups[lead] = g
+        return g
+
+
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -68,14 +95,15 @@ class _AdapterModule(nn.Module):
     router_input_features: int | None = None  # R for sentence routing; None: the router reads the activation
     _router_input: torch.Tensor | None = None
     #: Adapter bank (see :mod:`pemoe.banks`): True when the adapter parameters are stacked along a leading
-    #: adapter axis A; ``_bank_ids`` [B] then holds one adapter index per sequence of the running batch
-    #: (-1: the base alone), set by ``pemoe.banks.adapter_batch``.
+    #: adapter axis A; ``_bank_ids`` then holds one adapter index per sequence of the running batch
+    #: (-1: the base alone, :class:`BankBatch`), set by ``pemoe.banks.adapter_batch``.
     banked: bool = False
-    _bank_ids: torch.Tensor | None = None
+    _bank_ids: BankBatch | None = None
 
-    def _adapter_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _adapter_ids(self, x: torch.Tensor) -> ops.AdapterGroups | None:
         """The per-token adapter indices for input x [B, ..., width] of a banked layer (the sequence's index
-        broadcast over its tokens); None for a layer holding one adapter."""
+        broadcast over its tokens, as the batch's shared :class:`pemoe.ops.AdapterGroups`); None for a layer
+        holding one adapter."""
         if not self.banked:
             return None
         ids = self._bank_ids
@@ -85,12 +113,13 @@ class _AdapterModule(nn.Module):
                 "model(..., adapter_names=[...]) or inside pemoe.adapter_batch(model, names)"
             )
         lead = tuple(x.shape[:-1])
-        if not lead or lead[0] != ids.shape[0]:
+        batch = len(ids.sequence_ids)
+        if not lead or lead[0] != batch:
             raise ValueError(
-                f"the adapter batch names {ids.shape[0]} sequence(s), but {type(self).__name__} got input of shape "
+                f"the adapter batch names {batch} sequence(s), but {type(self).__name__} got input of shape "
                 f"{list(x.shape)}: one adapter name per sequence (batch dimension first) is needed"
             )
-        return ids.view((-1,) + (1,) * (len(lead) - 1)).expand(lead)
+        return ids.groups(lead)
 
     def set_router_input(self, router_input: torch.Tensor | None) -> None:
         """The per-sequence router input used when ``forward`` gets none (sentence routing)."""

@@ -137,6 +137,29 @@ def test_generate_with_kv_cache_equals_each_adapter_alone(saved):
         assert out[b].tolist() == want[0].tolist(), (b, name)
 
 
+def test_sites_share_one_grouping_per_leading_shape(saved, monkeypatch):
+    """The batch's per-token grouping (pemoe.ops.AdapterGroups) is built once per input leading shape and shared
+    by every site, across generate's steps: no site checks or counts the ids on its own."""
+    from pemoe import _checks
+
+    _, paths = saved
+    model = _bank(paths, NAMES)
+    x = ids(model, seed=4, batch=4, length=5)
+    names = ["code", "support", BASE, "code"]
+    with torch.no_grad():
+        want = model.generate(x, adapter_names=names, use_cache=True, **GEN)
+    built = []
+    build = pemoe.ops.AdapterGroups.from_sequences
+    monkeypatch.setattr(
+        pemoe.ops.AdapterGroups, "from_sequences", staticmethod(lambda *a, **k: built.append(a[1]) or build(*a, **k))
+    )
+    monkeypatch.setattr(_checks, "check_adapter_ids", lambda *a: pytest.fail("ids checked at a site"))
+    with torch.no_grad():
+        out = model.generate(x, adapter_names=names, use_cache=True, **GEN)
+    assert out.tolist() == want.tolist()
+    assert built == [(4, 5), (4, 1)]
+
+
 def test_adapter_batch_context_equals_adapter_names(saved):
     _, paths = saved
     model = _bank(paths)

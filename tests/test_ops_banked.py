@@ -371,20 +371,23 @@ class TestMoLoRAAdapterBankTorchGrouped(MoLoRAAdapterBank, _BankVsReference, _Gr
     implementation = "torch"
 
 
-class _MoLoRAInference:
-    """``"torch"`` MoLoRA when autograd records nothing (``torch.no_grad``, inference): each adapter's rows go
-    through the single-adapter forward's steps without its autograd Function. The same GEMMs on the same
-    rows as the grouped Function: bitwise its output; and within the rule against the banked reference."""
+class _Inference:
+    """``"torch"`` when autograd records nothing (``torch.no_grad``, inference): each adapter's rows go through the
+    single-adapter forward's steps without its autograd Function (``segments``: the path under test). The same
+    ops on the same rows as the grouped Function: bitwise its output; and within the rule against the banked
+    reference."""
+
+    segments: str
 
     def _no_grad(self, inputs: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         args = _cast(inputs, dtype, torch.float32)
-        calls, segments = [], banked._segments_molora
-        banked._segments_molora = lambda *a, **k: calls.append(1) or segments(*a, **k)
+        calls, segments = [], getattr(banked, self.segments)
+        setattr(banked, self.segments, lambda *a, **k: calls.append(1) or segments(*a, **k))
         try:
             with torch.no_grad():
                 out = self.call("torch", **args)
         finally:
-            banked._segments_molora = segments
+            setattr(banked, self.segments, segments)
         assert len(calls) == (len(set(inputs["adapter_ids"].reshape(-1).tolist())) > 1)  # the path under test
         with torch.no_grad():
             ref = self.call("reference", **args)
@@ -414,6 +417,10 @@ class _MoLoRAInference:
             inputs["adapter_ids"] = torch.full_like(inputs["adapter_ids"], 1)
         out, ref, truth = self._no_grad(inputs, torch.float32)
         assert_within_rule(out, ref, truth, torch.float32, f"{self.op_name} output (no grad, {case})")
+
+
+class _MoLoRAInference(_Inference):
+    segments = "_segments_molora"
 
 
 class TestMoLoRALinearBankTorchInference(MoLoRALinearBank, _MoLoRAInference):
@@ -490,3 +497,98 @@ def test_mov_ffn_base_rows_are_the_plain_ffn():
         h = F.gelu(F.linear(x, args["wi_0"]), approximate="tanh") * F.linear(x, args["wi_1"])
         want = F.linear(h, args["wo"])
     torch.testing.assert_close(y[[0, 2, 4]], want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# AdapterGroups: the ids with their segments, built once, accepted wherever adapter_ids is
+# ------------------------------------------------------------------------------------------
+
+OPS = {"mov": MoVBank, "mov_linear": MoVLinearBank, "mov_ffn": MoVFFNBank, "molora_linear": MoLoRALinearBank,
+       "molora_adapter": MoLoRAAdapterBank}  # fmt: skip
+
+
+def _sequence_groups(args: dict) -> ops.AdapterGroups:
+    """The groups of ids [B, S] that are constant along each sequence, from the per-sequence host ids."""
+    ids = args["adapter_ids"]
+    return ops.AdapterGroups.from_sequences(ids[:, 0].tolist(), tuple(ids.shape), A)
+
+
+def _per_sequence_inputs(bank: _Bank, e: int = 4) -> dict:
+    """Inputs over 5 sequences of 6 tokens, each sequence one adapter (adapter 2 unused, one sequence the base)."""
+    args = bank.inputs(30, e)
+    lead = (5, 6)
+    for k in ("x", "h", "base"):
+        if args.get(k) is not None:
+            args[k] = args[k].detach().reshape(lead + args[k].shape[-1:]).requires_grad_()
+    args["adapter_ids"] = torch.tensor([1, -1, 0, 1, 0])[:, None].expand(lead)
+    return args
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("how", ["from_ids", "from_sequences"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_groups_give_the_ids_bits_and_gradients(op, how, grad, monkeypatch):
+    """An AdapterGroups in place of the ids tensor: the same output bits and gradients (grouped strategy, and the
+    gathered one where it exists, at 30 tokens), and no host read of the ids (no bincount, argsort, aminmax)."""
+    bank = OPS[op]()
+    args = _per_sequence_inputs(bank)
+    groups = ops.AdapterGroups.from_ids(args["adapter_ids"], A) if how == "from_ids" else _sequence_groups(args)
+    assert groups.counts == (6, 12, 12, 0)
+    assert torch.equal(groups.ids, args["adapter_ids"].reshape(-1))
+    assert torch.equal(groups.perm, torch.argsort(groups.ids, stable=True))
+    for gather in (0, 10**6):
+        monkeypatch.setattr(banked, "GATHER_MAX_TOKENS", gather)
+        run = run_with_grads if grad else lambda fn, a: (fn(**a).detach(), {})
+        want, want_grads = run(lambda **kw: bank.call("torch", **kw), args)
+        with monkeypatch.context() as m:
+            for name in ("bincount", "argsort", "aminmax"):
+                m.setattr(torch, name, lambda *a, _n=name, **k: pytest.fail(f"torch.{_n} called"))
+            got, got_grads = run(lambda **kw: bank.call("torch", **kw), dict(args, adapter_ids=groups))
+        assert torch.equal(got, want)
+        assert set(got_grads) == set(want_grads) - {"adapter_ids"}
+        for name in got_grads:
+            assert torch.equal(got_grads[name], want_grads[name]), f"d{name}"
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_groups_with_the_reference(impl):
+    args = _per_sequence_inputs(MoLoRALinearBank())
+    want = ops.molora_linear(**args, implementation="reference")
+    got = ops.molora_linear(**dict(args, adapter_ids=_sequence_groups(args)), implementation=impl)
+    if impl == "reference":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+GROUP_BAD_CASES = {
+    "index = A": (lambda: ops.AdapterGroups.from_sequences([0, 3], (2, 4), 3), r"index 3, outside \[-1, 3\)"),
+    "index -2": (lambda: ops.AdapterGroups.from_sequences([-2, 0], (2, 4), 3), r"index -2, outside \[-1, 3\)"),
+    "ids index = A": (lambda: ops.AdapterGroups.from_ids(torch.tensor([0, 3]), 3), r"index 3, outside \[-1, 3\)"),
+    "sequences": (lambda: ops.AdapterGroups.from_sequences([0, 1], (3, 4), 3), r"names 2 sequence\(s\).*\[3, 4\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUP_BAD_CASES))
+def test_groups_refuse_bad_ids_when_built(case):
+    build, match = GROUP_BAD_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_groups_from_ids_refuse_non_integer_ids():
+    with pytest.raises(TypeError, match=r"integer tensor.*float32"):
+        ops.AdapterGroups.from_ids(torch.zeros(3), 3)
+    with pytest.raises(TypeError, match=r"integer torch.Tensor"):
+        ops.AdapterGroups.from_ids([0, 1], 3)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "auto"])
+def test_groups_must_fit_the_tokens_and_the_bank(impl):
+    args = MoVLinearBank().inputs(7, 4)
+    short = ops.AdapterGroups.from_ids(args["adapter_ids"][:-1], A)
+    with pytest.raises(ValueError, match=r"shape \[T\] = \[7\].*AdapterGroups for tokens of shape \[6\]"):
+        ops.mov_linear(**dict(args, adapter_ids=short), implementation=impl)
+    other_bank = ops.AdapterGroups.from_ids(args["adapter_ids"], A + 1)
+    with pytest.raises(ValueError, match=r"AdapterGroups built for a bank of 4 adapter\(s\).*hold 3"):
+        ops.mov_linear(**dict(args, adapter_ids=other_bank), implementation=impl)

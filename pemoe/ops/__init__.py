@@ -34,6 +34,9 @@ tokens by adapter (see :mod:`pemoe.ops.banked`); ``"auto"`` picks ``"torch"``; `
 adapter-bank kernels (:mod:`pemoe.kernels.triton.mov_banked` for the MoV ops, segment-grouped
 :mod:`pemoe.kernels.triton.molora_banked` for ``molora_linear`` and ``molora_adapter``) and refuses, with
 ``NotImplementedError``, inputs that require grad while autograd records (use ``"torch"`` to train).
+``adapter_ids`` may also be an :class:`AdapterGroups` (the ids with their per-adapter token counts and sorting
+permutation, validated once when built): a model calling many ops on one batch builds it once and every op
+reuses it, where a plain tensor's counts are read on the host and its ids sorted at every call.
 
 Routing options shared by all ops: ``top_k`` (keep the k most probable experts; no
 renormalisation unless ``renormalize=True``) and ``router_input`` (sentence routing: the
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +56,20 @@ import torch.nn.functional as F
 from pemoe import _checks, reference
 from pemoe.ops import banked
 from pemoe.ops._dispatch import AVAILABLE, logger, resolve_implementation, triton_runs_on
+from pemoe.ops.banked import AdapterGroups
 from pemoe.ops.molora import MoLoRAFunction
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
-__all__ = ["AVAILABLE", "mov", "mov_linear", "mov_ffn", "molora_linear", "molora_adapter", "resolve_implementation"]
+__all__ = [
+    "AVAILABLE",
+    "AdapterGroups",
+    "mov",
+    "mov_linear",
+    "mov_ffn",
+    "molora_linear",
+    "molora_adapter",
+    "resolve_implementation",
+]
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -166,7 +180,7 @@ def mov(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
-    adapter_ids: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | AdapterGroups | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """Soft mixture of (IA)3 vectors on h [..., G·D]: h * einsum('tge,ged->tgd', softmax(h32 router), experts).
@@ -196,7 +210,7 @@ def mov_linear(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
-    adapter_ids: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | AdapterGroups | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """mov(x Wᵀ + b): x [..., K], weight [N, K] (frozen), N = G·D. Returns [..., N] in x's dtype."""
@@ -246,7 +260,7 @@ def mov_ffn(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
-    adapter_ids: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | AdapterGroups | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """T5 FFN with MoV on the activation (SPEC §2).
@@ -327,7 +341,7 @@ def molora_linear(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
-    adapter_ids: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | AdapterGroups | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """x Wᵀ + b + scale·Σ_e p_e (x A_e) B_e. x [..., K], weight [N, K] (frozen), lora_a [E, K, r],
@@ -399,7 +413,7 @@ def molora_adapter(
     top_k: int | None = None,
     renormalize: bool = False,
     router_input: torch.Tensor | None = None,
-    adapter_ids: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | AdapterGroups | None = None,
     implementation: str = "auto",
 ) -> torch.Tensor:
     """MoLoRA without its frozen linear: base + scale·Σ_e p_e (x A_e) B_e, for a frozen layer that runs its own
@@ -450,11 +464,37 @@ def molora_adapter(
 # ------------------------------------------------------------------------------------------
 
 
+def _bank_ids(
+    adapter_ids: object, tokens: tuple[int, ...], num_adapters: int
+) -> tuple[torch.Tensor, banked.AdapterGroups | None]:
+    """(ids [T] int64, the :class:`banked.AdapterGroups` when given one): a plain tensor is checked here (its
+    range read on the host); groups were validated when built, only their token count and bank size here."""
+    if not isinstance(adapter_ids, banked.AdapterGroups):
+        return _checks.check_adapter_ids(adapter_ids, tokens, num_adapters), None
+    count = math.prod(tokens)
+    if adapter_ids.ids.numel() != count:
+        raise ValueError(
+            f"adapter_ids must have shape [T] = [{count}] or the activations' leading shape {list(tokens)} (one "
+            f"adapter index per token), got AdapterGroups for tokens of shape {list(adapter_ids.tokens_shape)}"
+        )
+    if adapter_ids.num_adapters != num_adapters:
+        raise ValueError(
+            f"adapter_ids: AdapterGroups built for a bank of {adapter_ids.num_adapters} adapter(s), but the "
+            f"stacked parameters hold {num_adapters}"
+        )
+    return adapter_ids.ids, adapter_ids
+
+
+def _groups(ids: torch.Tensor, given: banked.AdapterGroups | None, num_adapters: int) -> banked.AdapterGroups:
+    """The segments of ``ids`` for the ``"torch"`` implementation: the given groups, else counted now."""
+    return given if given is not None else banked.AdapterGroups.of(ids, num_adapters)
+
+
 def _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_input, implementation):
     a = _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
     _checks.check_mov(h, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input)
     tokens = tuple(h.shape[:-1])
-    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    ids, groups = _bank_ids(adapter_ids, tokens, a)
     _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input, adapter_ids=ids)
     impl = _banked_implementation("mov", implementation, h.device)
     ri = banked.token_router_input(router_input, tokens)
@@ -462,8 +502,10 @@ def _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_inpu
         kernel, probs = _banked_triton("mov", h, ids, router, experts, ri, router_input, top_k, renormalize)
         router, experts, probs = _float32(router, experts, probs)
         return kernel.mov(_flat(h), ids, router, experts, probs, top_k, renormalize).reshape(h.shape)
-    fn = banked.reference_mov if impl == "reference" else banked.grouped_mov
-    return fn(_flat(h), ids, router, experts, ri, top_k, renormalize).reshape(h.shape)
+    if impl == "reference":
+        return banked.reference_mov(_flat(h), ids, router, experts, ri, top_k, renormalize).reshape(h.shape)
+    y = banked.grouped_mov(_flat(h), _groups(ids, groups, a), router, experts, ri, top_k, renormalize)
+    return y.reshape(h.shape)
 
 
 def _mov_linear_banked(x, weight, bias, router, experts, adapter_ids, top_k, renormalize, router_input, impl):
@@ -474,7 +516,7 @@ def _mov_linear_banked(x, weight, bias, router, experts, adapter_ids, top_k, ren
         h_name="weight output", width=weight.shape[0],
     )  # fmt: skip
     tokens = tuple(x.shape[:-1])
-    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    ids, groups = _bank_ids(adapter_ids, tokens, a)
     _checks.check_same_device(
         x=x, weight=weight, bias=bias, router=router, experts=experts, router_input=router_input, adapter_ids=ids
     )
@@ -488,8 +530,12 @@ def _mov_linear_banked(x, weight, bias, router, experts, adapter_ids, top_k, ren
         router, experts, probs = _float32(router, experts, probs)
         y = kernel.mov_linear_banked(_flat(x), weight, bias, ids, router, experts, probs, top_k, renormalize)
         return y.reshape(tokens + (weight.shape[0],))
-    fn = banked.reference_mov_linear if impl == "reference" else banked.grouped_mov_linear
-    y = fn(_flat(x), weight, bias, ids, router, experts, ri, top_k, renormalize)
+    if impl == "reference":
+        y = banked.reference_mov_linear(_flat(x), weight, bias, ids, router, experts, ri, top_k, renormalize)
+    else:
+        y = banked.grouped_mov_linear(
+            _flat(x), weight, bias, _groups(ids, groups, a), router, experts, ri, top_k, renormalize
+        )
     return y.reshape(tokens + (weight.shape[0],))
 
 
@@ -502,7 +548,7 @@ def _mov_ffn_banked(
         h_name="wi_0 output", width=wi_0.shape[0],
     )  # fmt: skip
     tokens = tuple(x.shape[:-1])
-    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    ids, groups = _bank_ids(adapter_ids, tokens, a)
     _checks.check_same_device(
         x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, router_input=router_input, adapter_ids=ids
     )
@@ -515,7 +561,8 @@ def _mov_ffn_banked(
         y = kernel.mov_ffn_banked(_flat(x), wi_0, wi_1, wo, ids, router, experts, probs, activation, top_k, renormalize)
         return y.reshape(x.shape)
     fn = banked.reference_mov_ffn if impl == "reference" else banked.grouped_mov_ffn
-    y = fn(_flat(x), wi_0, wi_1, wo, ids, router, experts, ri, activation, top_k, renormalize)
+    ids_or_groups = ids if impl == "reference" else _groups(ids, groups, a)
+    y = fn(_flat(x), wi_0, wi_1, wo, ids_or_groups, router, experts, ri, activation, top_k, renormalize)
     return y.reshape(x.shape)
 
 
@@ -542,7 +589,7 @@ def _molora_banked(
     else:
         _checks.check_molora_adapter(x, base, lora_a[0], lora_b[0], _first(router), **common)
     tokens = tuple(x.shape[:-1])
-    ids = _checks.check_adapter_ids(adapter_ids, tokens, a)
+    ids, groups = _bank_ids(adapter_ids, tokens, a)
     _checks.check_same_device(
         x=x, weight=weight, bias=bias, base=base, lora_a=lora_a, lora_b=lora_b, router=router,
         router_input=router_input, adapter_ids=ids,
@@ -563,13 +610,15 @@ def _molora_banked(
                 x2d, weight, bias, ids, lora_a, lora_b, router, ri, float(scale), top_k, renormalize
             )
         else:
+            base2d = F.linear(x2d, weight, bias)
             y = banked.grouped_molora(
-                x2d, F.linear(x2d, weight, bias), ids, lora_a, lora_b, router, ri, float(scale), top_k, renormalize
+                x2d, base2d, _groups(ids, groups, a), lora_a, lora_b, router, ri, float(scale), top_k, renormalize
             )
     else:
         base2d = None if base is None else base.reshape(-1, n)
         fn = banked.reference_molora_adapter if impl == "reference" else banked.grouped_molora
-        y = fn(x2d, base2d, ids, lora_a, lora_b, router, ri, float(scale), top_k, renormalize)
+        ids_or_groups = ids if impl == "reference" else _groups(ids, groups, a)
+        y = fn(x2d, base2d, ids_or_groups, lora_a, lora_b, router, ri, float(scale), top_k, renormalize)
     return y.reshape(tokens + (n,))
 
 

@@ -42,23 +42,27 @@ Two implementations, one semantics:
 
   Either way the frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once over all tokens.
 
-Finding the segments reads the per-adapter token counts on the host (one device-to-host sync per call),
-which the argument checks need anyway (ids outside [-1, A) are refused before any computation).
+Finding the segments needs the per-adapter token counts on the host. Given a plain ids tensor, an op reads
+them back (one device-to-host sync per call, which the argument check of the ids' range needs anyway: ids
+outside [-1, A) are refused before any computation) and sorts the ids. Given an :class:`AdapterGroups`
+(validated once when built, from ids known on the host when built per sequence), it reads nothing back: a
+model's sites share the one grouping of their batch (:class:`pemoe.layers.BankBatch`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from pemoe import reference
+from pemoe import _checks, reference
 from pemoe.ops import _router
 from pemoe.ops.molora import MoLoRAFunction, _shrink_and_logits, expand_into
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
-__all__ = ["token_router_input", "token_sentence_probs", "run_grouped", "run_reference_loop"]
+__all__ = ["AdapterGroups", "token_router_input", "token_sentence_probs", "run_grouped", "run_reference_loop"]
 
 Rows = list[torch.Tensor | None]
 
@@ -89,32 +93,125 @@ def token_sentence_probs(
     return _router.select(torch.softmax(own, dim=-1), top_k, renormalize, dim=-1)
 
 
-def _segment_counts(ids: torch.Tensor, num_adapters: int) -> list[int]:
-    """Tokens per id, for the ids -1, 0, …, A-1 (in that order)."""
-    return torch.bincount(ids + 1, minlength=num_adapters + 1).tolist()
+class AdapterGroups:
+    """Per-token adapter ids together with their segments, built once and reused by every banked op call.
+
+    An op given ``adapter_ids`` as a plain tensor reads the per-id token counts on the host (one
+    device-to-host sync) and sorts the ids (a stable argsort) at every call; a model running one batch
+    through many adapter sites pays that at every site. An ``AdapterGroups`` holds, for one leading shape:
+
+    * ``ids`` — [T] int64 on the device, -1 (no adapter) or an adapter index in [0, A);
+    * ``counts`` — tokens per id -1, 0, …, A-1 (a host tuple of A + 1 ints);
+    * ``perm`` / ``inverse`` — the stable permutation sorting the tokens by id and its inverse ([T] int64 on
+      the device; made on first use).
+
+    It is validated once, when built (ids outside [-1, A) raise ValueError, as for a plain tensor); an op
+    given one checks only that it was built for its token count and bank size (``num_adapters``). Build it
+    with :meth:`from_ids` (a tensor of ids: one host sync) or :meth:`from_sequences` (one id per sequence,
+    known on the host: no sync, the permutation built on the host).
+    """
+
+    __slots__ = ("ids", "counts", "num_adapters", "tokens_shape", "_perm", "_inverse")
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        counts: tuple[int, ...],
+        tokens_shape: tuple[int, ...],
+        perm: torch.Tensor | None = None,
+    ) -> None:
+        self.ids, self.counts, self.tokens_shape = ids, tuple(counts), tuple(tokens_shape)
+        self.num_adapters = len(self.counts) - 1
+        self._perm, self._inverse = perm, None
+
+    @classmethod
+    def from_ids(cls, adapter_ids: torch.Tensor, num_adapters: int) -> AdapterGroups:
+        """From an integer tensor of ids (any shape: its shape is the tokens' leading shape), checked like a
+        plain ``adapter_ids`` (TypeError for a non-integer tensor, ValueError for an id outside [-1, A))."""
+        shape = tuple(adapter_ids.shape) if isinstance(adapter_ids, torch.Tensor) else ()
+        ids = _checks.check_adapter_ids(adapter_ids, shape, num_adapters)
+        return cls(ids, tuple(torch.bincount(ids + 1, minlength=num_adapters + 1).tolist()), shape)
+
+    @classmethod
+    def from_sequences(
+        cls,
+        sequence_ids: list[int] | tuple[int, ...],
+        tokens_shape: tuple[int, ...],
+        num_adapters: int,
+        device: torch.device | str | None = None,
+    ) -> AdapterGroups:
+        """One adapter id per sequence (host ints, -1: none) for tokens of leading shape ``tokens_shape``
+        = [B, ...]: sequence b's id for each of its tokens. Nothing is read back from the device."""
+        seq = [int(a) for a in sequence_ids]
+        bad = [a for a in seq if not -1 <= a < num_adapters]
+        if bad:
+            raise ValueError(
+                f"adapter_ids holds the index {bad[0]}, outside [-1, {num_adapters}) (the bank holds "
+                f"{num_adapters} adapter(s); -1 means no adapter)"
+            )
+        tokens_shape = tuple(tokens_shape)
+        if not tokens_shape or tokens_shape[0] != len(seq):
+            raise ValueError(
+                f"adapter_ids names {len(seq)} sequence(s), but the tokens' leading shape is {list(tokens_shape)}"
+            )
+        per = math.prod(tokens_shape[1:])
+        counts = [0] * (num_adapters + 1)
+        for a in seq:
+            counts[a + 1] += per
+        host = torch.tensor(seq, dtype=torch.long)
+        order = torch.tensor(sorted(range(len(seq)), key=seq.__getitem__), dtype=torch.long)  # stable
+        perm = (order.unsqueeze(1) * per + torch.arange(per)).reshape(-1)
+        ids = host.repeat_interleave(per)
+        return cls(ids.to(device), tuple(counts), tokens_shape, perm.to(device))
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, num_adapters: int) -> AdapterGroups:
+        """From flat ids [T] already checked (:func:`pemoe._checks.check_adapter_ids`): one host sync."""
+        return cls(ids, tuple(torch.bincount(ids + 1, minlength=num_adapters + 1).tolist()), tuple(ids.shape))
+
+    @property
+    def present(self) -> int:
+        """How many ids (-1 included) name at least one token."""
+        return sum(1 for n in self.counts if n)
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """The stable permutation sorting the tokens by id (-1 first), [T]."""
+        if self._perm is None:
+            self._perm = torch.argsort(self.ids, stable=True)
+        return self._perm
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """The inverse of :attr:`perm`: sorted rows ``.index_select(0, inverse)`` are back in token order."""
+        if self._inverse is None:
+            perm = self.perm
+            self._inverse = torch.empty_like(perm)
+            self._inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return self._inverse
+
+    def __repr__(self) -> str:
+        return f"AdapterGroups(tokens_shape={list(self.tokens_shape)}, counts={list(self.counts)})"
 
 
 def run_grouped(
-    ids: torch.Tensor,
-    num_adapters: int,
+    groups: AdapterGroups,
     rows: Rows,
     base_fn: Callable[..., torch.Tensor],
     adapter_fn: Callable[..., torch.Tensor],
-    counts: list[int] | None = None,
 ) -> torch.Tensor:
     """y[t] = adapter_fn(a, *rows of a's tokens) for a = ids[t] >= 0, base_fn(*rows) for ids[t] = -1.
 
     ``rows``: per-token tensors [T, ...] (or None) handed to the functions segment by segment. Rows are
     sorted by adapter once (stable), each adapter's segment is processed on its own, and the outputs are
-    gathered back into token order. ``counts``: :func:`_segment_counts` where the caller has them.
+    gathered back into token order.
     """
-    if counts is None:
-        counts = _segment_counts(ids, num_adapters)
+    counts = groups.counts
     present = [i for i, n in enumerate(counts) if n]
     if len(present) <= 1:  # one adapter (or none) for the whole batch: no permutation
         a = present[0] - 1 if present else -1
         return base_fn(*rows) if a < 0 else adapter_fn(a, *rows)
-    perm = torch.argsort(ids, stable=True)
+    perm = groups.perm
     sorted_rows = [None if t is None else t.index_select(0, perm) for t in rows]
     outs, start = [], 0
     for i, n in enumerate(counts):
@@ -123,9 +220,7 @@ def run_grouped(
         seg = [None if t is None else t[start : start + n] for t in sorted_rows]
         outs.append(base_fn(*seg) if i == 0 else adapter_fn(i - 1, *seg))
         start += n
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    return torch.cat(outs).index_select(0, inverse)
+    return torch.cat(outs).index_select(0, groups.inverse)
 
 
 def run_reference_loop(
@@ -168,10 +263,10 @@ def _probs(ri: torch.Tensor | None, router: torch.Tensor | None, top_k, renormal
 GATHER_MAX_TOKENS = 64
 
 
-def _use_gather(ids: torch.Tensor, num_adapters: int) -> bool:
-    if ids.numel() > GATHER_MAX_TOKENS or ids.numel() == 0:
+def _use_gather(groups: AdapterGroups) -> bool:
+    if groups.ids.numel() > GATHER_MAX_TOKENS or groups.ids.numel() == 0:
         return False
-    return sum(1 for n in _segment_counts(ids, num_adapters) if n) > 1
+    return groups.present > 1
 
 
 def _gathered_probs(router_in, router_t, top_k, renormalize, cd):
@@ -211,14 +306,15 @@ def _records_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _segments_molora(x2d, base2d, ids, counts, lora_a, lora_b, router, ri, scale, top_k, renormalize):
+def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize):
     """MoLoRA grouped by adapter when autograd records nothing: the single-adapter forward's steps
     (:class:`pemoe.ops.molora.MoLoRAFunction`: shrink and router logits, routing weights, U·p, then
     ``addmm_`` of scale·U′ @ B_cat onto the base rows) on each adapter's rows, written into one buffer of the
     adapter tokens sorted by adapter (no autograd Function, no per-segment copies), then put back in token
     order. Every GEMM has the grouped form's operands and shape, so the outputs are the same bits."""
     n = lora_b.shape[-1]
-    perm = torch.argsort(ids, stable=True)[counts[0] :]  # the tokens naming an adapter, grouped by adapter
+    counts = groups.counts
+    perm = groups.perm[counts[0] :]  # the tokens naming an adapter, grouped by adapter
     xs = x2d.index_select(0, perm)
     ys = x2d.new_zeros(perm.shape[0], n) if base2d is None else base2d.index_select(0, perm)
     ris = None if ri is None else ri.index_select(0, perm)
@@ -233,9 +329,7 @@ def _segments_molora(x2d, base2d, ids, counts, lora_a, lora_b, router, ri, scale
         u, logits = _shrink_and_logits(xs[rows], lora_a[a], r if probs is None else None)
         expand_into(ys[rows], u, logits, probs, lora_b[a], scale, top_k, renormalize)
     if counts[0] == 0:  # every token names an adapter: ys back in token order
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        return ys.index_select(0, inverse)
+        return ys.index_select(0, groups.inverse)
     out = x2d.new_zeros(x2d.shape[0], n) if base2d is None else base2d.clone()
     return out.index_copy_(0, perm, ys)
 
@@ -245,11 +339,11 @@ def _segments_molora(x2d, base2d, ids, counts, lora_a, lora_b, router, ri, scale
 # ------------------------------------------------------------------------------------------
 
 
-def _mov_segments(h2d, ids, router, experts, ri, top_k, renormalize, activation=None):
+def _mov_segments(h2d, groups, router, experts, ri, top_k, renormalize, activation=None):
     """MoV per adapter segment on h2d [T, G·D] (or on act(z) for the FFN site, ``activation`` given)."""
-    if _use_gather(ids, experts.shape[0]):
+    if _use_gather(groups):
         h = h2d if activation is None else reference.ACTIVATIONS[activation](h2d)
-        return _gathered_mov(h, ids, router, experts, ri, top_k, renormalize)
+        return _gathered_mov(h, groups.ids, router, experts, ri, top_k, renormalize)
 
     def adapter(a, h_s, ri_s):
         r = _pick(router, a)
@@ -261,33 +355,32 @@ def _mov_segments(h2d, ids, router, experts, ri, top_k, renormalize, activation=
     def base(h_s, ri_s):
         return h_s if activation is None else reference.ACTIVATIONS[activation](h_s)
 
-    return run_grouped(ids, experts.shape[0], [h2d, ri], base, adapter)
+    return run_grouped(groups, [h2d, ri], base, adapter)
 
 
-def grouped_mov(h2d, ids, router, experts, ri, top_k, renormalize):
+def grouped_mov(h2d, groups, router, experts, ri, top_k, renormalize):
     """mov with per-token adapters on flattened h [T, G·D]; returns [T, G·D]."""
-    return _mov_segments(h2d, ids, router, experts, ri, top_k, renormalize)
+    return _mov_segments(h2d, groups, router, experts, ri, top_k, renormalize)
 
 
-def grouped_mov_linear(x2d, weight, bias, ids, router, experts, ri, top_k, renormalize):
+def grouped_mov_linear(x2d, weight, bias, groups, router, experts, ri, top_k, renormalize):
     """mov(x Wᵀ + b) with per-token adapters; the GEMM runs once over all tokens."""
-    return _mov_segments(F.linear(x2d, weight, bias), ids, router, experts, ri, top_k, renormalize)
+    return _mov_segments(F.linear(x2d, weight, bias), groups, router, experts, ri, top_k, renormalize)
 
 
-def grouped_mov_ffn(x2d, wi_0, wi_1, wo, ids, router, experts, ri, activation, top_k, renormalize):
+def grouped_mov_ffn(x2d, wi_0, wi_1, wo, groups, router, experts, ri, activation, top_k, renormalize):
     """(mov(act(x wi_0ᵀ)) [* x wi_1ᵀ]) woᵀ with per-token adapters; the three GEMMs run once over all tokens."""
-    a = _mov_segments(F.linear(x2d, wi_0), ids, router, experts, ri, top_k, renormalize, activation)
+    a = _mov_segments(F.linear(x2d, wi_0), groups, router, experts, ri, top_k, renormalize, activation)
     if wi_1 is not None:
         a = a * F.linear(x2d, wi_1)
     return F.linear(a, wo)
 
 
-def grouped_molora(x2d, base2d, ids, lora_a, lora_b, router, ri, scale, top_k, renormalize):
+def grouped_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize):
     """base + scale·Σ_e p_e (x A_e) B_e with per-token adapters; ``base2d`` [T, N] (None: zeros)."""
     n = lora_b.shape[-1]
-    counts = _segment_counts(ids, lora_a.shape[0])
-    if sum(1 for c in counts if c) > 1 and not _records_grad(x2d, base2d, lora_a, lora_b, router, ri):
-        return _segments_molora(x2d, base2d, ids, counts, lora_a, lora_b, router, ri, scale, top_k, renormalize)
+    if groups.present > 1 and not _records_grad(x2d, base2d, lora_a, lora_b, router, ri):
+        return _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize)
 
     def adapter(a, x_s, base_s, ri_s):
         r = _pick(router, a)
@@ -297,7 +390,7 @@ def grouped_molora(x2d, base2d, ids, lora_a, lora_b, router, ri, scale, top_k, r
     def base(x_s, base_s, ri_s):
         return x_s.new_zeros(x_s.shape[0], n) if base_s is None else base_s
 
-    return run_grouped(ids, lora_a.shape[0], [x2d, base2d, ri], base, adapter, counts)
+    return run_grouped(groups, [x2d, base2d, ri], base, adapter)
 
 
 # ------------------------------------------------------------------------------------------
