@@ -394,6 +394,8 @@ class _Inference:
             truth = self.call("reference", **_cast(inputs, torch.float64, torch.float64))
         with_grad, _ = run_with_grads(lambda **kw: self.call("torch", **kw), args)  # the grouped Function
         assert torch.equal(out, with_grad.detach()), "not the grouped form's bits"
+        with torch.inference_mode():  # again, the parameters' shrink operands kept from the first call
+            assert torch.equal(self.call("torch", **args), out), "inference mode: not the same bits"
         return out, ref, truth
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -592,3 +594,55 @@ def test_groups_must_fit_the_tokens_and_the_bank(impl):
     other_bank = ops.AdapterGroups.from_ids(args["adapter_ids"], A + 1)
     with pytest.raises(ValueError, match=r"AdapterGroups built for a bank of 4 adapter\(s\).*hold 3"):
         ops.mov_linear(**dict(args, adapter_ids=other_bank), implementation=impl)
+
+
+# ------------------------------------------------------------------------------------------
+# MoLoRA without autograd: each bank site's shrink operands are kept while the parameters keep their values
+# ------------------------------------------------------------------------------------------
+
+
+def test_shrink_operands_are_kept_and_follow_parameter_changes(monkeypatch):
+    """The re-laid lora_a ([A_cat | router] per adapter) is built once per parameter state: a second call builds
+    nothing, an in-place change of lora_a or of the router (an optimizer step) is seen, and the outputs stay
+    the uncached grouped form's bits."""
+    bank = MoLoRALinearBank()
+    args = bank.inputs(40, 4)
+    lora_a = torch.nn.Parameter(args["lora_a"].detach().clone())
+    router = torch.nn.Parameter(args["router"].detach().clone())
+    args.update(lora_a=lora_a, router=router)
+    built = []
+    operand = banked.shrink_operand
+    monkeypatch.setattr(banked, "shrink_operand", lambda *a: built.append(1) or operand(*a))
+
+    def no_grad_and_with_grad(args):
+        with torch.no_grad():
+            out = bank.call("torch", **args)
+        with_grad = bank.call("torch", **args)  # records: the Function, which builds its own operands
+        assert with_grad.requires_grad and torch.equal(out, with_grad.detach())
+        return out
+
+    first = no_grad_and_with_grad(args)
+    assert len(built) == A
+    assert torch.equal(no_grad_and_with_grad(args), first) and len(built) == A  # kept
+    for p in (lora_a, router):
+        with torch.no_grad():
+            p.mul_(1.5)
+        changed = no_grad_and_with_grad(args)
+        assert not torch.equal(changed, first)
+        first = changed
+    assert len(built) == 3 * A
+    key = id(lora_a)
+    assert key in banked._SHRINK_OPERANDS
+    del args, lora_a
+    assert key not in banked._SHRINK_OPERANDS  # kept no longer than the parameter
+
+
+def test_gradients_reach_lora_a_after_cached_inference():
+    """A no_grad call (which keeps the operands) does not detach training: gradients still reach lora_a."""
+    bank = MoLoRALinearBank()
+    args = bank.inputs(20, 4)
+    with torch.no_grad():
+        bank.call("torch", **args)
+    out = bank.call("torch", **args)
+    out.sum().backward()
+    assert args["lora_a"].grad is not None and torch.count_nonzero(args["lora_a"].grad[:2]) > 0

@@ -38,7 +38,10 @@ Two implementations, one semantics:
     the expand onto the base rows) written in place into one sorted buffer, without the autograd Function
     and the per-segment copies (clone of the base rows, concatenation of the outputs): the same GEMMs on
     the same rows, so the same bits, at a third of the per-adapter overhead (decoding a batch over many
-    adapters runs about seven small ops per adapter and site).
+    adapters runs about seven small ops per adapter and site). The shrink's right operand of each adapter
+    ([A_cat | router], a re-laid copy of lora_a[a]) is built once per bank site and kept while the parameters
+    keep their values (:func:`_shrink_operands`: checked by storage, version counter, dtype and device), not
+    re-laid at every call; calls that autograd records build their own, so gradients reach lora_a as before.
 
   Either way the frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once over all tokens.
 
@@ -52,6 +55,7 @@ model's sites share the one grouping of their batch (:class:`pemoe.layers.BankBa
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -59,7 +63,7 @@ import torch.nn.functional as F
 
 from pemoe import _checks, reference
 from pemoe.ops import _router
-from pemoe.ops.molora import MoLoRAFunction, _shrink_and_logits, expand_into
+from pemoe.ops.molora import MoLoRAFunction, _shrink_and_logits, expand_into, shrink_operand
 from pemoe.ops.mov import MoVActFunction, MoVFunction
 
 __all__ = ["AdapterGroups", "token_router_input", "token_sentence_probs", "run_grouped", "run_reference_loop"]
@@ -306,6 +310,57 @@ def _records_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+#: id(lora_a) (a bank's stacked parameter) -> (weak reference to it, {(x dtype, with router): (stamp, per-adapter
+#: shrink operands)}); an entry goes when its lora_a does (keyed by id: tensors compare elementwise)
+_SHRINK_OPERANDS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _site_entry(lora_a: torch.Tensor) -> dict:
+    key = id(lora_a)
+    entry = _SHRINK_OPERANDS.get(key)
+    if entry is None or entry[0]() is not lora_a:
+
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            if _SHRINK_OPERANDS.get(key, (None,))[0] is ref:
+                del _SHRINK_OPERANDS[key]
+
+        entry = _SHRINK_OPERANDS[key] = (weakref.ref(lora_a, forget), {})
+    return entry[1]
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current values without reading them: storage address, version counter
+    (bumped by every in-place change: optimizer steps, ``copy_``), dtype, device, shape and strides."""
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride())
+
+
+def _shrink_operands(lora_a, router, dtype) -> list[torch.Tensor] | None:
+    """Each adapter's :func:`pemoe.ops.molora.shrink_operand` ([A_cat (| router)], a re-layout copy of lora_a[a])
+    for x of ``dtype``, built once per bank site and kept while lora_a (and the router) keep their values; the
+    same tensors the single-adapter forward builds at every call, so the same GEMM operands. Only for calls
+    where autograd records nothing (the operands are detached). None where nothing is worth keeping (LoRA:
+    A_cat is a view of lora_a[a]) or the parameters carry no version counter (inference tensors)."""
+    if router is None and lora_a.shape[1] == 1 and lora_a.dtype == dtype:
+        return None
+    if lora_a.is_inference() or (router is not None and router.is_inference()):
+        return None
+    stamp = (_stamp(lora_a), None if router is None else (weakref.ref(router), _stamp(router)))
+    per_site = _site_entry(lora_a)
+    key = (dtype, router is not None)
+    hit = per_site.get(key)
+    if hit is not None and _same_stamp(hit[0], stamp, router):
+        return hit[1]
+    operands = [shrink_operand(lora_a[a], _pick(router, a), dtype) for a in range(lora_a.shape[0])]
+    per_site[key] = (stamp, operands)
+    return operands
+
+
+def _same_stamp(old: tuple, new: tuple, router: torch.Tensor | None) -> bool:
+    if old[0] != new[0] or (old[1] is None) != (new[1] is None):
+        return False
+    return old[1] is None or (old[1][0]() is router and old[1][1] == new[1][1])
+
+
 def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize):
     """MoLoRA grouped by adapter when autograd records nothing: the single-adapter forward's steps
     (:class:`pemoe.ops.molora.MoLoRAFunction`: shrink and router logits, routing weights, U·p, then
@@ -318,6 +373,7 @@ def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top
     xs = x2d.index_select(0, perm)
     ys = x2d.new_zeros(perm.shape[0], n) if base2d is None else base2d.index_select(0, perm)
     ris = None if ri is None else ri.index_select(0, perm)
+    operands = _shrink_operands(lora_a, router if ri is None else None, x2d.dtype)
     start = 0
     for a, count in enumerate(counts[1:]):
         if count == 0:
@@ -326,7 +382,8 @@ def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top
         start += count
         r = _pick(router, a)
         probs = _probs(None if ris is None else ris[rows], r, top_k, renormalize)
-        u, logits = _shrink_and_logits(xs[rows], lora_a[a], r if probs is None else None)
+        operand = None if operands is None else operands[a]
+        u, logits = _shrink_and_logits(xs[rows], lora_a[a], r if probs is None else None, operand)
         expand_into(ys[rows], u, logits, probs, lora_b[a], scale, top_k, renormalize)
     if counts[0] == 0:  # every token names an adapter: ys back in token order
         return ys.index_select(0, groups.inverse)

@@ -83,20 +83,36 @@ def _fused_forward(x, weight, bias, a_cat, router):
     return _columns(out, 0, n), u, logits
 
 
-def _shrink_and_logits(x, lora_a, router):
+def shrink_operand(lora_a: torch.Tensor, router: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The shrink GEMM's right operand for x of ``dtype``: A_cat [K, E·r] in ``dtype`` without a router; with one,
+    [A_cat | router] [K, E·r + E] for float32 (or float64) x, and [A_cat | router | 0] in float32, padded to a
+    multiple of :data:`ROUTER_COLUMNS_MULTIPLE` columns, for 16-bit x (:func:`_router_logits`)."""
+    cd = compute_dtype(dtype)
+    if router is None:
+        return _cat_a(lora_a, dtype)
+    a_cat = _cat_a(lora_a, cd)
+    if dtype == cd:
+        return torch.cat([a_cat, router.to(cd)], dim=1)
+    k, num_experts = router.shape
+    pad = -(a_cat.shape[1] + num_experts) % ROUTER_COLUMNS_MULTIPLE
+    return torch.cat([a_cat, router.to(cd), router.new_zeros(k, pad, dtype=cd)], dim=1)
+
+
+def _shrink_and_logits(x, lora_a, router, operand=None):
     """U = x @ A_cat [T, E·r] and router logits [E, T] in the compute dtype; U in x's dtype without a router.
 
     With a router, U is float32 for 16-bit x too: dp = Σ_r dU′·U feeds the softmax backward, whose
     dp - Σ_e p·dp cancels, and 16-bit U or dU′ there breaks the tolerance rule for d router at few tokens.
-    The float32 copy of x the router needs anyway makes U one more block of the same float32 GEMM."""
-    cd = compute_dtype(x.dtype)
+    The float32 copy of x the router needs anyway makes U one more block of the same float32 GEMM.
+    ``operand``: :func:`shrink_operand` (lora_a, router, x.dtype) where the caller keeps one, else built here."""
+    w = shrink_operand(lora_a, router, x.dtype) if operand is None else operand
     if router is None:
-        return x @ _cat_a(lora_a, x.dtype), None
-    a_cat = _cat_a(lora_a, cd)
-    if x.dtype == cd:  # exact: one GEMM for the shrink and the router
-        ul = x @ torch.cat([a_cat, router.to(cd)], dim=1)
-        return ul[:, : a_cat.shape[1]], ul[:, a_cat.shape[1] :].t()
-    return _router_logits(x, router, a_cat)
+        return x @ w, None
+    er = lora_a.shape[0] * lora_a.shape[2]
+    if x.dtype == compute_dtype(x.dtype):  # exact: one GEMM for the shrink and the router
+        ul = x @ w
+        return ul[:, :er], ul[:, er:].t()
+    return _router_logits(x, w, er, router.shape[1])
 
 
 #: The float32 router GEMM of 16-bit x gets zero columns up to a multiple of this: MKL's sgemm at
@@ -109,16 +125,14 @@ ROUTER_COLUMNS_MULTIPLE = 16
 ROUTER_CHUNK_TOKENS = 256
 
 
-def _router_logits(x, router, a_cat):
+def _router_logits(x, padded, er, num_experts):
     """(U = x @ A_cat [T, E·r], router logits [E, T]) in float32 from 16-bit x (SPEC §5): one float32 GEMM
-    x32 @ [A_cat | router]; converting x is the price of the float32 router."""
-    cd = compute_dtype(x.dtype)
-    k, num_experts = router.shape
-    er = a_cat.shape[1]
-    pad = -(er + num_experts) % ROUTER_COLUMNS_MULTIPLE
-    padded = torch.cat([a_cat, router.to(cd), router.new_zeros(k, pad, dtype=cd)], dim=1)
+    x32 @ [A_cat | router | 0] (``padded``, :func:`shrink_operand`); converting x is the price of the float32
+    router."""
+    cd = padded.dtype
+    k = padded.shape[0]
     tokens = x.shape[0]
-    out = x.new_empty(tokens, er + num_experts + pad, dtype=cd)
+    out = x.new_empty(tokens, padded.shape[1], dtype=cd)
     x32 = x.new_empty(min(tokens, ROUTER_CHUNK_TOKENS), k, dtype=cd)
     for start in range(0, tokens, ROUTER_CHUNK_TOKENS):
         rows = slice(start, start + ROUTER_CHUNK_TOKENS)
