@@ -425,6 +425,22 @@ class _MoLoRAInference(_Inference):
     segments = "_segments_molora"
 
 
+class _MoVInference(_Inference, _Grouped):
+    segments = "_segments_mov"
+
+
+class TestMoVBankTorchInference(MoVBank, _MoVInference):
+    implementation = "torch"
+
+
+class TestMoVLinearBankTorchInference(MoVLinearBank, _MoVInference):
+    implementation = "torch"
+
+
+class TestMoVFFNBankTorchInference(MoVFFNBank, _MoVInference):
+    implementation = "torch"
+
+
 class TestMoLoRALinearBankTorchInference(MoLoRALinearBank, _MoLoRAInference):
     implementation = "torch"
 

@@ -42,6 +42,10 @@ Two implementations, one semantics:
     ([A_cat | router], a re-laid copy of lora_a[a]) is built once per bank site and kept while the parameters
     keep their values (:func:`_shrink_operands`: checked by storage, version counter, dtype and device), not
     re-laid at every call; calls that autograd records build their own, so gradients reach lora_a as before.
+  - MoV when autograd records nothing, for the batches the gathered strategy does not take (prefill): grouped
+    by adapter, each segment through the single-adapter forward's steps (router softmax, routing weights, the
+    expert merge, h·s) written into one sorted output buffer, without the autograd Function, the per-segment
+    outputs and their concatenation: the same ops on the same rows, so the same bits.
 
   Either way the frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once over all tokens.
 
@@ -64,7 +68,7 @@ import torch.nn.functional as F
 from pemoe import _checks, reference
 from pemoe.ops import _router
 from pemoe.ops.molora import MoLoRAFunction, _shrink_and_logits, expand_into, shrink_operand
-from pemoe.ops.mov import MoVActFunction, MoVFunction
+from pemoe.ops.mov import MoVActFunction, MoVFunction, _routing_weights, _scaling, router_softmax
 
 __all__ = ["AdapterGroups", "token_router_input", "token_sentence_probs", "run_grouped", "run_reference_loop"]
 
@@ -396,11 +400,41 @@ def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top
 # ------------------------------------------------------------------------------------------
 
 
+def _segments_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation):
+    """MoV grouped by adapter when autograd records nothing: the single-adapter forward's steps
+    (:func:`pemoe.ops.mov.mov_forward`: router softmax, routing weights, the expert merge s, then h·s, with h =
+    act(z) per segment for the FFN site) on each adapter's rows of h sorted by adapter once, each product
+    written into its rows of one output buffer in the same order (no autograd Function, no per-segment copies),
+    then put back in token order. The same ops on the same rows as the grouped Functions: the same bits."""
+    groups_, _, dim = experts.shape[1:]
+    act = None if activation is None else reference.ACTIVATIONS[activation]
+    hs = h2d.index_select(0, groups.perm)
+    ris = None if ri is None else ri.index_select(0, groups.perm)
+    ys = torch.empty_like(hs)
+    counts = groups.counts
+    if counts[0]:  # the base rows: h unchanged, act(z) for the FFN site
+        ys[: counts[0]] = hs[: counts[0]] if act is None else act(hs[: counts[0]])
+    start = counts[0]
+    for a, count in enumerate(counts[1:]):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        r, e = _pick(router, a), experts[a]
+        probs = _probs(None if ris is None else ris[rows], r, top_k, renormalize)
+        h = (hs[rows] if act is None else act(hs[rows])).view(count, groups_, dim)
+        p = _routing_weights(h, r, e, probs, router_softmax(h, r, e, probs), top_k, renormalize)
+        torch.mul(h, _scaling(p, e, h.dtype), out=ys[rows].view(count, groups_, dim))
+    return ys.index_select(0, groups.inverse)
+
+
 def _mov_segments(h2d, groups, router, experts, ri, top_k, renormalize, activation=None):
     """MoV per adapter segment on h2d [T, G·D] (or on act(z) for the FFN site, ``activation`` given)."""
     if _use_gather(groups):
         h = h2d if activation is None else reference.ACTIVATIONS[activation](h2d)
         return _gathered_mov(h, groups.ids, router, experts, ri, top_k, renormalize)
+    if groups.present > 1 and not _records_grad(h2d, router, experts, ri):
+        return _segments_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation)
 
     def adapter(a, h_s, ri_s):
         r = _pick(router, a)
