@@ -66,6 +66,7 @@ CSV_COLUMNS = (
     "p80",
     "commit",
     "time",
+    "clock",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Published dense peaks per CUDA device-name fragment: (bytes/s, {dtype: FLOP/s}). float32 is the
@@ -253,8 +254,18 @@ def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
     return q(0.2), statistics.median(s), q(0.8)
 
 
-def _sample_cpu(fn: Callable[[], object], reps: int) -> list[float]:
-    """``reps`` wall-clock samples (ms) of ``fn()``, gc disabled while timing (collected first when it was on)."""
+#: The clocks CPU timings can read (``--clock``): ``"wall"``, the elapsed time (the default); ``"process"``,
+#: the CPU time of this process (all its threads), which the runner pairs with one torch thread so that it is
+#: the time of the one core the work ran on. On a host shared with other jobs the wall clock also counts the
+#: time the others hold the cores; the process clock does not (it still sees their cache and memory-bandwidth
+#: contention), so its medians are steadier there, but it counts no waiting and no other process's work.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _sample_cpu(fn: Callable[[], object], reps: int, clock: str = "wall") -> list[float]:
+    """``reps`` samples (ms) of ``fn()`` on ``clock`` (:data:`CLOCKS`), gc disabled while timing (collected
+    first when it was on)."""
+    now = CLOCKS[clock]
     out = []
     if gc.isenabled():
         gc.collect()
@@ -262,9 +273,9 @@ def _sample_cpu(fn: Callable[[], object], reps: int) -> list[float]:
     gc.disable()
     try:
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            out.append((time.perf_counter() - t0) * 1e3)
+            out.append((now() - t0) * 1e3)
     finally:
         if was_enabled:
             gc.enable()
@@ -297,8 +308,12 @@ def _sample_cuda(fn: Callable[[], object], reps: int) -> list[float]:
     return times
 
 
-def _sample(fn: Callable[[], object], reps: int, device: torch.device) -> list[float]:
-    return _sample_cuda(fn, reps) if device.type == "cuda" else _sample_cpu(fn, reps)
+def _sample(fn: Callable[[], object], reps: int, device: torch.device, clock: str = "wall") -> list[float]:
+    if device.type == "cuda":
+        if clock != "wall":
+            raise ValueError(f"clock={clock!r} times CPU work; CUDA timings read the device's own clock ('wall')")
+        return _sample_cuda(fn, reps)
+    return _sample_cpu(fn, reps, clock)
 
 
 def time_cpu(fn: Callable[[], object], *, warmup: int, reps: int, min_time_s: float) -> tuple[float, float, float]:
@@ -330,10 +345,14 @@ def time_interleaved(
     min_rounds: int,
     max_rounds: int,
     budget_s: float,
+    clock: str = "wall",
 ) -> dict[str, tuple[float, float, float]]:
     """Round robin over ``fns``: each round times every fn for a batch of ``reps`` calls, the order
     rotated each round. Stops after ``max_rounds``, or after ``min_rounds`` once ``budget_s`` seconds
-    were spent. Returns name -> (p20, p50, p80) in ms over all the samples."""
+    (wall clock) were spent. Samples read ``clock`` (:data:`CLOCKS`; CPU only). Returns name -> (p20, p50,
+    p80) in ms over all the samples."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -354,7 +373,7 @@ def time_interleaved(
                 break
             k = r % len(names)
             for name in names[k:] + names[:k]:
-                samples[name] += _sample(fns[name], reps, device)
+                samples[name] += _sample(fns[name], reps, device, clock)
     finally:
         if was_enabled:
             gc.enable()
@@ -437,10 +456,11 @@ def auto_choices(ops: Iterable[str], device: torch.device) -> dict[str, str]:
 
 
 class CsvSink:
-    """Long-format CSV writer; every row is flushed at once so an interrupted run keeps its rows."""
+    """Long-format CSV writer; every row is flushed at once so an interrupted run keeps its rows. Each row
+    names the ``clock`` its times were read on (:data:`CLOCKS`)."""
 
-    def __init__(self, path: pathlib.Path) -> None:
-        self.path = path
+    def __init__(self, path: pathlib.Path, clock: str = "wall") -> None:
+        self.path, self.clock = path, clock
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(path, "w", newline="")  # noqa: SIM115
         self._w = csv.DictWriter(self._f, fieldnames=CSV_COLUMNS)
@@ -463,6 +483,7 @@ class CsvSink:
             "p80": f"{p80:.6g}",
             "commit": self.commit,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "clock": self.clock,
         }
         self._w.writerow(row)
         self._f.flush()
@@ -482,6 +503,7 @@ class Settings:
     min_rounds: int = 3
     max_rounds: int = 7
     budget_s: float = 1.5
+    clock: str = "wall"
 
 
 def _prepare(bench: OpBench, provider: Provider, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -568,6 +590,7 @@ def run_group(
             min_rounds=settings.min_rounds,
             max_rounds=settings.max_rounds,
             budget_s=settings.budget_s,
+            clock=settings.clock,
         )
         del fns  # drops the graphs the bwd closures hold
         write_mode_rows(bench, shape, dtype, device, mode, stats, sink, log)

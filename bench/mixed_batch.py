@@ -33,7 +33,8 @@ Modes:
   step, the transformers ``DynamicCache``) from a prefilled cache: the prefill runs once, untimed, before
   the rounds; each timed call crops the cache back to the prompt and decodes the same ``new`` tokens again.
 
-Reported per provider and mode (CSV rows, wall clock, medians over interleaved rounds of
+Reported per provider and mode (CSV rows, wall clock, or with ``--clock process`` the process CPU time on
+one torch thread, steadier on a shared host; medians over interleaved rounds of
 :func:`pemoe.bench.harness.time_interleaved`): ``time_ms`` of one call, ``tokens_per_s`` (prefill: B·S prompt
 tokens; decode: B·new generated tokens per call), and throughput ratios (higher is better):
 ``throughput_vs_one`` (``m-mixed`` and ``m-loop`` against ``m-one``: the targets say mixing 8 adapters costs
@@ -362,7 +363,7 @@ def run_group(
         fns = {p: (s.prefill if mode == "prefill" else s.decode) for p, s in served.items()}
         rounds = settings.min_rounds if settings.min_rounds == settings.max_rounds else _default_rounds(settings)
         stats = harness.time_interleaved(
-            fns, device, warmup=1, reps=1, min_rounds=rounds, max_rounds=rounds, budget_s=0.0
+            fns, device, warmup=1, reps=1, min_rounds=rounds, max_rounds=rounds, budget_s=0.0, clock=settings.clock
         )
         write_rows(shape, dtype, device, mode, stats, sink, log)
 

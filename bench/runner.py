@@ -101,6 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser, benches: dict, default_ops: S
         help="time every case over exactly this many interleaved rounds (default: the --quick / --full time "
         "budget); more rounds give steadier medians on a noisy machine",
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="what CPU timings read: wall (elapsed time, default) or process (this process's CPU time, "
+        "time.process_time, with one torch thread: steadier on a host shared with other jobs)",
+    )
     # Testing aid: divide the model widths by this factor (tiny shapes for fast tests).
     parser.add_argument("--shape-scale", type=positive_int, default=1, help=argparse.SUPPRESS)
 
@@ -117,11 +124,22 @@ def _shapes(bench, full: bool, tokens: list[int] | None, scale: int) -> list[dic
     return list(out.values())
 
 
+def _clock_line(clock: str) -> str:
+    if clock == "process":
+        return "Clock: process CPU time (time.process_time) per call, torch.get_num_threads()=1"
+    return "Clock: wall (time.perf_counter; CUDA: do_bench or CUDA events)"
+
+
 def run(args: argparse.Namespace, benches: dict) -> int:
     """Run the benchmark the parsed options ask for; returns the exit status (130 when interrupted, rows kept)."""
     from pemoe.bench import harness
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    clock = getattr(args, "clock", "wall")
+    if clock != "wall":
+        if device.type != "cpu":
+            raise SystemExit(f"--clock {clock} times CPU work; on {device.type} use --clock wall")
+        torch.set_num_threads(1)  # one thread: the process's CPU time is that of the one core the work ran on
     settings = (
         harness.Settings(warmup=3, reps=5, min_rounds=5, max_rounds=20, budget_s=10.0)
         if args.full
@@ -129,6 +147,7 @@ def run(args: argparse.Namespace, benches: dict) -> int:
     )
     if args.rounds is not None:
         settings = dataclasses.replace(settings, min_rounds=args.rounds, max_rounds=args.rounds)
+    settings = dataclasses.replace(settings, clock=clock)
     out_dir: pathlib.Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out_dir / "results.csv", out_dir / "results.md", out_dir / "ratios.png"
@@ -136,7 +155,7 @@ def run(args: argparse.Namespace, benches: dict) -> int:
     def dtypes(bench) -> list[torch.dtype]:
         return [harness.DTYPES[d] for d in args.dtypes or bench.dtypes or DEFAULT_DTYPES]
 
-    header = [f"Device: {harness.device_description(device)}"]
+    header = [f"Device: {harness.device_description(device)}", _clock_line(clock)]
     header += [
         f"implementation='auto' on {device.type}: {op} -> {impl}"
         for op, impl in harness.auto_choices(args.ops, device).items()
@@ -161,7 +180,7 @@ def run(args: argparse.Namespace, benches: dict) -> int:
     for line in header + skipped:
         print(line)
 
-    sink = harness.CsvSink(csv_path)
+    sink = harness.CsvSink(csv_path, clock)
     header.insert(1, f"Commit: {sink.commit}; mode: {'full' if args.full else 'quick'}")
     interrupted = False
     try:

@@ -135,3 +135,57 @@ def test_bench_rows_and_table(tmp_path, monkeypatch):
     for col in ("prefill tok/s", "prefill vs one", "decode tok/s", "decode vs one", "decode vs loop", "decode vs PEFT"):
         assert col in table
     assert "lora-mixed" in table and mixed_batch.PEFT in table
+
+
+def test_process_clock_counts_this_process_work_not_waiting():
+    """``clock="process"`` reads the process's CPU time: a call that sleeps costs (almost) nothing on it and its
+    sleep on the wall clock; a call that computes costs about the same on both."""
+    import time
+
+    def sleep():
+        time.sleep(0.05)
+
+    def compute():
+        t_end = time.process_time() + 0.03
+        while time.process_time() < t_end:
+            pass
+
+    fns = {"sleep": sleep, "compute": compute}
+    kw = dict(warmup=0, reps=1, min_rounds=2, max_rounds=2, budget_s=0.0)
+    wall = harness.time_interleaved(fns, torch.device("cpu"), **kw)
+    process = harness.time_interleaved(fns, torch.device("cpu"), **kw, clock="process")
+    assert wall["sleep"][1] >= 50.0 and process["sleep"][1] < 10.0
+    assert process["compute"][1] >= 30.0 and wall["compute"][1] >= process["compute"][1] * 0.99
+    with pytest.raises(ValueError, match="clock must be one of"):
+        harness.time_interleaved(fns, torch.device("cpu"), **kw, clock="cycles")
+
+
+@pytest.mark.parametrize("clock", ["wall", "process"])
+def test_bench_clock_is_recorded(tmp_path, monkeypatch, clock):
+    """``--clock process`` times on the process clock with one torch thread; every CSV row and the table's
+    header name the clock (wall without the option)."""
+    monkeypatch.setattr(mixed_batch, "ADAPTER_COUNTS", (2,))
+    monkeypatch.setattr(mixed_batch, "BATCH", {"B": 3, "S": 4, "new": 2})
+    used = []
+    timed = harness.time_interleaved
+
+    def spy(*a, **k):
+        used.append((k.get("clock", "wall"), torch.get_num_threads()))
+        return timed(*a, **k)
+
+    monkeypatch.setattr(harness, "time_interleaved", spy)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        argv = ["--ops", "mixed_batch", "--providers", "lora-one,lora-mixed", "--shape-scale", "16", "--rounds", "1"]
+        argv += ["--out", str(tmp_path)] + ([] if clock == "wall" else ["--clock", clock])
+        assert bench_main(argv) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert used and {c for c, _ in used} == {clock}
+    assert {t for _, t in used} == ({1} if clock == "process" else {2})
+    rows = harness.read_csv(tmp_path / "results.csv")
+    assert rows and {r["clock"] for r in rows} == {clock}
+    header = (tmp_path / "results.md").read_text()
+    assert ("Clock: process CPU time" in header) == (clock == "process")
+    assert ("Clock: wall" in header) == (clock == "wall")

@@ -10,7 +10,21 @@ import torch
 from pemoe.cli import main
 
 TINY = ["bench", "--tokens", "8", "--shape-scale", "16", "--ops", "mov_linear", "--dtypes", "float32"]
-COLUMNS = ["op", "provider", "mode", "shape", "dtype", "device", "metric", "p50", "p20", "p80", "commit", "time"]
+COLUMNS = [
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "dtype",
+    "device",
+    "metric",
+    "p50",
+    "p20",
+    "p80",
+    "commit",
+    "time",
+    "clock",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +53,7 @@ def test_bench_writes_csv_markdown_png(tmp_path, capsys):
         assert {"saved_mb", "out_mb"} <= {r["metric"] for r in rows if r["provider"] == p}
     assert {r["shape"] for r in rows} == {"T=8,K=64,N=64,G=16,E=10"}
     assert {(r["op"], r["dtype"], r["device"]) for r in rows} == {("mov_linear", "float32", "cpu")}
+    assert {r["clock"] for r in rows} == {"wall"}  # the default clock
     for r in rows:
         if r["provider"] == "linear" and r["metric"] == "ratio_vs_floor":
             assert float(r["p50"]) == pytest.approx(1.0)
