@@ -35,12 +35,12 @@ AUTOTUNED = {
 def _small_tiles(monkeypatch, m=16, n=16, k=16):
     """Force one small tile config on every autotuned kernel: many tiles, so the split buffers
     (logit, dp, d experts, d router partials) and the K loops really accumulate across tiles; GROUP_M = 2 row
-    tiles a group, so the grouped program order has several groups and a partial last one."""
+    tiles a group, so the grouped program order of (a) and (b) has several groups and a partial last one."""
     blocks = {
         "_ffn_up_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k, GROUP_M=2),
         "_ffn_down_kernel": dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=2),
-        "_ffn_down_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k, GROUP_M=2),
-        "_ffn_up_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k),  # 2-D grid, not grouped
+        "_ffn_down_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k),  # 2-D grid over row chunks
+        "_ffn_up_backward_kernel": dict(BLOCK_M=m, BLOCK_F=n, BLOCK_K=k),
     }
     for name, kernel in AUTOTUNED.items():
         monkeypatch.setattr(kernel, "configs", [triton.Config(blocks[name], num_warps=4, num_stages=1)])
@@ -100,6 +100,19 @@ class TestMoVFFNTriton(MoVFFNCases):
             experts=_experts(1, e, f),
         )
         self.check(inputs, dtype)
+
+    @pytest.mark.parametrize("chunk", [48, 40])
+    @pytest.mark.parametrize("e", [1, 10])
+    def test_row_chunks_sum_every_row_tile(self, monkeypatch, small_tiles, chunk, e):
+        """(c) and (d) loop over the 16-row tiles of their row chunk and write one d experts / d router partial
+        per chunk: T = 123 in chunks of 48 rows (3, 3 and 2 row tiles) or 40 (tiles cut at the chunk's end, so a
+        row counted twice or skipped shows). A dropped chunk partial or a skipped row tile breaks the gradients."""
+        monkeypatch.setattr(kernels, "row_chunk", lambda pb, configs: chunk)
+        pb = kernels.plan_problem(123, K, 56, e, "float32", gated=True, has_router=e > 1, has_probs=False,
+                                  activation="gelu_new", top_k=None, renormalize=False)  # fmt: skip
+        buffers, launch = kernels.down_backward_launch(pb, True, e > 1, True)
+        assert buffers["dexperts_part"].shape[0] == triton.cdiv(123, chunk) == launch.grid({"BLOCK_F": 16})[0]
+        self.check(self.inputs(123, e), torch.float32)
 
     def test_gradcheck_float64(self):
         """float64 is not offered by the kernels: a clear TypeError, not a silent fallback."""
@@ -165,6 +178,34 @@ def test_only_experts_need_grad_skips_the_dx_path():
                         kw["experts"].double(), wi_1=kw["wi_1"].double(), implementation="reference")  # fmt: skip
     (truth_d,) = torch.autograd.grad(truth.sum(), [kw["experts"]])
     assert_within_rule(d_experts, ref_d, truth_d, torch.bfloat16, "d experts")
+
+
+H100_SMS = 132
+
+
+@pytest.mark.parametrize(
+    "t,f,e,dtype",
+    [(8192, 10240, 60, "bfloat16"), (2048, 2816, 10, "bfloat16"), (2048, 11008, 10, "float32"),
+     (1024, 10240, 60, "bfloat16"), (37, 56, 10, "float16")],
+)  # fmt: skip
+def test_row_chunks_bound_the_partials_and_fill_the_gpu(t, f, e, dtype):
+    """The d experts / d router partials of (c) and (d): one slot per row chunk, whichever tile autotune picks,
+    within 1/8 of a [T, F] activation's bytes unless one chunk fewer would leave an H100 wave of programs
+    unfilled; enough chunks for a full wave where T allows it."""
+    pb = kernels.plan_problem(t, 4096, f, e, dtype, gated=True, has_router=True, has_probs=False,
+                              activation="gelu_new", top_k=None, renormalize=False)  # fmt: skip
+    activation = t * f * pb.itemsize
+    for (buffers, launch), part in (
+        (kernels.down_backward_launch(pb, True, True, True), "dexperts_part"),
+        (kernels.up_backward_launch(pb, True, True), "drouter_part"),
+    ):
+        chunk, configs = launch.scalars["ROW_CHUNK"], launch.kernel.configs
+        assert all(chunk % c.kwargs["BLOCK_M"] == 0 for c in configs)  # a row tile never straddles two chunks
+        slots = buffers[part].shape[0]
+        assert slots == triton.cdiv(t, chunk) and {launch.grid(c.kwargs)[0] for c in configs} == {slots}
+        fewest_f_tiles = min(launch.grid(c.kwargs)[1] for c in configs)
+        assert slots * e * f * 4 <= activation / 8 or (slots - 1) * fewest_f_tiles < H100_SMS
+        assert slots * fewest_f_tiles >= H100_SMS or slots == triton.cdiv(t, max(c.kwargs["BLOCK_M"] for c in configs))
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,12 +24,17 @@ Backward (base weights frozen; dy [T, M]):
     da = du ⊙ g + dlogits·routerᵀ (du + ... for v1.0); dg = du ⊙ a; dh0 = da ⊙ act'(h0)
     d router = a32ᵀ·dlogits;  dx = dh0·wi_0 + dg·wi_1;  d probs = dp (sentence routing)
   (c) ``_ffn_down_backward_kernel``: the dz GEMM (K = M); epilogue recomputes s from p, writes
-      du, and the split partials of dp [NUM_F_TILES, T, E] and d experts [NUM_M_TILES, E, F].
+      du, and the split partials of dp [NUM_F_TILES, T, E] and d experts [CHUNKS, E, F]: each program
+      owns a chunk of ROW_CHUNK rows (a runtime scalar, :func:`row_chunk`) and one F tile, loops over
+      the chunk's row tiles and accumulates its d experts partial in registers, in row order.
   (r) ``_router_backward_kernel``: sums the dp partials, applies the softmax/top-k backward
       (``routing.router_probs_backward``) -> dlogits [T, E] (or d probs for sentence routing).
   (d) ``_ffn_up_backward_kernel``: recomputes h0, g with the dual GEMM of (a) (cheaper in memory
-      than keeping two [T, F] tensors alive); epilogue forms dh0, dg and the split partials of
-      d router [NUM_M_TILES, F, E].
+      than keeping two [T, F] tensors alive); epilogue forms dh0, dg and, over the row chunks of (c),
+      the split partials of d router [CHUNKS, F, E].
+  The d experts / d router partials are summed in chunk order (deterministic). CHUNKS = cdiv(T, ROW_CHUNK)
+  is independent of the tile autotune picks and bounded: at most ~1/8 of a [T, F] activation's bytes
+  (T = 8192, E = 60, F = 10240 in bfloat16: 7 chunks, 17 MB each; a slot per 16-row tile would be 1.26 GB).
   dx = dh0·wi_0 + dg·wi_1 are two plain GEMMs (torch.matmul: the vendor GEMM is the right tool).
 Saved for backward: u [T, F] (the intermediate (a) writes anyway; a plain frozen FFN's autograd
 keeps h0, a and g) and p_soft [T, E] float32. s is recomputed from p (rank-E, cheap), h0 and g
@@ -249,28 +254,33 @@ DOWN_CONFIGS = _for_every_dtype(
     ],
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
 )
-#: (c): dz tiles [BLOCK_M, BLOCK_F], K = M.
+#: (c): dz tiles [BLOCK_M, BLOCK_F], K = M (a 2-D grid over row chunks and F tiles: not grouped). The d experts
+#: accumulator lives across the row loop: the default tile is narrow in F.
 DOWN_BACKWARD_CONFIGS = _for_every_dtype(
     [
-        _cfg(8, 3, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),  # default: no spill for E <= 32
-        _cfg(8, 3, BLOCK_M=128, BLOCK_F=128, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=128, BLOCK_F=64, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),
+        _cfg(8, 3, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=64),  # default: no spill for E <= 32
+        _cfg(8, 3, False, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),
+        _cfg(8, 3, False, BLOCK_M=128, BLOCK_F=128, BLOCK_K=64),
+        _cfg(4, 4, False, BLOCK_M=128, BLOCK_F=64, BLOCK_K=64),
+        _cfg(4, 4, False, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
+        _cfg(4, 4, False, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),
+        _cfg(4, 4, False, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),
     ],
-    _cfg(8, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
+    _cfg(8, 2, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),  # float32 default: no spill for E <= 32
 )
-#: (d): as (a), but the epilogue also holds du, dlogits and act'(h0): a narrower default tile.
+#: (d): as (a), but the epilogue also holds du, dlogits and act'(h0), and the d router accumulator lives across the
+#: row loop: a narrow default tile (16-bit: spill-free under jax-triton's constant sizes too).
 UP_BACKWARD_CONFIGS = _for_every_dtype(
     [
-        _cfg(4, 3, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=64),  # default: no spill (ptxas stack 0) for E <= 32
+        _cfg(4, 3, False, BLOCK_M=64, BLOCK_F=16, BLOCK_K=64),  # default: no spill (ptxas stack 0) for E <= 32
+        _cfg(8, 3, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=64),
+        _cfg(4, 3, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=64),
         _cfg(8, 3, False, BLOCK_M=128, BLOCK_F=64, BLOCK_K=64),
         _cfg(4, 4, False, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
         _cfg(4, 4, False, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),
         _cfg(4, 4, False, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),
     ],
-    _cfg(8, 3, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
+    _cfg(8, 2, False, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),  # float32 default: no spill for E <= 32
 )
 #: (r): rows per program of the [T, E] router backward.
 ROUTER_BACKWARD_CONFIG = dict(BLOCK_M=64, num_warps=4)
@@ -443,71 +453,89 @@ def _ffn_down_kernel(
 @triton.jit
 def _ffn_down_backward_kernel(
     dy_ptr, wo_ptr, inter_ptr, experts_ptr, p_ptr,  # inputs: dy [T, M], wo [M, F], u [T, F], experts [E, F], p [T, E]
-    du_ptr, dp_part_ptr, dexperts_part_ptr,  # outputs: du [T, F], dp [NUM_F_TILES, T, E], d experts [NUM_M_TILES, E, F]
-    T, M, F, E, T_BUCKET,
+    du_ptr, dp_part_ptr, dexperts_part_ptr,  # outputs: du [T, F], dp [NUM_F_TILES, T, E], d experts [CHUNKS, E, F]
+    T, M, F, E, T_BUCKET, ROW_CHUNK,
     stride_dyt, stride_dym, stride_wom, stride_wof, stride_ut, stride_uf, stride_ee, stride_ef,
     stride_pt, stride_pe, stride_dut, stride_duf, stride_dpj, stride_dpt, stride_dej, stride_dee,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     NEED_DU: tl.constexpr, NEED_DP: tl.constexpr, NEED_DEXPERTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUTER_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dz = dy·wo[:, f-slice]; du = dz ⊙ s; partials of dp = (dz ⊙ u)·expertsᵀ and d experts = pᵀ·(dz ⊙ u)."""
-    pid_m, pid_f = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, BLOCK_F), GROUP_M)
-    pid_m, pid_f = pid_m.to(tl.int64), pid_f.to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """For the rows [c·ROW_CHUNK, (c + 1)·ROW_CHUNK) ∩ [0, T) of chunk c = program_id(0) and one F slice: per
+    row tile, dz = dy·wo[:, f-slice]; du = dz ⊙ s; dp partial = (dz ⊙ u)·expertsᵀ (slot: the F tile); the chunk's
+    d experts partial Σ_tiles pᵀ·(dz ⊙ u) accumulates in registers, in row order, into slot c."""
+    # 2-D grid, chunks fastest: the programs in flight share F slices of wo (L2) across the chunks
+    pid_c = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
+    pid_f = tl.program_id(1).to(tl.int64)
+    row_start = pid_c * ROW_CHUNK
+    row_end = tl.minimum(row_start + ROW_CHUNK, T)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_e = tl.arange(0, BLOCK_E)
-    row_ok = offs_m[:, None] < T
     col_ok = offs_f[None, :] < F
-    # ---- main loop over M: dz = dy·wo
-    dz = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dyt + offs_k[None, :] * stride_dym,
-            mask=row_ok & (offs_k[None, :] < M),
-            other=0.0,
-        )
-        wo = tl.load(
-            wo_ptr + offs_k[:, None] * stride_wom + offs_f[None, :] * stride_wof,
-            mask=(offs_k[:, None] < M) & col_ok,
-            other=0.0,
-        )
-        dz = tl.dot(dy, wo, dz, input_precision=DOT_PRECISION)
-    # ---- epilogue: merge recomputed from p, then the MoV gradients
-    tile_mask = row_ok & col_ok
-    u = tl.load(inter_ptr + offs_m[:, None] * stride_ut + offs_f[None, :] * stride_uf, mask=tile_mask, other=0.0).to(
-        tl.float32
-    )
-    ds = dz * u
-    if ROUTING == "none":
-        p = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    if ROUTING == "none":  # p ≡ 1: d experts[0, 0, f] = Σ_t ds
+        dex = tl.zeros((BLOCK_F,), dtype=tl.float32)
     else:
-        p = _routing_weights(p_ptr, offs_m, offs_e, T, E, stride_pt, stride_pe, ROUTING, TOP_K, RENORMALIZE)
-    if NEED_DU:
-        s = _merge(p, experts_ptr, offs_e, offs_f, E, F, stride_ee, stride_ef, du_ptr.dtype.element_ty, ROUTING)
-        tl.store(
-            du_ptr + offs_m[:, None] * stride_dut + offs_f[None, :] * stride_duf,
-            (dz * s).to(du_ptr.dtype.element_ty),
-            mask=tile_mask,
-        )
-    if NEED_DP:
+        dex = tl.zeros((BLOCK_E, BLOCK_F), dtype=tl.float32)
+    if NEED_DP:  # experts[:, f-slice]ᵀ, the same for every row tile
         e_mask = (offs_e[:, None] < E) & col_ok
-        ex = tl.load(experts_ptr + offs_e[:, None] * stride_ee + offs_f[None, :] * stride_ef, mask=e_mask, other=0.0)
-        dp = tl.dot(ds, tl.trans(ex), input_precision=ROUTER_PRECISION)  # [BLOCK_M, BLOCK_E]
-        tl.store(
-            dp_part_ptr + pid_f * stride_dpj + offs_m[:, None] * stride_dpt + offs_e[None, :],
-            dp,
-            mask=row_ok & (offs_e[None, :] < E),
+        ex_t = tl.trans(
+            tl.load(experts_ptr + offs_e[:, None] * stride_ee + offs_f[None, :] * stride_ef, mask=e_mask, other=0.0)
         )
-    if NEED_DEXPERTS:
-        if ROUTING == "none":  # p ≡ 1: d experts[0, 0, f] = Σ_t ds
-            tl.store(dexperts_part_ptr + pid_m * stride_dej + offs_f, tl.sum(ds, axis=0), mask=offs_f < F)
-        else:
-            dex = tl.dot(tl.trans(p), ds, input_precision=ROUTER_PRECISION)  # [BLOCK_E, BLOCK_F]
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m[:, None] < row_end
+        # ---- main loop over M: dz = dy·wo
+        dz = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+        for k0 in range(0, M, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            dy = tl.load(
+                dy_ptr + offs_m[:, None] * stride_dyt + offs_k[None, :] * stride_dym,
+                mask=row_ok & (offs_k[None, :] < M),
+                other=0.0,
+            )
+            wo = tl.load(
+                wo_ptr + offs_k[:, None] * stride_wom + offs_f[None, :] * stride_wof,
+                mask=(offs_k[:, None] < M) & col_ok,
+                other=0.0,
+            )
+            dz = tl.dot(dy, wo, dz, input_precision=DOT_PRECISION)
+        # ---- epilogue: merge recomputed from p, then the MoV gradients
+        tile_mask = row_ok & col_ok
+        u = tl.load(
+            inter_ptr + offs_m[:, None] * stride_ut + offs_f[None, :] * stride_uf, mask=tile_mask, other=0.0
+        ).to(tl.float32)
+        ds = dz * u
+        if ROUTING == "none":
+            p = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+        else:  # rows past the chunk's end are 0, so they add nothing to d experts
+            p = _routing_weights(p_ptr, offs_m, offs_e, row_end, E, stride_pt, stride_pe, ROUTING, TOP_K, RENORMALIZE)
+        if NEED_DU:
+            s = _merge(p, experts_ptr, offs_e, offs_f, E, F, stride_ee, stride_ef, du_ptr.dtype.element_ty, ROUTING)
             tl.store(
-                dexperts_part_ptr + pid_m * stride_dej + offs_e[:, None] * stride_dee + offs_f[None, :],
+                du_ptr + offs_m[:, None] * stride_dut + offs_f[None, :] * stride_duf,
+                (dz * s).to(du_ptr.dtype.element_ty),
+                mask=tile_mask,
+            )
+        if NEED_DP:
+            dp = tl.dot(ds, ex_t, input_precision=ROUTER_PRECISION)  # [BLOCK_M, BLOCK_E]
+            tl.store(
+                dp_part_ptr + pid_f * stride_dpj + offs_m[:, None] * stride_dpt + offs_e[None, :],
+                dp,
+                mask=row_ok & (offs_e[None, :] < E),
+            )
+        if NEED_DEXPERTS:
+            if ROUTING == "none":
+                dex += tl.sum(ds, axis=0)
+            else:
+                dex = tl.dot(tl.trans(p), ds, dex, input_precision=ROUTER_PRECISION)  # [BLOCK_E, BLOCK_F]
+    # ---- the chunk's d experts partial: one slot per chunk, written by this program alone
+    if NEED_DEXPERTS:
+        if ROUTING == "none":
+            tl.store(dexperts_part_ptr + pid_c * stride_dej + offs_f, dex, mask=offs_f < F)
+        else:
+            tl.store(
+                dexperts_part_ptr + pid_c * stride_dej + offs_e[:, None] * stride_dee + offs_f[None, :],
                 dex,
                 mask=(offs_e[:, None] < E) & col_ok,
             )
@@ -551,8 +579,8 @@ def _router_backward_kernel(
 @triton.jit
 def _ffn_up_backward_kernel(
     x_ptr, wi_0_ptr, wi_1_ptr, router_ptr, du_ptr, dlogits_ptr,  # inputs (router [F, E], du [T, F], dlogits [T, E])
-    dh0_ptr, dg_ptr, drouter_part_ptr,  # outputs: dh0, dg [T, F]; d router partials [NUM_M_TILES, F, E] float32
-    T, M, F, E, T_BUCKET,
+    dh0_ptr, dg_ptr, drouter_part_ptr,  # outputs: dh0, dg [T, F]; d router partials [CHUNKS, F, E] float32
+    T, M, F, E, T_BUCKET, ROW_CHUNK,
     stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m, stride_rf, stride_re,
     stride_dut, stride_duf, stride_dht, stride_dhf, stride_dgt, stride_dgf, stride_drj, stride_drf,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, SELF_ROUTED: tl.constexpr,
@@ -560,56 +588,67 @@ def _ffn_up_backward_kernel(
     DOT_PRECISION: tl.constexpr, ROUTER_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dh0 = (du ⊙ g + dlogits·routerᵀ) ⊙ act'(h0), dg = du ⊙ a, d router partial = aᵀ·dlogits."""
-    # a 2-D grid, rows fastest (not grouped: the grouped ids cost this register-bound kernel spills on sm_80 /
+    """For the rows [c·ROW_CHUNK, (c + 1)·ROW_CHUNK) ∩ [0, T) of chunk c = program_id(0) and one F slice, per row
+    tile: dh0 = (du ⊙ g + dlogits·routerᵀ) ⊙ act'(h0), dg = du ⊙ a; the chunk's d router partial Σ_tiles aᵀ·dlogits
+    accumulates in registers, in row order, into slot c."""
+    # a 2-D grid, chunks fastest (not grouped: the grouped ids cost this register-bound kernel spills on sm_80 /
     # sm_90 at its defaults)
-    pid_m = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
+    pid_c = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
     pid_f = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = pid_c * ROW_CHUNK
+    row_end = tl.minimum(row_start + ROW_CHUNK, T)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     offs_e = tl.arange(0, BLOCK_E)
-    row_ok = offs_m[:, None] < T
     col_ok = offs_f[None, :] < F
-    tile_mask = row_ok & col_ok
-    # ---- main loop: recompute h0 = x·wi_0ᵀ, g = x·wi_1ᵀ, then a = act(h0), act'(h0)
-    a, act_grad, g = _up_tile(
-        x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, T, F, M,
-        stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-        ACTIVATION, GATED, True, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
-    )  # fmt: skip
-    # ---- epilogue
-    if SELF_ROUTED:
-        dlogits = tl.load(
-            dlogits_ptr + offs_m[:, None] * E + offs_e[None, :], mask=row_ok & (offs_e[None, :] < E), other=0.0
+    drouter = tl.zeros((BLOCK_F, BLOCK_E), dtype=tl.float32)
+    if SELF_ROUTED and NEED_DH:  # router[f-slice]ᵀ, the same for every row tile
+        r_mask = (offs_f[:, None] < F) & (offs_e[None, :] < E)
+        router_t = tl.trans(
+            tl.load(router_ptr + offs_f[:, None] * stride_rf + offs_e[None, :] * stride_re, mask=r_mask, other=0.0)
         )
-        if NEED_DROUTER:
-            drouter = tl.dot(tl.trans(a), dlogits, input_precision=ROUTER_PRECISION)  # [BLOCK_F, BLOCK_E]
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m[:, None] < row_end
+        tile_mask = row_ok & col_ok
+        # ---- main loop: recompute h0 = x·wi_0ᵀ, g = x·wi_1ᵀ, then a = act(h0), act'(h0) (rows past the chunk: 0)
+        a, act_grad, g = _up_tile(
+            x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, row_end, F, M,
+            stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
+            ACTIVATION, GATED, True, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+        )  # fmt: skip
+        # ---- epilogue
+        if SELF_ROUTED:
+            dlogits = tl.load(
+                dlogits_ptr + offs_m[:, None] * E + offs_e[None, :], mask=row_ok & (offs_e[None, :] < E), other=0.0
+            )
+        if NEED_DH:
+            du = tl.load(
+                du_ptr + offs_m[:, None] * stride_dut + offs_f[None, :] * stride_duf, mask=tile_mask, other=0.0
+            ).to(tl.float32)
+            da = du * g if GATED else du
+            if SELF_ROUTED:
+                da += tl.dot(dlogits, router_t, input_precision=ROUTER_PRECISION)
             tl.store(
-                drouter_part_ptr + pid_m * stride_drj + offs_f[:, None] * stride_drf + offs_e[None, :],
+                dh0_ptr + offs_m[:, None] * stride_dht + offs_f[None, :] * stride_dhf,
+                (da * act_grad).to(dh0_ptr.dtype.element_ty),
+                mask=tile_mask,
+            )
+            if GATED:
+                tl.store(
+                    dg_ptr + offs_m[:, None] * stride_dgt + offs_f[None, :] * stride_dgf,
+                    (du * a).to(dg_ptr.dtype.element_ty),
+                    mask=tile_mask,
+                )
+        if SELF_ROUTED:
+            if NEED_DROUTER:
+                drouter = tl.dot(tl.trans(a), dlogits, drouter, input_precision=ROUTER_PRECISION)  # [BLOCK_F, BLOCK_E]
+    # ---- the chunk's d router partial: one slot per chunk, written by this program alone
+    if SELF_ROUTED:
+        if NEED_DROUTER:
+            tl.store(
+                drouter_part_ptr + pid_c * stride_drj + offs_f[:, None] * stride_drf + offs_e[None, :],
                 drouter,
                 mask=(offs_f[:, None] < F) & (offs_e[None, :] < E),
-            )
-    if NEED_DH:
-        du = tl.load(
-            du_ptr + offs_m[:, None] * stride_dut + offs_f[None, :] * stride_duf, mask=tile_mask, other=0.0
-        ).to(tl.float32)
-        da = du * g if GATED else du
-        if SELF_ROUTED:
-            r_mask = (offs_f[:, None] < F) & (offs_e[None, :] < E)
-            router = tl.load(
-                router_ptr + offs_f[:, None] * stride_rf + offs_e[None, :] * stride_re, mask=r_mask, other=0.0
-            )
-            da += tl.dot(dlogits, tl.trans(router), input_precision=ROUTER_PRECISION)
-        tl.store(
-            dh0_ptr + offs_m[:, None] * stride_dht + offs_f[None, :] * stride_dhf,
-            (da * act_grad).to(dh0_ptr.dtype.element_ty),
-            mask=tile_mask,
-        )
-        if GATED:
-            tl.store(
-                dg_ptr + offs_m[:, None] * stride_dgt + offs_f[None, :] * stride_dgf,
-                (du * a).to(dg_ptr.dtype.element_ty),
-                mask=tile_mask,
             )
 
 
@@ -704,12 +743,42 @@ def _num_tiles(size: int, configs, block: str) -> int:
     return triton.cdiv(size, min(c.kwargs[block] for c in configs))
 
 
-def tile_grid(rows: int, cols: int, block_cols: str, grouped: bool = True):
-    """Grid of the tiled kernels (a)–(d): one program per [BLOCK_M, ``block_cols``] tile of a rows × cols output;
-    a 1-D grid in grouped order (the kernels map their program id with :func:`.tiles.grouped_ids`), or for (d),
-    ``grouped=False``, the 2-D grid (row tiles, column tiles)."""
-    if not grouped:
-        return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta[block_cols]))
+#: Streaming multiprocessors of the largest target (H100 SXM: 132): the backward's row chunks give each programs.
+NUM_SMS = 132
+#: Waves of programs the row chunks aim for on NUM_SMS (several: the last wave is a small share of the work).
+CHUNK_WAVES = 4
+#: The d experts and d router partial buffers hold at most 1 / PARTIAL_SHARE of a [T, F] activation's bytes
+#: (unless fewer row chunks would leave SMs without a program in the first wave).
+PARTIAL_SHARE = 8
+
+
+def row_chunk(pb: Problem, configs) -> int:
+    """Rows each program of (c) and (d) owns (a runtime scalar, ROW_CHUNK): the program loops over the row tiles
+    of its chunk and writes one d experts / d router partial, so those buffers have cdiv(T, ROW_CHUNK) slots
+    whatever tile autotune picks.
+
+    A multiple of every BLOCK_M in ``configs`` (row tiles never straddle two chunks). The number of chunks n is
+    the fewest that give CHUNK_WAVES waves of programs over NUM_SMS with the fewest F tiles autotune may
+    launch (its largest BLOCK_F), capped so n·E·4 bytes ≤ T·itemsize / PARTIAL_SHARE (the partials' bytes, per
+    F column, against a [T, F] activation's), and raised again to one full wave where that cap is smaller.
+    """
+    align = max(c.kwargs["BLOCK_M"] for c in configs)
+    f_programs = triton.cdiv(pb.F, max(c.kwargs["BLOCK_F"] for c in configs))
+    waves = triton.cdiv(CHUNK_WAVES * NUM_SMS, f_programs)
+    cap = (pb.T * pb.itemsize) // (PARTIAL_SHARE * 4 * pb.E)
+    chunks = max(min(waves, cap), triton.cdiv(NUM_SMS, f_programs), 1)
+    chunks = min(chunks, triton.cdiv(pb.T, align))
+    return triton.cdiv(triton.cdiv(pb.T, chunks), align) * align
+
+
+def chunk_grid(pb: Problem, chunk: int, block_cols: str):
+    """Grid of (c) and (d): (row chunks of ``chunk`` rows, F tiles), chunks fastest."""
+    return lambda meta: (triton.cdiv(pb.T, chunk), triton.cdiv(pb.F, meta[block_cols]))
+
+
+def tile_grid(rows: int, cols: int, block_cols: str):
+    """Grid of the forward kernels (a), (b): one program per [BLOCK_M, ``block_cols``] tile of a rows × cols output,
+    a 1-D grid in grouped order (the kernels map their program id with :func:`.tiles.grouped_ids`)."""
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta[block_cols]),)
 
 
@@ -801,17 +870,18 @@ def down_backward_launch(
     strides: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[dict[str, Buffer], Launch]:
     """(c) on dy, wo, inter (u), experts and p (p_soft when self-routed, probs when given): buffers du [T, F]
-    (x's dtype), the dp partials "dp_part" [F slots, T, E] and d experts partials "dexperts_part" [T slots, E, F]
-    (float32), each when needed."""
+    (x's dtype), the dp partials "dp_part" [F slots, T, E] and d experts partials "dexperts_part" [row chunks, E, F]
+    (float32, every slot written: their sum is d experts), each when needed."""
     T, M, F, E = pb.T, pb.M, pb.F, pb.E
     configs = _ffn_down_backward_kernel.configs
+    chunk = row_chunk(pb, configs)
     buffers = {}
     if need_du:
         buffers["du"] = Buffer((T, F), pb.dtype)
     if need_dp:
         buffers["dp_part"] = Buffer((_num_tiles(F, configs, "BLOCK_F"), T, E), "float32")
     if need_dexperts:
-        buffers["dexperts_part"] = Buffer((_num_tiles(T, configs, "BLOCK_M"), E, F), "float32")
+        buffers["dexperts_part"] = Buffer((triton.cdiv(T, chunk), E, F), "float32")
     p_name = {ROUTE_SELF: "p_soft", ROUTE_GIVEN: "probs", ROUTE_NONE: None}[pb.mode]
     sdy = strides_of(strides, "dy", (T, M))
     sw = strides_of(strides, "wo", (M, F))
@@ -821,7 +891,7 @@ def down_backward_launch(
     sdp = _strided(buffers["dp_part"].strides if need_dp else None, need_dp)
     sde = _strided(buffers["dexperts_part"].strides if need_dexperts else None, need_dexperts)
     scalars = dict(
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), ROW_CHUNK=chunk,
         stride_dyt=sdy[0], stride_dym=sdy[1], stride_wom=sw[0], stride_wof=sw[1],
         stride_ut=su[0], stride_uf=su[1], stride_ee=se[0], stride_ef=se[1],
         stride_pt=sp[0], stride_pe=sp[1],
@@ -836,7 +906,7 @@ def down_backward_launch(
         role="down_backward", name="pemoe_mov_ffn_down_bwd", kernel=_ffn_down_backward_kernel,
         inputs=("dy", "wo", "inter", "experts", p_name),
         outputs=tuple(n if n in buffers else None for n in ("du", "dp_part", "dexperts_part")),
-        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=tile_grid(T, F, "BLOCK_F"),
+        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=chunk_grid(pb, chunk, "BLOCK_F"),
         configs=_configs(_ffn_down_backward_kernel, pb, {"BLOCK_M": T, "BLOCK_F": F, "BLOCK_K": M}),
     )  # fmt: skip
     return buffers, launch
@@ -866,17 +936,18 @@ def up_backward_launch(
     pb: Problem, need_dh: bool, need_drouter: bool, strides: dict[str, tuple[int, ...]] | None = None
 ) -> tuple[dict[str, Buffer], Launch]:
     """(d) on x, the weights, router, du and d_route (dlogits): buffers dh0, dg [T, F] (x's dtype; dg gated only)
-    and the d router partials "drouter_part" [T slots, F, E] float32, each when needed."""
+    and the d router partials "drouter_part" [row chunks, F, E] float32 (every slot written: their sum is d router),
+    each when needed."""
     T, M, F, E = pb.T, pb.M, pb.F, pb.E
     self_routed = pb.mode == ROUTE_SELF
+    chunk = row_chunk(pb, _ffn_up_backward_kernel.configs)
     buffers = {}
     if need_dh:
         buffers["dh0"] = Buffer((T, F), pb.dtype)
         if pb.gated:
             buffers["dg"] = Buffer((T, F), pb.dtype)
     if need_drouter:
-        slots = _num_tiles(T, _ffn_up_backward_kernel.configs, "BLOCK_M")
-        buffers["drouter_part"] = Buffer((slots, F, E), "float32")
+        buffers["drouter_part"] = Buffer((triton.cdiv(T, chunk), F, E), "float32")
     sx = strides_of(strides, "x", (T, M))
     s0 = strides_of(strides, "wi_0", (F, M))
     s1 = strides_of(strides, "wi_1", (F, M)) if pb.gated else s0
@@ -885,7 +956,7 @@ def up_backward_launch(
     sdr = _strided(buffers["drouter_part"].strides if need_drouter else None, need_drouter)
     dh, dg = (F, 1) if need_dh else (0, 0), (F, 1) if need_dh and pb.gated else (0, 0)
     scalars = dict(
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), ROW_CHUNK=chunk,
         stride_xt=sx[0], stride_xm=sx[1], stride_w0f=s0[0], stride_w0m=s0[1], stride_w1f=s1[0], stride_w1m=s1[1],
         stride_rf=sr[0], stride_re=sr[1], stride_dut=sdu[0], stride_duf=sdu[1],
         stride_dht=dh[0], stride_dhf=dh[1], stride_dgt=dg[0], stride_dgf=dg[1], stride_drj=sdr[0], stride_drf=sdr[1],
@@ -901,7 +972,7 @@ def up_backward_launch(
             "du" if need_dh else None, "d_route" if self_routed else None,
         ),
         outputs=tuple(n if n in buffers else None for n in ("dh0", "dg", "drouter_part")),
-        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=tile_grid(T, F, "BLOCK_F", grouped=False),
+        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=chunk_grid(pb, chunk, "BLOCK_F"),
         configs=_configs(_ffn_up_backward_kernel, pb, {"BLOCK_M": T, "BLOCK_F": F, "BLOCK_K": M}),
     )  # fmt: skip
     return buffers, launch

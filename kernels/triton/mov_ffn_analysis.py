@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from pemoe.kernels.triton import mov_ffn
 from pemoe.kernels.triton.autograd import allocate, launch_args
 from pemoe.kernels.triton.mov_ffn import (
     ROUTE_GIVEN,
@@ -127,6 +128,12 @@ def _chosen_configs(kernel, dtype: torch.dtype, **sizes) -> list[triton.Config]:
     return configs
 
 
+def _row_tiles(T: int, chunk: int, block_m: int) -> int:
+    """Row-tile iterations of all the programs of one F tile of (c) / (d): each chunk's rows in BLOCK_M steps."""
+    full, last = divmod(T, chunk)
+    return full * triton.cdiv(chunk, block_m) + triton.cdiv(last, block_m)
+
+
 def hbm_traffic(
     T: int,
     M: int,
@@ -207,17 +214,23 @@ def hbm_traffic(
         need_dr = need_router and self_routed
         need_dp = (self_routed and (need_x or need_dr)) or (given and need_probs)
         p_saved = te_b if routing != ROUTE_NONE else 0
+        # row chunks of (c) and (d) (the launch plan's choice: one d experts / d router partial slot each)
+        pb = plan_problem(
+            T, M, F, E, dtype_name(dtype), gated=gated, has_router=self_routed, has_probs=given,
+            activation="gelu_new", top_k=None, renormalize=False,
+        )  # fmt: skip
         # ---- (c)
         c = cfg["_ffn_down_backward_kernel"]
-        n_m, n_f = triton.cdiv(T, c["BLOCK_M"]), triton.cdiv(F, c["BLOCK_F"])
+        chunk = mov_ffn.row_chunk(pb, _ffn_down_backward_kernel.configs)
+        n_c, n_m, n_f = triton.cdiv(T, chunk), _row_tiles(T, chunk, c["BLOCK_M"]), triton.cdiv(F, c["BLOCK_F"])
         dex_rows = E if routing != ROUTE_NONE else 1
         loaded = x_b * n_f + wo_b * n_m + u_b + p_saved * n_f  # dy is [T, M] like x
-        loaded += (ex_b * n_m if need_x else 0) + (E * F * f32 * n_m if need_dp else 0)
+        loaded += (ex_b * n_m if need_x else 0) + (E * F * f32 * n_c if need_dp else 0)  # dp's experts: once a chunk
         stored = (u_b if need_x else 0) + (n_f * te_b if need_dp else 0)
-        stored += n_m * dex_rows * F * f32 if need_experts else 0
+        stored += n_c * dex_rows * F * f32 if need_experts else 0
         kernels["_ffn_down_backward_kernel"] = KernelBytes(loaded, stored, x_b + wo_b + u_b + p_saved + ex_b + stored)
         if need_experts:
-            part = n_m * dex_rows * F * f32
+            part = n_c * dex_rows * F * f32
             kernels["d_experts_reduce"] = KernelBytes(part, dex_rows * F * f32, part + dex_rows * F * f32, False)
         dp_tiles = n_f
         # ---- (r)
@@ -227,14 +240,15 @@ def hbm_traffic(
         # ---- (d)
         if need_x or need_dr:
             c = cfg["_ffn_up_backward_kernel"]
-            n_m, n_f = triton.cdiv(T, c["BLOCK_M"]), triton.cdiv(F, c["BLOCK_F"])
+            chunk = mov_ffn.row_chunk(pb, _ffn_up_backward_kernel.configs)
+            n_c, n_m, n_f = triton.cdiv(T, chunk), _row_tiles(T, chunk, c["BLOCK_M"]), triton.cdiv(F, c["BLOCK_F"])
             loaded = x_b * n_f + n_w_in * w_in_b * n_m + (te_b * n_f if self_routed else 0)
-            loaded += (u_b + (fe_b * n_m if self_routed else 0)) if need_x else 0
-            stored = (n_w_in * u_b if need_x else 0) + (n_m * fe_b if need_dr else 0)
+            loaded += (u_b + (fe_b * n_c if self_routed else 0)) if need_x else 0  # router: once a chunk
+            stored = (n_w_in * u_b if need_x else 0) + (n_c * fe_b if need_dr else 0)
             unique = x_b + n_w_in * w_in_b + (te_b if self_routed else 0) + (u_b + router_in if need_x else 0) + stored
             kernels["_ffn_up_backward_kernel"] = KernelBytes(loaded, stored, unique)
             if need_dr:
-                kernels["d_router_reduce"] = KernelBytes(n_m * fe_b, fe_b, n_m * fe_b + fe_b, False)
+                kernels["d_router_reduce"] = KernelBytes(n_c * fe_b, fe_b, n_c * fe_b + fe_b, False)
             if need_x:  # dx = dh0·wi_0 (+ addmm_ dg·wi_1: reads dx back)
                 loaded = u_b + w_in_b + ((u_b + w_in_b + x_b) if gated else 0)
                 stored = x_b * (2 if gated else 1)

@@ -134,7 +134,7 @@ def _forward(x, wi_0, wi_1, wo, router, experts, probs, prob: Problem, save_p_so
 def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob: Problem, needs):
     """Launches (c), (r), (d) and the dx GEMMs; returns (dx, d router, d experts, d probs), None where not needed."""
     need_x, need_router, need_experts, need_probs = needs
-    T, F = inter.shape
+    F = inter.shape[1]
     plan = backward_needs(prob, need_x, need_router, need_experts, need_probs)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()  # explicit: unit-stride rows for the GEMM loads
     dev = x.device
@@ -148,7 +148,8 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
     best = _best(down)
     d_experts = d_probs = d_router = dx = None
     if need_experts:
-        d_experts = tensors["dexperts_part"][: triton.cdiv(T, best["BLOCK_M"])].sum(0).unsqueeze(0)
+        # one slot per row chunk, every one written; freed before (d) allocates its own partials
+        d_experts = tensors.pop("dexperts_part").sum(0).unsqueeze(0)
         if prob.mode == ROUTE_NONE:
             d_experts = d_experts[:, :1]  # only expert row 0 is written when p ≡ 1 (E = 1)
     # ---- (r)
@@ -156,6 +157,7 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
         buffers, router_bwd = router_backward_launch(prob, triton.cdiv(F, best["BLOCK_F"]))
         tensors |= allocate(buffers, dev)
         run_launch(router_bwd, tensors, dev)
+        del tensors["dp_part"]  # summed by (r): freed before (d)
         if prob.mode == ROUTE_GIVEN:
             d_probs = tensors["d_route"]
     # ---- (d) and the dx GEMMs (torch: the vendor GEMM)
@@ -164,7 +166,7 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
         tensors |= allocate(buffers, dev)
         run_launch(up, tensors, dev)
         if plan["need_drouter"]:
-            d_router = tensors["drouter_part"][: triton.cdiv(T, _best(up)["BLOCK_M"])].sum(0)
+            d_router = tensors.pop("drouter_part").sum(0)  # one slot per row chunk, every one written
         if need_x:
             dx = tensors["dh0"] @ wi_0
             if prob.gated:

@@ -525,7 +525,7 @@ def _ffn_backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, 
     """(c), (r), (d) and the dx GEMMs (XLA); every gradient the op's inputs have. Returns (dx, d router,
     d experts, d probs, dh0, dg) — dh0/dg [T, F] for the frozen weights' cotangents."""
     pb = _ffn_problem(x, wi_0, wi_1, router, experts, probs, activation, top_k, renormalize)
-    T, F = pb.T, pb.F
+    F = pb.F
     self_routed, given = pb.mode == mf.ROUTE_SELF, pb.mode == mf.ROUTE_GIVEN
     arrays = dict(
         x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs, dy=dy.astype(x.dtype),
@@ -536,7 +536,7 @@ def _ffn_backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, 
     buffers, down = mf.down_backward_launch(pb, True, need_dp, True)
     _plan_launch(down, buffers, arrays, "default")
     tiles = down.configs[0].kwargs
-    d_experts = arrays["dexperts_part"][: triton.cdiv(T, tiles["BLOCK_M"])].sum(0)[None]
+    d_experts = arrays["dexperts_part"].sum(0)[None]  # one slot per row chunk, every one written
     if pb.mode == mf.ROUTE_NONE:
         d_experts = d_experts[:, :1]  # only expert row 0 is written when p ≡ 1 (E = 1)
     # ---- (r)
@@ -548,8 +548,7 @@ def _ffn_backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, 
     # ---- (d) and the dx GEMMs
     buffers, up = mf.up_backward_launch(pb, True, self_routed)
     _plan_launch(up, buffers, arrays, "default")
-    rows = triton.cdiv(T, up.configs[0].kwargs["BLOCK_M"])
-    d_router = arrays["drouter_part"][:rows].sum(0) if self_routed else None
+    d_router = arrays["drouter_part"].sum(0) if self_routed else None
     dh0, dg = arrays["dh0"], arrays.get("dg")
     f32 = jnp.float32
     dx = jnp.matmul(dh0, wi_0, preferred_element_type=f32)
