@@ -323,6 +323,22 @@ def test_traffic_at_t5_large_shape():
     assert model.unfused_forward > 4 * model.minimum["forward"]
 
 
+def test_down_merge_flops_shrink_with_block_n():
+    """(b) recomputes the merge s = p·experts ([BLOCK_M, BLOCK_E]·[BLOCK_E, BLOCK_K] a K step) in each of its
+    M / BLOCK_N column blocks: 2·T·BLOCK_E·F·(M / BLOCK_N) FLOPs next to the 2·T·M·F of the GEMM. The default
+    tile keeps it at 1/8 of the GEMM for E ≤ 16."""
+    t, m, f = 2048, 1024, 2816  # whole tiles at every BLOCK_N below: no padding
+    for e, block_e in ((10, 16), (60, 64)):
+        for block_n in (64, 128, 256):
+            flops = analysis.down_mma_flops(t, m, f, e, config=dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64))
+            assert flops["gemm"] == 2 * t * m * f
+            assert flops["merge_once"] == 2 * t * block_e * f
+            assert flops["merge"] == flops["merge_once"] * m // block_n
+        assert analysis.down_mma_flops(t, m, f, e, routing="none")["merge"] == 0
+    default = analysis.down_mma_flops(t, m, f, 10)
+    assert default["merge"] * 8 <= default["gemm"]
+
+
 # ------------------------------------------------------------------------------------------
 # Ahead-of-time compiles for sm_80 / sm_90
 # ------------------------------------------------------------------------------------------

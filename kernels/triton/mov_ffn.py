@@ -49,10 +49,13 @@ implementation does): s is rounded once, to the precision u ⊙ s is rounded to 
 
 Costs beyond a plain FFN: (a) one [BLOCK_M, BLOCK_F]×[BLOCK_F, BLOCK_E] tf32x3 dot per tile
 (~BLOCK_E·6 / (2·M) of its MMA work: ~5 % at M = 1024); (b) the merge dot per K step,
-BLOCK_E / BLOCK_N of its MMA work (12.5 % for E ≤ 16 at BLOCK_N = 128), recomputed by each of
-the M / BLOCK_N column blocks; bytes: see :func:`.mov_ffn_analysis.hbm_traffic`. The interpreter cannot time, so
-the defaults (first config of each list) are chosen for the AOT register/spill/smem report, not
-measured; on a GPU autotune benchmarks every config that survives pruning.
+BLOCK_E / BLOCK_N of its MMA work (12.5 % for E ≤ 16 at the default BLOCK_N = 128, 50 % for
+E = 60), recomputed by each of the M / BLOCK_N column blocks (:func:`.mov_ffn_analysis.down_mma_flops`):
+hence wide BLOCK_N. Computing s or u ⊙ s once would need it in HBM: two more [T, F] passes, where
+§3 allows [T, E] float32 beyond a plain FFN. Bytes: see :func:`.mov_ffn_analysis.hbm_traffic`.
+The interpreter cannot time, so the defaults (first config of each list) are chosen for the AOT
+register/spill/smem report, not measured; on a GPU autotune benchmarks every config that survives
+pruning.
 """
 
 from __future__ import annotations
@@ -243,12 +246,15 @@ UP_CONFIGS = _for_every_dtype(
     ],
     _cfg(4, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
 )
-#: (b): output tiles [BLOCK_M, BLOCK_N] over M, K = F.
+#: (b): output tiles [BLOCK_M, BLOCK_N] over M, K = F. Every column block recomputes the merge s = p·experts of
+#: its row block at each K step (BLOCK_E / BLOCK_N of the tile's MMA work): wide BLOCK_N first.
 DOWN_CONFIGS = _for_every_dtype(
     [
-        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),  # default
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),  # default
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
+        _cfg(8, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64),
     ],

@@ -261,6 +261,24 @@ def hbm_traffic(
     return TrafficModel(kernels, minimum, plain, unfused, cfg)
 
 
+def down_mma_flops(
+    T: int, M: int, F: int, E: int, *, dtype: torch.dtype = torch.bfloat16, routing: str = ROUTE_SELF,
+    config: dict[str, int] | None = None,
+) -> dict[str, int]:  # fmt: skip
+    """Tensor-core work of (b) as its tiles run it (padded to whole tiles; 2 FLOPs a multiply-add): "gemm", the
+    (u ⊙ s)·woᵀ dots, and "merge", the s = p·experts dots that every one of the cdiv(M, BLOCK_N) column blocks
+    of a row block recomputes at each K step ([BLOCK_M, BLOCK_E]·[BLOCK_E, BLOCK_K]: BLOCK_E / BLOCK_N of the gemm;
+    0 without a router, where s is experts[0]); "merge_once": the same merge computed once per row tile and K step
+    (what storing s or u ⊙ s would cost in FLOPs, at 2·T·F·itemsize more HBM bytes). ``config``: (b)'s tiles
+    (default: the interpreter's choice)."""
+    c = config or dict(_chosen_configs(_ffn_down_kernel, dtype, T=T, M=M, F=F, E=E)[0].kwargs)
+    block_e = max(16, triton.next_power_of_2(E))
+    n_m, n_n, steps = triton.cdiv(T, c["BLOCK_M"]), triton.cdiv(M, c["BLOCK_N"]), triton.cdiv(F, c["BLOCK_K"])
+    per_step = 2 * c["BLOCK_M"] * c["BLOCK_K"]
+    merge_once = 0 if routing == ROUTE_NONE else n_m * steps * per_step * block_e
+    return dict(gemm=n_m * n_n * steps * per_step * c["BLOCK_N"], merge=merge_once * n_n, merge_once=merge_once)
+
+
 # ------------------------------------------------------------------------------------------
 # Ahead-of-time compile cases (pemoe.kernels.triton.aot)
 # ------------------------------------------------------------------------------------------
