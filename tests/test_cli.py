@@ -145,9 +145,9 @@ def test_rounds_sets_the_number_of_interleaved_rounds(tmp_path, monkeypatch):
     batches = []
     real = harness._sample
 
-    def sample(fn, reps, device):
+    def sample(fn, reps, device, clock="wall"):
         batches.append(reps)
-        return real(fn, reps, device)
+        return real(fn, reps, device, clock)
 
     monkeypatch.setattr(harness, "_sample", sample)
     argv = [*TINY, "--out", str(tmp_path), "--providers", "pemoe-torch", "--modes", "fwd"]
