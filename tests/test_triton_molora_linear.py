@@ -545,9 +545,11 @@ WGMMA_ROLES = __import__("re").compile(r" (fused|expand|dx|wgrad_a|wgrad_b) ")
 def test_aot_default_configs_bf16_t5_large(monkeypatch):
     """Default tiles of every launch at T5-large, E = 10, r = 4 (bf16) and of the widest adapters' backward
     launches that spilled before calibration (E = 15, r = 16: dx, wgrad_a; the earlier single backward kernel
-    spilled there too): no spills, wgmma on sm_90 for the GEMM-shaped launches. All dtypes and shapes: -m slow,
-    or ``python -m pemoe.kernels.triton.aot pemoe.kernels.triton.molora_linear``."""
-    reports = _aot(monkeypatch, defaults_only=True, select="^bfloat16 (E=10 r=4|E=15 r=16 (dx|wgrad_a))")
+    spilled there too), and float32 grad_u at E = 15, r = 16 (spilled on sm_90 while U stayed live across its N
+    loop): no spills, wgmma on sm_90 for the GEMM-shaped launches. All dtypes and shapes: -m slow, or
+    ``python -m pemoe.kernels.triton.aot pemoe.kernels.triton.molora_linear_analysis``."""
+    select = "^(bfloat16 (E=10 r=4|E=15 r=16 (dx|wgrad_a))|float32 E=15 r=16 grad_u)"
+    reports = _aot(monkeypatch, defaults_only=True, select=select)
     roles = {r.name.split()[3] for r in reports}
     assert roles == {"fused", "shrink", "expand", "grad_u", "dx", "wgrad_a", "wgrad_b"}
     assert {r.capability for r in reports} == {80, 90}

@@ -755,7 +755,8 @@ def _molora_grad_u_kernel(
 ):  # fmt: skip
     """Backward pass 1, rows [pid·BLOCK_M, +BLOCK_M): G = dy·B_catᵀ (the E·R-wide GEMM, dy read once), then
     dU = scale·G·p, dp = scale·Σ_j G·U per expert -> dlogits (token routing) or d probs (sentence routing),
-    and U′ = scale·U·p for d lora_b."""
+    and U′ = scale·U·p for d lora_b. U and p are loaded after the N loop: a [BLOCK_M, E·r] float32 U tile
+    live across the loop next to G and the B_cat tile makes the widest adapters spill (E·r = 256)."""
     DT: tl.constexpr = dy_ptr.dtype.element_ty
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)
@@ -764,16 +765,6 @@ def _molora_grad_u_kernel(
     expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
     u_mask = m_mask[:, None] & col_real[None, :]
     cols = (expert * R + rank)[None, :]
-
-    p, p_soft = _routing_weights(
-        p_soft_ptr, probs_ptr, offs_m, m_mask, offs_e, E, stride_st, stride_pt, stride_pe,
-        ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
-    )  # fmt: skip
-    if NEED_U_SCALED or NEED_D_ROUTE:
-        u = tl.load(u_ptr + rows[:, None] * stride_ut + cols, mask=u_mask, other=0.0)
-    if NEED_U_SCALED:
-        u_scaled = _scale_per_expert(u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale
-        tl.store(u_scaled_ptr + rows[:, None] * stride_vt + cols, u_scaled.to(DT), mask=u_mask)
 
     if NEED_D_U or NEED_D_ROUTE:
         # ---- N loop: G = dy · B_catᵀ
@@ -787,6 +778,18 @@ def _molora_grad_u_kernel(
                 lora_b_ptr, nn * stride_bn, expert * stride_be + rank * stride_br, n_mask, col_real
             )
             acc_g = tl.dot(dy_tile, b_t_tile.to(DT), acc_g, input_precision=DOT_PRECISION)
+
+    # ---- after the N loop: U, p and the products that need them (not held in registers across the loop)
+    p, p_soft = _routing_weights(
+        p_soft_ptr, probs_ptr, offs_m, m_mask, offs_e, E, stride_st, stride_pt, stride_pe,
+        ROUTING, TOP_K, RENORMALIZE, BLOCK_M, BLOCK_E,
+    )  # fmt: skip
+    if NEED_U_SCALED or NEED_D_ROUTE:
+        u = tl.load(u_ptr + rows[:, None] * stride_ut + cols, mask=u_mask, other=0.0)
+    if NEED_U_SCALED:
+        u_scaled = _scale_per_expert(u, p, BLOCK_M, BLOCK_E, RANK_PAD) * scale
+        tl.store(u_scaled_ptr + rows[:, None] * stride_vt + cols, u_scaled.to(DT), mask=u_mask)
+    if NEED_D_U or NEED_D_ROUTE:
         g = acc_g * scale
         if NEED_D_U:
             d_u = _scale_per_expert(g, p, BLOCK_M, BLOCK_E, RANK_PAD)
