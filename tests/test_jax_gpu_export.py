@@ -154,8 +154,8 @@ def test_triton_molora_matches_reference_in_interpreter(case, schedule, monkeypa
     names = _launch_names(monkeypatch)
     with kernel.use_schedule(schedule):
         check("molora_linear", molora_inputs(**kw), dtype, implementation="triton")
-    forward = ["shrink", "expand"] if schedule == "two_kernel" else ["fused"]
-    expected = [f"pemoe_molora_{role}" for role in forward + ["grad_u", "dx", "wgrad_a", "wgrad_b"]]
+    forward = ["pack", "shrink", "expand"] if schedule == "two_kernel" else ["pack", "fused"]
+    expected = [f"pemoe_molora_{role}" for role in forward + ["pack", "grad_u", "dx", "wgrad_a", "wgrad_b"]]
     assert names == expected  # traced once under jit: the forward, then the whole backward, nothing else
 
 
@@ -207,7 +207,7 @@ def test_triton_molora_auto_schedule_follows_the_model(monkeypatch):
 
         jax.make_jaxpr(jax.grad(loss, argnums=(0, 2, 3)))(*args, router)
         pick = analysis.choose_schedule(t, k, n, e, r, torch.bfloat16, save_for_backward=True)
-        forward = ["shrink", "expand"] if pick == "two_kernel" else ["fused"]
+        forward = ["pack", "shrink", "expand"] if pick == "two_kernel" else ["pack", "fused"]
         assert names[: len(forward)] == [f"pemoe_molora_{role}" for role in forward], (e, pick, names)
         picks.add(pick)
     assert picks == {"fused", "two_kernel"}  # both schedules are exercised by the model's choice
@@ -382,10 +382,13 @@ def _ffn_check(calls, shape: dict, act: str, what: str) -> None:
 
 #: molora_linear kernels per forward schedule, then the backward (grad_u, dx GEMM, the two weight gradients).
 MOLORA_FORWARD = {
-    "two_kernel": ["_molora_shrink_kernel", "_molora_gemm_kernel"],
-    "fused": ["_molora_fused_forward_kernel"],
+    "two_kernel": ["_molora_pack_kernel", "_molora_shrink_kernel", "_molora_gemm_kernel"],
+    "fused": ["_molora_pack_kernel", "_molora_fused_forward_kernel"],
 }
-MOLORA_BACKWARD = ["_molora_grad_u_kernel", "_molora_gemm_kernel", "_molora_wgrad_kernel", "_molora_wgrad_kernel"]
+MOLORA_BACKWARD = [
+    "_molora_pack_kernel", "_molora_grad_u_kernel", "_molora_gemm_kernel", "_molora_wgrad_kernel",
+    "_molora_wgrad_kernel",
+]  # fmt: skip
 MOLORA_REDUCE_ROWS = 256  # tokens per partial sum of the weight-gradient kernels (kernels/triton/molora_linear.py)
 
 
@@ -405,15 +408,24 @@ def _molora_schedule(shape: dict, dtype: str) -> str:
 
 
 def _molora_check(calls, shape: dict, act: str, schedule: str, what: str) -> None:
-    """Every molora_linear kernel's outputs, written out from SPEC §3.3's shapes: U′ / y / U / p_soft forward,
-    dU, U′, dlogits (d probs), dx, and the per-chunk partial sums of d lora_a, d router, d lora_b."""
+    """Every molora_linear kernel's outputs, written out from SPEC §3.3's shapes: the packed A_cat [K, J] and
+    B_cat [J, N] (J: E and r padded to powers of two, E to 16 with a router, J >= 16; the backward's B_cat low
+    part with a router in 16-bit), U′ / y / U / p_soft forward, dU, U′, dlogits (d probs), dx, and the
+    per-chunk partial sums of d lora_a, d router, d lora_b."""
     T, K, N, E, r = (shape[v] for v in ("T", "K", "N", "E", "r"))
     routing = shape.get("routing") or ("none" if E == 1 else "token")
     C, one = -(-T // MOLORA_REDUCE_ROWS), _t(1)
     p_soft = _t(T, E) if routing == "token" else one
     u, u_act = _t(T, E * r), _t(T, E * r, ty=act)
+    rank_pad = 1 << (r - 1).bit_length()
+    block_e = max(1 << (E - 1).bit_length(), 16 if routing != "none" else 1, 16 // min(rank_pad, 16))
+    j = block_e * rank_pad
+    pack = [_t(K, j, ty=act), _t(j, N, ty=act), one]
+    pack_backward = pack[:2] + [_t(j, N, ty=act) if routing != "none" and act != "f32" else one]
     forward = [[_t(T, N, ty=act), u, p_soft]] if schedule == "fused" else [[u_act, u, p_soft], [_t(T, N, ty=act)]]
+    forward = [pack] + forward
     backward = [
+        pack_backward,
         [u_act, u_act, _t(T, E) if routing != "none" else one],  # dU, U′, dlogits / d probs
         [_t(T, K, ty=act)],  # dx
         [_t(C, E, K, r), _t(C, K, E) if routing == "token" else one, one],  # d lora_a, d router partial sums
@@ -421,7 +433,8 @@ def _molora_check(calls, shape: dict, act: str, schedule: str, what: str) -> Non
     ]
     for call, res in zip(calls, forward + backward, strict=True):
         assert call["result_types"] == res, f"{what} {call['kernel']} results"
-    assert calls[0]["operand_types"][0] == _t(T, K, ty=act), f"{what} x"
+    assert calls[0]["operand_types"][0] == _t(E, K, r), f"{what} lora_a (packed first)"
+    assert calls[1]["operand_types"][0] == _t(T, K, ty=act), f"{what} x"
 
 
 def _check_rows(rows, keys, capabilities):
@@ -443,8 +456,8 @@ def _check_rows(rows, keys, capabilities):
             elif problem.op == "molora_linear":
                 schedule = _molora_schedule(shape, problem.dtype)
                 assert [c["kernel"] for c in calls] == MOLORA_FORWARD[schedule] + MOLORA_BACKWARD, what
-                roles = (["shrink", "expand"] if schedule == "two_kernel" else ["fused"]) + [
-                    "grad_u", "dx", "wgrad_a", "wgrad_b"
+                roles = (["pack", "shrink", "expand"] if schedule == "two_kernel" else ["pack", "fused"]) + [
+                    "pack", "grad_u", "dx", "wgrad_a", "wgrad_b"
                 ]  # fmt: skip
                 assert [c["call_name"] for c in calls] == [f"pemoe_molora_{role}" for role in roles], what
                 _molora_check(calls, shape, act, schedule, what)
@@ -465,8 +478,10 @@ def _check_rows(rows, keys, capabilities):
                 assert 0 <= call["spill_bytes"] <= limit, f"{what} {call['kernel']}: {call['spill_bytes']} spill bytes"
             if cc == 90 and problem.dtype == "bfloat16":
                 gemm = calls[0]  # the first GEMM (the base GEMM)
-                if problem.op == "molora_linear" and _molora_schedule(shape, problem.dtype) == "two_kernel":
-                    gemm = calls[1]  # the shrink is a row pass (32-row tiles: mma.sync); then the base GEMM
+                if problem.op == "molora_linear":  # after the packing launch (no dots)
+                    gemm = calls[1]
+                    if _molora_schedule(shape, problem.dtype) == "two_kernel":
+                        gemm = calls[2]  # the shrink is a row pass (32-row tiles: mma.sync); then the base GEMM
                 assert gemm["uses_wgmma"], f"{what}: the first GEMM does not use wgmma"
 
 
@@ -507,7 +522,7 @@ def test_jax_triton_autotuned_export_holds_every_legal_configuration():
 
 @pytest.mark.slow
 def test_jax_triton_molora_autotuned_export_holds_every_legal_configuration():
-    """configs="all" for molora_linear (two-kernel forward + backward): each of the six calls is one autotuned
+    """configs="all" for molora_linear (two-kernel forward + backward): each of the eight calls is one autotuned
     kernel call holding every legal configuration of its launch, the default (first) spill-free."""
     rows = _export_rows(["molora_linear/t5-large E=10 r=4 two-kernel:bfloat16"], (90,), ["--configs", "all"])
     calls = [r for r in rows if r["config"] == 0]

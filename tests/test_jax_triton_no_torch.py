@@ -124,12 +124,12 @@ def test_pemoe_jax_runs_and_plans_every_op_without_torch():
             "pemoe_mov_ffn_up_bwd",
         ],
         "molora_linear fused": [
-            "pemoe_molora_fused", "pemoe_molora_grad_u", "pemoe_molora_dx", "pemoe_molora_wgrad_a",
-            "pemoe_molora_wgrad_b",
+            "pemoe_molora_pack", "pemoe_molora_fused", "pemoe_molora_pack", "pemoe_molora_grad_u", "pemoe_molora_dx",
+            "pemoe_molora_wgrad_a", "pemoe_molora_wgrad_b",
         ],
         "molora_linear two_kernel": [
-            "pemoe_molora_shrink", "pemoe_molora_expand", "pemoe_molora_grad_u", "pemoe_molora_dx",
-            "pemoe_molora_wgrad_a", "pemoe_molora_wgrad_b",
+            "pemoe_molora_pack", "pemoe_molora_shrink", "pemoe_molora_expand", "pemoe_molora_pack",
+            "pemoe_molora_grad_u", "pemoe_molora_dx", "pemoe_molora_wgrad_a", "pemoe_molora_wgrad_b",
         ],
     }  # fmt: skip
 

@@ -99,6 +99,7 @@ class TestMoLoRALinearTritonFused(TestMoLoRALinearTriton):
 
 def _small_configs() -> dict:
     return dict(
+        pack=kernel._config(4, 1, BLOCK_C=16),
         fused=kernel._fused(16, 32, 32, 4, 2, 2),
         shrink=kernel._config(4, 2, BLOCK_M=16, BLOCK_K=16),
         expand=kernel._gemm(16, 32, 32, 4, 2),
@@ -393,7 +394,8 @@ def test_forward_without_grad_stores_only_what_the_schedule_needs(schedule):
     with torch.no_grad(), interpreter.count_traffic() as traffic:
         y = kernel.molora_linear(x, weight, bias, lora_a, lora_b, router, None, 4.0, None, False, schedule)
     u_scaled = 0 if schedule == "fused" else x.shape[0] * 10 * 4 * x.element_size()  # U′ [T, E·r]
-    assert traffic.stored == y.numel() * y.element_size() + u_scaled
+    packed = (x.shape[1] + weight.shape[0]) * 16 * 4 * x.element_size()  # A_cat [K, 64], B_cat [64, N]
+    assert traffic.stored == y.numel() * y.element_size() + u_scaled + packed
     torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0)
     model = analysis.hbm_traffic(*x.shape, weight.shape[0], 10, 4, x.dtype, save_for_backward=False, schedule=schedule)
     assert traffic.loaded == model.forward.loaded
@@ -488,15 +490,17 @@ def _mib(b: int) -> str:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_schedule_model_at_t5_shapes(dtype):
-    """Issue 4: the forward schedule by FLOPs + bytes. At T5-large (K = N = 1024, T = 2048, E = 10, r = 4) the
-    one-kernel schedule moves <= 1.1x a plain linear's bytes but does 1.8x its FLOPs (the shrink recomputed per
-    column tile); two kernels do <= 1.2x the FLOPs and read x twice (~1.5x the bytes). The GEMM is compute-bound
-    there, so the model picks two kernels; with few tokens (decode) it keeps one kernel."""
+    """The forward schedule by FLOPs + bytes. At T5-large (K = N = 1024, T = 2048, E = 10, r = 4) the
+    one-kernel schedule moves <= 1.1x the minimum bytes (SPEC §6: inputs once, output once; here also U and
+    p_soft saved for backward and the packed A_cat / B_cat written and read once) but does 1.8x a plain
+    linear's FLOPs (the shrink recomputed per column tile); two kernels do <= 1.2x the FLOPs and read x twice
+    (~1.5x the bytes). The GEMM is compute-bound there, so the model picks two kernels; with few tokens
+    (decode) it keeps one kernel."""
     print("\n" + analysis.report(dtype))
     large = {s: analysis.hbm_traffic(2048, 1024, 1024, 10, 4, dtype, schedule=s) for s in kernel.SCHEDULES}
-    assert large["fused"].forward_ratio <= 1.1
+    assert large["fused"].forward.unique <= 1.1 * large["fused"].minimum_forward
     no_save = analysis.hbm_traffic(2048, 1024, 1024, 10, 4, dtype, schedule="fused", save_for_backward=False)
-    assert no_save.forward_ratio <= 1.05
+    assert no_save.forward.unique <= 1.05 * no_save.minimum_forward  # the packed copies only
     assert large["fused"].forward_flops_ratio > 1.7
     assert large["two_kernel"].forward_flops_ratio < 1.2
     assert 1.4 < large["two_kernel"].forward_ratio < 1.6  # x read by both kernels
@@ -510,9 +514,10 @@ def test_schedule_model_at_t5_shapes(dtype):
     for m in large.values():
         assert m.minimum_forward <= m.forward.unique < m.authors_forward / 5
     # the backward computes G = dy·B_catᵀ once (the earlier single kernel recomputed it per dx tile: 2.25x a
-    # plain dgrad's FLOPs at E = 10, r = 4 and 9.8x at E = 15, r = 16)
+    # plain dgrad's FLOPs at E = 10, r = 4 and 9.8x at E = 15, r = 16), as two dots with 16-bit dy and a router
+    # (B_cat and its low part): 1.39x and 2.42x
     assert large["two_kernel"].backward_flops_ratio < 1.4
-    assert analysis.hbm_traffic(2048, 1024, 1024, 15, 16, dtype).backward_flops_ratio < 2.3
+    assert analysis.hbm_traffic(2048, 1024, 1024, 15, 16, dtype).backward_flops_ratio < 2.5
 
 
 # ------------------------------------------------------------------------------------------
@@ -551,7 +556,7 @@ def test_aot_default_configs_bf16_t5_large(monkeypatch):
     select = "^(bfloat16 (E=10 r=4|E=15 r=16 (dx|wgrad_a))|float32 E=15 r=16 grad_u)"
     reports = _aot(monkeypatch, defaults_only=True, select=select)
     roles = {r.name.split()[3] for r in reports}
-    assert roles == {"fused", "shrink", "expand", "grad_u", "dx", "wgrad_a", "wgrad_b"}
+    assert roles == {"pack", "fused", "shrink", "expand", "grad_u", "dx", "wgrad_a", "wgrad_b"}
     assert {r.capability for r in reports} == {80, 90}
 
 
@@ -570,7 +575,6 @@ class TestMoLoRAAdapterTriton(MoLoRAAdapterCases):
     """The adapter-only op: the shrink kernel, then the expand GEMM with no base reduction (K = 0) adding base."""
 
     implementation = "triton"
-    known_router_grad_failures = ((torch.float16, 1, 10),)
 
     def test_equals_molora_linear_on_the_linears_output(self):
         """base = x Wᵀ + b (float32) gives the fused molora_linear's output and gradients, to float32 rounding."""

@@ -1,6 +1,6 @@
 """MoLoRA linear (SPEC §3 item 3) as Triton kernels: a two-kernel forward (shrink, then the base GEMM
 extended over K), a one-kernel forward kept for the shapes where the schedule model prefers it, and a
-deterministic three-kernel backward.
+deterministic three-kernel backward; each forward and backward call first packs the adapters it reads.
 
 Math (SPEC §1), x [T, K], W [N, K] frozen, b [N], lora_a [E, K, r], lora_b [E, r, N], router [K, E]
 (None for LoRA, E = 1), scale = alpha / r:
@@ -9,6 +9,14 @@ Math (SPEC §1), x [T, K], W [N, K] frozen, b [N], lora_a [E, K, r], lora_b [E, 
     U′ = scale · U · p           (each expert's r columns scaled by its probability)
     y  = [x | U′] · [Wᵀ ; B_cat] + b          B_cat[e·r + j, n] = lora_b[e, j, n]
 Never a [T, E, N] tensor.
+
+Packing (``_molora_pack_kernel``, the first launch of each forward and backward call): lora_a and lora_b
+(float32 parameters) become A_cat [K, BLOCK_J] and B_cat [BLOCK_J, N] in the activation dtype, in the padded
+column layout the kernels compute in (Layouts and dtypes), once per call: every later program reads whole
+contiguous rows of 16-bit values (no per-element expert / rank index math, no column mask, no cast) instead
+of re-reading and casting the float32 tensors; the backward packs B_cat only for G (and its low part, see
+Numerics) and A_cat only for dx. The router stays float32 and unpacked (SPEC §5: its products are
+float32-grade, split in registers; [K, E] is read as rows of E contiguous floats already).
 
 Forward schedules (``schedule=`` of :func:`molora_linear`; "auto" asks
 :func:`.molora_linear_analysis.choose_schedule`):
@@ -32,32 +40,38 @@ backward, default tiles, ratios against a plain linear of the same shape on the 
 pemoe.kernels.triton.molora_linear_analysis`` prints the table):
 
     shape (T = 2048)          schedule     bytes   FLOPs   modelled time
-    T5-large K = N = 1024     fused        1.07x   1.81x   9.1 µs  1.66x   (linear 4.3 GFLOP, 10.0 MiB, 5.5 µs)
-                              two-kernel   1.51x   1.16x   8.2 µs  1.51x   <- chosen
-    T5-XL wi K=2048, N=5120   fused        1.03x   1.78x  80.8 µs  1.76x
-                              two-kernel   1.21x   1.05x  51.0 µs  1.11x   <- chosen
-    T5-XL wo K=5120, N=2048   fused        1.04x   1.76x  79.9 µs  1.75x
-                              two-kernel   1.46x   1.06x  54.1 µs  1.18x   <- chosen
-    T5-large, E=15, r=16      fused        1.39x  10.25x  46.9 µs          (recompute of 256+32 columns)
-                              two-kernel   1.98x   1.53x  10.1 µs          <- chosen
+    T5-large K = N = 1024     fused        1.12x   1.81x  10.3 µs  1.88x   (linear 4.3 GFLOP, 10.0 MiB, 5.5 µs)
+                              two-kernel   1.56x   1.16x   9.4 µs  1.72x   <- chosen
+    T5-XL wi K=2048, N=5120   fused        1.07x   1.78x  82.4 µs  1.80x
+                              two-kernel   1.24x   1.05x  52.6 µs  1.15x   <- chosen
+    T5-XL wo K=5120, N=2048   fused        1.07x   1.76x  81.5 µs  1.78x
+                              two-kernel   1.49x   1.06x  55.6 µs  1.22x   <- chosen
+    T5-large, E=15, r=16      fused        1.59x  10.25x  48.8 µs          (recompute of 256+32 columns)
+                              two-kernel   2.18x   1.53x  11.8 µs          <- chosen
 
-The one-kernel schedule reads x once (bytes within the 1.1x target) but every column of programs
+(The packing launch is in each line: at T5-large it reads the float32 adapters, 0.31 MiB, and writes 0.25
+MiB, read again by the kernels, and adds one launch gap: +0.5 MiB and ~1.2 µs modelled. The time model
+counts unique bytes only; what packing saves is the programs' re-reads of the adapters, served by L2: at
+T5-large the shrink loads 14.5 MiB instead of 16.5, the fused kernel 87 MiB instead of 92 (E = 10 padded to
+16 experts in the layout takes most of the halving from float32 to bfloat16; at E = 15, r = 16 it is 47%).)
+
+The one-kernel schedule reads x once (bytes 1.09x the minimum, SPEC §6's <= 1.1x) but every column of programs
 recomputes its rows' shrink: BLOCK_J + router columns (64 + 32 at E = 10, r = 4) per BLOCK_N = 128
 output columns, 1.8x the GEMM's FLOPs. These GEMMs are compute-bound (~410 FLOP/byte against the
 H100's ~295), so FLOPs decide: two kernels cost a second read of x in a memory-bound pass (~1.4 µs
 at T5-large) and one more launch, and win at each schedule's best tiles (:func:`schedule_costs`, what
-:func:`choose_schedule` compares) by 10% at T5-large (8.2 vs 9.1 µs; break-even at a ~1.9 µs launch gap),
-25% at T5-XL wi (49.8 vs 66.5 µs) and only 2.5% at T5-XL wo (53.4 vs 54.7 µs: there the fused kernel's
+:func:`choose_schedule` compares) by 9% at T5-large (9.4 vs 10.3 µs; break-even at a ~1.9 µs launch gap),
+25% at T5-XL wi (51.4 vs 68.1 µs) and only 2.7% at T5-XL wo (54.9 vs 56.4 µs: there the fused kernel's
 N_TILES = 4 tiles amortise the recompute over 512 columns and K = 5120 makes x's second read costly).
 The one-kernel schedule stays the choice where its recompute is small or nothing is compute-bound:
-plain LoRA (E = 1: 16 padded columns; 1.11x vs 1.43x at T5-large) and decode-sized T (T = 64: one
-launch, W-bound). The bytes target (<= 1.1x a plain linear) holds for the one-kernel schedule only; the
-modelled-time ratio at T5-large (1.5x) misses SPEC's GPU target of 1.10x. Nothing was timed on a GPU
+plain LoRA (E = 1: 16 padded columns; 1.30x vs 1.62x at T5-large) and decode-sized T (T = 64: one
+launch, W-bound). The bytes target (<= 1.1x the minimum) holds for the one-kernel schedule only; the
+modelled-time ratio at T5-large (1.7x) misses SPEC's GPU target of 1.10x. Nothing was timed on a GPU
 here; ``schedule=`` forces either schedule. (A schedule that might meet both, overlapping the shrink with
 the GEMM's K loop in one persistent launch with per-row-block ready flags, needs a GPU to validate and
 was not attempted.)
 
-Backward (base frozen), three kernels and torch sums, all deterministic (no atomics):
+Backward (base frozen), the packing launch, three kernels and torch sums, all deterministic (no atomics):
   1. ``_molora_grad_u_kernel`` over row tiles: G = dy·B_catᵀ, ONE GEMM of width E·r (dy read once), then
      dU = scale·G·p, dp[t, e] = scale·Σ_j G[t, e·r+j]·U[t, e·r+j], dlogits = softmax / top-k backward
      (``routing.router_probs_backward``; sentence routing stores d probs = dp), and U′ = scale·U·p (for
@@ -68,17 +82,18 @@ Backward (base frozen), three kernels and torch sums, all deterministic (no atom
      d B_catᵀ = dyᵀ·U′ and d bias = Σ_t dy (one pass over dy). Each program owns a [BLOCK_C, J_STEP] tile
      (J_STEP = min(E·r padded, 64) adapter columns) of one chunk of REDUCE_ROWS tokens and writes its
      partial sum once; torch sums the chunks (two-stage: the same order every run).
-  At T5-large (E = 10, r = 4, bf16) this moves 2.98x a plain dgrad's bytes (dy is read by passes 1, 2
-  and 3, x by 3, 8 token chunks of partial sums written and read) with 1.33x its padded FLOPs (2.17x at
-  E = 15, r = 16); modelled 17 µs against the dgrad's 5.5 µs. The earlier single backward kernel moved
-  1.51x but recomputed G for every dx tile (2.25x the FLOPs, 9.8x at E = 15, r = 16), added adapter
-  gradients with float32 atomics in a run-dependent order (11 MiB of atomics, 248 MiB at E = 15,
-  r = 16) and spilled at E = 15, r = 16.
+  At T5-large (E = 10, r = 4, bf16) this moves 3.06x a plain dgrad's bytes (dy is read by passes 1, 2
+  and 3, x by 3, 8 token chunks of partial sums written and read) with 1.39x its padded FLOPs (2.42x at
+  E = 15, r = 16; G's two dots with B_cat's low part included); modelled 18 µs against the dgrad's 5.5 µs.
+  The earlier single backward kernel moved 1.51x but recomputed G for every dx tile (2.25x the FLOPs, 9.8x
+  at E = 15, r = 16), added adapter gradients with float32 atomics in a run-dependent order (11 MiB of
+  atomics, 248 MiB at E = 15, r = 16) and spilled at E = 15, r = 16.
 
-Layouts and dtypes. Adapters are float32 parameters; programs load lora_a / lora_b / router tiles in
-float32 and cast them to the activation dtype for the tensor-core dot, as the authors' code does. The
-[T, E·r] buffers are compact (column e·r + j); inside the kernels U is kept in a per-expert padded
-column layout: column c = e·RANK_PAD + j (RANK_PAD = next power of two ≥ r, BLOCK_E experts,
+Layouts and dtypes. Adapters are float32 parameters, rounded to the activation dtype for the tensor-core
+dots as the authors' code does, once per call by the packing launch (A_cat [K, BLOCK_J], B_cat
+[BLOCK_J, N], row-major, zeros in the padded columns); the router is read in float32. The [T, E·r]
+buffers are compact (column e·r + j); inside the kernels, and in A_cat / B_cat, U's columns are in a
+per-expert padded layout: column c = e·RANK_PAD + j (RANK_PAD = next power of two ≥ r, BLOCK_E experts,
 BLOCK_J = BLOCK_E·RANK_PAD ≥ 16 columns), so "scale expert e's columns by p_e" and "sum expert e's
 columns" are reshapes to [BLOCK_M, BLOCK_E, RANK_PAD].
 
@@ -89,8 +104,12 @@ float16); the dlogits·routerᵀ and xᵀ·dlogits products use the same splits,
 d logits by powers of two (they fall far below float16's smallest normal). U′ and dU are rounded once,
 float32 -> activation dtype (round to nearest even), because they are A-operands of tensor-core dots:
 the same rounding the one-kernel schedule applies in registers, so both schedules feed the expand
-identical U′ values given identical U. float32 activations use ``input_precision="ieee"`` dots
-throughout (no TF32: the tolerance rule is float32's).
+identical U′ values given identical U. G = dy·B_catᵀ is float32-grade where its dp feeds a probability
+gradient with 16-bit dy: dy (exact in its dtype) times B_cat + B_lo, the packed float32 remainder (two dots,
+as for the router): the softmax backward's dp − Σ_e p·dp cancels, and with B_cat rounded to 16 bits the d
+router at one token (nothing averages) missed the tolerance rule by up to 2-7x in float16. U stays x·A_cat
+with A_cat rounded (within the rule: U's rounding is that of x itself). float32 activations use
+``input_precision="ieee"`` dots throughout (no TF32: the tolerance rule is float32's).
 
 Sentence routing (``probs`` given, float32 [T, E]) is supported: the router is not read and the
 gradient flows to ``probs``. Supported dtypes: x and W float16, bfloat16 or float32 (one dtype),
@@ -208,13 +227,19 @@ def _forward_probs(
 def _shrink_step(
     x_tile, kk, k_mask, acc_u, logits, lora_a_ptr, router_ptr, expert, rank, col_real, offs_e, E,
     stride_ae, stride_ak, stride_ar, stride_rk, stride_re,
-    ROUTING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUTING: tl.constexpr, DOT_PRECISION: tl.constexpr, A_PACKED: tl.constexpr, BLOCK_J: tl.constexpr,
 ):  # fmt: skip
     """One K step of the shrink on the x tile [BLOCK_M, BLOCK_K] of reduction indices kk: (acc_u + x·A_cat[kk],
-    logits + x·router[kk]) — the adapter tile float32, cast to x's dtype for the dot; the router logits
-    float32-grade (:func:`.split_dot.dot_exact_a`), only with token routing."""
+    logits + x·router[kk]); the router logits float32-grade (:func:`.split_dot.dot_exact_a`), only with token
+    routing. ``A_PACKED``: lora_a_ptr is the packed A_cat [K, BLOCK_J] in x's dtype (row stride stride_ak; whole
+    rows, no column mask); else lora_a [E, K, R] float32 at the given strides, cast to x's dtype for the dot."""
     DT: tl.constexpr = x_tile.dtype
-    a_tile = tiles.load_tile(lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
+    if A_PACKED:
+        a_tile = tl.load(
+            lora_a_ptr + kk[:, None] * stride_ak + tl.arange(0, BLOCK_J)[None, :], mask=k_mask[:, None], other=0.0
+        )
+    else:
+        a_tile = tiles.load_tile(lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
     acc_u = tl.dot(x_tile, a_tile.to(DT), acc_u, input_precision=DOT_PRECISION)
     if ROUTING == 1:
         router_tile = tiles.load_tile(router_ptr, kk * stride_rk, offs_e * stride_re, k_mask, offs_e < E)
@@ -229,11 +254,14 @@ def _shrink_rows(
     scale,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_PACKED: tl.constexpr = False,
 ):  # fmt: skip
     """The shrink of the x rows ``rows`` [BLOCK_M] int64 (and the same rows of probs): U = x·A_cat and the
-    router logits x·router (float32, hi/lo for 16-bit x) in one pass over K, then p (softmax / top-k / given /
-    ones). Returns (U, p_soft, U′ = scale·U·p), float32, U and U′ [BLOCK_M, BLOCK_E·RANK_PAD] in the padded
-    column layout (:func:`_expert_columns`). lora_a_ptr / router_ptr point at one adapter's [E, K, R] / [K, E]."""
+        router logits x·router (float32, hi/lo for 16-bit x) in one pass over K, then p (softmax / top-k / given /
+        ones). Returns (U, p_soft, U′ = scale·U·p), float32, U and U′ [BLOCK_M, BLOCK_E·RANK_PAD] in the padded
+        column layout (:func:`_expert_columns`). lora_a_ptr / router_ptr point at one adapter's [E, K, R] / [K, E]
+    (float32), or with ``A_PACKED`` lora_a_ptr at the packed A_cat [K, BLOCK_E·RANK_PAD] (x's dtype, row stride
+    stride_ak)."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_e = tl.arange(0, BLOCK_E)
     expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
@@ -245,7 +273,8 @@ def _shrink_rows(
         x_tile = tiles.load_tile(x_ptr, rows * stride_xt, kk * stride_xk, m_mask, k_mask)
         acc_u, logits = _shrink_step(
             x_tile, kk, k_mask, acc_u, logits, lora_a_ptr, router_ptr, expert, rank, col_real, offs_e, E,
-            stride_ae, stride_ak, stride_ar, stride_rk, stride_re, ROUTING, DOT_PRECISION,
+            stride_ae, stride_ak, stride_ar, stride_rk, stride_re, ROUTING, DOT_PRECISION, A_PACKED,
+            BLOCK_E * RANK_PAD,
         )  # fmt: skip
 
     p, p_soft = _forward_probs(
@@ -259,10 +288,13 @@ def _shrink_rows(
 def _tail_dot(
     acc, tail_ptr, tail_rows, m_mask, adapter_ptr, offs_n, n_mask, E, R, stride_ae, stride_ar, stride_an,
     DOT_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, TAIL_STEP: tl.constexpr,
+    ADAPTER_PACKED: tl.constexpr = False,
 ):  # fmt: skip
     """acc + tail·adapter_cat: the E·R reduction over the padded columns c = e·RANK_PAD + j, TAIL_STEP at a
     time. tail [M, E·R] (activation dtype, unit column stride) at the row offsets ``tail_rows`` [BLOCK_M];
-    adapter [E, R, N] float32, cast to the tail's dtype for the dot; adapter_cat[e·R + j, n] = adapter[e, j, n]."""
+    adapter [E, R, N] float32, cast to the tail's dtype for the dot; adapter_cat[e·R + j, n] = adapter[e, j, n].
+    ``ADAPTER_PACKED``: the adapter is packed in the tail's dtype, element (c, n) at c·stride_ae + n·stride_an
+    (padded columns hold zeros: no column mask; stride_ar unused)."""
     DT: tl.constexpr = tail_ptr.dtype.element_ty
     for c0 in range(0, BLOCK_E * RANK_PAD, TAIL_STEP):
         offs_c = c0 + tl.arange(0, TAIL_STEP)
@@ -270,7 +302,14 @@ def _tail_dot(
         rank = offs_c % RANK_PAD
         real = (expert < E) & (rank < R)
         t_tile = tiles.load_tile(tail_ptr, tail_rows, expert * R + rank, m_mask, real)
-        ad_tile = tiles.load_tile(adapter_ptr, expert * stride_ae + rank * stride_ar, offs_n * stride_an, real, n_mask)
+        if ADAPTER_PACKED:
+            ad_tile = tl.load(
+                adapter_ptr + offs_c[:, None] * stride_ae + offs_n[None, :] * stride_an, mask=n_mask[None, :], other=0.0
+            )
+        else:
+            ad_tile = tiles.load_tile(
+                adapter_ptr, expert * stride_ae + rank * stride_ar, offs_n * stride_an, real, n_mask
+            )
         acc = tl.dot(t_tile, ad_tile.to(DT), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -317,6 +356,7 @@ ROW_PASS_CONFIGS = [
     _config(4, 3, BLOCK_M=16, BLOCK_K=64),
     _config(8, 3, BLOCK_M=64, BLOCK_K=64),
     _config(4, 2, BLOCK_M=16, BLOCK_K=32),  # wide E·r (BLOCK_J = 256) and float32: a small float32 adapter tile
+    _config(4, 2, BLOCK_M=16, BLOCK_K=16),  # the 16-bit shrink at BLOCK_J = 256 (16x32 spills, AOT reports)
 ]
 #: Base GEMM over the extended K (forward: y = x·Wᵀ + U′·B_cat + b; backward: dx = dy·W + dU·A_catᵀ +
 #: dlogits·routerᵀ): tiles of the output, BLOCK_K the reduction step.
@@ -339,8 +379,16 @@ WGRAD_CONFIGS = [
     _config(4, 3, BLOCK_C=32, BLOCK_T=32),
     _config(4, 2, BLOCK_C=16, BLOCK_T=32),  # float32 activations
 ]
+#: Packing lora_a / lora_b into A_cat / B_cat: BLOCK_C rows of A_cat (columns of B_cat) a program, a
+#: [BLOCK_C, BLOCK_J] float32 tile within 64 registers a thread.
+PACK_CONFIGS = [
+    _config(4, 1, BLOCK_C=64),
+    _config(4, 1, BLOCK_C=32),  # wide E·r (BLOCK_J = 256)
+    _config(4, 1, BLOCK_C=16),
+]
 #: Which table each launch role tunes over.
 ROLE_CONFIGS = {
+    "pack": PACK_CONFIGS,
     "fused": FUSED_CONFIGS,
     "shrink": ROW_PASS_CONFIGS,
     "expand": GEMM_CONFIGS,
@@ -383,7 +431,8 @@ def legal_config(cfg: triton.Config, pb: Problem) -> bool:
     * fused forward: y + U + logits accumulators in registers; x, W and the float32 lora_a / router tiles
       pipelined in shared memory;
     * row passes (shrink, G): the [BLOCK_M, E·r] accumulator plus the [BLOCK_K, E·r] float32 adapter tile
-      within 128 registers;
+      within 128 registers; the 16-bit shrink beyond 128 padded adapter columns BLOCK_K <= 16 (calibrated on
+      the AOT reports: 16x32 spills at E·r = 256, the U / softmax epilogue next to the router's hi/lo tiles);
     * float32 activations (FMA dots: operands and accumulators in registers), calibrated on the AOT reports
       so that the defaults do not spill: fused BLOCK_M·BLOCK_N <= 512, BLOCK_K <= 32 and BLOCK_M·(BLOCK_N + E·r)
       <= 4608, row passes BLOCK_M·BLOCK_K
@@ -394,11 +443,14 @@ def legal_config(cfg: triton.Config, pb: Problem) -> bool:
       the AOT reports: 128x128 spills 232 bytes on sm_80);
     * weight gradients: the [BLOCK_C, J_STEP] (+ [BLOCK_C, BLOCK_E]) accumulators and a [BLOCK_T, J_STEP]
       operand within 128 registers (every table BLOCK_T divides REDUCE_ROWS = 256; the kernel masks each
-      chunk's rows, so any BLOCK_T is correct).
+      chunk's rows, so any BLOCK_T is correct);
+    * packing: the [BLOCK_C, BLOCK_J] float32 tile within 64 registers.
     """
     kw = cfg.kwargs
     threads = 32 * cfg.num_warps
     bj, be, elem = pb.block_j, pb.block_e, pb.elem
+    if pb.role == "pack":
+        return kw["BLOCK_C"] * bj / threads <= 64
     if pb.role == "fused":
         bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
         regs = (bm * bn + bm * bj + bm * be) / threads
@@ -411,6 +463,8 @@ def legal_config(cfg: triton.Config, pb: Problem) -> bool:
         regs = (bm * bj + bm * be + bk * bj) / threads
         stage = bm * bk * elem + bk * (bj + be) * 4
         if elem == 4 and bm * bk > 512:  # float32 FMA dots (AOT: 32x64 spills on sm_80)
+            return False
+        if pb.role == "shrink" and elem == 2 and bj > 128 and bk > 16:  # AOT: 16x32 spills 56-120 bytes
             return False
         return min(bm, bk) >= DOT_MIN and regs <= 128 and stage * cfg.num_stages <= SHARED_MEMORY_BUDGET
     if pb.role in ("expand", "dx"):
@@ -442,8 +496,8 @@ def legal_configs(pb: Problem) -> list[triton.Config]:
             f"molora_linear Triton kernels: no {pb.role} tile configuration fits {pb.block_j} padded adapter "
             f"columns (BLOCK_E = {pb.block_e}, RANK_PAD = {pb.rank_pad})"
         )
-    row_key = "BLOCK_C" if pb.role.startswith("wgrad") else "BLOCK_M"
-    rows = pb.cols if pb.role.startswith("wgrad") else pb.rows
+    row_key = "BLOCK_C" if pb.role.startswith("wgrad") or pb.role == "pack" else "BLOCK_M"
+    rows = pb.cols if pb.role.startswith("wgrad") or pb.role == "pack" else pb.rows
     snug = [c for c in legal if c.kwargs[row_key] <= max(DOT_MIN, triton.next_power_of_2(rows))]
     if pb.role in ("fused", "expand", "dx"):
         snug = [
@@ -462,8 +516,10 @@ def _tail_step(block_j: int) -> int:
 
 def _problem_from_args(role: str, args: dict) -> Problem:
     """The :class:`Problem` of a kernel launch from its named arguments and constexprs (autotune pruning)."""
-    elem = 4 if args["DOT_PRECISION"] == "ieee" else 2
     be, rp = args["BLOCK_E"], args["RANK_PAD"]
+    if role == "pack":  # cols: the longer of the packed extents (A_cat's K rows, B_cat's N columns)
+        return Problem(role, 0, max(args["K"] * args["PACK_A"], args["N"] * args["PACK_B"]), 0, be, rp, 4, 0)
+    elem = 4 if args["DOT_PRECISION"] == "ieee" else 2
     if role == "fused":
         rows, cols, red = args["T"], args["N"], args["K"]
     elif role == "shrink":
@@ -498,6 +554,65 @@ def _pruner(role: str) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------------
+# Packing (first launch of the forward and of the backward)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=PACK_CONFIGS,
+    key=["K", "N", "E", "R", "PACK_A", "PACK_B", "SPLIT_B"],
+    prune_configs_by={"early_config_prune": _pruner("pack")},
+    do_bench=do_bench,
+)
+@triton.jit
+def _molora_pack_kernel(
+    # inputs: lora_a [E, K, R], lora_b [E, R, N] (float32)
+    lora_a_ptr, lora_b_ptr,
+    # outputs (activation dtype, row-major): A_cat [K, BLOCK_J], B_cat [BLOCK_J, N], B_lo [BLOCK_J, N]
+    a_cat_ptr, b_cat_ptr, b_lo_ptr,
+    # sizes
+    K, N, E, R,
+    # strides
+    stride_ae, stride_ak, stride_ar, stride_be, stride_br, stride_bn,
+    # feature flags
+    PACK_A: tl.constexpr, PACK_B: tl.constexpr, SPLIT_B: tl.constexpr,
+    # block sizes
+    BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """A_cat[k, c] = lora_a[e, k, j] and B_cat[c, n] = lora_b[e, j, n] for the padded columns c = e·RANK_PAD + j
+    (0 where e >= E or j >= R), in the activation dtype (round to nearest even), written once per call so
+    that every program of the later launches reads whole contiguous rows of half the bytes and casts
+    nothing. ``SPLIT_B``: also B_lo = (lora_b − B_cat) rounded, the float32 remainder (B_cat + B_lo carries
+    16 / 22 mantissa bits in bfloat16 / float16) for a float32-grade G = dy·B_catᵀ.
+
+    Programs [0, ⌈K / BLOCK_C⌉) (``PACK_A``) pack BLOCK_C rows of A_cat, the next ⌈N / BLOCK_C⌉
+    (``PACK_B``) BLOCK_C columns of B_cat."""
+    pid = tl.program_id(0)
+    expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
+    offs_j = tl.arange(0, BLOCK_E * RANK_PAD)
+    offs = tl.arange(0, BLOCK_C)
+    num_a = tl.cdiv(K, BLOCK_C) if PACK_A else 0
+    if PACK_A:
+        if pid < num_a:
+            kk = pid * BLOCK_C + offs
+            k_mask = kk < K
+            a = tiles.load_tile(lora_a_ptr, kk * stride_ak, expert * stride_ae + rank * stride_ar, k_mask, col_real)
+            dst = kk[:, None] * (BLOCK_E * RANK_PAD) + offs_j[None, :]
+            tl.store(a_cat_ptr + dst, a.to(a_cat_ptr.dtype.element_ty), mask=k_mask[:, None])
+    if PACK_B:
+        if pid >= num_a:
+            nn = (pid - num_a) * BLOCK_C + offs
+            n_mask = nn < N
+            b = tiles.load_tile(lora_b_ptr, expert * stride_be + rank * stride_br, nn * stride_bn, col_real, n_mask)
+            dst = offs_j[:, None] * N + nn[None, :]
+            b_hi = b.to(b_cat_ptr.dtype.element_ty)
+            tl.store(b_cat_ptr + dst, b_hi, mask=n_mask[None, :])
+            if SPLIT_B:
+                b_lo = (b - b_hi.to(tl.float32)).to(b_lo_ptr.dtype.element_ty)
+                tl.store(b_lo_ptr + dst, b_lo, mask=n_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
 # Forward kernels
 # ------------------------------------------------------------------------------------------------
 
@@ -512,16 +627,14 @@ _FUSED_KEY = ["tokens_bucket", "N", "K", "E", "R", "ROUTING"]
 )
 @triton.jit
 def _molora_fused_forward_kernel(
-    # inputs
-    x_ptr, weight_ptr, bias_ptr, lora_a_ptr, lora_b_ptr, router_ptr, probs_ptr,
+    # inputs: x, weight, bias, the packed A_cat [K, BLOCK_J] and B_cat [BLOCK_J, N] (x's dtype), router, probs
+    x_ptr, weight_ptr, bias_ptr, a_cat_ptr, b_cat_ptr, router_ptr, probs_ptr,
     # outputs: y, and (SAVE_FOR_BACKWARD) U float32 [T, E·R] and p_soft float32 [T, E]
     y_ptr, u_ptr, p_soft_ptr,
     # sizes (tokens_bucket: autotune key only)
     T, N, K, E, R, tokens_bucket,
     # strides
-    stride_xt, stride_xk, stride_wn, stride_wk,
-    stride_ae, stride_ak, stride_ar, stride_be, stride_br, stride_bn,
-    stride_rk, stride_re, stride_pt, stride_pe,
+    stride_xt, stride_xk, stride_wn, stride_wk, stride_rk, stride_re, stride_pt, stride_pe,
     stride_yt, stride_yn, stride_ut, stride_st,
     # scalars
     scale,
@@ -539,6 +652,7 @@ def _molora_fused_forward_kernel(
     recomputed shrink costs (BLOCK_J + router columns) / (N_TILES·BLOCK_N) of the base GEMM's work.
     """
     DT: tl.constexpr = x_ptr.dtype.element_ty
+    BLOCK_J: tl.constexpr = BLOCK_E * RANK_PAD
     # ---- this program's rows and group of N_TILES column tiles
     pid_m, pid_n = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N * N_TILES), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -564,8 +678,8 @@ def _molora_fused_forward_kernel(
             acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
             if tile == 0:
                 acc_u, logits = _shrink_step(
-                    x_tile, kk, k_mask, acc_u, logits, lora_a_ptr, router_ptr, expert, rank, col_real, offs_e, E,
-                    stride_ae, stride_ak, stride_ar, stride_rk, stride_re, ROUTING, DOT_PRECISION,
+                    x_tile, kk, k_mask, acc_u, logits, a_cat_ptr, router_ptr, expert, rank, col_real, offs_e, E,
+                    0, BLOCK_J, 0, stride_rk, stride_re, ROUTING, DOT_PRECISION, True, BLOCK_J,
                 )  # fmt: skip
 
         if tile == 0:
@@ -582,11 +696,10 @@ def _molora_fused_forward_kernel(
                     if ROUTING == 1:
                         tiles.store_tile(p_soft_ptr, rows * stride_st, offs_e, p_soft, m_mask, offs_e < E)
 
-        # ---- expand: E·r extra columns of K, acc += U′ · B_cat
-        b_tile = tiles.load_tile(
-            lora_b_ptr, expert * stride_be + rank * stride_br, offs_n * stride_bn, col_real, n_mask
-        )
-        acc = tl.dot(u_scaled, b_tile.to(DT), acc, input_precision=DOT_PRECISION)
+        # ---- expand: E·r extra columns of K, acc += U′ · B_cat (packed: whole padded rows)
+        offs_j = tl.arange(0, BLOCK_J)
+        b_tile = tl.load(b_cat_ptr + offs_j[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0.0)
+        acc = tl.dot(u_scaled, b_tile, acc, input_precision=DOT_PRECISION)
 
         # ---- epilogue: bias, one store of the y tile
         if HAS_BIAS:
@@ -605,15 +718,14 @@ _ROW_PASS_KEY = ["tokens_bucket", "K", "E", "R", "ROUTING"]
 )
 @triton.jit
 def _molora_shrink_kernel(
-    # inputs
-    x_ptr, lora_a_ptr, router_ptr, probs_ptr,
+    # inputs: x, the packed A_cat [K, BLOCK_E·RANK_PAD] (x's dtype), router, probs
+    x_ptr, a_cat_ptr, router_ptr, probs_ptr,
     # outputs: U′ [T, E·R] (activation dtype); (SAVE_FOR_BACKWARD) U float32 [T, E·R], p_soft float32 [T, E]
     u_scaled_ptr, u_ptr, p_soft_ptr,
     # sizes (tokens_bucket: autotune key only)
     T, K, E, R, tokens_bucket,
     # strides (the [T, E·R] and [T, E] outputs are row-major with unit column stride)
-    stride_xt, stride_xk, stride_ae, stride_ak, stride_ar, stride_rk, stride_re, stride_pt, stride_pe,
-    stride_vt, stride_ut, stride_st,
+    stride_xt, stride_xk, stride_rk, stride_re, stride_pt, stride_pe, stride_vt, stride_ut, stride_st,
     # scalars
     scale,
     # feature flags
@@ -631,10 +743,10 @@ def _molora_shrink_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     expert, rank, col_real = _expert_columns(E, R, BLOCK_E, RANK_PAD)
     acc_u, p_soft, u_scaled = _shrink_rows(
-        x_ptr, lora_a_ptr, router_ptr, probs_ptr, rows, m_mask, K, E, R,
-        stride_xt, stride_xk, stride_ae, stride_ak, stride_ar, stride_rk, stride_re, stride_pt, stride_pe,
+        x_ptr, a_cat_ptr, router_ptr, probs_ptr, rows, m_mask, K, E, R,
+        stride_xt, stride_xk, 0, BLOCK_E * RANK_PAD, 0, stride_rk, stride_re, stride_pt, stride_pe,
         scale,
-        ROUTING, TOP_K, RENORMALIZE, DOT_PRECISION, BLOCK_E, RANK_PAD, BLOCK_M, BLOCK_K,
+        ROUTING, TOP_K, RENORMALIZE, DOT_PRECISION, BLOCK_E, RANK_PAD, BLOCK_M, BLOCK_K, True,
     )  # fmt: skip
     u_mask = m_mask[:, None] & col_real[None, :]
     cols = (expert * R + rank)[None, :]
@@ -657,15 +769,15 @@ _GEMM_KEY = ["tokens_bucket", "N", "K", "E", "R", "ROUTER_TAIL"]
 @triton.jit
 def _molora_gemm_kernel(
     # inputs: a [M, K], b [K, N] (strided views of the frozen weight), tail [M, E·R] (activation dtype),
-    # adapter viewed as [E, R, N] float32, logits [M, E] and router viewed as [E, N] (float32), bias [N],
-    # residual [M, N] (activation dtype)
+    # adapter_cat [BLOCK_E·RANK_PAD, N] (packed, activation dtype; a strided view), logits [M, E] and router
+    # viewed as [E, N] (float32), bias [N], residual [M, N] (activation dtype)
     a_ptr, b_ptr, tail_ptr, adapter_ptr, logits_ptr, router_ptr, bias_ptr, residual_ptr,
     # output [M, N]
     out_ptr,
     # sizes (tokens_bucket: autotune key only)
     M, N, K, E, R, tokens_bucket,
     # strides (tail and logits: unit column stride)
-    stride_am, stride_ak, stride_bk, stride_bn, stride_tm, stride_ae, stride_ar, stride_an,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_tm, stride_ac, stride_an,
     stride_lm, stride_re, stride_rn, stride_sm, stride_sn, stride_om, stride_on,
     # feature flags
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUTER_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -676,12 +788,12 @@ def _molora_gemm_kernel(
     """out = a·b + tail·adapter_cat (+ logits·router, float32-grade) (+ bias) (+ residual), one [BLOCK_M, BLOCK_N]
     tile.
 
-    Forward expand: a = x, b = Wᵀ, tail = U′, adapter = lora_b ([E, R, N]): y = x·Wᵀ + U′·B_cat + b.
+    Forward expand: a = x, b = Wᵀ, tail = U′, adapter_cat = B_cat (packed [BLOCK_J, N]): y = x·Wᵀ + U′·B_cat + b.
     Adapter-only forward expand (a frozen layer that runs its own forward): K = 0, residual = that layer's
     output: y = base + U′·B_cat; its backward dx: K = 0 (no dy·W term).
-    Backward dx: a = dy, b = W, tail = dU, adapter = lora_a seen as [E, R, K], logits = dlogits, router = routerᵀ:
-    dx = dy·W + dU·A_catᵀ + dlogits·routerᵀ. The tail adds E·R (padded BLOCK_E·RANK_PAD) columns to the
-    reduction, TAIL_STEP at a time; adapter_cat[e·R + j, n] = adapter[e, j, n].
+    Backward dx: a = dy, b = W, tail = dU, adapter_cat = A_catᵀ (the packed A_cat [K, BLOCK_J] read transposed),
+    logits = dlogits, router = routerᵀ: dx = dy·W + dU·A_catᵀ + dlogits·routerᵀ. The tail adds E·R (padded
+    BLOCK_J = BLOCK_E·RANK_PAD) columns to the reduction, TAIL_STEP at a time; adapter_cat row c = e·RANK_PAD + j.
     """
     DT: tl.constexpr = a_ptr.dtype.element_ty
     pid_m, pid_n = tiles.grouped_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -703,8 +815,8 @@ def _molora_gemm_kernel(
 
     # ---- the E·R tail: extra reduction columns c = e·RANK_PAD + j, TAIL_STEP at a time
     acc = _tail_dot(
-        acc, tail_ptr, rows * stride_tm, m_mask, adapter_ptr, offs_n, n_mask, E, R, stride_ae, stride_ar, stride_an,
-        DOT_PRECISION, BLOCK_E, RANK_PAD, TAIL_STEP,
+        acc, tail_ptr, rows * stride_tm, m_mask, adapter_ptr, offs_n, n_mask, E, R, stride_ac, 0, stride_an,
+        DOT_PRECISION, BLOCK_E, RANK_PAD, TAIL_STEP, True,
     )  # fmt: skip
     if ROUTER_TAIL:
         offs_e = tl.arange(0, BLOCK_E)
@@ -735,20 +847,19 @@ _GRAD_U_KEY = ["tokens_bucket", "N", "E", "R", "ROUTING"]
 )
 @triton.jit
 def _molora_grad_u_kernel(
-    # inputs
-    dy_ptr, lora_b_ptr, u_ptr, p_soft_ptr, probs_ptr,
+    # inputs: dy, the packed B_cat [BLOCK_J, N] (dy's dtype) and (SPLIT_B) its low part, U float32, p_soft, probs
+    dy_ptr, b_cat_ptr, b_lo_ptr, u_ptr, p_soft_ptr, probs_ptr,
     # outputs: dU and U′ [T, E·R] (activation dtype), d_route [T, E] float32 (dlogits, or d probs)
     d_u_ptr, u_scaled_ptr, d_route_ptr,
     # sizes (tokens_bucket: autotune key only)
     T, N, E, R, tokens_bucket,
     # strides (the [T, E·R] and [T, E] buffers are row-major with unit column stride)
-    stride_dyt, stride_dyn, stride_be, stride_br, stride_bn, stride_ut, stride_st, stride_pt, stride_pe,
-    stride_dut, stride_vt, stride_drt,
+    stride_dyt, stride_dyn, stride_ut, stride_st, stride_pt, stride_pe, stride_dut, stride_vt, stride_drt,
     # scalars
     scale,
     # feature flags
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-    NEED_D_U: tl.constexpr, NEED_D_ROUTE: tl.constexpr, NEED_U_SCALED: tl.constexpr,
+    NEED_D_U: tl.constexpr, NEED_D_ROUTE: tl.constexpr, NEED_U_SCALED: tl.constexpr, SPLIT_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     # block sizes (BLOCK_K: the reduction step, here over N)
     BLOCK_E: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -756,7 +867,11 @@ def _molora_grad_u_kernel(
     """Backward pass 1, rows [pid·BLOCK_M, +BLOCK_M): G = dy·B_catᵀ (the E·R-wide GEMM, dy read once), then
     dU = scale·G·p, dp = scale·Σ_j G·U per expert -> dlogits (token routing) or d probs (sentence routing),
     and U′ = scale·U·p for d lora_b. U and p are loaded after the N loop: a [BLOCK_M, E·r] float32 U tile
-    live across the loop next to G and the B_cat tile makes the widest adapters spill (E·r = 256)."""
+    live across the loop next to G and the B_cat tile makes the widest adapters spill (E·r = 256).
+
+    ``SPLIT_B`` (16-bit dy with a probability gradient): G = dy·B_hiᵀ + dy·B_loᵀ, float32-grade (dy is exact
+    in its dtype, B_hi + B_lo carries the float32 lora_b to 16 / 22 bits): dp feeds the softmax backward,
+    whose dp − Σ_e p·dp cancels, and a 16-bit B_cat there breaks the tolerance rule for d router at one token."""
     DT: tl.constexpr = dy_ptr.dtype.element_ty
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)
@@ -769,15 +884,17 @@ def _molora_grad_u_kernel(
     if NEED_D_U or NEED_D_ROUTE:
         # ---- N loop: G = dy · B_catᵀ
         offs_k = tl.arange(0, BLOCK_K)
+        offs_j = tl.arange(0, BLOCK_E * RANK_PAD)
         acc_g = tl.zeros((BLOCK_M, BLOCK_E * RANK_PAD), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_K):
             nn = n0 + offs_k
             n_mask = nn < N
             dy_tile = tiles.load_tile(dy_ptr, rows * stride_dyt, nn * stride_dyn, m_mask, n_mask)
-            b_t_tile = tiles.load_tile(
-                lora_b_ptr, nn * stride_bn, expert * stride_be + rank * stride_br, n_mask, col_real
-            )
-            acc_g = tl.dot(dy_tile, b_t_tile.to(DT), acc_g, input_precision=DOT_PRECISION)
+            b_offs = offs_j[None, :] * N + nn[:, None]  # B_catᵀ [BLOCK_K, BLOCK_J]: whole padded rows of B_cat
+            b_t_tile = tl.load(b_cat_ptr + b_offs, mask=n_mask[:, None], other=0.0)
+            acc_g = tl.dot(dy_tile, b_t_tile, acc_g, input_precision=DOT_PRECISION)
+            if SPLIT_B:
+                acc_g = tl.dot(dy_tile, tl.load(b_lo_ptr + b_offs, mask=n_mask[:, None], other=0.0), acc_g)
 
     # ---- after the N loop: U, p and the products that need them (not held in registers across the loop)
     p, p_soft = _routing_weights(
@@ -1049,13 +1166,14 @@ def _gemm_launch(
     logits_stride: int, router_strides, residual_strides, flags: dict, has_bias: bool,
 ):  # fmt: skip
     """out [M, N] = a [M, K]·b + tail·adapter_cat (+ logits·router) (+ bias) (+ residual) with
-    _molora_gemm_kernel; ``inputs``: (a, b, tail, adapter, logits, router, bias, residual) names (None: absent;
-    k = 0: no base GEMM, the adapter-only op, with ``b`` any array the empty K loop never reads)."""
+    _molora_gemm_kernel; ``inputs``: (a, b, tail, adapter_cat, logits, router, bias, residual) names (None:
+    absent; k = 0: no base GEMM, the adapter-only op, with ``b`` any array the empty K loop never reads);
+    ``adapter_strides``: (padded column c, output column n) strides of the packed adapter_cat."""
     scalars = dict(
         M=m, N=n, K=k, E=flags["E"], R=flags["R"], tokens_bucket=_bucket(m),
         stride_am=a_strides[0], stride_ak=a_strides[1], stride_bk=b_strides[0], stride_bn=b_strides[1],
-        stride_tm=tail_stride, stride_ae=adapter_strides[0], stride_ar=adapter_strides[1],
-        stride_an=adapter_strides[2], stride_lm=logits_stride, stride_re=router_strides[0],
+        stride_tm=tail_stride, stride_ac=adapter_strides[0], stride_an=adapter_strides[1],
+        stride_lm=logits_stride, stride_re=router_strides[0],
         stride_rn=router_strides[1], stride_sm=residual_strides[0], stride_sn=residual_strides[1],
         stride_om=n, stride_on=1,
     )  # fmt: skip
@@ -1076,6 +1194,45 @@ def _gemm_launch(
     return _launch(role, _molora_gemm_kernel, inputs, (output,), scalars, constexprs, grid)
 
 
+def _pack_launch(
+    pb: MoLoRAProblem, strides: dict | None, pack_a: bool, pack_b: bool, split_b: bool
+) -> tuple[dict[str, Buffer], Launch]:
+    """The packing launch and its buffers: a_cat [K, BLOCK_J] (``pack_a``), b_cat [BLOCK_J, N] (``pack_b``) and
+    b_lo [BLOCK_J, N] (``split_b``), in the activation dtype."""
+    k, n, e, r = pb.K, pb.N, pb.E, pb.R
+    flags = pb.flags
+    bj = flags["BLOCK_E"] * flags["RANK_PAD"]
+    buffers = {}
+    if pack_a:
+        buffers["a_cat"] = Buffer((k, bj), pb.dtype)
+    if pack_b:
+        buffers["b_cat"] = Buffer((bj, n), pb.dtype)
+        if split_b:
+            buffers["b_lo"] = Buffer((bj, n), pb.dtype)
+    sa = strides_of(strides, "lora_a", (e, k, r))
+    sb = strides_of(strides, "lora_b", (e, r, n))
+    scalars = dict(
+        K=k, N=n, E=e, R=r, stride_ae=sa[0], stride_ak=sa[1], stride_ar=sa[2],
+        stride_be=sb[0], stride_br=sb[1], stride_bn=sb[2],
+    )  # fmt: skip
+    constexprs = dict(
+        PACK_A=pack_a, PACK_B=pack_b, SPLIT_B=pack_b and split_b, BLOCK_E=flags["BLOCK_E"], RANK_PAD=flags["RANK_PAD"]
+    )
+
+    def grid(meta):
+        return (
+            (triton.cdiv(k, meta["BLOCK_C"]) if pack_a else 0) + (triton.cdiv(n, meta["BLOCK_C"]) if pack_b else 0),
+        )
+
+    outputs = (
+        "a_cat" if pack_a else None,
+        "b_cat" if pack_b else None,
+        "b_lo" if pack_b and split_b else None,
+    )
+    inputs = ("lora_a" if pack_a else None, "lora_b" if pack_b else None)
+    return buffers, _launch("pack", _molora_pack_kernel, inputs, outputs, scalars, constexprs, grid)
+
+
 def forward_plan(
     pb: MoLoRAProblem,
     scale: float,
@@ -1085,13 +1242,16 @@ def forward_plan(
 ) -> Plan:
     """The launches of one forward ``schedule`` ("fused" or "two_kernel"; the adapter-only op: "two_kernel", the
     expand without a base GEMM, adding "base" when ``pb.has_base``) on the op inputs x, weight, bias, base,
-    lora_a, lora_b, router, probs; ``strides`` of those not row-major (PyTorch). Buffers: y [T, N] (x's dtype),
-    u [T, E·r] float32 and p_soft [T, E] float32 when ``save`` (p_soft with token routing only), u_scaled
-    [T, E·r] (two_kernel)."""
+    lora_a, lora_b, router, probs; ``strides`` of those not row-major (PyTorch). Buffers: a_cat and b_cat (the
+    packing launch, first), y [T, N] (x's dtype), u [T, E·r] float32 and p_soft [T, E] float32 when ``save``
+    (p_soft with token routing only), u_scaled [T, E·r] (two_kernel)."""
     t, k, n, e, r = pb.T, pb.K, pb.N, pb.E, pb.R
     flags = pb.flags
     token = pb.mode == TOKEN_ROUTER
-    buffers = {"y": Buffer((t, n), pb.dtype)}
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES} or 'auto', got {schedule!r}")
+    buffers, pack = _pack_launch(pb, strides, True, True, False)
+    buffers["y"] = Buffer((t, n), pb.dtype)
     if save:
         buffers["u"] = Buffer((t, e * r), "float32")
         if token:
@@ -1100,8 +1260,6 @@ def forward_plan(
     router = "router" if token else None
     probs = "probs" if pb.mode == GIVEN_PROBS else None
     sx = strides_of(strides, "x", (t, k))
-    sa = strides_of(strides, "lora_a", (e, k, r))
-    sb = strides_of(strides, "lora_b", (e, r, n))
     sr = _two(strides_of(strides, "router", (k, e)) if router else None)
     sp = _two(strides_of(strides, "probs", (t, e)) if probs else None)
     routing_flags = dict(flags, SAVE_FOR_BACKWARD=bool(save))
@@ -1112,7 +1270,6 @@ def forward_plan(
         scalars = dict(
             T=t, N=n, K=k, E=e, R=r, tokens_bucket=_bucket(t),
             stride_xt=sx[0], stride_xk=sx[1], stride_wn=sw[0], stride_wk=sw[1],
-            stride_ae=sa[0], stride_ak=sa[1], stride_ar=sa[2], stride_be=sb[0], stride_br=sb[1], stride_bn=sb[2],
             stride_rk=sr[0], stride_re=sr[1], stride_pt=sp[0], stride_pe=sp[1],
             stride_yt=n, stride_yn=1, stride_ut=e * r if u else 0, stride_st=e if p_soft else 0,
             scale=float(scale),
@@ -1121,17 +1278,14 @@ def forward_plan(
         def grid(meta):
             return (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"] * meta["N_TILES"]),)
 
-        inputs = ("x", "weight", "bias" if pb.has_bias else None, "lora_a", "lora_b", router, probs)
+        inputs = ("x", "weight", "bias" if pb.has_bias else None, "a_cat", "b_cat", router, probs)
         constexprs = dict(routing_flags, HAS_BIAS=pb.has_bias)
         fused = _launch("fused", _molora_fused_forward_kernel, inputs, ("y", u, p_soft), scalars, constexprs, grid)
-        return Plan(buffers, (fused,))
+        return Plan(buffers, (pack, fused))
 
-    if schedule != "two_kernel":
-        raise ValueError(f"schedule must be one of {SCHEDULES} or 'auto', got {schedule!r}")
     buffers["u_scaled"] = Buffer((t, e * r), pb.dtype)
     scalars = dict(
-        T=t, K=k, E=e, R=r, tokens_bucket=_bucket(t),
-        stride_xt=sx[0], stride_xk=sx[1], stride_ae=sa[0], stride_ak=sa[1], stride_ar=sa[2],
+        T=t, K=k, E=e, R=r, tokens_bucket=_bucket(t), stride_xt=sx[0], stride_xk=sx[1],
         stride_rk=sr[0], stride_re=sr[1], stride_pt=sp[0], stride_pe=sp[1],
         stride_vt=e * r, stride_ut=e * r if u else 0, stride_st=e if p_soft else 0,
         scale=float(scale),
@@ -1141,7 +1295,7 @@ def forward_plan(
         return (triton.cdiv(t, meta["BLOCK_M"]),)
 
     shrink = _launch(
-        "shrink", _molora_shrink_kernel, ("x", "lora_a", router, probs), ("u_scaled", u, p_soft), scalars,
+        "shrink", _molora_shrink_kernel, ("x", "a_cat", router, probs), ("u_scaled", u, p_soft), scalars,
         routing_flags, shrink_grid,
     )  # fmt: skip
     if pb.has_weight:
@@ -1151,11 +1305,11 @@ def forward_plan(
         b, b_strides, kk = "x", (0, 0), 0  # no base GEMM: the K loop runs no step, b is never read
     base = "base" if pb.has_base else None
     expand = _gemm_launch(
-        "expand", t, n, kk, ("x", b, "u_scaled", "lora_b", None, None, "bias" if pb.has_bias else None, base),
-        b_strides, sx, e * r, sb, 0, (0, 0), _two(strides_of(strides, "base", (t, n)) if base else None),
+        "expand", t, n, kk, ("x", b, "u_scaled", "b_cat", None, None, "bias" if pb.has_bias else None, base),
+        b_strides, sx, e * r, (n, 1), 0, (0, 0), _two(strides_of(strides, "base", (t, n)) if base else None),
         dict(flags, E=e, R=r), pb.has_bias,
     )  # fmt: skip
-    return Plan(buffers, (shrink, expand))
+    return Plan(buffers, (pack, shrink, expand))
 
 
 @functools.lru_cache(maxsize=512)
@@ -1191,10 +1345,11 @@ def backward_plan(
 ) -> Plan:
     """The backward launches on dy, x, weight (absent: the adapter-only op, no dy·W in dx), lora_a, lora_b,
     router, probs and the forward's u, p_soft, for ``needs`` = (dx, d bias, d lora_a, d lora_b, d router,
-    d probs). Buffers: d_u, u_scaled [T, E·r] (x's dtype), d_route [T, E] float32 (dlogits, or d probs), dx
-    [T, K], and the per-chunk partial sums part_a [C, E, K, r], part_router [C, K, E], part_b [C, E, r, N],
-    part_bias [C, N] (float32, C = ⌈T / REDUCE_ROWS⌉), each when needed; summing the partials over their first
-    axis finishes the reduction."""
+    d probs). Buffers: a_cat (for dx), b_cat (for G) and b_lo (G float32-grade: 16-bit dy with a probability
+    gradient) from the packing launch, first; d_u, u_scaled [T, E·r] (x's dtype), d_route [T, E] float32
+    (dlogits, or d probs), dx [T, K], and the per-chunk partial sums part_a [C, E, K, r], part_router
+    [C, K, E], part_b [C, E, r, N], part_bias [C, N] (float32, C = ⌈T / REDUCE_ROWS⌉), each when needed;
+    summing the partials over their first axis finishes the reduction."""
     t, k, n, e, r = pb.T, pb.K, pb.N, pb.E, pb.R
     mode = pb.mode
     need_dx, need_bias, need_a, need_b, need_router, need_probs = needs
@@ -1206,7 +1361,15 @@ def backward_plan(
     need_d_u = need_dx or need_a
     need_d_route = (mode == TOKEN_ROUTER and (need_dx or need_router)) or need_probs
     need_u_scaled = need_b
+    need_g = need_d_u or need_d_route
+    split_b = need_g and need_d_route and flags["DOT_PRECISION"] != "ieee"
     chunks = triton.cdiv(t, REDUCE_ROWS)
+    bj = flags["BLOCK_E"] * flags["RANK_PAD"]
+    launches = []
+    buffers = {}
+    if need_dx or need_g:
+        buffers, pack = _pack_launch(pb, strides, need_dx, need_g, split_b)
+        launches.append(pack)
     specs = dict(
         d_u=Buffer((t, er), pb.dtype) if need_d_u else None,
         u_scaled=Buffer((t, er), pb.dtype) if need_u_scaled else None,
@@ -1217,34 +1380,34 @@ def backward_plan(
         part_b=Buffer((chunks, e, r, n), "float32") if need_b else None,
         part_bias=Buffer((chunks, n), "float32") if need_bias else None,
     )
-    buffers = {name: b for name, b in specs.items() if b is not None}
+    buffers |= {name: b for name, b in specs.items() if b is not None}
 
     def ptr(name):
         return name if name in buffers else None
 
     sdy = strides_of(strides, "dy", (t, n))
     sx = strides_of(strides, "x", (t, k))
-    sa = strides_of(strides, "lora_a", (e, k, r))
-    sb = strides_of(strides, "lora_b", (e, r, n))
     su = strides_of(strides, "u", (t, er))
     token, given = mode == TOKEN_ROUTER, mode == GIVEN_PROBS
-    launches = []
-    if need_d_u or need_d_route or need_u_scaled:
+    if need_g or need_u_scaled:
         sp = _two(strides_of(strides, "probs", (t, e)) if given else None)
         scalars = dict(
             T=t, N=n, E=e, R=r, tokens_bucket=_bucket(t),
-            stride_dyt=sdy[0], stride_dyn=sdy[1], stride_be=sb[0], stride_br=sb[1], stride_bn=sb[2],
-            stride_ut=su[0], stride_st=strides_of(strides, "p_soft", (t, e))[0] if token else 0,
-            stride_pt=sp[0], stride_pe=sp[1],
+            stride_dyt=sdy[0], stride_dyn=sdy[1], stride_ut=su[0],
+            stride_st=strides_of(strides, "p_soft", (t, e))[0] if token else 0, stride_pt=sp[0], stride_pe=sp[1],
             stride_dut=er if need_d_u else 0, stride_vt=er if need_u_scaled else 0, stride_drt=e if need_d_route else 0,
             scale=float(scale),
         )  # fmt: skip
-        constexprs = dict(flags, NEED_D_U=need_d_u, NEED_D_ROUTE=need_d_route, NEED_U_SCALED=need_u_scaled)
+        constexprs = dict(
+            flags, NEED_D_U=need_d_u, NEED_D_ROUTE=need_d_route, NEED_U_SCALED=need_u_scaled, SPLIT_B=split_b
+        )
 
         def grad_u_grid(meta):
             return (triton.cdiv(t, meta["BLOCK_M"]),)
 
-        inputs = ("dy", "lora_b", "u", "p_soft" if token else None, "probs" if given else None)
+        inputs = (
+            "dy", ptr("b_cat"), ptr("b_lo"), "u", "p_soft" if token else None, "probs" if given else None
+        )  # fmt: skip
         outputs = (ptr("d_u"), ptr("u_scaled"), ptr("d_route"))
         launches.append(_launch("grad_u", _molora_grad_u_kernel, inputs, outputs, scalars, constexprs, grad_u_grid))
     if need_dx:
@@ -1260,11 +1423,11 @@ def backward_plan(
                 t,
                 k,
                 kk,
-                ("dy", b, "d_u", "lora_a", "d_route" if token else None, "router" if token else None, None, None),
+                ("dy", b, "d_u", "a_cat", "d_route" if token else None, "router" if token else None, None, None),
                 b_strides,
                 sdy,
                 er,
-                (sa[0], sa[2], sa[1]),
+                (1, bj),  # A_catᵀ: the packed a_cat [K, BLOCK_J] read transposed
                 e if token else 0,
                 (sr[1], sr[0]),
                 (0, 0),

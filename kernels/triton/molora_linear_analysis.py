@@ -26,6 +26,7 @@ from pemoe.kernels.triton.molora_linear import (
     Launch,
     Problem,
     _flags,
+    _problem_from_args,
     _router_cols,
     _tail_step,
     backward_plan,
@@ -167,6 +168,7 @@ def _problem(role: str, t: int, k: int, n: int, flags: dict, extra: dict | None 
     elem = 4 if flags["DOT_PRECISION"] == "ieee" else 2
     be, rp = flags["BLOCK_E"], flags["RANK_PAD"]
     rows, cols, red = {
+        "pack": (0, max(k, n), 0),
         "fused": (t, n, k),
         "shrink": (t, 0, k),
         "expand": (t, n, k),
@@ -221,6 +223,7 @@ def hbm_traffic(
     flags = _flags(dtype, e, r, routing_mode, None, False)
     bj = flags["BLOCK_E"] * flags["RANK_PAD"]
     a_bytes, b_bytes, router_bytes, probs_bytes = 4 * e * k * r, 4 * e * r * n, 4 * k * e, 4 * t * e
+    a_cat, b_cat = k * bj * es, bj * n * es  # packed A_cat [K, BLOCK_J], B_cat [BLOCK_J, N] (activation dtype)
     u_bytes, p_bytes, tail_bytes = 4 * t * e * r, 4 * t * e, t * e * r * es  # U f32, p f32, U′ / dU
     x_b, w_b, y_b, dy_b = t * k * es, n * k * es, t * n * es, t * n * es
 
@@ -229,6 +232,16 @@ def hbm_traffic(
 
     def router_cols(role, extra=None):
         return _problem(role, t, k, n, flags, extra).router_cols
+
+    def pack(pack_a, pack_b, split_b):
+        """lora_a / lora_b (float32, real elements) in; A_cat, B_cat (and B_lo) out, padded, activation dtype."""
+        args = dict(K=k, N=n, PACK_A=pack_a, PACK_B=pack_b, **flags)
+        c = configs.get("pack") or legal_configs(_problem_from_args("pack", args))[0]
+        bc = c.kwargs["BLOCK_C"]
+        loaded = a_bytes * pack_a + b_bytes * pack_b
+        stored = a_cat * pack_a + b_cat * (1 + split_b) * pack_b
+        programs = _cdiv(k, bc) * pack_a + _cdiv(n, bc) * pack_b
+        return KernelTraffic("pack A_cat / B_cat", loaded, stored, loaded + stored, 0, programs)
 
     def gemm(name, rows, cols, red, a_b, b_b, tail_adapter, log_b, router_b, bias_b, out_b, rcols, c):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -248,30 +261,33 @@ def hbm_traffic(
         loaded = (
             x_b * nn * tiles  # x, once per column tile (masked-off tiles past N included)
             + w_b * nm  # W, once per row of programs
-            + a_bytes * nm * nn  # lora_a: every program, in its first tile
+            + a_cat * nm * nn  # A_cat: every program, in its first tile
             + (router_bytes * nm * nn if token else 0)
             + (probs_bytes * nn if given else 0)
-            + b_bytes * nm  # lora_b: each program its columns
+            + b_cat * nm  # B_cat: each program its columns
             + n * bes * nm
         )
         stored = y_b + saved
-        unique = x_b + w_b + n * bes + a_bytes + b_bytes + (router_bytes if token else 0)
+        unique = x_b + w_b + n * bes + a_cat + b_cat + (router_bytes if token else 0)
         unique += (probs_bytes if given else 0) + stored
         padded_t, padded_n = nm * bm, nn * bn * tiles
         flops = 2 * padded_t * padded_n * _pad(k, bk) + 2 * padded_t * _pad(k, bk) * (bj + rc) * nn
         flops += 2 * padded_t * bj * padded_n
-        forward_kernels = [KernelTraffic("fused forward", loaded, stored, unique, flops, nm * nn)]
+        forward_kernels = [
+            pack(True, True, False),
+            KernelTraffic("fused forward", loaded, stored, unique, flops, nm * nn),
+        ]
     else:
         sc = cfg("shrink", {"ROUTING": routing_mode})
         bm, bk = sc.kwargs["BLOCK_M"], sc.kwargs["BLOCK_K"]
         nm = _cdiv(t, bm)
         ins = x_b + (probs_bytes if given else 0)
-        loaded = ins + (a_bytes + (router_bytes if token else 0)) * nm
+        loaded = ins + (a_cat + (router_bytes if token else 0)) * nm
         stored = tail_bytes + saved
-        unique = ins + a_bytes + (router_bytes if token else 0) + stored
+        unique = ins + a_cat + (router_bytes if token else 0) + stored
         shrink = KernelTraffic("shrink", loaded, stored, unique, 2 * nm * bm * _pad(k, bk) * (bj + rc), nm)
-        expand = gemm("expand GEMM", t, n, k, x_b, w_b, b_bytes, 0, 0, n * bes, y_b, 0, cfg("expand"))
-        forward_kernels = [shrink, expand]
+        expand = gemm("expand GEMM", t, n, k, x_b, w_b, b_cat, 0, 0, n * bes, y_b, 0, cfg("expand"))
+        forward_kernels = [pack(True, True, False), shrink, expand]
 
     # ---- backward
     need_dx, need_bias, need_a, need_b, need_router, need_probs = needs
@@ -279,16 +295,20 @@ def hbm_traffic(
     need_d_u = need_dx or need_a
     need_d_route = (token and (need_dx or need_router)) or need_probs
     backward_kernels = []
-    if need_d_u or need_d_route or need_b:
+    g = need_d_u or need_d_route
+    split = g and need_d_route and es < 4  # G float32-grade: B_cat + B_lo
+    if need_dx or g:
+        backward_kernels.append(pack(need_dx, g, split))
+    if g or need_b:
         gc = cfg("grad_u")
         bm, bk = gc.kwargs["BLOCK_M"], gc.kwargs["BLOCK_K"]
         nm = _cdiv(t, bm)
-        g = need_d_u or need_d_route
+        b_read = b_cat * (1 + split)
         loaded = (p_bytes if (token or given) else 0) + (u_bytes if (need_b or need_d_route) else 0)
-        loaded += (dy_b + b_bytes * nm) if g else 0
+        loaded += (dy_b + b_read * nm) if g else 0
         stored = tail_bytes * (need_d_u + need_b) + (p_bytes if need_d_route else 0)
-        unique = loaded - (b_bytes * (nm - 1) if g else 0) + stored
-        flops = 2 * nm * bm * _pad(n, bk) * bj if g else 0
+        unique = loaded - (b_read * (nm - 1) if g else 0) + stored
+        flops = 2 * nm * bm * _pad(n, bk) * bj * (1 + split) if g else 0
         backward_kernels.append(KernelTraffic("grad_u (G = dy·B_catᵀ)", loaded, stored, unique, flops, nm))
     if need_dx:
         extra = {"ROUTER_TAIL": token}
@@ -300,7 +320,7 @@ def hbm_traffic(
                 n,
                 dy_b,
                 w_b,
-                a_bytes,
+                a_cat,
                 p_bytes if token else 0,
                 router_bytes if token else 0,
                 0,
