@@ -191,7 +191,16 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | pathlib.Path]) 
     else:
         bank["names"].extend(read)
         bank["configs"].update(configs)
+        _rebind_running(bank)
     return list(state["bank"]["names"])
+
+
+def _rebind_running(bank: dict) -> None:
+    """Point every running :func:`adapter_batch` at the bank's current indices and size (in place: nested
+    batches restore the same objects), after an adapter was added or removed while it runs."""
+    known = bank["names"]
+    for names, batch in bank.get("running", []):
+        batch.rebind([-1 if _is_base(n) else known.index(n) for n in names], len(known))
 
 
 def add_adapter(model: nn.Module, name: str, path: str | pathlib.Path) -> list[str]:
@@ -227,6 +236,7 @@ def remove_adapter(model: nn.Module, name: str) -> list[str]:
     _set_stacked(slots, stacked)
     names.pop(i)
     bank["configs"].pop(name)
+    _rebind_running(bank)
     return list(names)
 
 
@@ -237,7 +247,8 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[Non
     tokens, in every forward call inside the block (``generate``'s cached decoding steps too).
 
     ValueError naming an unknown adapter (nothing is set then); batches may nest (the inner one applies
-    inside it). While the block runs, :func:`remove_adapter` refuses the adapters it names.
+    inside it). While the block runs, :func:`remove_adapter` refuses the adapters it names; adding or removing
+    another adapter re-indexes the running batch, so its sequences keep their adapters.
     """
     bank = _bank(model, "adapter_batch")
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or len(names) == 0:
@@ -254,7 +265,9 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[Non
     ids = BankBatch([-1 if _is_base(n) else known.index(n) for n in names], len(known), device)
     previous = [o._bank_ids for o in owners]
     batch = tuple(n for n in names if not _is_base(n))
+    running = (list(names), ids)
     bank["active"].append(batch)
+    bank.setdefault("running", []).append(running)
     for o in owners:
         o._bank_ids = ids
     try:
@@ -263,6 +276,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[Non
         for o, p in zip(owners, previous, strict=True):
             o._bank_ids = p
         bank["active"].remove(batch)
+        bank["running"].remove(running)
 
 
 def _call_with_names(model: nn.Module, method: str, *args, adapter_names=None, **kwargs):

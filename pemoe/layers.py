@@ -73,6 +73,13 @@ class BankBatch:
         self.ids = torch.tensor(self.sequence_ids, dtype=torch.long, device=device)
         self._groups: dict[tuple[int, ...], ops.AdapterGroups] = {}
 
+    def rebind(self, sequence_ids: list[int], num_adapters: int) -> None:
+        """New indices for the same sequences' adapters (the bank gained or lost an adapter): the cached
+        groupings are dropped."""
+        self.sequence_ids, self.num_adapters = tuple(sequence_ids), num_adapters
+        self.ids = torch.tensor(self.sequence_ids, dtype=torch.long, device=self.device)
+        self._groups = {}
+
     def groups(self, lead: tuple[int, ...]) -> ops.AdapterGroups:
         g = self._groups.get(lead)
         if g is None:

@@ -300,6 +300,26 @@ def test_removing_an_adapter_a_running_batch_names(saved):
         remove_adapter(model, "support")
 
 
+def test_a_running_batch_keeps_its_adapters_when_others_come_and_go(saved):
+    """Inside adapter_batch, removing an adapter the batch does not name (an earlier index) or adding one
+    re-indexes the batch: its sequences keep their own adapters (bitwise the same logits)."""
+    _, paths = saved
+    model = _bank(paths, names=NAMES)
+    x = ids(model, batch=3, length=5)
+    names = ["code", None, "legal"]
+    with torch.no_grad(), adapter_batch(model, names):
+        want = model(x).logits
+        assert remove_adapter(model, "support") == ["legal", "code"]
+        torch.testing.assert_close(model(x).logits, want, rtol=0, atol=0)
+        assert add_adapter(model, "support", paths["support"]) == ["legal", "code", "support"]
+        with adapter_batch(model, ["support", "support", "support"]):
+            inner = model(x).logits
+        torch.testing.assert_close(model(x).logits, want, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, adapter_names=names).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(model(x, adapter_names=["support"] * 3).logits, inner, rtol=0, atol=0)
+
+
 def test_names_and_files_checked_before_anything_changes(saved, tmp_path):
     _, paths = saved
     model = _bank(paths)
