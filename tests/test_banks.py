@@ -120,6 +120,30 @@ def test_forward_equals_each_adapter_on_its_own_sequences(saved):
     torch.testing.assert_close(logits[:1], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_over_runs_equals_each_adapter_alone(saved, monkeypatch):
+    """Prompts of at least RUN_MIN_MEAN_ROWS tokens (prefill): every site works on the sequences' runs of rows
+    (adjacent sequences of one adapter, an adapter in non-adjacent runs, the bare base), not the sorted form."""
+    from pemoe.ops import banked
+
+    method, paths = saved
+    model = _bank(paths, NAMES)
+    x = ids(model, seed=7, batch=6, length=banked.RUN_MIN_MEAN_ROWS + 3)
+    names = ["legal", "legal", None, "code", "legal", None]
+    taken = []
+
+    def spy(fn):
+        return lambda *a, **k: taken.append(1) or fn(*a, **k)
+
+    for name in ("_runs_mov", "_runs_molora"):
+        monkeypatch.setattr(banked, name, spy(getattr(banked, name)))
+    for name in ("_segments_mov", "_segments_molora"):
+        monkeypatch.setattr(banked, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} called"))
+    with torch.no_grad():
+        logits = model(x, adapter_names=names).logits
+    assert taken
+    _check_rows(logits, names, x, paths)
+
+
 def test_generate_with_kv_cache_equals_each_adapter_alone(saved):
     method, paths = saved
     model = _bank(paths, NAMES)

@@ -662,3 +662,114 @@ def test_gradients_reach_lora_a_after_cached_inference():
     out = bank.call("torch", **args)
     out.sum().backward()
     assert args["lora_a"].grad is not None and torch.count_nonzero(args["lora_a"].grad[:2]) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Runs of consecutive rows (inference over sequences): row views of the inputs, no permutation copies
+# ------------------------------------------------------------------------------------------
+
+#: sequence ids and prompt length S (odd): adjacent sequences of one id merge into one run, ids repeated in
+#: non-adjacent runs, runs of -1 (the base alone); "one run per id" has the sorted form's GEMM shapes
+RUN_CASES = {
+    "repeats and base": ([1, 1, -1, 0, 1, -1, -1, 0], 17),
+    "every sequence an adapter": ([0, 1, 2, 0, 1, 2, 0], 19),
+    "one run per id": ([-1, 1, 1, 0, 2], 21),
+}
+RUNS = {"mov": "_runs_mov", "mov_linear": "_runs_mov", "mov_ffn": "_runs_mov", "molora_linear": "_runs_molora",
+        "molora_adapter": "_runs_molora"}  # fmt: skip
+SORTED = {name: ("_segments_molora" if runs == "_runs_molora" else "_segments_mov") for name, runs in RUNS.items()}
+
+
+def _run_inputs(bank: _Bank, seq: list[int], s: int, e: int, *, top_k=None, renormalize=False, sentence=False):
+    """Inputs of len(seq) sequences of s tokens, sequence b all of adapter seq[b] (ids [B, S])."""
+    lead = (len(seq), s)
+    args = bank.inputs(lead[0] * s, e, top_k=top_k, renormalize=renormalize)
+    for k in ("x", "h", "base"):
+        if args.get(k) is not None:
+            args[k] = args[k].detach().reshape(lead + args[k].shape[-1:]).requires_grad_()
+    args["adapter_ids"] = torch.tensor(seq)[:, None].expand(lead)
+    if sentence:
+        args.update(router=_rand(A, 9, e, std=0.5), router_input=_rand(lead[0], 9))
+    return args
+
+
+def _call_spied(bank: _Bank, op: str, args: dict, taken: str, refused: str, monkeypatch) -> torch.Tensor:
+    """The op without autograd, failing unless the strategy ``taken`` runs (once) and ``refused`` does not; the
+    caller's tensors must come back unchanged (the runs form writes in place into its own output only)."""
+    calls = []
+    fn = getattr(banked, taken)
+    before = {k: v.detach().clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    with monkeypatch.context() as m:
+        m.setattr(banked, taken, lambda *a, **k: calls.append(1) or fn(*a, **k))
+        m.setattr(banked, refused, lambda *a, **k: pytest.fail(f"{refused} called"))
+        with torch.no_grad():
+            out = bank.call("torch", **args)
+    assert len(calls) == 1, f"{taken} not taken"
+    for k, v in before.items():
+        assert torch.equal(args[k].detach(), v), f"{op}: {k} changed in place"
+    return out
+
+
+def _runs_groups(args: dict) -> ops.AdapterGroups:
+    return ops.AdapterGroups.from_sequences(args["adapter_ids"][:, 0].tolist(), tuple(args["adapter_ids"].shape), A)
+
+
+def test_groups_from_sequences_know_their_runs():
+    g = ops.AdapterGroups.from_sequences([1, 1, -1, 0, 1, -1], (6, 3), 3)
+    assert g.runs == ((0, 6, 1), (6, 9, -1), (9, 12, 0), (12, 15, 1), (15, 18, -1))
+    assert ops.AdapterGroups.from_sequences([2], (1, 5), 3).runs == ((0, 5, 2),)
+    assert ops.AdapterGroups.from_ids(torch.tensor([0, 0, 1]), 3).runs is None  # unknown without a host read
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(RUN_CASES))
+@pytest.mark.parametrize("op", list(OPS))
+def test_runs_match_the_sorted_form_and_reference(op, case, dtype, monkeypatch):
+    """Prefill-like groups (runs of >= RUN_MIN_MEAN_ROWS rows): the runs form runs, leaves the inputs alone,
+    and is within the rule against the reference; with one run per id (the sorted form's GEMM shapes) it is
+    the sorted form's bits, and inference mode gives the same bits. Not mov_ffn's: its activation runs once
+    over all rows there and per adapter segment in the sorted form, and torch's elementwise kernels round
+    a vector tail (numel not a multiple of the vector width) otherwise than full vectors."""
+    bank = OPS[op]()
+    seq, s = RUN_CASES[case]
+    args = _cast(_run_inputs(bank, seq, s, 4), dtype, torch.float32)
+    groups = _runs_groups(args)
+    assert sum(groups.counts) >= banked.RUN_MIN_MEAN_ROWS * len(groups.runs)
+    out = _call_spied(bank, op, dict(args, adapter_ids=groups), RUNS[op], SORTED[op], monkeypatch)
+    sorted_form = _call_spied(bank, op, args, SORTED[op], RUNS[op], monkeypatch)  # plain ids: runs unknown
+    with torch.no_grad():
+        ref = bank.call("reference", **args)
+        truth = bank.call("reference", **_cast(args, torch.float64, torch.float64))
+    assert_within_rule(out, ref, truth, dtype, f"{op} output (runs, {case})")
+    assert_within_rule(sorted_form, ref, truth, dtype, f"{op} output (sorted, {case})")
+    if case == "one run per id" and op != "mov_ffn":
+        assert torch.equal(out, sorted_form), "not the sorted form's bits"
+    with torch.inference_mode():
+        assert torch.equal(bank.call("torch", **dict(args, adapter_ids=groups)), out)
+
+
+@pytest.mark.parametrize("case", ["top_k", "sentence", "lora"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_runs_routing(op, case, monkeypatch):
+    """The runs form with top-k routing, sentence routing (per-sequence router input) and one expert."""
+    bank = OPS[op]()
+    seq, s = RUN_CASES["repeats and base"]
+    kw = {"top_k": dict(e=4, top_k=2, renormalize=True), "sentence": dict(e=4, sentence=True), "lora": dict(e=1)}
+    args = _run_inputs(bank, seq, s, **kw[case])
+    args = _cast(args, torch.float32, torch.float32)
+    out = _call_spied(bank, op, dict(args, adapter_ids=_runs_groups(args)), RUNS[op], SORTED[op], monkeypatch)
+    with torch.no_grad():
+        ref = bank.call("reference", **args)
+        truth = bank.call("reference", **_cast(args, torch.float64, torch.float64))
+    assert_within_rule(out, ref, truth, torch.float32, f"{op} output (runs, {case})")
+
+
+@pytest.mark.parametrize("s", [1, 15])
+@pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
+def test_short_runs_keep_the_sorted_form(op, s, monkeypatch):
+    """Runs shorter than RUN_MIN_MEAN_ROWS on average (decoding: S = 1) take the sorted form (MoV at S = 1, at
+    most GATHER_MAX_TOKENS tokens, gathers per token)."""
+    bank = OPS[op]()
+    args = _cast(_run_inputs(bank, [1, 0, 1, -1, 0] * 16, s, 4), torch.float32, torch.float32)
+    monkeypatch.setattr(banked, "GATHER_MAX_TOKENS", 0)
+    _call_spied(bank, op, dict(args, adapter_ids=_runs_groups(args)), SORTED[op], RUNS[op], monkeypatch)

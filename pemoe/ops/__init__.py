@@ -611,8 +611,9 @@ def _molora_banked(
             )
         else:
             base2d = F.linear(x2d, weight, bias)
+            g = _groups(ids, groups, a)
             y = banked.grouped_molora(
-                x2d, base2d, _groups(ids, groups, a), lora_a, lora_b, router, ri, float(scale), top_k, renormalize
+                x2d, base2d, g, lora_a, lora_b, router, ri, float(scale), top_k, renormalize, base_owned=True
             )
     else:
         base2d = None if base is None else base.reshape(-1, n)

@@ -47,6 +47,16 @@ Two implementations, one semantics:
     expert merge, h·s) written into one sorted output buffer, without the autograd Function, the per-segment
     outputs and their concatenation: the same ops on the same rows, so the same bits.
 
+  - runs of consecutive rows when autograd records nothing and the groups know them (:attr:`AdapterGroups.runs`:
+    built per sequence) with at least :data:`RUN_MIN_MEAN_ROWS` rows per run on average (prefill): no sort.
+    The output starts as the base (the frozen GEMM's fresh output itself; a caller's ``base`` or ``h``
+    copied once) and each run of an adapter gets the single-adapter forward's steps on row views of the
+    inputs, written in place into its rows of the output (MoLoRA: ``addmm_`` of the expand; MoV: h·s), so
+    none of the sorted form's three row gathers (activations, base rows, back to token order). An adapter in
+    several runs runs its GEMMs once per run: the same operands on fewer rows, so the same bits where each
+    adapter has one run and otherwise within float32 GEMM rounding; the FFN site's activation runs once
+    over all rows. Decoding (one row per sequence) keeps the sorted (or gathered) form.
+
   Either way the frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once over all tokens.
 
 Finding the segments needs the per-adapter token counts on the host. Given a plain ids tensor, an op reads
@@ -111,7 +121,9 @@ class AdapterGroups:
     * ``ids`` — [T] int64 on the device, -1 (no adapter) or an adapter index in [0, A);
     * ``counts`` — tokens per id -1, 0, …, A-1 (a host tuple of A + 1 ints);
     * ``perm`` / ``inverse`` — the stable permutation sorting the tokens by id and its inverse ([T] int64 on
-      the device; made on first use).
+      the device; made on first use);
+    * ``runs`` — the maximal ranges of consecutive rows naming one id, host tuples ``(start, stop, id)`` in
+      row order, or None where unknown without a host sync (built from a tensor of ids).
 
     It is validated once, when built (ids outside [-1, A) raise ValueError, as for a plain tensor); an op
     given one checks only that it was built for its token count and bank size (``num_adapters``). Build it
@@ -119,7 +131,7 @@ class AdapterGroups:
     known on the host: no sync, the permutation built on the host).
     """
 
-    __slots__ = ("ids", "counts", "num_adapters", "tokens_shape", "_perm", "_inverse")
+    __slots__ = ("ids", "counts", "num_adapters", "tokens_shape", "runs", "_perm", "_inverse")
 
     def __init__(
         self,
@@ -127,9 +139,11 @@ class AdapterGroups:
         counts: tuple[int, ...],
         tokens_shape: tuple[int, ...],
         perm: torch.Tensor | None = None,
+        runs: tuple[tuple[int, int, int], ...] | None = None,
     ) -> None:
         self.ids, self.counts, self.tokens_shape = ids, tuple(counts), tuple(tokens_shape)
         self.num_adapters = len(self.counts) - 1
+        self.runs = None if runs is None else tuple(runs)
         self._perm, self._inverse = perm, None
 
     @classmethod
@@ -170,7 +184,13 @@ class AdapterGroups:
         order = torch.tensor(sorted(range(len(seq)), key=seq.__getitem__), dtype=torch.long)  # stable
         perm = (order.unsqueeze(1) * per + torch.arange(per)).reshape(-1)
         ids = host.repeat_interleave(per)
-        return cls(ids.to(device), tuple(counts), tokens_shape, perm.to(device))
+        runs: list[tuple[int, int, int]] = []
+        for b, a in enumerate(seq):
+            if runs and runs[-1][2] == a:
+                runs[-1] = (runs[-1][0], (b + 1) * per, a)
+            else:
+                runs.append((b * per, (b + 1) * per, a))
+        return cls(ids.to(device), tuple(counts), tokens_shape, perm.to(device), tuple(runs))
 
     @classmethod
     def of(cls, ids: torch.Tensor, num_adapters: int) -> AdapterGroups:
@@ -396,6 +416,70 @@ def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top
 
 
 # ------------------------------------------------------------------------------------------
+# "torch": runs of consecutive rows without autograd (inference, prefill)
+# ------------------------------------------------------------------------------------------
+
+#: Inference calls whose groups come as runs of consecutive rows (:attr:`AdapterGroups.runs`: one id per
+#: sequence) at least this long on average work on row views of the activations, in place in the output,
+#: with no permutation copies; shorter runs (decoding: one row per sequence) keep the sorted form, whose one
+#: GEMM per adapter beats many tiny ones.
+RUN_MIN_MEAN_ROWS = 16
+
+
+def _use_runs(groups: AdapterGroups) -> bool:
+    runs = groups.runs
+    return bool(runs) and sum(groups.counts) >= RUN_MIN_MEAN_ROWS * len(runs)
+
+
+def _runs_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize, base_owned):
+    """MoLoRA over runs of consecutive rows when autograd records nothing: the output starts as the base
+    (``base2d`` itself when the caller owns it, ``base_owned``; else one contiguous copy; zeros for None) and
+    each run of adapter a gets the single-adapter forward's steps on its row views: shrink and router GEMM
+    on x[run], routing weights, ``addmm_`` of scale·U′ @ B_cat onto out[run]. Rows of id -1 keep the base.
+    The per-run GEMMs have the sorted form's operands on fewer rows where an adapter has several runs (the
+    same bits where each adapter has one run, else within float32 GEMM rounding)."""
+    n = lora_b.shape[-1]
+    if base2d is None:
+        out = x2d.new_zeros(x2d.shape[0], n)
+    else:
+        out = base2d if base_owned else base2d.clone(memory_format=torch.contiguous_format)
+    operands = _shrink_operands(lora_a, router if ri is None else None, x2d.dtype)
+    for start, stop, a in groups.runs:
+        if a < 0:
+            continue
+        rows = slice(start, stop)
+        r = _pick(router, a)
+        probs = _probs(None if ri is None else ri[rows], r, top_k, renormalize)
+        operand = None if operands is None else operands[a]
+        u, logits = _shrink_and_logits(x2d[rows], lora_a[a], r if probs is None else None, operand)
+        expand_into(out[rows], u, logits, probs, lora_b[a], scale, top_k, renormalize)
+    return out
+
+
+def _runs_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation, owned):
+    """MoV over runs of consecutive rows when autograd records nothing: y = act(h2d) (fresh) for the FFN
+    site, else h2d itself when the caller owns it (``owned``: the frozen GEMM's fresh output) or one copy;
+    then each run of adapter a scales its rows of y in place by the single-adapter forward's steps (router
+    softmax, routing weights, the expert merge s, y[run] *= s). Rows of id -1 keep h (act(h)). The same
+    elementwise products as the sorted form; the router and merge products run per run."""
+    groups_, _, dim = experts.shape[1:]
+    if activation is not None:
+        y = reference.ACTIVATIONS[activation](h2d)
+    else:
+        y = h2d if owned else h2d.clone(memory_format=torch.contiguous_format)
+    for start, stop, a in groups.runs:
+        if a < 0:
+            continue
+        rows = slice(start, stop)
+        r, e = _pick(router, a), experts[a]
+        probs = _probs(None if ri is None else ri[rows], r, top_k, renormalize)
+        h = y[rows].view(stop - start, groups_, dim)
+        p = _routing_weights(h, r, e, probs, router_softmax(h, r, e, probs), top_k, renormalize)
+        h.mul_(_scaling(p, e, h.dtype))
+    return y
+
+
+# ------------------------------------------------------------------------------------------
 # "torch": grouped by adapter (or gathered per token, see above)
 # ------------------------------------------------------------------------------------------
 
@@ -428,12 +512,15 @@ def _segments_mov(h2d, groups, router, experts, ri, top_k, renormalize, activati
     return ys.index_select(0, groups.inverse)
 
 
-def _mov_segments(h2d, groups, router, experts, ri, top_k, renormalize, activation=None):
-    """MoV per adapter segment on h2d [T, G·D] (or on act(z) for the FFN site, ``activation`` given)."""
+def _mov_segments(h2d, groups, router, experts, ri, top_k, renormalize, activation=None, owned=False):
+    """MoV per adapter segment on h2d [T, G·D] (or on act(z) for the FFN site, ``activation`` given);
+    ``owned``: h2d is the caller's fresh intermediate, which inference may overwrite."""
     if _use_gather(groups):
         h = h2d if activation is None else reference.ACTIVATIONS[activation](h2d)
         return _gathered_mov(h, groups.ids, router, experts, ri, top_k, renormalize)
     if groups.present > 1 and not _records_grad(h2d, router, experts, ri):
+        if _use_runs(groups):
+            return _runs_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation, owned)
         return _segments_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation)
 
     def adapter(a, h_s, ri_s):
@@ -456,7 +543,7 @@ def grouped_mov(h2d, groups, router, experts, ri, top_k, renormalize):
 
 def grouped_mov_linear(x2d, weight, bias, groups, router, experts, ri, top_k, renormalize):
     """mov(x Wᵀ + b) with per-token adapters; the GEMM runs once over all tokens."""
-    return _mov_segments(F.linear(x2d, weight, bias), groups, router, experts, ri, top_k, renormalize)
+    return _mov_segments(F.linear(x2d, weight, bias), groups, router, experts, ri, top_k, renormalize, owned=True)
 
 
 def grouped_mov_ffn(x2d, wi_0, wi_1, wo, groups, router, experts, ri, activation, top_k, renormalize):
@@ -467,11 +554,13 @@ def grouped_mov_ffn(x2d, wi_0, wi_1, wo, groups, router, experts, ri, activation
     return F.linear(a, wo)
 
 
-def grouped_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize):
-    """base + scale·Σ_e p_e (x A_e) B_e with per-token adapters; ``base2d`` [T, N] (None: zeros)."""
+def grouped_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize, base_owned=False):
+    """base + scale·Σ_e p_e (x A_e) B_e with per-token adapters; ``base2d`` [T, N] (None: zeros);
+    ``base_owned``: base2d is the caller's fresh frozen output, which inference may write into."""
     n = lora_b.shape[-1]
     if groups.present > 1 and not _records_grad(x2d, base2d, lora_a, lora_b, router, ri):
-        return _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize)
+        args = (x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize)
+        return _runs_molora(*args, base_owned) if _use_runs(groups) else _segments_molora(*args)
 
     def adapter(a, x_s, base_s, ri_s):
         r = _pick(router, a)
