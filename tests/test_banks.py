@@ -125,6 +125,7 @@ def test_prefill_over_runs_equals_each_adapter_alone(saved, monkeypatch):
     (adjacent sequences of one adapter, an adapter in non-adjacent runs, the bare base), not the sorted form."""
     from pemoe.ops import banked
 
+    monkeypatch.setattr(banked, "RUN_MIN_MEAN_ELEMENTS", 0)  # the tiny model's rows are narrow
     method, paths = saved
     model = _bank(paths, NAMES)
     x = ids(model, seed=7, batch=6, length=banked.RUN_MIN_MEAN_ROWS + 3)

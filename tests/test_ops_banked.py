@@ -730,6 +730,7 @@ def test_runs_match_the_sorted_form_and_reference(op, case, dtype, monkeypatch):
     the sorted form's bits, and inference mode gives the same bits. Not mov_ffn's: its activation runs once
     over all rows there and per adapter segment in the sorted form, and torch's elementwise kernels round
     a vector tail (numel not a multiple of the vector width) otherwise than full vectors."""
+    monkeypatch.setattr(banked, "RUN_MIN_MEAN_ELEMENTS", 0)  # the tests' rows are narrow
     bank = OPS[op]()
     seq, s = RUN_CASES[case]
     args = _cast(_run_inputs(bank, seq, s, 4), dtype, torch.float32)
@@ -752,6 +753,7 @@ def test_runs_match_the_sorted_form_and_reference(op, case, dtype, monkeypatch):
 @pytest.mark.parametrize("op", list(OPS))
 def test_runs_routing(op, case, monkeypatch):
     """The runs form with top-k routing, sentence routing (per-sequence router input) and one expert."""
+    monkeypatch.setattr(banked, "RUN_MIN_MEAN_ELEMENTS", 0)
     bank = OPS[op]()
     seq, s = RUN_CASES["repeats and base"]
     kw = {"top_k": dict(e=4, top_k=2, renormalize=True), "sentence": dict(e=4, sentence=True), "lora": dict(e=1)}
@@ -764,12 +766,20 @@ def test_runs_routing(op, case, monkeypatch):
     assert_within_rule(out, ref, truth, torch.float32, f"{op} output (runs, {case})")
 
 
-@pytest.mark.parametrize("s", [1, 15])
+@pytest.mark.parametrize("case", ["S = 1", "S = 15", "narrow rows"])
 @pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
-def test_short_runs_keep_the_sorted_form(op, s, monkeypatch):
-    """Runs shorter than RUN_MIN_MEAN_ROWS on average (decoding: S = 1) take the sorted form (MoV at S = 1, at
-    most GATHER_MAX_TOKENS tokens, gathers per token)."""
+def test_short_runs_keep_the_sorted_form(op, case, monkeypatch):
+    """Runs shorter than RUN_MIN_MEAN_ROWS on average (decoding: S = 1), or saving fewer than
+    RUN_MIN_MEAN_ELEMENTS copied elements on average, take the sorted form (the gathered one disabled here)."""
     bank = OPS[op]()
+    s = {"S = 1": 1, "S = 15": 15, "narrow rows": banked.RUN_MIN_MEAN_ROWS}[case]
     args = _cast(_run_inputs(bank, [1, 0, 1, -1, 0] * 16, s, 4), torch.float32, torch.float32)
+    n = bank.call("torch", **args).shape[-1]
+    copied = K + 2 * n if op == "molora_linear" else 2 * n  # the row elements the sorted form copies
+    elements = 0 if case != "narrow rows" else s * copied + 1  # one more than a run saves
+    monkeypatch.setattr(banked, "RUN_MIN_MEAN_ELEMENTS", elements)
     monkeypatch.setattr(banked, "GATHER_MAX_TOKENS", 0)
     _call_spied(bank, op, dict(args, adapter_ids=_runs_groups(args)), SORTED[op], RUNS[op], monkeypatch)
+    if case == "narrow rows":  # and exactly at the bound, the runs form
+        monkeypatch.setattr(banked, "RUN_MIN_MEAN_ELEMENTS", elements - 1)
+        _call_spied(bank, op, dict(args, adapter_ids=_runs_groups(args)), RUNS[op], SORTED[op], monkeypatch)

@@ -48,7 +48,8 @@ Two implementations, one semantics:
     outputs and their concatenation: the same ops on the same rows, so the same bits.
 
   - runs of consecutive rows when autograd records nothing and the groups know them (:attr:`AdapterGroups.runs`:
-    built per sequence) with at least :data:`RUN_MIN_MEAN_ROWS` rows per run on average (prefill): no sort.
+    built per sequence) with at least :data:`RUN_MIN_MEAN_ROWS` rows and :data:`RUN_MIN_MEAN_ELEMENTS`
+    copied elements saved per run on average (prefill on wide enough rows): no sort.
     The output starts as the base (the frozen GEMM's fresh output itself; a caller's ``base`` or ``h``
     copied once) and each run of an adapter gets the single-adapter forward's steps on row views of the
     inputs, written in place into its rows of the output (MoLoRA: ``addmm_`` of the expand; MoV: h·s), so
@@ -425,10 +426,21 @@ def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top
 #: GEMM per adapter beats many tiny ones.
 RUN_MIN_MEAN_ROWS = 16
 
+#: ... and only where the row copies the runs form saves come to at least this many elements per run on
+#: average (rows times ``copied``, the elements per row the sorted form copies and the runs form does not:
+#: MoLoRA K + 2N, MoV 2·W on the frozen GEMM's or the activation's fresh output, W on a caller's h): each run
+#: costs its own handful of small ops (routing weights, merge, scaling), which the saved copies pay for only
+#: on wide enough rows (one thread, CPU: MoV on 64-row runs of a caller's h of width 256 runs at 0.9x the
+#: sorted form's speed, of width 1408 at 1.8x; MoLoRA 512 -> 256 on 64-row runs at 1.4x).
+RUN_MIN_MEAN_ELEMENTS = 32768
 
-def _use_runs(groups: AdapterGroups) -> bool:
+
+def _use_runs(groups: AdapterGroups, copied: int) -> bool:
     runs = groups.runs
-    return bool(runs) and sum(groups.counts) >= RUN_MIN_MEAN_ROWS * len(runs)
+    if not runs:
+        return False
+    rows = sum(groups.counts)
+    return rows >= RUN_MIN_MEAN_ROWS * len(runs) and rows * copied >= RUN_MIN_MEAN_ELEMENTS * len(runs)
 
 
 def _runs_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize, base_owned):
@@ -519,7 +531,7 @@ def _mov_segments(h2d, groups, router, experts, ri, top_k, renormalize, activati
         h = h2d if activation is None else reference.ACTIVATIONS[activation](h2d)
         return _gathered_mov(h, groups.ids, router, experts, ri, top_k, renormalize)
     if groups.present > 1 and not _records_grad(h2d, router, experts, ri):
-        if _use_runs(groups):
+        if _use_runs(groups, h2d.shape[1] * (1 if activation is None and not owned else 2)):
             return _runs_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation, owned)
         return _segments_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation)
 
@@ -560,7 +572,7 @@ def grouped_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k
     n = lora_b.shape[-1]
     if groups.present > 1 and not _records_grad(x2d, base2d, lora_a, lora_b, router, ri):
         args = (x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize)
-        return _runs_molora(*args, base_owned) if _use_runs(groups) else _segments_molora(*args)
+        return _runs_molora(*args, base_owned) if _use_runs(groups, x2d.shape[1] + 2 * n) else _segments_molora(*args)
 
     def adapter(a, x_s, base_s, ri_s):
         r = _pick(router, a)
