@@ -769,6 +769,8 @@ def row_chunk(pb: Problem, configs) -> int:
     F column, against a [T, F] activation's), and raised again to one full wave where that cap is smaller.
     """
     align = max(c.kwargs["BLOCK_M"] for c in configs)
+    if pb.T == 0:  # no rows, no programs: any chunk sizes the (empty) partial buffers
+        return align
     f_programs = triton.cdiv(pb.F, max(c.kwargs["BLOCK_F"] for c in configs))
     waves = triton.cdiv(CHUNK_WAVES * NUM_SMS, f_programs)
     cap = (pb.T * pb.itemsize) // (PARTIAL_SHARE * 4 * pb.E)
