@@ -69,16 +69,15 @@ class BankBatch:
     MAX_SHAPES = 8
 
     def __init__(self, sequence_ids: list[int], num_adapters: int, device: torch.device) -> None:
-        self.sequence_ids, self.num_adapters, self.device = tuple(sequence_ids), num_adapters, device
-        self.ids = torch.tensor(self.sequence_ids, dtype=torch.long, device=device)
-        self._groups: dict[tuple[int, ...], ops.AdapterGroups] = {}
+        self.device = device
+        self.rebind(sequence_ids, num_adapters)
 
     def rebind(self, sequence_ids: list[int], num_adapters: int) -> None:
         """New indices for the same sequences' adapters (the bank gained or lost an adapter): the cached
         groupings are dropped."""
         self.sequence_ids, self.num_adapters = tuple(sequence_ids), num_adapters
         self.ids = torch.tensor(self.sequence_ids, dtype=torch.long, device=self.device)
-        self._groups = {}
+        self._groups: dict[tuple[int, ...], ops.AdapterGroups] = {}
 
     def groups(self, lead: tuple[int, ...]) -> ops.AdapterGroups:
         g = self._groups.get(lead)

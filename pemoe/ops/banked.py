@@ -152,8 +152,7 @@ class AdapterGroups:
         """From an integer tensor of ids (any shape: its shape is the tokens' leading shape), checked like a
         plain ``adapter_ids`` (TypeError for a non-integer tensor, ValueError for an id outside [-1, A))."""
         shape = tuple(adapter_ids.shape) if isinstance(adapter_ids, torch.Tensor) else ()
-        ids = _checks.check_adapter_ids(adapter_ids, shape, num_adapters)
-        return cls(ids, tuple(torch.bincount(ids + 1, minlength=num_adapters + 1).tolist()), shape)
+        return cls.of(_checks.check_adapter_ids(adapter_ids, shape, num_adapters), num_adapters, shape)
 
     @classmethod
     def from_sequences(
@@ -194,9 +193,11 @@ class AdapterGroups:
         return cls(ids.to(device), tuple(counts), tokens_shape, perm.to(device), tuple(runs))
 
     @classmethod
-    def of(cls, ids: torch.Tensor, num_adapters: int) -> AdapterGroups:
-        """From flat ids [T] already checked (:func:`pemoe._checks.check_adapter_ids`): one host sync."""
-        return cls(ids, tuple(torch.bincount(ids + 1, minlength=num_adapters + 1).tolist()), tuple(ids.shape))
+    def of(cls, ids: torch.Tensor, num_adapters: int, tokens_shape: tuple[int, ...] | None = None) -> AdapterGroups:
+        """From flat ids [T] already checked (:func:`pemoe._checks.check_adapter_ids`), for tokens of leading
+        shape ``tokens_shape`` (default [T]): one host sync."""
+        counts = tuple(torch.bincount(ids + 1, minlength=num_adapters + 1).tolist())
+        return cls(ids, counts, tuple(ids.shape) if tokens_shape is None else tokens_shape)
 
     @property
     def present(self) -> int:
@@ -386,6 +387,17 @@ def _same_stamp(old: tuple, new: tuple, router: torch.Tensor | None) -> bool:
     return old[1] is None or (old[1][0]() is router and old[1][1] == new[1][1])
 
 
+def _molora_rows(a, x_rows, out_rows, ri_rows, lora_a, lora_b, router, operands, scale, top_k, renormalize):
+    """Adapter a's single-adapter forward steps on its rows: shrink and router GEMM on ``x_rows``, routing
+    weights, then ``addmm_`` of scale·U′ @ B_cat onto ``out_rows`` (in place). ``operands``: the kept shrink
+    operands (:func:`_shrink_operands`) or None."""
+    r = _pick(router, a)
+    probs = _probs(ri_rows, r, top_k, renormalize)
+    operand = None if operands is None else operands[a]
+    u, logits = _shrink_and_logits(x_rows, lora_a[a], r if probs is None else None, operand)
+    expand_into(out_rows, u, logits, probs, lora_b[a], scale, top_k, renormalize)
+
+
 def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize):
     """MoLoRA grouped by adapter when autograd records nothing: the single-adapter forward's steps
     (:class:`pemoe.ops.molora.MoLoRAFunction`: shrink and router logits, routing weights, U·p, then
@@ -405,11 +417,8 @@ def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top
             continue
         rows = slice(start, start + count)
         start += count
-        r = _pick(router, a)
-        probs = _probs(None if ris is None else ris[rows], r, top_k, renormalize)
-        operand = None if operands is None else operands[a]
-        u, logits = _shrink_and_logits(xs[rows], lora_a[a], r if probs is None else None, operand)
-        expand_into(ys[rows], u, logits, probs, lora_b[a], scale, top_k, renormalize)
+        ri_rows = None if ris is None else ris[rows]
+        _molora_rows(a, xs[rows], ys[rows], ri_rows, lora_a, lora_b, router, operands, scale, top_k, renormalize)
     if counts[0] == 0:  # every token names an adapter: ys back in token order
         return ys.index_select(0, groups.inverse)
     out = x2d.new_zeros(x2d.shape[0], n) if base2d is None else base2d.clone()
@@ -460,12 +469,18 @@ def _runs_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, 
         if a < 0:
             continue
         rows = slice(start, stop)
-        r = _pick(router, a)
-        probs = _probs(None if ri is None else ri[rows], r, top_k, renormalize)
-        operand = None if operands is None else operands[a]
-        u, logits = _shrink_and_logits(x2d[rows], lora_a[a], r if probs is None else None, operand)
-        expand_into(out[rows], u, logits, probs, lora_b[a], scale, top_k, renormalize)
+        ri_rows = None if ri is None else ri[rows]
+        _molora_rows(a, x2d[rows], out[rows], ri_rows, lora_a, lora_b, router, operands, scale, top_k, renormalize)
     return out
+
+
+def _mov_scaling_rows(a, h, ri_rows, router, experts, top_k, renormalize):
+    """Adapter a's scaling s [rows, G, D] for its rows h [rows, G, D]: the single-adapter forward's router
+    softmax, routing weights and expert merge."""
+    r, e = _pick(router, a), experts[a]
+    probs = _probs(ri_rows, r, top_k, renormalize)
+    p = _routing_weights(h, r, e, probs, router_softmax(h, r, e, probs), top_k, renormalize)
+    return _scaling(p, e, h.dtype)
 
 
 def _runs_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation, owned):
@@ -483,11 +498,8 @@ def _runs_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation, 
         if a < 0:
             continue
         rows = slice(start, stop)
-        r, e = _pick(router, a), experts[a]
-        probs = _probs(None if ri is None else ri[rows], r, top_k, renormalize)
         h = y[rows].view(stop - start, groups_, dim)
-        p = _routing_weights(h, r, e, probs, router_softmax(h, r, e, probs), top_k, renormalize)
-        h.mul_(_scaling(p, e, h.dtype))
+        h.mul_(_mov_scaling_rows(a, h, None if ri is None else ri[rows], router, experts, top_k, renormalize))
     return y
 
 
@@ -516,11 +528,9 @@ def _segments_mov(h2d, groups, router, experts, ri, top_k, renormalize, activati
             continue
         rows = slice(start, start + count)
         start += count
-        r, e = _pick(router, a), experts[a]
-        probs = _probs(None if ris is None else ris[rows], r, top_k, renormalize)
         h = (hs[rows] if act is None else act(hs[rows])).view(count, groups_, dim)
-        p = _routing_weights(h, r, e, probs, router_softmax(h, r, e, probs), top_k, renormalize)
-        torch.mul(h, _scaling(p, e, h.dtype), out=ys[rows].view(count, groups_, dim))
+        s = _mov_scaling_rows(a, h, None if ris is None else ris[rows], router, experts, top_k, renormalize)
+        torch.mul(h, s, out=ys[rows].view(count, groups_, dim))
     return ys.index_select(0, groups.inverse)
 
 
