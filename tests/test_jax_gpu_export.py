@@ -73,6 +73,8 @@ INTERPRETER_CASES = {
     "sentence-T5-bf16": (jnp.bfloat16, dict(t=5, e=10, sentence=True)),
     # D = 128: the backward reads h (XLA's GEMM) in two passes
     "d128-top2-renorm-T37-bf16": (jnp.bfloat16, dict(t=37, e=10, top_k=2, renormalize=True, groups=2, dim=128)),
+    # (IA)3 at D = 128: the backward reads h (XLA's GEMM) in one pass
+    "d128-ia3-T21-f16": (jnp.float16, dict(t=21, e=1, groups=2, dim=128)),
 }
 
 
@@ -357,9 +359,9 @@ def _linear_types(shape: dict, act: str) -> tuple[list[list[str]], list[list[str
     inputs = [_t(T, K, ty=act), _t(N, K, ty=act), _t(1, ty=act), router, _t(G, E, D), probs]
     d_router = _t(C, G, D, E) if routing == "token" else _t(1)
     d_probs = _t(G, T, E) if routing == "sentence" else _t(1)
-    # backward: + dy, h (XLA's GEMM) where the plan reads h (kernels/triton/mov_linear.py backward_reads_h: E <= 16
-    # and token routing or (IA)3 with D <= 64, or token routing with D = 128), else a placeholder (recomputed h)
-    reads_h = E <= 16 and ((routing != "sentence" and D <= 64) or (routing == "token" and D == 128))
+    # backward: + dy, h (XLA's GEMM) where the plan reads h (kernels/triton/mov_linear.py backward_reads_h: E <= 16,
+    # token routing or (IA)3, D <= 64 or D = 128), else a placeholder (recomputed h)
+    reads_h = E <= 16 and routing != "sentence" and (D <= 64 or D == 128)
     h = _t(T, N, ty=act) if reads_h else _t(1, ty=act)
     operands = [inputs, inputs + [p_soft, _t(T, N, ty=act), h]]
     results = [[_t(T, N, ty=act), p_soft], [_t(T, N, ty=act), _t(C, G, E, D), d_router, d_probs]]

@@ -77,6 +77,15 @@ class TestMoVLinearTriton(MoVLinearCases):
             inputs[name].requires_grad_(trainable in (name, "all"))
         self.check(inputs, torch.bfloat16)
 
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+    def test_d128_ia3_backward_reads_h(self, dtype):
+        """(IA)3 at D = 128: the plan reads h and the kernel runs its one-pass loop (no router, so no second
+        pass); T over two row chunks with a ragged tail, bias trainable."""
+        assert kernel.backward_reads_h(kernel.ROUTING_NONE, 128, 16)
+        inputs = self.inputs(kernel.REDUCE_ROWS + 21, 1, groups=2, dim=128)
+        inputs["bias"].requires_grad_()
+        self.check(inputs, dtype)
+
     def test_ia3_with_trainable_bias(self):
         inputs = self.inputs(21, 1)
         inputs["bias"].requires_grad_()
@@ -110,6 +119,7 @@ class TestMoVLinearTritonFusedRecompute(TestMoVLinearTriton):
     test_trainable_bias = None
     test_head_widths = None
     test_d128_backward_reads_h_in_two_passes = None
+    test_d128_ia3_backward_reads_h = None
     test_ia3_with_trainable_bias = None
     test_gradcheck_float64 = None
     test_no_bias = None
@@ -196,6 +206,7 @@ class TestMoVLinearTritonTiles(TestMoVLinearTriton):
     test_gradcheck_float64 = None
     test_head_widths = None
     test_d128_backward_reads_h_in_two_passes = None
+    test_d128_ia3_backward_reads_h = None
     test_ia3_with_trainable_bias = None
     test_no_bias = None
 
@@ -441,6 +452,11 @@ def test_backward_strategies_model():
     assert t5["recompute (GEMM)"].seconds < t5["recompute (fused)"].seconds
     decode = {s.name: s for s in analysis.backward_strategies(32, 4096, 4096, 32, 10, torch.bfloat16)}
     assert decode["recompute (fused)"].seconds < 1.5 * decode["recompute (GEMM)"].seconds
+    ia3 = {s.name: s for s in analysis.backward_strategies(2048, 4096, 4096, 32, 1, torch.bfloat16, routing="none")}
+    assert ia3["recompute (GEMM)"].seconds < ia3["recompute (fused)"].seconds / 2
+    assert ia3["recompute (GEMM)"].l2_requested < llama["recompute (GEMM)"].l2_requested  # one pass, no p_soft
+    with pytest.raises(ValueError, match="routing"):
+        analysis.backward_strategies(32, 64, 64, 1, 4, torch.bfloat16, routing="sentence")
 
 
 # ------------------------------------------------------------------------------------------
@@ -477,7 +493,13 @@ print(json.dumps([[dataclasses.asdict(r) for r in rs] for rs in (reports, altern
 #: bf16 defaults that use mma.sync on sm_90 (spill-free 64-row tiles do not fit sm_80's registers with the
 #: float32-grade split epilogue); each must have a spill-free wgmma candidate for autotuning on sm_90. The
 #: backward that reads h ("bwd ...", the default) has no GEMM: its dots are the epilogue's, wgmma or not.
-SM90_PLAIN_DEFAULTS = {"fwd t5-large E=60 bfloat16", "bwd-fused t5-large E=10 sent bfloat16"}
+#: (The fused recompute's (IA)3 D = 128 default is 32 rows: the plan reads h there, the fused kernel runs only when
+#: BACKWARD_H_FROM_GEMM is off.)
+SM90_PLAIN_DEFAULTS = {
+    "fwd t5-large E=60 bfloat16",
+    "bwd-fused t5-large E=10 sent bfloat16",
+    "bwd-fused d128 ia3 bfloat16",
+}
 #: Example shapes where the plan recomputes h in the backward (mov_linear.backward_reads_h): the h-reading
 #: kernel's first tile spills there (its epilogue, fed by loaded tiles rather than the recompute's accumulator,
 #: takes more registers at the same tile, and 16 rows is the shortest tile). Not "d128 E=10": there the h-reading

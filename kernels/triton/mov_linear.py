@@ -30,8 +30,8 @@ kernel can instead recompute each h tile itself (H_FROM_GEMM off, ``plan_problem
 its reductions need 16-32-row tiles for token routing, so that recompute runs at mma.sync speed and
 requests x and W from L2 once per tile; the traffic/FLOP model (``mov_linear_analysis.backward_strategies``,
 docs/backward-h.md) puts the one GEMM ahead at every shape it reports, so it is the default wherever the
-h-reading kernel's default tile compiles spill-free (:func:`backward_reads_h`: not for sentence routing,
-BLOCK_E > 16 or (IA)3 at D = 128, which recompute). With token routing and D = 128 (one head a tile) the
+h-reading kernel's default tile compiles spill-free (:func:`backward_reads_h`: not for sentence routing
+or BLOCK_E > 16, which recompute). With token routing and D = 128 (one head a tile) the
 h-reading kernel runs in two passes over its rows, the second in column halves (:func:`_bwd_token_halves`):
 its one-pass loop spills there.
 
@@ -838,8 +838,8 @@ def plan_problem(
 def backward_reads_h(routing: int, head_dim: int, block_e: int) -> bool:
     """Whether the backward of a problem reads h from one GEMM (H_FROM_GEMM) by default, rather than recompute
     each h tile inside the backward kernel: :data:`BACKWARD_H_FROM_GEMM`, and a problem whose h-reading default
-    tile compiles without register spills — BLOCK_E = 16 (E ≤ 16) and either token routing or (IA)3 with head
-    width D ≤ 64, or token routing with D = 128.
+    tile compiles without register spills — BLOCK_E = 16 (E ≤ 16), token routing or (IA)3, head width D ≤ 64
+    or D = 128.
 
     The reason is registers, not speed (the one GEMM is faster at every shape the traffic/FLOP model reports,
     docs/backward-h.md). The h-reading kernel's epilogue is fed by loaded h tiles instead of the recompute's
@@ -849,13 +849,14 @@ def backward_reads_h(routing: int, head_dim: int, block_e: int) -> bool:
     recompute's defaults are spill-free, so those problems keep the fused recompute. At D = 128 with token
     routing the one-pass loop spilled too (144 B on sm_90); the kernel runs those problems in two passes
     instead (:func:`_bwd_token_halves`), whose default 16 × 128 tile compiles spill-free on sm_80 and sm_90 in
-    bf16, fp16 and fp32, soft, top-2 and top-2 renormalised. The rule is by shape alone, the same for every
-    activation dtype, and conservative between the measured points (BLOCK_E = 32, and (IA)3 with D = 128, which
-    runs the one-pass loop, recompute). ``plan_problem(h_from_gemm=True)`` still selects the h-reading kernel
-    for any problem (autotuning and tests)."""
+    bf16, fp16 and fp32, soft, top-2 and top-2 renormalised. (IA)3 (no router) at D = 128 runs the one-pass
+    loop spill-free (32 × 128 tile in 16-bit, 16 × 128 in float32: at most 80 registers). The rule is by shape
+    alone, the same for every activation dtype, and conservative between the measured points (BLOCK_E = 32
+    recomputes). ``plan_problem(h_from_gemm=True)`` still selects the h-reading kernel for any problem
+    (autotuning and tests)."""
     if not BACKWARD_H_FROM_GEMM or block_e > 16:
         return False
-    return (routing != ROUTING_SENTENCE and head_dim <= 64) or (routing == ROUTING_TOKEN and head_dim == 128)
+    return routing != ROUTING_SENTENCE and (head_dim <= 64 or head_dim == 128)
 
 
 def default_config(pb: _Problem, backward: bool = False) -> triton.Config:

@@ -252,9 +252,10 @@ class BackwardStrategy:
 
 
 def backward_strategies(
-    T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype, *, capability: int = 90
+    T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype, *, capability: int = 90, routing: str = "token"
 ) -> list[BackwardStrategy]:
-    """The three ways to get h in the backward, at problem x [T, K], W [N, K], token routing, E experts:
+    """The three ways to get h in the backward, at problem x [T, K], W [N, K], E experts, ``routing`` "token"
+    or "none" ((IA)3, E = 1):
 
     * ``recompute (fused)``: the backward kernel without H_FROM_GEMM: each program recomputes its
       [BLOCK_M, BLOCK_N] h tile (its default configuration: 16-32-row tiles for token routing, so no
@@ -274,9 +275,12 @@ def backward_strategies(
     fp32 = dtype == torch.float32
     peak = H100.float32_flops if fp32 else H100.tensor_flops
     gemm_flops = 2 * T * N * K
-    report = hbm_traffic(T, K, N, G, E, dtype, capability=capability, h_from_gemm=False)
+    if routing not in ("token", "none"):
+        raise ValueError(f"routing: expected 'token' or 'none', got {routing!r}")
+    report = hbm_traffic(T, K, N, G, E, dtype, capability=capability, h_from_gemm=False, routing=routing)
     fused = report.backward[0]
-    bm = default_config(_plan(T, K, N, G, E, dtype, h_from_gemm=False), backward=True).kwargs["BLOCK_M"]
+    plan = _plan(T, K, N, G, E, dtype, h_from_gemm=False, routing=routing)
+    bm = default_config(plan, backward=True).kwargs["BLOCK_M"]
     small_peak = peak if fp32 or bm >= 64 else peak * MMA_SYNC_SHARE
 
     def launch(flops: float, rate: float, l2: float, dram: float) -> float:
@@ -285,11 +289,13 @@ def backward_strategies(
     h_bytes = T * N * es
     # the epilogue alone (dh and the partial sums from h, dy, p_soft and the adapters): what the fused kernel
     # writes, and reads but x and W
-    adapters = (G * E * D + D * E) * f32
-    epilogue_dram = fused.hbm_written + 2 * h_bytes + T * G * E * f32 + adapters  # h and dy
+    token = routing == "token"
+    adapters = (G * E * D + D * E * token) * f32
+    p_soft = T * G * E * f32 * token
+    epilogue_dram = fused.hbm_written + 2 * h_bytes + p_soft + adapters  # h and dy
     epilogue_l2 = epilogue_dram + adapters * (math.ceil(T / REDUCE_ROWS) * math.ceil(N / 128) - 1)
-    if D > 64:  # two passes over each chunk (mov_linear._bwd_token_halves): h, dy and p_soft requested twice
-        epilogue_l2 += 2 * h_bytes + T * G * E * f32
+    if token and D > 64:  # two passes over each chunk (mov_linear._bwd_token_halves): h, dy and p_soft twice
+        epilogue_l2 += 2 * h_bytes + p_soft
     xw = T * K * es + N * K * es
     epilogue = launch(0, peak, epilogue_l2, epilogue_dram)
     save_forward = h_bytes / H100.hbm_bytes_per_s
@@ -307,12 +313,15 @@ def backward_strategies(
     ]  # fmt: skip
 
 
-def _plan(T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype, h_from_gemm: bool | None = None):
+def _plan(
+    T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype, h_from_gemm: bool | None = None, routing: str = "token"
+):
     from pemoe.kernels.triton.mov_linear import plan_problem
 
     D = N // G
+    router = (D, E) if routing == "token" else None
     return plan_problem(
-        T, K, N, (G, E, D), router_shape=(D, E), probs_shape=None, top_k=None, renormalize=False,
+        T, K, N, (G, E, D), router_shape=router, probs_shape=None, top_k=None, renormalize=False,
         itemsize=_itemsize(dtype), h_from_gemm=h_from_gemm,
     )  # fmt: skip
 
@@ -322,7 +331,8 @@ def _plan(T: int, K: int, N: int, G: int, E: int, dtype: torch.dtype, h_from_gem
 # ------------------------------------------------------------------------------------------
 
 #: Example problems for the AOT compiles: (name, T, K, G, D, E, routing, top_k, renormalize). T5-large
-#: k/v (E = 10), its (IA)3 (E = 1), MoV-60, top-2 renormalised and sentence-routed versions, and a D = 128 site.
+#: k/v (E = 10), its (IA)3 (E = 1), MoV-60, top-2 renormalised and sentence-routed versions, and a D = 128 site
+#: (E = 10 and (IA)3).
 AOT_SHAPES = (
     ("t5-large E=10", 2048, 1024, 16, 64, 10, "token", 0, False),
     ("t5-large ia3", 2048, 1024, 16, 64, 1, "none", 0, False),
@@ -330,6 +340,7 @@ AOT_SHAPES = (
     ("t5-large E=10 top2r", 2048, 1024, 16, 64, 10, "token", 2, True),
     ("t5-large E=10 sent", 2048, 1024, 16, 64, 10, "sentence", 0, False),
     ("d128 E=10", 2048, 4096, 32, 128, 10, "token", 0, False),
+    ("d128 ia3", 2048, 4096, 32, 128, 1, "none", 0, False),
 )
 
 
