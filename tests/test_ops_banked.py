@@ -422,7 +422,13 @@ class _Inference:
 
 
 class _MoLoRAInference(_Inference):
+    """The sorted form (the batched one, which other tests cover, disabled)."""
+
     segments = "_segments_molora"
+
+    @pytest.fixture(autouse=True)
+    def _sorted(self, monkeypatch):
+        monkeypatch.setattr(banked, "BATCHED_MAX_TOKENS", 0)
 
 
 class _MoVInference(_Inference, _Grouped):
@@ -452,6 +458,107 @@ class TestMoLoRAAdapterBankTorchInference(MoLoRAAdapterBank, _MoLoRAInference):
         inputs = self.inputs(11, 3)
         inputs["base"] = None
         self._no_grad(inputs, torch.float32)
+
+
+#: adapter 2 absent (a prefix of the bank present), padded rows, every adapter once per row, adapter 0 absent
+BATCHED_IDS = [[1, 0, -1, 1, 0, 0, 1], [2, 2, 0, 2, -1, 2, 1], [0, 1, 2, 2, 1, 0], [2, -1, 1, 2, 1, 2]]
+
+
+class _MoLoRABatched:
+    """``"torch"`` MoLoRA when autograd records nothing on small batches naming several ids: batched over the
+    adapters (:func:`pemoe.ops.banked._batched_molora`, spied: the sorted form must not run), within the rule
+    against the banked reference, rows of id -1 exactly the base; in float64 equal to each adapter run alone
+    (a wrong adapter's block, a dropped base or a wrong scale would show there)."""
+
+    @pytest.fixture(autouse=True)
+    def _batched_strategy(self, monkeypatch):
+        monkeypatch.setattr(banked, "BATCHED_MAX_TOKENS", 10**6)
+
+    def _run(self, args: dict, batched: bool) -> torch.Tensor:
+        calls, batched_fn = [], banked._batched_molora
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(banked, "_batched_molora", lambda *a: calls.append(1) or batched_fn(*a))
+            m.setattr(banked, "_segments_molora", lambda *a: pytest.fail("_segments_molora called"))
+            with torch.no_grad():
+                out = self.call("torch", **args)
+        assert len(calls) == batched, "not the batched path"
+        return out
+
+    def _check(self, inputs: dict, dtype: torch.dtype) -> None:
+        args = _cast(inputs, dtype, torch.float32)
+        out = self._run(args, len(set(inputs["adapter_ids"].reshape(-1).tolist())) > 1)
+        with torch.no_grad():
+            ref = self.call("reference", **args)
+            truth = self.call("reference", **_cast(inputs, torch.float64, torch.float64))
+        assert_within_rule(out, ref, truth, dtype, f"{self.op_name} output (batched)")
+        base_rows = inputs["adapter_ids"].reshape(ref.shape[:-1]) < 0
+        assert torch.equal(out[base_rows], ref[base_rows]), "rows of id -1 are not the base"
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("t", [1, 7, 123])
+    @pytest.mark.parametrize("e", [1, 4])
+    def test_batched_matches_reference(self, dtype, t, e):
+        self._check(self.inputs(t, e), dtype)
+
+    @pytest.mark.parametrize("case", ["top_k", "sentence", "every token an adapter", "uneven"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_batched_routing_and_ids(self, case, dtype):
+        if case == "sentence":
+            inputs = self.inputs(5, 4, sentence=True)
+        else:  # top-k routing, with the ids below
+            inputs = self.inputs(9, 4, top_k=2, renormalize=True)
+        if case == "every token an adapter":
+            inputs["adapter_ids"] = torch.tensor([2, 0, 1, 1, 0, 2, 2, 0, 1])
+        if case == "uneven":  # padded: adapter 2 has 4 rows, adapter 0 one
+            inputs["adapter_ids"] = torch.tensor([2, -1, 2, 0, 2, -1, 1, 2, 1])
+        self._check(inputs, dtype)
+
+    @pytest.mark.parametrize("ids", BATCHED_IDS)
+    @pytest.mark.parametrize("e", [1, 3])
+    def test_batched_float64_equals_each_adapter(self, ids, e):
+        inputs = _cast(self.inputs(len(ids), e), torch.float64, torch.float64)
+        inputs["adapter_ids"] = torch.tensor(ids)
+        out = self._run(inputs, True)
+        with torch.no_grad():
+            want = self._per_adapter(**inputs)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+    def test_batched_in_inference_mode(self):
+        """Parameters made in inference mode (no version counter: operands built per call) give the bits of
+        parameters whose operands are kept."""
+        inputs = _cast(self.inputs(9, 3), torch.float32, torch.float32)
+        kept = self._run(inputs, True)
+        with torch.inference_mode():
+            fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+            assert fresh["lora_a"].is_inference()
+            assert torch.equal(self._run(fresh, True), kept)
+
+    def test_bounds_take_the_sorted_form(self, monkeypatch):
+        """More than BATCHED_MAX_TOKENS tokens, or padding beyond BATCHED_MAX_PADDING times the rows: sorted."""
+        inputs = self.inputs(12, 3)
+        inputs["adapter_ids"] = torch.tensor([0] * 10 + [1, 2])  # P·L = 30 rows for 12 tokens
+        sorted_fn, calls = banked._segments_molora, []
+        monkeypatch.setattr(banked, "_segments_molora", lambda *a: calls.append(1) or sorted_fn(*a))
+        monkeypatch.setattr(banked, "_batched_molora", lambda *a: pytest.fail("_batched_molora called"))
+        with torch.no_grad():
+            self.call("torch", **inputs)
+            monkeypatch.setattr(banked, "BATCHED_MAX_PADDING", 30 / 12)
+            monkeypatch.setattr(banked, "BATCHED_MAX_TOKENS", 11)
+            self.call("torch", **inputs)
+        assert len(calls) == 2
+
+
+class TestMoLoRALinearBankTorchBatched(MoLoRALinearBank, _MoLoRABatched):
+    implementation = "torch"
+
+
+class TestMoLoRAAdapterBankTorchBatched(MoLoRAAdapterBank, _MoLoRABatched):
+    implementation = "torch"
+
+    def test_batched_without_base(self):
+        inputs = self.inputs(11, 3)
+        inputs["base"] = None
+        self._check(inputs, torch.float32)
 
 
 class TestMoVLinearBankAuto(MoVLinearBank):
@@ -621,6 +728,7 @@ def test_shrink_operands_are_kept_and_follow_parameter_changes(monkeypatch):
     """The re-laid lora_a ([A_cat | router] per adapter) is built once per parameter state: a second call builds
     nothing, an in-place change of lora_a or of the router (an optimizer step) is seen, and the outputs stay
     the uncached grouped form's bits."""
+    monkeypatch.setattr(banked, "BATCHED_MAX_TOKENS", 0)  # the sorted form, bitwise the Function
     bank = MoLoRALinearBank()
     args = bank.inputs(40, 4)
     lora_a = torch.nn.Parameter(args["lora_a"].detach().clone())
@@ -731,6 +839,7 @@ def test_runs_match_the_sorted_form_and_reference(op, case, dtype, monkeypatch):
     over all rows there and per adapter segment in the sorted form, and torch's elementwise kernels round
     a vector tail (numel not a multiple of the vector width) otherwise than full vectors."""
     monkeypatch.setattr(banked, "RUN_MIN_MEAN_ELEMENTS", 0)  # the tests' rows are narrow
+    monkeypatch.setattr(banked, "BATCHED_MAX_TOKENS", 0)  # plain ids: the sorted form
     bank = OPS[op]()
     seq, s = RUN_CASES[case]
     args = _cast(_run_inputs(bank, seq, s, 4), dtype, torch.float32)
@@ -770,7 +879,8 @@ def test_runs_routing(op, case, monkeypatch):
 @pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
 def test_short_runs_keep_the_sorted_form(op, case, monkeypatch):
     """Runs shorter than RUN_MIN_MEAN_ROWS on average (decoding: S = 1), or saving fewer than
-    RUN_MIN_MEAN_ELEMENTS copied elements on average, take the sorted form (the gathered one disabled here)."""
+    RUN_MIN_MEAN_ELEMENTS copied elements on average, take the sorted form (the gathered and batched ones
+    disabled here)."""
     bank = OPS[op]()
     s = {"S = 1": 1, "S = 15": 15, "narrow rows": banked.RUN_MIN_MEAN_ROWS}[case]
     args = _cast(_run_inputs(bank, [1, 0, 1, -1, 0] * 16, s, 4), torch.float32, torch.float32)
@@ -779,6 +889,7 @@ def test_short_runs_keep_the_sorted_form(op, case, monkeypatch):
     elements = 0 if case != "narrow rows" else s * copied + 1  # one more than a run saves
     monkeypatch.setattr(banked, "RUN_MIN_MEAN_ELEMENTS", elements)
     monkeypatch.setattr(banked, "GATHER_MAX_TOKENS", 0)
+    monkeypatch.setattr(banked, "BATCHED_MAX_TOKENS", 0)
     _call_spied(bank, op, dict(args, adapter_ids=_runs_groups(args)), SORTED[op], RUNS[op], monkeypatch)
     if case == "narrow rows":  # and exactly at the bound, the runs form
         monkeypatch.setattr(banked, "RUN_MIN_MEAN_ELEMENTS", elements - 1)

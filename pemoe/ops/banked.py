@@ -29,19 +29,32 @@ Two implementations, one semantics:
     [T, G, E, D] are gathered (``param[ids]``) and the op runs as batched products in the compute dtype
     (float32), in one pass whatever the number of adapters, with plain autograd (the gathers' backward
     accumulates into the stacked parameters). Its memory grows with T times one adapter's size, hence the
-    bound. MoLoRA always runs grouped: a gathered or batched form (``bmm`` over the adapters present, each
-    entry padded to the longest segment) sums in another float32 order wherever torch's batched GEMM takes
-    another kernel than its GEMM (small products), enough to break the tolerance rule at the model level on
-    ill-conditioned tiny models, while the grouped form is bitwise the single-adapter op there.
-  - MoLoRA when autograd records nothing (inference, ``torch.no_grad``): grouped by adapter, each segment
+    bound. MoLoRA does not gather (a token's A_cat and B_cat are T copies of K·E·r + E·r·N values).
+  - MoLoRA batched over the adapters when autograd records nothing, for batches of at most
+    :data:`BATCHED_MAX_TOKENS` tokens that name several ids and whose padding stays within
+    :data:`BATCHED_MAX_PADDING` (decoding: one token per sequence): the shrink GEMM runs per adapter on its
+    rows (one op each: the single-adapter op's GEMM, into its own output), everything after it once for all
+    adapters on the rows laid out [P, L, ·] (each adapter present padded with zero rows to the longest count
+    L): routing weights, U·p, and one batched expand ``baddbmm`` onto the base rows (about ten ops per site
+    whatever the number of adapters, plus one per adapter). Not bitwise the sorted form: a batched GEMM sums
+    in another float32 order than the GEMM for some shapes (output blocks not 64-byte aligned on MKL); the
+    shrink stays per adapter because that reordering there broke the tolerance rule at the model level on
+    the ill-conditioned tiny T5, while the batched expand and the routing laid out as the single-adapter op
+    lays them out ([E, L]: softmax over a contiguous last axis rounds otherwise and broke it on the tiny
+    Llama) pass it. A whole-bank block form (one GEMM over every adapter's [A_cat | router], A-fold FLOPs)
+    measured no faster than the sorted form at 8 adapters of E = 8, r = 4 and differs from the GEMM's bits
+    for more shapes still (the GEMM's sums change with its output width).
+  - MoLoRA when autograd records nothing (inference, ``torch.no_grad``), for the batches the batched form
+    does not take: grouped by adapter, each segment
     through the single-adapter forward's own steps (shrink and router GEMM, routing weights, ``addmm_`` of
     the expand onto the base rows) written in place into one sorted buffer, without the autograd Function
     and the per-segment copies (clone of the base rows, concatenation of the outputs): the same GEMMs on
-    the same rows, so the same bits, at a third of the per-adapter overhead (decoding a batch over many
-    adapters runs about seven small ops per adapter and site). The shrink's right operand of each adapter
+    the same rows, so the same bits, at a third of the per-adapter overhead (still about seven small ops per
+    adapter and site). The shrink's right operand of each adapter
     ([A_cat | router], a re-laid copy of lora_a[a]) is built once per bank site and kept while the parameters
     keep their values (:func:`_shrink_operands`: checked by storage, version counter, dtype and device), not
-    re-laid at every call; calls that autograd records build their own, so gradients reach lora_a as before.
+    re-laid at every call; calls that autograd records build their own, so gradients reach lora_a. The
+    batched form shares these operands.
   - MoV when autograd records nothing, for the batches the gathered strategy does not take (prefill): grouped
     by adapter, each segment through the single-adapter forward's steps (router softmax, routing weights, the
     expert merge, h·s) written into one sorted output buffer, without the autograd Function, the per-segment
@@ -56,7 +69,7 @@ Two implementations, one semantics:
     none of the sorted form's three row gathers (activations, base rows, back to token order). An adapter in
     several runs runs its GEMMs once per run: the same operands on fewer rows, so the same bits where each
     adapter has one run and otherwise within float32 GEMM rounding; the FFN site's activation runs once
-    over all rows. Decoding (one row per sequence) keeps the sorted (or gathered) form.
+    over all rows. Decoding (one row per sequence) keeps the sorted, gathered or batched form.
 
   Either way the frozen GEMMs (x Wᵀ, the FFN's wi_1 and wo) run once over all tokens.
 
@@ -132,7 +145,7 @@ class AdapterGroups:
     known on the host: no sync, the permutation built on the host).
     """
 
-    __slots__ = ("ids", "counts", "num_adapters", "tokens_shape", "runs", "_perm", "_inverse")
+    __slots__ = ("ids", "counts", "num_adapters", "tokens_shape", "runs", "_perm", "_inverse", "_padded")
 
     def __init__(
         self,
@@ -145,7 +158,7 @@ class AdapterGroups:
         self.ids, self.counts, self.tokens_shape = ids, tuple(counts), tuple(tokens_shape)
         self.num_adapters = len(self.counts) - 1
         self.runs = None if runs is None else tuple(runs)
-        self._perm, self._inverse = perm, None
+        self._perm, self._inverse, self._padded = perm, None, None
 
     @classmethod
     def from_ids(cls, adapter_ids: torch.Tensor, num_adapters: int) -> AdapterGroups:
@@ -219,6 +232,30 @@ class AdapterGroups:
             self._inverse = torch.empty_like(perm)
             self._inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return self._inverse
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """The tokens naming an adapter laid out per adapter present, each adapter's rows padded to the longest
+        count L: ``(rows, slots, present, L)``. ``rows`` [P·L]: the token of each padded row, pad rows T (one
+        past the last token: a row the caller appends); ``slots`` [P·L]: each padded row's position among the
+        adapter tokens sorted by adapter (``perm[counts[0]:]``), pad rows one past the last, or None where no
+        adapter needs pad rows (the sorted rows are then the padded layout); ``present`` [P]: the adapters
+        present, increasing. Built from the host counts and :attr:`perm` on first use; every site of a batch
+        shares it."""
+        if self._padded is None:
+            counts = self.counts
+            present = [a for a in range(self.num_adapters) if counts[a + 1]]
+            length = max(counts[a + 1] for a in present)
+            rows, slots = self.perm[counts[0] :], None
+            if any(counts[a + 1] != length for a in present):
+                device, tokens = rows.device, rows.shape[0]
+                filled = [j * length + i for j, a in enumerate(present) for i in range(counts[a + 1])]
+                filled_t = torch.tensor(filled, dtype=torch.long, device=device)
+                slots = torch.full((len(present) * length,), tokens, dtype=torch.long, device=device)
+                slots.index_copy_(0, filled_t, torch.arange(tokens, device=device))
+                pad_rows = torch.full_like(slots, self.ids.numel())
+                rows = pad_rows.index_copy_(0, filled_t, rows)
+            self._padded = (rows, slots, torch.tensor(present, dtype=torch.long, device=rows.device), length)
+        return self._padded
 
     def __repr__(self) -> str:
         return f"AdapterGroups(tokens_shape={list(self.tokens_shape)}, counts={list(self.counts)})"
@@ -426,6 +463,101 @@ def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top
 
 
 # ------------------------------------------------------------------------------------------
+# "torch": MoLoRA batched over the adapters without autograd (inference, decoding)
+# ------------------------------------------------------------------------------------------
+
+#: MoLoRA inference batches of at most this many tokens that name several ids run batched over the adapters
+#: present (:func:`_batched_molora`: one shrink GEMM per adapter, every other step once for all adapters)
+#: instead of the sorted form's seven small ops per adapter (decoding a batch of sequences over many adapters:
+#: there the per-adapter ops' fixed costs, not their arithmetic, dominate). Larger batches spend most of a
+#: site's time in arithmetic, where the sorted (or runs) form's GEMMs are the single-adapter op's own (one
+#: thread, CPU, E = 8, r = 4 over 8 adapters, 512 -> 512: 0.5x the sorted form's time at 32 tokens, 0.7x at
+#: 128, 0.8x at 256; 1408 -> 512 at 256 tokens: 1.0x).
+BATCHED_MAX_TOKENS = 128
+
+#: ... and only where padding every adapter present to the longest one's rows at most multiplies the rows
+#: by this much (P·L <= this · T): pad rows cost the routing, the expand GEMM and the copies without output.
+BATCHED_MAX_PADDING = 2
+
+
+def _use_batched(groups: AdapterGroups) -> bool:
+    tokens = groups.ids.numel()
+    if tokens > BATCHED_MAX_TOKENS or groups.present < 2:
+        return False
+    counts = groups.counts[1:]
+    present = sum(1 for n in counts if n)
+    return present * max(counts) <= BATCHED_MAX_PADDING * tokens
+
+
+def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize, base_owned):
+    """MoLoRA over the adapters present when autograd records nothing, batched past the shrink: the single-adapter
+    forward's steps with one op each for every adapter together, except the shrink's one GEMM per adapter.
+
+    The tokens naming an adapter are sorted by adapter (one gather of x); each adapter's shrink and router GEMM
+    [U | logits] = x_a @ [A_cat | router] runs on its own rows (``torch.mm`` into one buffer: the single-adapter
+    op's GEMM, its operands kept per bank site as :func:`_shrink_operands`; float32 where a router reads
+    16-bit x). The buffer is laid out [P, L, ·], each adapter's rows padded with zero rows to the longest count
+    L (:meth:`AdapterGroups.padded`; a view when every adapter present has L rows), and the rest runs once
+    for all adapters: routing weights p = top-k(softmax(logits)) over the experts of logits laid out
+    [P, E, L] (the single-adapter op's [E, T]; sentence routing: each token's router-input row and its
+    adapter's router), U′ = U·p rounded to the output's dtype, and y_p = base_p + scale · U′ @ B_cat per
+    adapter (``baddbmm`` on the base rows laid out alike: addmm_'s arithmetic), copied back into the tokens'
+    rows of the output (the base itself where the caller owns it; rows of id -1 keep the base). Pad rows are
+    exact zeros through every step and land in one extra row, dropped.
+
+    The shrink keeps one GEMM per adapter because a batched GEMM (``bmm``) sums in another float32 order than
+    the GEMM for some shapes (e.g. 10 output columns: E = 2, r = 4), which broke the tolerance rule at the
+    model level on the ill-conditioned tiny T5; the batched expand passes it."""
+    n = lora_b.shape[-1]
+    num_adapters, num_experts, k, rank = lora_a.shape
+    rows, slots, present, length = groups.padded()
+    counts = groups.counts
+    sizes = [c for c in counts[1:] if c]
+    adapters, tokens, er = len(sizes), x2d.shape[0], num_experts * rank
+    reads = router if ri is None else None  # the router the shrink GEMM also runs (none: sentence routing)
+    ids = [a for a in range(num_adapters) if counts[a + 1]]
+    operands = _shrink_operands(lora_a, reads, x2d.dtype)
+    if operands is None and reads is None and num_experts == 1 and lora_a.dtype == x2d.dtype:
+        operands = lora_a.reshape(num_adapters, k, rank).unbind(0)  # LoRA: A_cat is lora_a[a] itself
+    elif operands is None:
+        operands = {a: shrink_operand(lora_a[a], _pick(reads, a), x2d.dtype) for a in ids}
+    cd = reference.compute_dtype(x2d.dtype)
+    xs = x2d.index_select(0, groups.perm[counts[0] :])
+    if reads is not None and xs.dtype != cd:
+        xs = xs.to(cd)  # the float32 router reads float32 x, and U comes from the same GEMM
+    # each adapter's GEMM into its own fresh output: MKL's sums depend on the output's alignment
+    ul = torch.cat([x_a @ operands[a] for a, x_a in zip(ids, xs.split(sizes), strict=True)])
+    if slots is not None:
+        ul = F.pad(ul, (0, 0, 0, 1)).index_select(0, slots)
+    ul = ul.view(adapters, length, -1)
+    u = ul[..., :er]
+    if reads is not None:
+        logits = ul[..., er : er + num_experts].transpose(1, 2)
+        p = _router.select(torch.softmax(logits, dim=1), top_k, renormalize, dim=1).transpose(1, 2)
+    elif ri is not None:
+        rp = (F.pad(ri, (0, 0, 0, 1)) if slots is not None else ri).index_select(0, rows)
+        routers = router if adapters == num_adapters else router.index_select(0, present)
+        p = reference.router_probs(rp.view(adapters, length, -1), routers, top_k=top_k, renormalize=renormalize)
+    else:
+        p = None
+    if p is not None:
+        u = (u.reshape(adapters, length, num_experts, rank) * p.unsqueeze(-1).to(u.dtype)).view(adapters, length, er)
+    if base2d is None:
+        out = x2d.new_zeros(tokens + (slots is not None), n)
+    elif slots is not None:
+        out = F.pad(base2d, (0, 0, 0, 1))
+    else:
+        out = base2d if base_owned else base2d.clone(memory_format=torch.contiguous_format)
+    b_cat = lora_b.to(out.dtype).reshape(num_adapters, er, n)
+    if adapters < num_adapters:
+        b_cat = b_cat.index_select(0, present)
+    base_p = out.index_select(0, rows).view(adapters, length, n)
+    y = torch.baddbmm(base_p, u.to(out.dtype), b_cat, alpha=scale)
+    out.index_copy_(0, rows, y.view(adapters * length, n))
+    return out if slots is None else out[:tokens]
+
+
+# ------------------------------------------------------------------------------------------
 # "torch": runs of consecutive rows without autograd (inference, prefill)
 # ------------------------------------------------------------------------------------------
 
@@ -582,7 +714,11 @@ def grouped_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k
     n = lora_b.shape[-1]
     if groups.present > 1 and not _records_grad(x2d, base2d, lora_a, lora_b, router, ri):
         args = (x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize)
-        return _runs_molora(*args, base_owned) if _use_runs(groups, x2d.shape[1] + 2 * n) else _segments_molora(*args)
+        if _use_runs(groups, x2d.shape[1] + 2 * n):
+            return _runs_molora(*args, base_owned)
+        if _use_batched(groups):
+            return _batched_molora(*args, base_owned)
+        return _segments_molora(*args)
 
     def adapter(a, x_s, base_s, ri_s):
         r = _pick(router, a)
