@@ -464,21 +464,28 @@ class TestMoLoRAAdapterBankTorchInference(MoLoRAAdapterBank, _MoLoRAInference):
 BATCHED_IDS = [[1, 0, -1, 1, 0, 0, 1], [2, 2, 0, 2, -1, 2, 1], [0, 1, 2, 2, 1, 0], [2, -1, 1, 2, 1, 2]]
 
 
-class _MoLoRABatched:
-    """``"torch"`` MoLoRA when autograd records nothing on small batches naming several ids: batched over the
-    adapters (:func:`pemoe.ops.banked._batched_molora`, spied: the sorted form must not run), within the rule
-    against the banked reference, rows of id -1 exactly the base; in float64 equal to each adapter run alone
-    (a wrong adapter's block, a dropped base or a wrong scale would show there)."""
+class _Batched:
+    """``"torch"`` when autograd records nothing on small batches naming several ids: batched over the adapters
+    present (``batched``, spied: the strategies in ``refused`` must not run), within the rule against the banked
+    reference, rows of id -1 exactly the base; in float64 equal to each adapter run alone (a wrong adapter's
+    block, a dropped base or a wrong scale would show there). ``bound``: the token bound, lifted here;
+    ``fallback``: the strategy taken past the padding bound."""
+
+    batched: str
+    refused: tuple[str, ...]
+    bound: str
+    fallback: str
 
     @pytest.fixture(autouse=True)
     def _batched_strategy(self, monkeypatch):
-        monkeypatch.setattr(banked, "BATCHED_MAX_TOKENS", 10**6)
+        monkeypatch.setattr(banked, self.bound, 10**6)
 
     def _run(self, args: dict, batched: bool) -> torch.Tensor:
-        calls, batched_fn = [], banked._batched_molora
+        calls, batched_fn = [], getattr(banked, self.batched)
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(banked, "_batched_molora", lambda *a: calls.append(1) or batched_fn(*a))
-            m.setattr(banked, "_segments_molora", lambda *a: pytest.fail("_segments_molora called"))
+            m.setattr(banked, self.batched, lambda *a: calls.append(1) or batched_fn(*a))
+            for name in self.refused:
+                m.setattr(banked, name, lambda *a, _n=name: pytest.fail(f"{_n} called"))
             with torch.no_grad():
                 out = self.call("torch", **args)
         assert len(calls) == batched, "not the batched path"
@@ -524,28 +531,48 @@ class _MoLoRABatched:
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
     def test_batched_in_inference_mode(self):
-        """Parameters made in inference mode (no version counter: operands built per call) give the bits of
-        parameters whose operands are kept."""
+        """Parameters made in inference mode (no version counter: nothing kept) give the same bits."""
         inputs = _cast(self.inputs(9, 3), torch.float32, torch.float32)
         kept = self._run(inputs, True)
         with torch.inference_mode():
             fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-            assert fresh["lora_a"].is_inference()
+            assert all(v.is_inference() for v in fresh.values() if isinstance(v, torch.Tensor))
             assert torch.equal(self._run(fresh, True), kept)
 
-    def test_bounds_take_the_sorted_form(self, monkeypatch):
-        """More than BATCHED_MAX_TOKENS tokens, or padding beyond BATCHED_MAX_PADDING times the rows: sorted."""
+    def test_bounds_take_another_form(self, monkeypatch):
+        """Padding beyond BATCHED_MAX_PADDING times the rows takes ``fallback``; more tokens than the bound, the
+        sorted form."""
         inputs = self.inputs(12, 3)
         inputs["adapter_ids"] = torch.tensor([0] * 10 + [1, 2])  # P·L = 30 rows for 12 tokens
-        sorted_fn, calls = banked._segments_molora, []
-        monkeypatch.setattr(banked, "_segments_molora", lambda *a: calls.append(1) or sorted_fn(*a))
-        monkeypatch.setattr(banked, "_batched_molora", lambda *a: pytest.fail("_batched_molora called"))
+        calls = []
+        for name in {self.fallback, self.refused[0]}:
+            fn = getattr(banked, name)
+            monkeypatch.setattr(banked, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+        monkeypatch.setattr(banked, self.batched, lambda *a: pytest.fail(f"{self.batched} called"))
         with torch.no_grad():
             self.call("torch", **inputs)
             monkeypatch.setattr(banked, "BATCHED_MAX_PADDING", 30 / 12)
-            monkeypatch.setattr(banked, "BATCHED_MAX_TOKENS", 11)
+            monkeypatch.setattr(banked, self.bound, 11)
             self.call("torch", **inputs)
-        assert len(calls) == 2
+        assert calls == [self.fallback, self.refused[0]]
+
+
+class _MoLoRABatched(_Batched):
+    batched, refused, bound, fallback = (
+        "_batched_molora",
+        ("_segments_molora",),
+        "BATCHED_MAX_TOKENS",
+        "_segments_molora",
+    )
+
+
+class _MoVBatched(_Batched):
+    batched, refused, bound, fallback = (
+        "_batched_mov",
+        ("_segments_mov", "_gathered_mov"),
+        "GATHER_MAX_TOKENS",
+        "_gathered_mov",
+    )
 
 
 class TestMoLoRALinearBankTorchBatched(MoLoRALinearBank, _MoLoRABatched):
@@ -559,6 +586,18 @@ class TestMoLoRAAdapterBankTorchBatched(MoLoRAAdapterBank, _MoLoRABatched):
         inputs = self.inputs(11, 3)
         inputs["base"] = None
         self._check(inputs, torch.float32)
+
+
+class TestMoVBankTorchBatched(MoVBank, _MoVBatched):
+    implementation = "torch"
+
+
+class TestMoVLinearBankTorchBatched(MoVLinearBank, _MoVBatched):
+    implementation = "torch"
+
+
+class TestMoVFFNBankTorchBatched(MoVFFNBank, _MoVBatched):
+    implementation = "torch"
 
 
 class TestMoVLinearBankAuto(MoVLinearBank):

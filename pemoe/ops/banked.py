@@ -29,7 +29,12 @@ Two implementations, one semantics:
     [T, G, E, D] are gathered (``param[ids]``) and the op runs as batched products in the compute dtype
     (float32), in one pass whatever the number of adapters, with plain autograd (the gathers' backward
     accumulates into the stacked parameters). Its memory grows with T times one adapter's size, hence the
-    bound. MoLoRA does not gather (a token's A_cat and B_cat are T copies of K·E·r + E·r·N values).
+    bound. When autograd records nothing these batches run batched over the adapters present instead
+    (:func:`_batched_mov`, where the padding stays within :data:`BATCHED_MAX_PADDING`): the same products
+    in the compute dtype on the rows laid out [P, L, G, D] (each adapter present padded with zero rows to the
+    longest count L), each adapter's router and experts read in place rather than copied per token (the
+    gather's T·G·E·D copy was most of the gathered form's time). MoLoRA does not gather (a token's A_cat and
+    B_cat would be T copies of K·E·r + E·r·N values).
   - MoLoRA batched over the adapters when autograd records nothing, for batches of at most
     :data:`BATCHED_MAX_TOKENS` tokens that name several ids and whose padding stays within
     :data:`BATCHED_MAX_PADDING` (decoding: one token per sequence): the shrink GEMM runs per adapter on its
@@ -364,6 +369,45 @@ def _gathered_mov(h2d, ids, router, experts, ri, top_k, renormalize):
     return (h * s).reshape(t, groups * dim).to(h2d.dtype)
 
 
+def _batched_mov(h2d, groups, router, experts, ri, top_k, renormalize, owned):
+    """mov over the adapters present when autograd records nothing, for the batches the gathered strategy takes,
+    in a fixed number of ops: the rows naming an adapter laid out [P, L, G, D] as :meth:`AdapterGroups.padded`
+    (each adapter present padded with zero rows to the longest count L), then, as the gathered strategy does
+    and in the compute dtype, logits = h_p @ router_p per adapter (``bmm``; sentence routing: the router-input
+    rows), p = top-k(softmax(logits)), s = p @ experts_p per adapter and group (``bmm``; (IA)3: the one expert
+    vector), y = h·s, copied back into the tokens' rows of the output (``h2d`` itself when the caller owns it,
+    ``owned``; else a copy; rows of id -1 keep h). Each adapter's parameters are read in place (an
+    ``index_select`` of the adapters present when some are absent), not gathered per token."""
+    rows, slots, present, length = groups.padded()
+    num_adapters, groups_, num_experts, dim = experts.shape
+    adapters, tokens = present.shape[0], h2d.shape[0]
+    cd = reference.compute_dtype(h2d.dtype)
+    if slots is not None:
+        out = F.pad(h2d, (0, 0, 0, 1))
+    else:
+        out = h2d if owned else h2d.clone(memory_format=torch.contiguous_format)
+    h = out.index_select(0, rows).to(cd).view(adapters, length * groups_, dim)
+    ex = experts if adapters == num_adapters else experts.index_select(0, present)
+    if router is None:  # (IA)3: s is the one expert vector per group
+        s = ex[:, :, 0, :].to(cd).unsqueeze(1).expand(adapters, length, groups_, dim)
+    else:
+        routers = router if adapters == num_adapters else router.index_select(0, present)
+        if ri is None:  # logits[p, l·G + g, e] = Σ_d h[p, l, g, d] router_p[d, e]
+            p = torch.softmax(torch.bmm(h, routers.to(cd)), dim=-1).view(adapters, length, groups_, num_experts)
+        else:
+            rp = (F.pad(ri, (0, 0, 0, 1)) if slots is not None else ri).index_select(0, rows)
+            logits = torch.bmm(rp.to(cd).view(adapters, length, -1), routers.to(cd))
+            p = torch.softmax(logits, dim=-1).unsqueeze(2).expand(adapters, length, groups_, num_experts)
+        p = _router.select(p, top_k, renormalize, dim=-1)
+        # s[p, g, l, d] = Σ_e p[p, l, g, e] experts_p[g, e, d]: one bmm over the (adapter, group) pairs
+        pg = p.permute(0, 2, 1, 3).reshape(adapters * groups_, length, num_experts)
+        s = torch.bmm(pg, ex.to(cd).reshape(adapters * groups_, num_experts, dim))
+        s = s.view(adapters, groups_, length, dim).transpose(1, 2)
+    y = (h.view(adapters, length, groups_, dim) * s).to(h2d.dtype)
+    out.index_copy_(0, rows, y.reshape(adapters * length, groups_ * dim))
+    return out if slots is None else out[:tokens]
+
+
 # ------------------------------------------------------------------------------------------
 # "torch": MoLoRA segments without autograd (inference)
 # ------------------------------------------------------------------------------------------
@@ -476,17 +520,22 @@ def _segments_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top
 BATCHED_MAX_TOKENS = 128
 
 #: ... and only where padding every adapter present to the longest one's rows at most multiplies the rows
-#: by this much (P·L <= this · T): pad rows cost the routing, the expand GEMM and the copies without output.
+#: by this much (P·L <= this · T): pad rows cost batched products and copies without output (MoLoRA: the
+#: routing and the expand; MoV, :func:`_batched_mov`: the router and the expert merge).
 BATCHED_MAX_PADDING = 2
 
 
 def _use_batched(groups: AdapterGroups) -> bool:
-    tokens = groups.ids.numel()
-    if tokens > BATCHED_MAX_TOKENS or groups.present < 2:
+    if groups.ids.numel() > BATCHED_MAX_TOKENS or groups.present < 2:
         return False
+    return _padding_ok(groups)
+
+
+def _padding_ok(groups: AdapterGroups) -> bool:
+    """Whether padding every adapter present to the longest one's rows stays within BATCHED_MAX_PADDING."""
     counts = groups.counts[1:]
     present = sum(1 for n in counts if n)
-    return present * max(counts) <= BATCHED_MAX_PADDING * tokens
+    return present * max(counts) <= BATCHED_MAX_PADDING * groups.ids.numel()
 
 
 def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize, base_owned):
@@ -494,10 +543,10 @@ def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_
     forward's steps with one op each for every adapter together, except the shrink's one GEMM per adapter.
 
     The tokens naming an adapter are sorted by adapter (one gather of x); each adapter's shrink and router GEMM
-    [U | logits] = x_a @ [A_cat | router] runs on its own rows (``torch.mm`` into one buffer: the single-adapter
-    op's GEMM, its operands kept per bank site as :func:`_shrink_operands`; float32 where a router reads
-    16-bit x). The buffer is laid out [P, L, ·], each adapter's rows padded with zero rows to the longest count
-    L (:meth:`AdapterGroups.padded`; a view when every adapter present has L rows), and the rest runs once
+    [U | logits] = x_a @ [A_cat | router] runs on its own rows into its own output (the single-adapter op's
+    GEMM, its operands kept per bank site as :func:`_shrink_operands`; float32 where a router reads 16-bit x),
+    concatenated once. That is laid out [P, L, ·], each adapter's rows padded with zero rows to the longest
+    count L (:meth:`AdapterGroups.padded`; a view when every adapter present has L rows), and the rest runs once
     for all adapters: routing weights p = top-k(softmax(logits)) over the experts of logits laid out
     [P, E, L] (the single-adapter op's [E, T]; sentence routing: each token's router-input row and its
     adapter's router), U′ = U·p rounded to the output's dtype, and y_p = base_p + scale · U′ @ B_cat per
@@ -505,9 +554,10 @@ def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_
     rows of the output (the base itself where the caller owns it; rows of id -1 keep the base). Pad rows are
     exact zeros through every step and land in one extra row, dropped.
 
-    The shrink keeps one GEMM per adapter because a batched GEMM (``bmm``) sums in another float32 order than
-    the GEMM for some shapes (e.g. 10 output columns: E = 2, r = 4), which broke the tolerance rule at the
-    model level on the ill-conditioned tiny T5; the batched expand passes it."""
+    The shrink keeps one GEMM per adapter, each into a fresh output, because MKL's GEMM sums in another float32
+    order into an output block that is not 64-byte aligned, as ``bmm``'s later blocks or a shared buffer's
+    rows are for some shapes (e.g. 10 output columns: E = 2, r = 4); that broke the tolerance rule at the
+    model level on the ill-conditioned tiny T5, which the batched expand passes."""
     n = lora_b.shape[-1]
     num_adapters, num_experts, k, rank = lora_a.shape
     rows, slots, present, length = groups.padded()
@@ -671,6 +721,8 @@ def _mov_segments(h2d, groups, router, experts, ri, top_k, renormalize, activati
     ``owned``: h2d is the caller's fresh intermediate, which inference may overwrite."""
     if _use_gather(groups):
         h = h2d if activation is None else reference.ACTIVATIONS[activation](h2d)
+        if not _records_grad(h2d, router, experts, ri) and _padding_ok(groups):
+            return _batched_mov(h, groups, router, experts, ri, top_k, renormalize, owned or activation is not None)
         return _gathered_mov(h, groups.ids, router, experts, ri, top_k, renormalize)
     if groups.present > 1 and not _records_grad(h2d, router, experts, ri):
         if _use_runs(groups, h2d.shape[1] * (1 if activation is None and not owned else 2)):
