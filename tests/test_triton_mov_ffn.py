@@ -114,6 +114,22 @@ class TestMoVFFNTriton(MoVFFNCases):
         assert buffers["dexperts_part"].shape[0] == triton.cdiv(123, chunk) == launch.grid({"BLOCK_F": 16})[0]
         self.check(self.inputs(123, e), torch.float32)
 
+    @pytest.mark.parametrize("chunk", [16, 32, 48])
+    @pytest.mark.parametrize("t", [1, 37])
+    def test_f_chunks_sum_every_f_tile(self, monkeypatch, small_tiles, chunk, t):
+        """(a) and (c) loop over the 16-column F tiles of their F chunk and write one logit / dp partial slot per
+        chunk, which (b) / (r) sum: F = 56 in chunks of 16 (4 slots of one tile), 32 (2 and 2 tiles, the last one
+        partial) or 48 (3 tiles, then one partial tile: the chunk's end cuts the F range, not a tile). A skipped
+        F tile, a dropped slot or a tile read past its chunk's end breaks the output and the gradients."""
+        monkeypatch.setattr(kernels, "f_chunk", lambda pb, configs, programs: chunk)
+        pb = kernels.plan_problem(t, K, 56, 10, "float32", gated=True, has_router=True, has_probs=False,
+                                  activation="gelu_new", top_k=None, renormalize=False)  # fmt: skip
+        buffers, launch = kernels.up_launch(pb)
+        slots = triton.cdiv(56, chunk)
+        assert buffers["logits_part"].shape[0] == slots == launch.grid({"BLOCK_M": 16})[0] // triton.cdiv(t, 16)
+        assert kernels.down_launch(pb, True)[1].scalars["F_SLOTS"] == slots
+        self.check(self.inputs(t, 10), torch.float32)
+
     def test_gradcheck_float64(self):
         """float64 is not offered by the kernels: a clear TypeError, not a silent fallback."""
         with pytest.raises(TypeError, match="the kernels support"):
@@ -309,10 +325,13 @@ def test_traffic_at_t5_large_shape():
     model = analysis.hbm_traffic(2048, 1024, 2816, 10, dtype=torch.bfloat16)
     print("\n" + model.summary())
     fwd, plain = model.total("forward", "unique"), model.plain("unique")
-    # beyond a plain FFN: the logit partials (written once, read once), p_soft and the experts
+    # beyond a plain FFN: the logit partials (one slot per F chunk, written once, read once), p_soft and the experts
     extra = fwd - plain
-    f_tiles = triton.cdiv(2816, model.configs["_ffn_up_kernel"]["BLOCK_F"])
-    assert extra == 2 * f_tiles * 2048 * 10 * 4 + 2816 * 10 * 4 * 2 + 2048 * 10 * 4
+    pb = kernels.plan_problem(2048, 1024, 2816, 10, "bfloat16", gated=True, has_router=True, has_probs=False,
+                              activation="gelu_new", top_k=None, renormalize=False)  # fmt: skip
+    slots = kernels.up_launch(pb)[0]["logits_part"].shape[0]
+    assert slots < triton.cdiv(2816, model.configs["_ffn_up_kernel"]["BLOCK_F"])
+    assert extra == 2 * slots * 2048 * 10 * 4 + 2816 * 10 * 4 * 2 + 2048 * 10 * 4
     assert model.total("forward") < 1.15 * model.plain()  # spill-free default tiles (BLOCK_F = 64)
     big = {"BLOCK_M": 128, "BLOCK_F": 128, "BLOCK_K": 64}
     big_tiles = analysis.hbm_traffic(

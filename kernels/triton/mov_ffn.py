@@ -10,11 +10,13 @@ Forward math (gated = T5 v1.1, wi_1 given; T5 v1.0 drops the ``⊙ g`` factor):
     s = p·experts[0]                                        [T, F]  the merged scaling (never stored)
     u = a ⊙ g (a for v1.0); y = (u ⊙ s)·woᵀ                [T, M]  x's dtype
 Kernels:
-  (a) ``_ffn_up_kernel``: dual GEMM over [BLOCK_M, BLOCK_F] tiles; epilogue: act, writes u, and
-      the tile's share of the router logits a_tile·router[f-slice] (tl.dot) into a split buffer
-      ``logits_part [NUM_F_TILES, T, E]`` float32 — no atomics: every slot is written by one
-      program, so the result is bitwise deterministic and autotune re-runs are idempotent.
-  (b) ``_ffn_down_kernel``: y = (u ⊙ s)·woᵀ. Prologue, once per row block: sum the logit
+  (a) ``_ffn_up_kernel``: dual GEMM over [BLOCK_M, BLOCK_F] tiles; each program owns one row tile and a
+      chunk of F_CHUNK columns (a runtime scalar, :func:`f_chunk`) and loops over the chunk's F tiles;
+      epilogue per tile: act, writes u, and adds the tile's share of the router logits
+      a_tile·router[f-slice] (tl.dot) to a [BLOCK_M, BLOCK_E] register accumulator, in F order; the chunk's
+      sum goes to a split buffer ``logits_part [cdiv(F, F_CHUNK), T, E]`` float32 — no atomics: every slot
+      is written by one program, so the result is bitwise deterministic and autotune re-runs are idempotent.
+  (b) ``_ffn_down_kernel``: y = (u ⊙ s)·woᵀ. Prologue, once per row block: sum the cdiv(F, F_CHUNK) logit
       partials in a fixed order, softmax/top-k (``routing.router_probs``), keep p in registers
       (and write p_soft [T, E] float32 from the first column block when backward needs it);
       per K-slice of F: s = p·experts[:, slice] (tl.dot) scales the A tile before the GEMM.
@@ -235,7 +237,7 @@ def _for_every_dtype(configs16: list[triton.Config], fp32_default: triton.Config
     return configs16 + [fp32_default] + halved
 
 
-#: (a) and (d): dual GEMM tiles [BLOCK_M, BLOCK_F], K = M.
+#: (a): dual GEMM tiles [BLOCK_M, BLOCK_F], K = M, looped over an F chunk (the logit accumulator lives across the loop).
 UP_CONFIGS = _for_every_dtype(
     [
         _cfg(4, 4, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64),  # default: no spill (ptxas stack 0) for E <= 32
@@ -244,7 +246,7 @@ UP_CONFIGS = _for_every_dtype(
         _cfg(4, 4, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=16, BLOCK_F=128, BLOCK_K=64),  # decode-sized T
     ],
-    _cfg(4, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),
+    _cfg(8, 2, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32),  # float32 default: no spill (4 warps spill on sm_90)
 )
 #: (b): output tiles [BLOCK_M, BLOCK_N] over M, K = F. Every column block recomputes the merge s = p·experts of
 #: its row block at each K step (BLOCK_E / BLOCK_N of the tile's MMA work): wide BLOCK_N first.
@@ -345,42 +347,58 @@ def _autotune(configs, key, dims, operand):
 @triton.jit
 def _ffn_up_kernel(
     x_ptr, wi_0_ptr, wi_1_ptr, router_ptr,  # inputs: x [T, M], wi_0/wi_1 [F, M], router [F, E]
-    inter_ptr, logits_part_ptr,  # outputs: u [T, F], logit partials [NUM_F_TILES, T, E] float32
-    T, M, F, E, T_BUCKET,
+    inter_ptr, logits_part_ptr,  # outputs: u [T, F], logit partials [F_SLOTS, T, E] float32
+    T, M, F, E, T_BUCKET, F_CHUNK,
     stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m, stride_rf, stride_re,
     stride_ut, stride_uf, stride_lj, stride_lt,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, ROUTE_LOGITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROUTER_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ] and logits_part[pid_f] = act(x·wi_0ᵀ)[:, f-slice]·router[f-slice]."""
-    pid_m, pid_f = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, BLOCK_F), GROUP_M)
-    pid_m, pid_f = pid_m.to(tl.int64), pid_f.to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    # ---- main loop (h0 = x·wi_0ᵀ, g = x·wi_1ᵀ) and activation: a = act(h0), u = a [⊙ g]
-    a, _, g = _up_tile(
-        x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, T, F, M,
-        stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-        ACTIVATION, GATED, False, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
-    )  # fmt: skip
-    u = a * g if GATED else a
-    # ---- epilogue: intermediate, router-logit partial (padded columns: act(0) = 0)
-    tile_mask = (offs_m[:, None] < T) & (offs_f[None, :] < F)
-    tl.store(
-        inter_ptr + offs_m[:, None] * stride_ut + offs_f[None, :] * stride_uf,
-        u.to(inter_ptr.dtype.element_ty),
-        mask=tile_mask,
-    )
-    if ROUTE_LOGITS:
-        offs_e = tl.arange(0, BLOCK_E)
-        r_mask = (offs_f[:, None] < F) & (offs_e[None, :] < E)
-        router = tl.load(router_ptr + offs_f[:, None] * stride_rf + offs_e[None, :] * stride_re, mask=r_mask, other=0.0)
-        logits = tl.dot(a, router, input_precision=ROUTER_PRECISION)  # [BLOCK_M, BLOCK_E]
+    """For one row tile and the columns [j·F_CHUNK, (j + 1)·F_CHUNK) ∩ [0, F) of F chunk j: per F tile,
+    u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ]; the chunk's logit partial Σ_tiles act(x·wi_0ᵀ)[:, f-slice]·router[f-slice]
+    accumulates in registers, in F order, into slot j."""
+    pid_m, pid_j = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, F_CHUNK), GROUP_M)
+    # the row tile's offset goes into the base pointers in 64 bits (it passes 2^31 elements at long T); offsets
+    # within the tile stay 32-bit, which keeps the loop's live address registers few
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    rows = T - row0  # the tile's rows in [0, rows) are tokens
+    x_ptr += row0 * stride_xt
+    inter_ptr += row0 * stride_ut
+    logits_part_ptr += pid_j.to(tl.int64) * stride_lj + row0 * stride_lt
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    f_start = pid_j * F_CHUNK
+    f_end = tl.minimum(f_start + F_CHUNK, F)
+    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    for f0 in range(f_start, f_end, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        # ---- main loop (h0 = x·wi_0ᵀ, g = x·wi_1ᵀ) and activation: a = act(h0), u = a [⊙ g]; columns past the
+        # chunk's end read as 0, so a = act(0) = 0 there
+        a, _, g = _up_tile(
+            x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, rows, f_end, M,
+            stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
+            ACTIVATION, GATED, False, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+        )  # fmt: skip
+        u = a * g if GATED else a
+        # ---- epilogue: intermediate, the tile's router-logit share
         tl.store(
-            logits_part_ptr + pid_f * stride_lj + offs_m[:, None] * stride_lt + offs_e[None, :],
+            inter_ptr + offs_m[:, None] * stride_ut + offs_f[None, :] * stride_uf,
+            u.to(inter_ptr.dtype.element_ty),
+            mask=(offs_m[:, None] < rows) & (offs_f[None, :] < f_end),
+        )
+        if ROUTE_LOGITS:
+            r_mask = (offs_f[:, None] < f_end) & (offs_e[None, :] < E)
+            router = tl.load(
+                router_ptr + offs_f[:, None] * stride_rf + offs_e[None, :] * stride_re, mask=r_mask, other=0.0
+            )
+            logits = tl.dot(a, router, logits, input_precision=ROUTER_PRECISION)  # [BLOCK_M, BLOCK_E]
+    # ---- the chunk's logit partial: one slot per F chunk, written by this program alone
+    if ROUTE_LOGITS:
+        tl.store(
+            logits_part_ptr + offs_m[:, None] * stride_lt + offs_e[None, :],
             logits,
-            mask=(offs_m[:, None] < T) & (offs_e[None, :] < E),
+            mask=(offs_m[:, None] < rows) & (offs_e[None, :] < E),
         )
 
 
@@ -394,7 +412,7 @@ def _ffn_up_kernel(
 def _ffn_down_kernel(
     inter_ptr, wo_ptr, experts_ptr, logits_part_ptr, probs_ptr,  # inputs: u [T, F], wo [M, F], experts [E, F]
     y_ptr, p_soft_ptr,  # outputs: y [T, M], p_soft [T, E] float32 (only when SAVE_P_SOFT)
-    T, M, F, E, T_BUCKET, NUM_F_TILES,
+    T, M, F, E, T_BUCKET, F_SLOTS,
     stride_ut, stride_uf, stride_wom, stride_wof, stride_ee, stride_ef, stride_lj, stride_lt,
     stride_pt, stride_pe, stride_yt, stride_ym,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SAVE_P_SOFT: tl.constexpr,
@@ -412,7 +430,7 @@ def _ffn_down_kernel(
     if ROUTING == "self":
         logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
         part_ptr = logits_part_ptr
-        for _ in range(0, NUM_F_TILES):  # fixed order: deterministic; the pointer advances in 64 bits
+        for _ in range(0, F_SLOTS):  # fixed order: deterministic; the pointer advances in 64 bits
             logits += tl.load(part_ptr + offs_m[:, None] * stride_lt + offs_e[None, :], mask=row_e_mask, other=0.0)
             part_ptr += stride_lj
         p, p_soft = routing.router_probs(logits, offs_e, E, TOP_K, RENORMALIZE)
@@ -779,15 +797,64 @@ def row_chunk(pb: Problem, configs) -> int:
     return triton.cdiv(triton.cdiv(pb.T, chunks), align) * align
 
 
+def f_chunk(pb: Problem, configs, programs: int) -> int:
+    """Columns of F each program of (a) and (c) owns (a runtime scalar, F_CHUNK): the program loops over the F tiles
+    of its chunk and writes one logit / dp partial slot, so those buffers have cdiv(F, F_CHUNK) slots whatever
+    tile autotune picks. ``programs``: the programs along T that each F chunk is paired with ((a): the row tiles
+    of the largest BLOCK_M in ``configs``; (c): its row chunks).
+
+    A multiple of every BLOCK_F in ``configs`` (F tiles never straddle two chunks). The number of chunks n is the
+    fewest that give CHUNK_WAVES waves of programs over NUM_SMS, capped so n·T·E·4 bytes ≤ T·F·itemsize /
+    PARTIAL_SHARE (the partials' bytes against a [T, F] activation's), raised again to one full wave where that
+    cap is smaller; the chunk is then the largest aligned one that still gives at least n chunks.
+    """
+    align = max(c.kwargs["BLOCK_F"] for c in configs)
+    tiles_f = triton.cdiv(pb.F, align)
+    if programs == 0:  # no rows, no programs: one chunk sizes the (empty) partial buffers
+        return tiles_f * align
+    waves = triton.cdiv(CHUNK_WAVES * NUM_SMS, programs)
+    cap = (pb.F * pb.itemsize) // (PARTIAL_SHARE * 4 * pb.E)
+    chunks = min(max(min(waves, cap), triton.cdiv(NUM_SMS, programs), 1), tiles_f)
+    if chunks == 1:
+        return tiles_f * align
+    # cdiv(F, c) >= chunks  <=>  (chunks - 1)·c < F; (chunks - 1)·align < F, so c >= align
+    return (pb.F - 1) // (chunks - 1) // align * align
+
+
+def up_f_chunk(pb: Problem) -> int:
+    """F_CHUNK of (a), which (b) needs for its number of logit slots."""
+    configs = _ffn_up_kernel.configs
+    return f_chunk(pb, configs, triton.cdiv(pb.T, max(c.kwargs["BLOCK_M"] for c in configs)))
+
+
+def down_backward_chunks(pb: Problem) -> tuple[int, int]:
+    """(ROW_CHUNK, F_CHUNK) of (c): its row chunks first, then the F chunks paired with them; (r) needs F_CHUNK
+    for its number of dp slots."""
+    configs = _ffn_down_backward_kernel.configs
+    rows = row_chunk(pb, configs)
+    return rows, f_chunk(pb, configs, triton.cdiv(pb.T, rows))
+
+
 def chunk_grid(pb: Problem, chunk: int, block_cols: str):
-    """Grid of (c) and (d): (row chunks of ``chunk`` rows, F tiles), chunks fastest."""
+    """Grid of (d): (row chunks of ``chunk`` rows, F tiles), chunks fastest."""
     return lambda meta: (triton.cdiv(pb.T, chunk), triton.cdiv(pb.F, meta[block_cols]))
 
 
+def chunk_pair_grid(pb: Problem, rows: int, cols: int):
+    """Grid of (c): (row chunks of ``rows`` rows, F chunks of ``cols`` columns), row chunks fastest."""
+    return lambda meta: (triton.cdiv(pb.T, rows), triton.cdiv(pb.F, cols))
+
+
 def tile_grid(rows: int, cols: int, block_cols: str):
-    """Grid of the forward kernels (a), (b): one program per [BLOCK_M, ``block_cols``] tile of a rows × cols output,
-    a 1-D grid in grouped order (the kernels map their program id with :func:`.tiles.grouped_ids`)."""
+    """Grid of (b): one program per [BLOCK_M, ``block_cols``] tile of a rows × cols output, a 1-D grid in grouped
+    order (the kernel maps its program id with :func:`.tiles.grouped_ids`)."""
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta[block_cols]),)
+
+
+def row_tile_chunk_grid(rows: int, cols: int, chunk: int):
+    """Grid of (a): one program per (row tile of BLOCK_M rows, chunk of ``chunk`` columns) of a rows × cols
+    output, a 1-D grid in grouped order (:func:`.tiles.grouped_ids`)."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, chunk),)
 
 
 def router_backward_grid(T: int) -> tuple[int]:
@@ -807,21 +874,21 @@ def _strided(t: tuple[int, ...] | None, needed: bool) -> tuple[int, int]:
 
 
 def up_launch(pb: Problem, strides: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, Buffer], Launch]:
-    """(a): buffers u ("inter" [T, F], x's dtype) and the logit partials ("logits_part" [slots, T, E] float32,
-    self-routing only); ``strides`` of the op inputs where not row-major (PyTorch)."""
+    """(a): buffers u ("inter" [T, F], x's dtype) and the logit partials ("logits_part" [cdiv(F, F_CHUNK), T, E]
+    float32, self-routing only; every slot written); ``strides`` of the op inputs where not row-major (PyTorch)."""
     T, M, F, E = pb.T, pb.M, pb.F, pb.E
     self_routed = pb.mode == ROUTE_SELF
-    configs = _ffn_up_kernel.configs
+    chunk = up_f_chunk(pb)
     buffers = {"inter": Buffer((T, F), pb.dtype)}
     if self_routed:
-        buffers["logits_part"] = Buffer((_num_tiles(F, configs, "BLOCK_F"), T, E), "float32")
+        buffers["logits_part"] = Buffer((triton.cdiv(F, chunk), T, E), "float32")
     sx = strides_of(strides, "x", (T, M))
     s0 = strides_of(strides, "wi_0", (F, M))
     s1 = strides_of(strides, "wi_1", (F, M)) if pb.gated else s0  # never read when not GATED
     sr = _strided(strides_of(strides, "router", (F, E)), self_routed)
     sl = _strided(buffers["logits_part"].strides if self_routed else None, self_routed)
     scalars = dict(
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T),
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), F_CHUNK=chunk,
         stride_xt=sx[0], stride_xm=sx[1], stride_w0f=s0[0], stride_w0m=s0[1], stride_w1f=s1[0], stride_w1m=s1[1],
         stride_rf=sr[0], stride_re=sr[1], stride_ut=F, stride_uf=1, stride_lj=sl[0], stride_lt=sl[1],
     )  # fmt: skip
@@ -830,17 +897,17 @@ def up_launch(pb: Problem, strides: dict[str, tuple[int, ...]] | None = None) ->
         role="up", name="pemoe_mov_ffn_up", kernel=_ffn_up_kernel,
         inputs=("x", "wi_0", "wi_1" if pb.gated else None, "router" if self_routed else None),
         outputs=("inter", "logits_part" if self_routed else None),
-        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=tile_grid(T, F, "BLOCK_F"),
+        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=row_tile_chunk_grid(T, F, chunk),
         configs=_configs(_ffn_up_kernel, pb, {"BLOCK_M": T, "BLOCK_F": F, "BLOCK_K": M}),
     )  # fmt: skip
     return buffers, launch
 
 
 def down_launch(
-    pb: Problem, num_f_tiles: int, save_p_soft: bool, strides: dict[str, tuple[int, ...]] | None = None
+    pb: Problem, save_p_soft: bool, strides: dict[str, tuple[int, ...]] | None = None
 ) -> tuple[dict[str, Buffer], Launch]:
-    """(b), reading ``num_f_tiles`` logit partials (the F tiles (a) ran with): buffers y [T, M] and p_soft [T, E]
-    float32 (self-routing, when saved for the backward)."""
+    """(b), reading the cdiv(F, F_CHUNK) logit partials of (a) (:func:`up_f_chunk`): buffers y [T, M] and
+    p_soft [T, E] float32 (self-routing, when saved for the backward)."""
     T, M, F, E = pb.T, pb.M, pb.F, pb.E
     self_routed, given = pb.mode == ROUTE_SELF, pb.mode == ROUTE_GIVEN
     save = save_p_soft and self_routed
@@ -851,7 +918,7 @@ def down_launch(
     se = strides_of(strides, "experts", (1, E, F))[1:]  # experts[0]
     sp = strides_of(strides, "probs", (T, E)) if given else (E, 1) if save else (0, 0)
     scalars = dict(
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), NUM_F_TILES=num_f_tiles,
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), F_SLOTS=triton.cdiv(F, up_f_chunk(pb)) if self_routed else 0,
         stride_ut=F, stride_uf=1, stride_wom=sw[0], stride_wof=sw[1], stride_ee=se[0], stride_ef=se[1],
         stride_lj=T * E if self_routed else 0, stride_lt=E if self_routed else 0,
         stride_pt=sp[0], stride_pe=sp[1], stride_yt=M, stride_ym=1,

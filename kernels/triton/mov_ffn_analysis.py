@@ -175,21 +175,25 @@ def hbm_traffic(
     kernels: dict[str, KernelBytes] = {}
     plain: dict[str, KernelBytes] = {}
 
-    # ---- (a)
+    pb = plan_problem(
+        T, M, F, E, dtype_name(dtype), gated=gated, has_router=self_routed, has_probs=given,
+        activation="gelu_new", top_k=None, renormalize=False,
+    )  # fmt: skip
+    # ---- (a): one logit partial slot per F chunk (the launch plan's choice)
     c = cfg["_ffn_up_kernel"]
     n_m, n_f = triton.cdiv(T, c["BLOCK_M"]), triton.cdiv(F, c["BLOCK_F"])
+    logit_slots = triton.cdiv(F, mov_ffn.up_f_chunk(pb))
     kernels["_ffn_up_kernel"] = KernelBytes(
         loaded=x_b * n_f + n_w_in * w_in_b * n_m + (fe_b * n_m if self_routed else 0),
-        stored=u_b + (n_f * te_b if self_routed else 0),
-        unique=x_b + n_w_in * w_in_b + u_b + ((fe_b + n_f * te_b) if self_routed else 0),
+        stored=u_b + (logit_slots * te_b if self_routed else 0),
+        unique=x_b + n_w_in * w_in_b + u_b + ((fe_b + logit_slots * te_b) if self_routed else 0),
     )
     plain["up"] = KernelBytes(x_b * n_f + n_w_in * w_in_b * n_m, u_b, x_b + n_w_in * w_in_b + u_b)
-    logit_tiles = n_f
     # ---- (b)
     c = cfg["_ffn_down_kernel"]
     n_m, n_n = triton.cdiv(T, c["BLOCK_M"]), triton.cdiv(M, c["BLOCK_N"])
     backward = any(needs)
-    p_in = logit_tiles * te_b if self_routed else (te_b if given else 0)
+    p_in = logit_slots * te_b if self_routed else (te_b if given else 0)
     kernels["_ffn_down_kernel"] = KernelBytes(
         loaded=(p_in + u_b) * n_n + ex_b * n_m * n_n + wo_b * n_m,
         stored=y_b + (te_b if self_routed and backward else 0),
@@ -215,10 +219,6 @@ def hbm_traffic(
         need_dp = (self_routed and (need_x or need_dr)) or (given and need_probs)
         p_saved = te_b if routing != ROUTE_NONE else 0
         # row chunks of (c) and (d) (the launch plan's choice: one d experts / d router partial slot each)
-        pb = plan_problem(
-            T, M, F, E, dtype_name(dtype), gated=gated, has_router=self_routed, has_probs=given,
-            activation="gelu_new", top_k=None, renormalize=False,
-        )  # fmt: skip
         # ---- (c)
         c = cfg["_ffn_down_backward_kernel"]
         chunk = mov_ffn.row_chunk(pb, _ffn_down_backward_kernel.configs)
@@ -312,7 +312,7 @@ def _aot_launches(dtype, gated, mode, E, activation="gelu_new", top_k=None, reno
     num_f_tiles = triton.cdiv(F, 128)
     plans = [
         up_launch(prob),
-        down_launch(prob, num_f_tiles, True),
+        down_launch(prob, True),
         down_backward_launch(prob, True, mode != ROUTE_NONE, True),
     ]
     if mode != ROUTE_NONE:

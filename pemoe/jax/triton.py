@@ -515,8 +515,7 @@ def _ffn_forward(x, wi_0, wi_1, wo, router, experts, probs, activation, top_k, r
     arrays = dict(x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs)
     buffers, up = mf.up_launch(pb)
     _plan_launch(up, buffers, arrays, "default")
-    num_f_tiles = triton.cdiv(pb.F, up.configs[0].kwargs["BLOCK_F"])
-    buffers, down = mf.down_launch(pb, num_f_tiles, save_p_soft)
+    buffers, down = mf.down_launch(pb, save_p_soft)
     _plan_launch(down, buffers, arrays, "default")
     return arrays["y"], arrays["inter"], arrays.get("p_soft", _placeholder())
 
