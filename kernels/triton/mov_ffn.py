@@ -26,17 +26,31 @@ Backward (base weights frozen; dy [T, M]):
     da = du ⊙ g + dlogits·routerᵀ (du + ... for v1.0); dg = du ⊙ a; dh0 = da ⊙ act'(h0)
     d router = a32ᵀ·dlogits;  dx = dh0·wi_0 + dg·wi_1;  d probs = dp (sentence routing)
   (c) ``_ffn_down_backward_kernel``: the dz GEMM (K = M); epilogue recomputes s from p, writes
-      du, and the split partials of dp [NUM_F_TILES, T, E] and d experts [CHUNKS, E, F]: each program
-      owns a chunk of ROW_CHUNK rows (a runtime scalar, :func:`row_chunk`) and one F tile, loops over
-      the chunk's row tiles and accumulates its d experts partial in registers, in row order.
-  (r) ``_router_backward_kernel``: sums the dp partials, applies the softmax/top-k backward
-      (``routing.router_probs_backward``) -> dlogits [T, E] (or d probs for sentence routing).
+      du, and the split partials of dp [cdiv(F, F_CHUNK), T, E] and d experts [CHUNKS, E, F]: each
+      program owns a chunk of ROW_CHUNK rows (a runtime scalar, :func:`row_chunk`) and a chunk of F_CHUNK
+      columns (:func:`f_chunk`); it loops over the chunk's F tiles (outer) and row tiles (inner), keeps
+      the F tile's d experts partial in registers across the row tiles (in row order) and writes it to
+      slot c, columns of that tile; dp of each row tile is added to the program's rows of slot j in F
+      order (the chunk's first F tile stores, later ones read back and add: those rows belong to this
+      program alone, so no atomics, and a barrier between F tiles orders the reads after the stores).
+      dp cannot stay in registers across F tiles too: the row tiles are the inner loop, and with rows
+      outer the d experts partial would need the read-back instead ([E, F_CHUNK] per row tile, where dp
+      reads [ROW_CHUNK, E] per F tile: the same order of bytes, mostly L2 hits either way).
+  (r) ``_router_backward_kernel``: sums the cdiv(F, F_CHUNK) dp partials in order, applies the softmax/top-k
+      backward (``routing.router_probs_backward``) -> dlogits [T, E] (or d probs for sentence routing).
   (d) ``_ffn_up_backward_kernel``: recomputes h0, g with the dual GEMM of (a) (cheaper in memory
       than keeping two [T, F] tensors alive); epilogue forms dh0, dg and, over the row chunks of (c),
       the split partials of d router [CHUNKS, F, E].
-  The d experts / d router partials are summed in chunk order (deterministic). CHUNKS = cdiv(T, ROW_CHUNK)
-  is independent of the tile autotune picks and bounded: at most ~1/8 of a [T, F] activation's bytes
-  (T = 8192, E = 60, F = 10240 in bfloat16: 7 chunks, 17 MB each; a slot per 16-row tile would be 1.26 GB).
+  Split buffers: the d experts / d router partials are summed in chunk order, the logit / dp partials in F
+  chunk order (deterministic). CHUNKS = cdiv(T, ROW_CHUNK) and the F slots cdiv(F, F_CHUNK) are chosen by the
+  plan, independent of the tile autotune picks, and bounded: ~1/8 of a [T, F] activation's bytes, unless
+  fewer slots would leave the first wave of programs short of NUM_SMS. At T = 8192, E = 60, F = 10240 in
+  bfloat16 (a [T, F] activation: 168 MB): d experts / d router 7 row chunks, 17 MB each; logits 9 F chunks
+  (17.7 MB), dp 20 F chunks (39 MB: (c) pairs them with only 7 row chunks, and 140 programs fill one H100
+  wave), where a slot per F tile was 630 MB (logits, BLOCK_F = 32) and 1.26 GB (dp, BLOCK_F = 16).
+  Offsets: row and column indices are 32-bit (T, F < 2^31); a row tile's or slot's element offset, which
+  passes 2^31, goes into scalar base pointers in 64 bits, so the per-element offsets live across the F
+  loop stay 32-bit (64-bit ones cost (a) and (c) spills).
   dx = dh0·wi_0 + dg·wi_1 are two plain GEMMs (torch.matmul: the vendor GEMM is the right tool).
 Saved for backward: u [T, F] (the intermediate (a) writes anyway; a plain frozen FFN's autograd
 keeps h0, a and g) and p_soft [T, E] float32. s is recomputed from p (rank-E, cheap), h0 and g
@@ -477,8 +491,8 @@ def _ffn_down_kernel(
 @triton.jit
 def _ffn_down_backward_kernel(
     dy_ptr, wo_ptr, inter_ptr, experts_ptr, p_ptr,  # inputs: dy [T, M], wo [M, F], u [T, F], experts [E, F], p [T, E]
-    du_ptr, dp_part_ptr, dexperts_part_ptr,  # outputs: du [T, F], dp [NUM_F_TILES, T, E], d experts [CHUNKS, E, F]
-    T, M, F, E, T_BUCKET, ROW_CHUNK,
+    du_ptr, dp_part_ptr, dexperts_part_ptr,  # outputs: du [T, F], dp [F_SLOTS, T, E], d experts [CHUNKS, E, F]
+    T, M, F, E, T_BUCKET, ROW_CHUNK, F_CHUNK,
     stride_dyt, stride_dym, stride_wom, stride_wof, stride_ut, stride_uf, stride_ee, stride_ef,
     stride_pt, stride_pe, stride_dut, stride_duf, stride_dpj, stride_dpt, stride_dej, stride_dee,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -486,83 +500,107 @@ def _ffn_down_backward_kernel(
     DOT_PRECISION: tl.constexpr, ROUTER_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """For the rows [c·ROW_CHUNK, (c + 1)·ROW_CHUNK) ∩ [0, T) of chunk c = program_id(0) and one F slice: per
-    row tile, dz = dy·wo[:, f-slice]; du = dz ⊙ s; dp partial = (dz ⊙ u)·expertsᵀ (slot: the F tile); the chunk's
-    d experts partial Σ_tiles pᵀ·(dz ⊙ u) accumulates in registers, in row order, into slot c."""
-    # 2-D grid, chunks fastest: the programs in flight share F slices of wo (L2) across the chunks
-    pid_c = tl.program_id(0).to(tl.int64)  # 64-bit: row and partial-buffer offsets pass 2^31
-    pid_f = tl.program_id(1).to(tl.int64)
+    """For the rows [c·ROW_CHUNK, (c + 1)·ROW_CHUNK) ∩ [0, T) of row chunk c = program_id(0) and the columns
+    [j·F_CHUNK, (j + 1)·F_CHUNK) ∩ [0, F) of F chunk j = program_id(1), per F tile (outer) and row tile (inner):
+    dz = dy·wo[:, f-slice]; du = dz ⊙ s; the chunk's dp partial Σ_tiles (dz ⊙ u)·experts[:, f-slice]ᵀ accumulates
+    in its slot j, in F order (the slot's rows of this row chunk belong to this program alone); the F tile's
+    d experts partial Σ_rows pᵀ·(dz ⊙ u) accumulates in registers, in row order, into slot c."""
+    # 2-D grid, row chunks fastest: the programs in flight share F slices of wo (L2) across the row chunks
+    # row and column indices are 32-bit (T, F < 2^31); element offsets that pass 2^31 (a row times its stride, a
+    # slot times its size) are formed in 64 bits into scalar base pointers
+    pid_c = tl.program_id(0)
+    pid_j = tl.program_id(1)
     row_start = pid_c * ROW_CHUNK
+    row_start64 = pid_c.to(tl.int64) * ROW_CHUNK
     row_end = tl.minimum(row_start + ROW_CHUNK, T)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_start = pid_j * F_CHUNK
+    f_end = tl.minimum(f_start + F_CHUNK, F)
     offs_e = tl.arange(0, BLOCK_E)
-    col_ok = offs_f[None, :] < F
-    if ROUTING == "none":  # p ≡ 1: d experts[0, 0, f] = Σ_t ds
-        dex = tl.zeros((BLOCK_F,), dtype=tl.float32)
-    else:
-        dex = tl.zeros((BLOCK_E, BLOCK_F), dtype=tl.float32)
-    if NEED_DP:  # experts[:, f-slice]ᵀ, the same for every row tile
-        e_mask = (offs_e[:, None] < E) & col_ok
-        ex_t = tl.trans(
-            tl.load(experts_ptr + offs_e[:, None] * stride_ee + offs_f[None, :] * stride_ef, mask=e_mask, other=0.0)
-        )
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m[:, None] < row_end
-        # ---- main loop over M: dz = dy·wo
-        dz = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
-        for k0 in range(0, M, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            dy = tl.load(
-                dy_ptr + offs_m[:, None] * stride_dyt + offs_k[None, :] * stride_dym,
-                mask=row_ok & (offs_k[None, :] < M),
-                other=0.0,
+    dp_part = dp_part_ptr + pid_j.to(tl.int64) * stride_dpj  # this F chunk's slot
+    for f0 in range(f_start, f_end, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        col_ok = offs_f[None, :] < f_end  # columns past the chunk's end read as 0 and are not stored
+        if ROUTING == "none":  # p ≡ 1: d experts[0, 0, f] = Σ_t ds
+            dex = tl.zeros((BLOCK_F,), dtype=tl.float32)
+        else:
+            dex = tl.zeros((BLOCK_E, BLOCK_F), dtype=tl.float32)
+        if NEED_DP:  # experts[:, f-slice]ᵀ, the same for every row tile
+            e_mask = (offs_e[:, None] < E) & col_ok
+            ex_t = tl.trans(
+                tl.load(experts_ptr + offs_e[:, None] * stride_ee + offs_f[None, :] * stride_ef, mask=e_mask, other=0.0)
             )
-            wo = tl.load(
-                wo_ptr + offs_k[:, None] * stride_wom + offs_f[None, :] * stride_wof,
-                mask=(offs_k[:, None] < M) & col_ok,
-                other=0.0,
-            )
-            dz = tl.dot(dy, wo, dz, input_precision=DOT_PRECISION)
-        # ---- epilogue: merge recomputed from p, then the MoV gradients
-        tile_mask = row_ok & col_ok
-        u = tl.load(
-            inter_ptr + offs_m[:, None] * stride_ut + offs_f[None, :] * stride_uf, mask=tile_mask, other=0.0
-        ).to(tl.float32)
-        ds = dz * u
-        if ROUTING == "none":
-            p = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-        else:  # rows past the chunk's end are 0, so they add nothing to d experts
-            p = _routing_weights(p_ptr, offs_m, offs_e, row_end, E, stride_pt, stride_pe, ROUTING, TOP_K, RENORMALIZE)
-        if NEED_DU:
-            s = _merge(p, experts_ptr, offs_e, offs_f, E, F, stride_ee, stride_ef, du_ptr.dtype.element_ty, ROUTING)
-            tl.store(
-                du_ptr + offs_m[:, None] * stride_dut + offs_f[None, :] * stride_duf,
-                (dz * s).to(du_ptr.dtype.element_ty),
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rows = row_end - m0  # tile rows in [0, rows) belong to the chunk
+            row0 = row_start64 + (m0 - row_start)  # m0 in 64 bits
+            offs_m = tl.arange(0, BLOCK_M)
+            row_ok = offs_m[:, None] < rows
+            # ---- main loop over M: dz = dy·wo
+            dy_tile = dy_ptr + row0 * stride_dyt
+            dz = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+            for k0 in range(0, M, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                dy = tl.load(
+                    dy_tile + offs_m[:, None] * stride_dyt + offs_k[None, :] * stride_dym,
+                    mask=row_ok & (offs_k[None, :] < M),
+                    other=0.0,
+                )
+                wo = tl.load(
+                    wo_ptr + offs_k[:, None] * stride_wom + offs_f[None, :] * stride_wof,
+                    mask=(offs_k[:, None] < M) & col_ok,
+                    other=0.0,
+                )
+                dz = tl.dot(dy, wo, dz, input_precision=DOT_PRECISION)
+            # ---- epilogue: merge recomputed from p, then the MoV gradients
+            tile_mask = row_ok & col_ok
+            u = tl.load(
+                inter_ptr + row0 * stride_ut + offs_m[:, None] * stride_ut + offs_f[None, :] * stride_uf,
                 mask=tile_mask,
-            )
-        if NEED_DP:
-            dp = tl.dot(ds, ex_t, input_precision=ROUTER_PRECISION)  # [BLOCK_M, BLOCK_E]
-            tl.store(
-                dp_part_ptr + pid_f * stride_dpj + offs_m[:, None] * stride_dpt + offs_e[None, :],
-                dp,
-                mask=row_ok & (offs_e[None, :] < E),
-            )
+                other=0.0,
+            ).to(tl.float32)
+            ds = dz * u
+            if ROUTING == "none":
+                p = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+            else:  # rows past the chunk's end are 0, so they add nothing to d experts
+                p = _routing_weights(
+                    p_ptr + row0 * stride_pt, offs_m, offs_e, rows, E, stride_pt, stride_pe, ROUTING, TOP_K, RENORMALIZE
+                )
+            if NEED_DU:
+                s = _merge(
+                    p, experts_ptr, offs_e, offs_f, E, f_end, stride_ee, stride_ef, du_ptr.dtype.element_ty, ROUTING
+                )
+                tl.store(
+                    du_ptr + row0 * stride_dut + offs_m[:, None] * stride_dut + offs_f[None, :] * stride_duf,
+                    (dz * s).to(du_ptr.dtype.element_ty),
+                    mask=tile_mask,
+                )
+            if NEED_DP:
+                dp = tl.dot(ds, ex_t, input_precision=ROUTER_PRECISION)  # [BLOCK_M, BLOCK_E]
+                dp_ptrs = dp_part + row0 * stride_dpt + offs_m[:, None] * stride_dpt + offs_e[None, :]
+                dp_mask = row_ok & (offs_e[None, :] < E)
+                # the chunk's first F tile stores, later ones add (every slot entry is fully written: re-runs of
+                # autotune give the same result); the flag is a [1, BLOCK_E] tensor: a scalar one in the mask fails
+                # in the interpreter
+                later = (f0 + tl.zeros((1, BLOCK_E), dtype=tl.int32)) > f_start
+                dp += tl.load(dp_ptrs, mask=dp_mask & later, other=0.0)
+                tl.store(dp_ptrs, dp, mask=dp_mask)
+            if NEED_DEXPERTS:
+                if ROUTING == "none":
+                    dex += tl.sum(ds, axis=0)
+                else:
+                    dex = tl.dot(tl.trans(p), ds, dex, input_precision=ROUTER_PRECISION)  # [BLOCK_E, BLOCK_F]
+        # ---- the F tile's d experts partial: slot c, columns written by this program alone
         if NEED_DEXPERTS:
             if ROUTING == "none":
-                dex += tl.sum(ds, axis=0)
+                tl.store(dexperts_part_ptr + pid_c.to(tl.int64) * stride_dej + offs_f, dex, mask=offs_f < f_end)
             else:
-                dex = tl.dot(tl.trans(p), ds, dex, input_precision=ROUTER_PRECISION)  # [BLOCK_E, BLOCK_F]
-    # ---- the chunk's d experts partial: one slot per chunk, written by this program alone
-    if NEED_DEXPERTS:
-        if ROUTING == "none":
-            tl.store(dexperts_part_ptr + pid_c * stride_dej + offs_f, dex, mask=offs_f < F)
-        else:
-            tl.store(
-                dexperts_part_ptr + pid_c * stride_dej + offs_e[:, None] * stride_dee + offs_f[None, :],
-                dex,
-                mask=(offs_e[:, None] < E) & col_ok,
-            )
+                dex_part = dexperts_part_ptr + pid_c.to(tl.int64) * stride_dej
+                tl.store(
+                    dex_part + offs_e[:, None] * stride_dee + offs_f[None, :],
+                    dex,
+                    mask=(offs_e[:, None] < E) & col_ok,
+                )
+        if NEED_DP:  # the next F tile reads this one's dp stores, which other threads of the program may have made
+            tl.debug_barrier()
 
 
 # ------------------------------------------------------------------------------------------
@@ -572,9 +610,9 @@ def _ffn_down_backward_kernel(
 
 @triton.jit
 def _router_backward_kernel(
-    dp_part_ptr, p_soft_ptr,  # inputs: dp partials [NUM_F_TILES, T, E], p_soft [T, E] (both float32, contiguous)
+    dp_part_ptr, p_soft_ptr,  # inputs: dp partials [F_SLOTS, T, E], p_soft [T, E] (both float32, contiguous)
     out_ptr,  # output [T, E] float32: dlogits (SELF_ROUTED) or dp
-    T, E, NUM_F_TILES, stride_dpj,
+    T, E, F_SLOTS, stride_dpj,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SELF_ROUTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -585,7 +623,7 @@ def _router_backward_kernel(
     idx = offs_m[:, None] * E + offs_e[None, :]
     dp = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     part_ptr = dp_part_ptr
-    for _ in range(0, NUM_F_TILES):  # the pointer advances in 64 bits: j·stride_dpj passes 2^31 at long T
+    for _ in range(0, F_SLOTS):  # the pointer advances in 64 bits: j·stride_dpj passes 2^31 at long T
         dp += tl.load(part_ptr + idx, mask=mask, other=0.0)
         part_ptr += stride_dpj
     if SELF_ROUTED:
@@ -762,11 +800,6 @@ def plan_problem(
     return Problem(T, M, F, E, dtype, bool(gated), mode, activation, k, bool(renormalize) and k > 0)
 
 
-def _num_tiles(size: int, configs, block: str) -> int:
-    """Slots of a split buffer: enough for the smallest ``block`` autotune may pick."""
-    return triton.cdiv(size, min(c.kwargs[block] for c in configs))
-
-
 #: Streaming multiprocessors of the largest target (H100 SXM: 132): the backward's row chunks give each programs.
 NUM_SMS = 132
 #: Waves of programs the row chunks aim for on NUM_SMS (several: the last wave is a small share of the work).
@@ -803,10 +836,11 @@ def f_chunk(pb: Problem, configs, programs: int) -> int:
     tile autotune picks. ``programs``: the programs along T that each F chunk is paired with ((a): the row tiles
     of the largest BLOCK_M in ``configs``; (c): its row chunks).
 
-    A multiple of every BLOCK_F in ``configs`` (F tiles never straddle two chunks). The number of chunks n is the
-    fewest that give CHUNK_WAVES waves of programs over NUM_SMS, capped so n·T·E·4 bytes ≤ T·F·itemsize /
-    PARTIAL_SHARE (the partials' bytes against a [T, F] activation's), raised again to one full wave where that
-    cap is smaller; the chunk is then the largest aligned one that still gives at least n chunks.
+    A multiple of every BLOCK_F in ``configs`` (F tiles never straddle two chunks). The number of chunks aimed for
+    is the fewest that give CHUNK_WAVES waves of programs over NUM_SMS, capped so n·T·E·4 bytes ≤ T·F·itemsize /
+    PARTIAL_SHARE (the partials' bytes against a [T, F] activation's); the chunk is that share of F rounded up to
+    the alignment (at most that many chunks), or, where that leaves the first wave of NUM_SMS programs unfilled,
+    the widest aligned chunk that fills it.
     """
     align = max(c.kwargs["BLOCK_F"] for c in configs)
     tiles_f = triton.cdiv(pb.F, align)
@@ -814,11 +848,12 @@ def f_chunk(pb: Problem, configs, programs: int) -> int:
         return tiles_f * align
     waves = triton.cdiv(CHUNK_WAVES * NUM_SMS, programs)
     cap = (pb.F * pb.itemsize) // (PARTIAL_SHARE * 4 * pb.E)
-    chunks = min(max(min(waves, cap), triton.cdiv(NUM_SMS, programs), 1), tiles_f)
-    if chunks == 1:
-        return tiles_f * align
-    # cdiv(F, c) >= chunks  <=>  (chunks - 1)·c < F; (chunks - 1)·align < F, so c >= align
-    return (pb.F - 1) // (chunks - 1) // align * align
+    chunk = triton.cdiv(triton.cdiv(pb.F, max(min(waves, cap), 1)), align) * align
+    wave = min(triton.cdiv(NUM_SMS, programs), tiles_f)  # chunks that fill one wave (or one tile each)
+    if triton.cdiv(pb.F, chunk) < wave:
+        # cdiv(F, c) >= wave  <=>  (wave - 1)·c < F; (wave - 1)·align < F, so c >= align
+        chunk = (pb.F - 1) // (wave - 1) // align * align
+    return chunk
 
 
 def up_f_chunk(pb: Problem) -> int:
@@ -945,16 +980,15 @@ def down_backward_launch(
     strides: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[dict[str, Buffer], Launch]:
     """(c) on dy, wo, inter (u), experts and p (p_soft when self-routed, probs when given): buffers du [T, F]
-    (x's dtype), the dp partials "dp_part" [F slots, T, E] and d experts partials "dexperts_part" [row chunks, E, F]
-    (float32, every slot written: their sum is d experts), each when needed."""
+    (x's dtype), the dp partials "dp_part" [F chunks, T, E] and d experts partials "dexperts_part" [row chunks, E, F]
+    (float32, every slot written: their sums are dp and d experts), each when needed (:func:`down_backward_chunks`)."""
     T, M, F, E = pb.T, pb.M, pb.F, pb.E
-    configs = _ffn_down_backward_kernel.configs
-    chunk = row_chunk(pb, configs)
+    chunk, cols = down_backward_chunks(pb)
     buffers = {}
     if need_du:
         buffers["du"] = Buffer((T, F), pb.dtype)
     if need_dp:
-        buffers["dp_part"] = Buffer((_num_tiles(F, configs, "BLOCK_F"), T, E), "float32")
+        buffers["dp_part"] = Buffer((triton.cdiv(F, cols), T, E), "float32")
     if need_dexperts:
         buffers["dexperts_part"] = Buffer((triton.cdiv(T, chunk), E, F), "float32")
     p_name = {ROUTE_SELF: "p_soft", ROUTE_GIVEN: "probs", ROUTE_NONE: None}[pb.mode]
@@ -966,7 +1000,7 @@ def down_backward_launch(
     sdp = _strided(buffers["dp_part"].strides if need_dp else None, need_dp)
     sde = _strided(buffers["dexperts_part"].strides if need_dexperts else None, need_dexperts)
     scalars = dict(
-        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), ROW_CHUNK=chunk,
+        T=T, M=M, F=F, E=E, T_BUCKET=t_bucket(T), ROW_CHUNK=chunk, F_CHUNK=cols,
         stride_dyt=sdy[0], stride_dym=sdy[1], stride_wom=sw[0], stride_wof=sw[1],
         stride_ut=su[0], stride_uf=su[1], stride_ee=se[0], stride_ef=se[1],
         stride_pt=sp[0], stride_pe=sp[1],
@@ -981,14 +1015,14 @@ def down_backward_launch(
         role="down_backward", name="pemoe_mov_ffn_down_bwd", kernel=_ffn_down_backward_kernel,
         inputs=("dy", "wo", "inter", "experts", p_name),
         outputs=tuple(n if n in buffers else None for n in ("du", "dp_part", "dexperts_part")),
-        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=chunk_grid(pb, chunk, "BLOCK_F"),
+        scalars=scalars, constexprs={**cx, **pb.precisions}, grid=chunk_pair_grid(pb, chunk, cols),
         configs=_configs(_ffn_down_backward_kernel, pb, {"BLOCK_M": T, "BLOCK_F": F, "BLOCK_K": M}),
     )  # fmt: skip
     return buffers, launch
 
 
-def router_backward_launch(pb: Problem, num_f_tiles: int) -> tuple[dict[str, Buffer], Launch]:
-    """(r) on the ``num_f_tiles`` dp partials (and p_soft when self-routed): buffer "d_route" [T, E] float32,
+def router_backward_launch(pb: Problem) -> tuple[dict[str, Buffer], Launch]:
+    """(r) on the cdiv(F, F_CHUNK) dp partials of (c) (and p_soft when self-routed): buffer "d_route" [T, E] float32,
     dlogits (self-routing) or d probs (given probs)."""
     T, E = pb.T, pb.E
     self_routed = pb.mode == ROUTE_SELF
@@ -1000,7 +1034,7 @@ def router_backward_launch(pb: Problem, num_f_tiles: int) -> tuple[dict[str, Buf
     launch = Launch(
         role="router_backward", name="pemoe_mov_ffn_router_bwd", kernel=_router_backward_kernel,
         inputs=("dp_part", "p_soft" if self_routed else None), outputs=("d_route",),
-        scalars=dict(T=T, E=E, NUM_F_TILES=num_f_tiles, stride_dpj=T * E),
+        scalars=dict(T=T, E=E, F_SLOTS=triton.cdiv(pb.F, down_backward_chunks(pb)[1]), stride_dpj=T * E),
         constexprs=cx, grid=lambda meta: router_backward_grid(T),
         configs=(triton.Config({}, num_warps=ROUTER_BACKWARD_CONFIG["num_warps"]),),
     )  # fmt: skip

@@ -219,23 +219,25 @@ def hbm_traffic(
         need_dp = (self_routed and (need_x or need_dr)) or (given and need_probs)
         p_saved = te_b if routing != ROUTE_NONE else 0
         # row chunks of (c) and (d) (the launch plan's choice: one d experts / d router partial slot each)
-        # ---- (c)
+        # ---- (c): programs own (row chunk, F chunk); dp: one slot per F chunk, d experts: one per row chunk
         c = cfg["_ffn_down_backward_kernel"]
-        chunk = mov_ffn.row_chunk(pb, _ffn_down_backward_kernel.configs)
+        chunk, cols = mov_ffn.down_backward_chunks(pb)
         n_c, n_m, n_f = triton.cdiv(T, chunk), _row_tiles(T, chunk, c["BLOCK_M"]), triton.cdiv(F, c["BLOCK_F"])
+        dp_slots = triton.cdiv(F, cols)
         dex_rows = E if routing != ROUTE_NONE else 1
+        dex_b = n_c * dex_rows * F * f32 if need_experts else 0
         loaded = x_b * n_f + wo_b * n_m + u_b + p_saved * n_f  # dy is [T, M] like x
-        loaded += (ex_b * n_m if need_x else 0) + (E * F * f32 * n_c if need_dp else 0)  # dp's experts: once a chunk
-        stored = (u_b if need_x else 0) + (n_f * te_b if need_dp else 0)
-        stored += n_c * dex_rows * F * f32 if need_experts else 0
-        kernels["_ffn_down_backward_kernel"] = KernelBytes(loaded, stored, x_b + wo_b + u_b + p_saved + ex_b + stored)
+        loaded += (ex_b * n_m if need_x else 0) + (E * F * f32 * n_c if need_dp else 0)  # dp's experts: a row chunk
+        loaded += (n_f - dp_slots) * te_b if need_dp else 0  # dp slot rows read back by every F tile but the first
+        stored = (u_b if need_x else 0) + (n_f * te_b if need_dp else 0) + dex_b  # dp: every F tile stores its sum
+        unique = x_b + wo_b + u_b + p_saved + ex_b + (u_b if need_x else 0) + (dp_slots * te_b if need_dp else 0)
+        kernels["_ffn_down_backward_kernel"] = KernelBytes(loaded, stored, unique + dex_b)
         if need_experts:
             part = n_c * dex_rows * F * f32
             kernels["d_experts_reduce"] = KernelBytes(part, dex_rows * F * f32, part + dex_rows * F * f32, False)
-        dp_tiles = n_f
         # ---- (r)
         if need_dp:
-            loaded = dp_tiles * te_b + (te_b if self_routed else 0)
+            loaded = dp_slots * te_b + (te_b if self_routed else 0)
             kernels["_router_backward_kernel"] = KernelBytes(loaded, te_b, loaded + te_b)
         # ---- (d)
         if need_x or need_dr:
@@ -285,6 +287,11 @@ def down_mma_flops(
 
 #: T5-large FFN (v1.1 widths, one 2 × 1024-token batch).
 AOT_SHAPE = dict(T=2048, M=1024, F=2816)
+#: (kernel, case name, capability) of the default configs known to spill: the float32 down-backward at E = 30 on
+#: sm_80, where ptxas holds the F-chunk loop (row tiles inner, dp read back per F tile, "ieee" FMA dots) at 128
+#: registers and spills 24 bytes at every warp count, stage count and tile tried (float32 is the correctness
+#: path; the 16-bit defaults and the other float32 ones are spill-free).
+KNOWN_SPILLS = {("_ffn_down_backward_kernel", "fp32 gated-gelu_new-E30 64x32x32", 80)}
 AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -309,14 +316,13 @@ def _aot_launches(dtype, gated, mode, E, activation="gelu_new", top_k=None, reno
     )  # fmt: skip
     cpu = torch.device("cpu")
     tensors = dict(x=x, dy=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs)
-    num_f_tiles = triton.cdiv(F, 128)
     plans = [
         up_launch(prob),
         down_launch(prob, True),
         down_backward_launch(prob, True, mode != ROUTE_NONE, True),
     ]
     if mode != ROUTE_NONE:
-        plans.append(router_backward_launch(prob, num_f_tiles))
+        plans.append(router_backward_launch(prob))
     plans.append(up_backward_launch(prob, True, mode == ROUTE_SELF))
     out = []
     for buffers, launch in plans:

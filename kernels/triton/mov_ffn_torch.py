@@ -5,7 +5,6 @@ its names (``mov_ffn``, the custom ops) are read as attributes of that module.""
 from __future__ import annotations
 
 import torch
-import triton
 
 from pemoe.kernels.triton.autograd import absent, allocate, launch_device, run_launch
 from pemoe.kernels.triton.interpreter import INTERPRET
@@ -111,11 +110,6 @@ def _strides(**tensors: torch.Tensor | None) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.stride()) for name, t in tensors.items() if t is not None}
 
 
-def _best(launch) -> dict:
-    """The tile configuration the launch ran with (the autotuner's pick)."""
-    return launch.kernel.best_config.kwargs
-
-
 def _forward(x, wi_0, wi_1, wo, router, experts, probs, prob: Problem, save_p_soft: bool):
     """Launches (a) and (b); returns (y [T, M], u [T, F], p_soft [T, E] float32 or None)."""
     dev = x.device
@@ -133,7 +127,6 @@ def _forward(x, wi_0, wi_1, wo, router, experts, probs, prob: Problem, save_p_so
 def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob: Problem, needs):
     """Launches (c), (r), (d) and the dx GEMMs; returns (dx, d router, d experts, d probs), None where not needed."""
     need_x, need_router, need_experts, need_probs = needs
-    F = inter.shape[1]
     plan = backward_needs(prob, need_x, need_router, need_experts, need_probs)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()  # explicit: unit-stride rows for the GEMM loads
     dev = x.device
@@ -144,7 +137,6 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
     buffers, down = down_backward_launch(prob, plan["need_du"], plan["need_dp"], plan["need_dexperts"], strides)
     tensors |= allocate(buffers, dev)
     run_launch(down, tensors, dev)
-    best = _best(down)
     d_experts = d_probs = d_router = dx = None
     if need_experts:
         # one slot per row chunk, every one written; freed before (d) allocates its own partials
@@ -153,7 +145,7 @@ def _backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, prob
             d_experts = d_experts[:, :1]  # only expert row 0 is written when p ≡ 1 (E = 1)
     # ---- (r)
     if plan["need_dp"]:
-        buffers, router_bwd = router_backward_launch(prob, triton.cdiv(F, best["BLOCK_F"]))
+        buffers, router_bwd = router_backward_launch(prob)
         tensors |= allocate(buffers, dev)
         run_launch(router_bwd, tensors, dev)
         del tensors["dp_part"]  # summed by (r): freed before (d)

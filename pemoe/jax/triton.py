@@ -524,7 +524,6 @@ def _ffn_backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, 
     """(c), (r), (d) and the dx GEMMs (XLA); every gradient the op's inputs have. Returns (dx, d router,
     d experts, d probs, dh0, dg) — dh0/dg [T, F] for the frozen weights' cotangents."""
     pb = _ffn_problem(x, wi_0, wi_1, router, experts, probs, activation, top_k, renormalize)
-    F = pb.F
     self_routed, given = pb.mode == mf.ROUTE_SELF, pb.mode == mf.ROUTE_GIVEN
     arrays = dict(
         x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, probs=probs, dy=dy.astype(x.dtype),
@@ -534,14 +533,13 @@ def _ffn_backward(dy, x, wi_0, wi_1, wo, router, experts, probs, inter, p_soft, 
     # ---- (c)
     buffers, down = mf.down_backward_launch(pb, True, need_dp, True)
     _plan_launch(down, buffers, arrays, "default")
-    tiles = down.configs[0].kwargs
     d_experts = arrays["dexperts_part"].sum(0)[None]  # one slot per row chunk, every one written
     if pb.mode == mf.ROUTE_NONE:
         d_experts = d_experts[:, :1]  # only expert row 0 is written when p ≡ 1 (E = 1)
     # ---- (r)
     d_probs = None
     if need_dp:
-        buffers, router_bwd = mf.router_backward_launch(pb, triton.cdiv(F, tiles["BLOCK_F"]))
+        buffers, router_bwd = mf.router_backward_launch(pb)
         _plan_launch(router_bwd, buffers, arrays, "default")
         d_probs = arrays["d_route"] if given else None
     # ---- (d) and the dx GEMMs
