@@ -136,7 +136,8 @@ def test_small_tiles_many_adapters_per_tile(e):
 
 
 def test_ffn_small_tiles_sum_the_logit_partials():
-    """Forced narrow F tiles: the FFN router's logits are the sum of four F tiles' partials."""
+    """Forced narrow F tiles: the FFN router's logits are the sum of four F tiles' shares (one F chunk at this
+    size: the up kernel's loop over the chunk's tiles)."""
     args = inputs("mov_ffn", 21, 4, ids="all", a=4)
     up = {"BLOCK_M": 16, "BLOCK_F": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
     scale = {"BLOCK_M": 16, "BLOCK_F": 32, "num_warps": 4, "num_stages": 1}
@@ -149,6 +150,42 @@ def test_ffn_small_tiles_sum_the_logit_partials():
         )  # fmt: skip
 
     check("mov_ffn", args, torch.float32, call)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk", [16, 32, 48])
+@pytest.mark.parametrize("t", [0, 1, 37])
+def test_ffn_f_chunks_sum_every_f_tile(monkeypatch, dtype, chunk, t):
+    """The up kernel loops over the 16-column F tiles of its F chunk, accumulates their logit shares and writes
+    one partial slot per chunk, which the scaling sums: F = 56 in chunks of 16 (4 slots of one tile), 32 (2 and
+    2 tiles, the last one partial) or 48 (3 tiles, then one partial tile: the chunk's end cuts the F range, not a
+    tile). A skipped F tile or a dropped slot changes the routing and the output."""
+    monkeypatch.setattr(kernel, "f_chunk", lambda pb, configs, programs: chunk)
+    launched = {}
+    launch = kernel._launch
+
+    def spy(k, grid, args, constexprs, config):
+        launched[k] = (grid, args)
+        launch(k, grid, args, constexprs, config)
+
+    monkeypatch.setattr(kernel, "_launch", spy)
+    args = inputs("mov_ffn", t, 4, ids="all" if t > 1 else "one", a=4)  # "all" gives token 0 id -1
+    up = {"BLOCK_M": 16, "BLOCK_F": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+
+    def call(x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize):
+        ids = adapter_ids.reshape(-1)
+        return kernel.mov_ffn_banked(
+            x, wi_0, wi_1, wo, ids, router, experts, None, activation, top_k, renormalize, up_config=up
+        )
+
+    check("mov_ffn", args, dtype, call)
+    if t == 0:  # no rows: nothing to launch
+        assert not launched
+        return
+    slots = -(-F // chunk)
+    grid, up_args = launched[kernel.mov_ffn_banked_up_kernel]
+    assert up_args[7].shape == (slots, t, 4) and grid({"BLOCK_M": 16}) == (-(-t // 16) * slots,)
+    assert launched[kernel.mov_ffn_banked_scale_kernel][1][12] == slots
 
 
 @pytest.mark.parametrize("activation,gated", [("silu", True), ("relu", False)])

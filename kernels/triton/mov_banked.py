@@ -14,11 +14,18 @@ for every head. Three uses:
 * ``mov``: h given ([T, N], N = G·D): one kernel, no GEMM;
 * ``mov_linear``: h = x·Wᵀ + b in float32 from the GEMM's main loop, the MoV scaling in its epilogue (one
   kernel, h never written);
-* ``mov_ffn``: (a) the dual up GEMM writes u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ] and, per F tile, the router-logit
-  partials act(x·wi_0ᵀ)[:, f-slice] · router[a][f-slice] (the router of the FFN site reads all F columns, so
-  the softmax needs every F tile first); (b) one pass over u [T, F] sums the partials, routes, and scales u
-  in place by s; the down projection is ``F.linear(u, wo)`` (the vendor GEMM: the banked scaling sits
-  before it, not in it).
+* ``mov_ffn``: (a) the dual up GEMM writes u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ] and the router-logit partials
+  act(x·wi_0ᵀ)[:, f-slice] · router[a][f-slice] (the router of the FFN site reads all F columns, so the
+  softmax needs every F column first). Each program owns a row tile and a chunk of F_CHUNK columns (a
+  runtime scalar from the plan, :func:`up_f_chunk`: :mod:`.mov_ffn`'s :func:`.mov_ffn.f_chunk`), loops over
+  the chunk's F tiles, adds each tile's share to a [BLOCK_M, BLOCK_E] float32 register accumulator in F
+  order and writes the chunk's sum to one slot of ``logits_part [cdiv(F, F_CHUNK), T, E]`` float32 (no
+  atomics: each slot entry is written by one program, so the result is deterministic). The slots are
+  counted from the plan, not from the tile autotune picks, and stay few: at T = 8192, F = 10240, E = 60
+  9 slots (17.7 MB), where one slot per F tile of the narrowest BLOCK_F would be 320 (629 MB); SPEC §3 allows
+  [T, E] float32 beyond a plain FFN. (b) one pass over u [T, F] sums the cdiv(F, F_CHUNK) partials in slot
+  order, routes, and scales u in place by s; the down projection is ``F.linear(u, wo)`` (the vendor GEMM:
+  the banked scaling sits before it, not in it).
 
 Per-row adapters in a tile. The launcher sorts the tokens by adapter (a stable argsort on the device, no
 host sync) and the kernels walk their row tiles in that order through the permutation (x rows are read
@@ -35,7 +42,9 @@ are read in their dtype (``"ieee"`` for float32 activations); the epilogue produ
 through :mod:`.split_dot` (16-bit activations: hi/lo splits on 16-bit tensor cores; float32: ``"ieee"``);
 the router of ``mov`` / ``mov_linear`` reads h rounded to the activation dtype (as the reference does), the
 FFN router reads act(x·wi_0ᵀ) in float32 (as :mod:`.mov_ffn` does); element-wise math is float32, the
-output is cast at the store. Row offsets are 64-bit (T·K, T·N, T·F pass 2^31 at long contexts).
+output is cast at the store. Row offsets are 64-bit (T·K, T·N, T·F pass 2^31 at long contexts); in the FFN's
+up kernel the row tile's and slot's offsets go into scalar base pointers in 64 bits and the offsets within
+the tile stay 32-bit, except the gathered token rows of x and u.
 
 Limits (NotImplementedError naming what is supported): as the single-adapter kernels — ``mov`` /
 ``mov_linear``: D ∈ {16, 32, 64, 128}; E ≤ 64; float16 / bfloat16 / float32 activations with float32
@@ -60,7 +69,7 @@ import triton.language as tl
 from pemoe.kernels.triton import mov_linear, routing, split_dot, tiles
 from pemoe.kernels.triton.autograd import launch_device, refuse_grad
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
-from pemoe.kernels.triton.mov_ffn import _up_tile
+from pemoe.kernels.triton.mov_ffn import ROUTE_SELF, Problem, _up_tile, f_chunk
 from pemoe.kernels.triton.mov_linear import _expert_block, _linear_tile, _sentence_probs_tile
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
@@ -232,11 +241,11 @@ K_ROW_BYTES = 128
 #: first is the default. Calibrated spill-free on sm_80 and sm_90 by the AOT reports.
 UP_CONFIGS = [
     _cfg(8, 3, BLOCK_M=64, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),  # 16-bit, E ≤ 16 (wgmma on sm_90)
-    _cfg(4, 4, BLOCK_M=32, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),  # 16-bit, E > 16; decode-sized T
+    _cfg(8, 4, BLOCK_M=32, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),  # 16-bit, E > 16; decode-sized T (4 warps spill)
     _cfg(4, 4, BLOCK_M=16, BLOCK_F=64, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 3, BLOCK_M=128, BLOCK_F=128, BLOCK_K=64, GROUP_M=8),  # tuning only (larger tiles)
     _cfg(4, 4, BLOCK_M=64, BLOCK_F=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=32, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),  # float32
+    _cfg(8, 2, BLOCK_M=32, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),  # float32 (3 stages spill on sm_90 with E > 16)
     _cfg(8, 3, BLOCK_M=64, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 3, BLOCK_M=16, BLOCK_F=32, BLOCK_K=32, GROUP_M=8),
 ]
@@ -293,46 +302,62 @@ _FFN_KEY = ["T_BUCKET", "M", "F", "E"]
 def mov_ffn_banked_up_kernel(
     # inputs: x [T, M], wi_0/wi_1 [F, M], router [A, F, E]; ids [T] int32 sorted, rows [T] int64
     x_ptr, wi_0_ptr, wi_1_ptr, router_ptr, ids_ptr, rows_ptr,
-    # outputs: u [T, F] in token order; logit partials [NUM_F_TILES, T, E] float32 in sorted order
+    # outputs: u [T, F] in token order; logit partials [F_SLOTS, T, E] float32 in sorted order
     u_ptr, logits_part_ptr,
-    T, M, F, E, A, T_BUCKET,
+    T, M, F, E, A, T_BUCKET, F_CHUNK,
     stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m, stride_lj,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, ROUTE_LOGITS: tl.constexpr,
     MAIN_PRECISION: tl.constexpr, EPILOGUE_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ]; logits_part[pid_f, i] = act(x·wi_0ᵀ)[row i, f-slice]·router[ids[i]][f-slice]."""
+    """For one row tile (sorted positions) and the columns [j·F_CHUNK, (j + 1)·F_CHUNK) ∩ [0, F) of F chunk j: per
+    F tile, u = act(x·wi_0ᵀ) [⊙ x·wi_1ᵀ] at the tokens' rows; the chunk's logit partial
+    Σ_tiles act(x·wi_0ᵀ)[row i, f-slice]·router[ids[i]][f-slice] accumulates in registers, in F order, into
+    slot j."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    pid_m, pid_f = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, BLOCK_F), GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: T·M, T·F, NUM_F_TILES·T·E
-    in_rows = offs_m < T
+    pid_m, pid_j = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, F_CHUNK), GROUP_M)
+    # the row tile's and slot's offsets go into the base pointers in 64 bits (slots·T·E passes 2^31 at long T);
+    # sorted positions within the tile stay 32-bit. The tokens' rows (x, u) are a gather: 64-bit per row.
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    ids_ptr += row0
+    rows_ptr += row0
+    offs_m = tl.arange(0, BLOCK_M)
+    in_rows = offs_m < T - row0
     tok = tl.load(rows_ptr + offs_m, mask=in_rows, other=T)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    # ---- main loop and activation: act = act(x·wi_0ᵀ), u = act [⊙ x·wi_1ᵀ] (the token's own rows of x)
-    act, _, g = _up_tile(
-        x_ptr, wi_0_ptr, wi_1_ptr, tok, offs_f, T, F, M,
-        stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
-        ACTIVATION, GATED, False, MAIN_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
-    )  # fmt: skip
-    u = act * g if GATED else act
-    # ---- epilogue: u at the tokens' rows (padded columns: act(0) = 0)
-    tile_ok = in_rows[:, None] & (offs_f[None, :] < F)
-    tl.store(u_ptr + tok[:, None] * F + offs_f[None, :], u.to(u_ptr.dtype.element_ty), mask=tile_ok)
-    if ROUTE_LOGITS:  # this F slice's share of every row's logits, with the row's own router
+    offs_e = tl.arange(0, BLOCK_E)
+    f_start = pid_j * F_CHUNK
+    f_end = tl.minimum(f_start + F_CHUNK, F)
+    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    if ROUTE_LOGITS:
         aid = tl.load(ids_ptr + offs_m, mask=in_rows, other=-1)
-        offs_e = tl.arange(0, BLOCK_E)
-        r_mask = (offs_f[:, None] < F) & (offs_e[None, :] < E)
-        logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-        a = _first_adapter(aid, A)
-        while a < A:
-            r_ptrs = router_ptr + a.to(tl.int64) * F * E + offs_f[:, None] * E + offs_e[None, :]
-            router = tl.load(r_ptrs, mask=r_mask, other=0.0)
-            logits_a = split_dot.dot_split(
-                act, router, tl.zeros((BLOCK_M, BLOCK_E), tl.float32), DT, EPILOGUE_PRECISION
-            )
-            logits = tl.where((aid == a)[:, None], logits_a, logits)
-            a = _next_adapter(aid, a, A)
-        part = logits_part_ptr + pid_f.to(tl.int64) * stride_lj + offs_m[:, None] * E + offs_e[None, :]
+        first = _first_adapter(aid, A)
+    for f0 in range(f_start, f_end, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        # ---- main loop and activation: act = act(x·wi_0ᵀ), u = act [⊙ x·wi_1ᵀ] (the token's own rows of x);
+        # columns past the chunk's end read as 0, so act = act(0) = 0 there
+        act, _, g = _up_tile(
+            x_ptr, wi_0_ptr, wi_1_ptr, tok, offs_f, T, f_end, M,
+            stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
+            ACTIVATION, GATED, False, MAIN_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
+        )  # fmt: skip
+        u = act * g if GATED else act
+        # ---- epilogue: u at the tokens' rows
+        tile_ok = in_rows[:, None] & (offs_f[None, :] < f_end)
+        tl.store(u_ptr + tok[:, None] * F + offs_f[None, :], u.to(u_ptr.dtype.element_ty), mask=tile_ok)
+        if ROUTE_LOGITS:  # this F tile's share of every row's logits, with the row's own router
+            r_mask = (offs_f[:, None] < f_end) & (offs_e[None, :] < E)
+            a = first
+            while a < A:
+                r_ptrs = router_ptr + a.to(tl.int64) * F * E + offs_f[:, None] * E + offs_e[None, :]
+                router = tl.load(r_ptrs, mask=r_mask, other=0.0)
+                logits_a = split_dot.dot_split(
+                    act, router, tl.zeros((BLOCK_M, BLOCK_E), tl.float32), DT, EPILOGUE_PRECISION
+                )
+                logits = tl.where((aid == a)[:, None], logits + logits_a, logits)
+                a = _next_adapter(aid, a, A)
+    # ---- the chunk's logit partial: one slot per F chunk, written by this program alone
+    if ROUTE_LOGITS:
+        part = logits_part_ptr + (pid_j.to(tl.int64) * stride_lj + row0 * E) + offs_m[:, None] * E + offs_e[None, :]
         tl.store(part, logits, mask=in_rows[:, None] & (offs_e[None, :] < E))
 
 
@@ -347,12 +372,12 @@ def mov_ffn_banked_up_kernel(
 )
 @triton.jit
 def mov_ffn_banked_scale_kernel(
-    # inputs: logit partials [NUM_F_TILES, T, E] (sorted order), probs [T, E] (token order), experts [A, 1, E, F];
+    # inputs: logit partials [F_SLOTS, T, E] (sorted order), probs [T, E] (token order), experts [A, 1, E, F];
     # ids [T] int32 sorted, rows [T] int64
     logits_part_ptr, probs_ptr, experts_ptr, ids_ptr, rows_ptr,
     # in/out: u [T, F] in token order, scaled in place
     u_ptr,
-    T, M, F, E, A, T_BUCKET, NUM_F_TILES, stride_lj,
+    T, M, F, E, A, T_BUCKET, F_SLOTS, stride_lj,
     ROUTING: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
     EPILOGUE_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -378,7 +403,7 @@ def mov_ffn_banked_scale_kernel(
         if ROUTING == 1:  # the logit partials in a fixed order (deterministic), then the routing
             logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
             part_ptr = logits_part_ptr + offs_m[:, None] * E + offs_e[None, :]
-            for _ in range(0, NUM_F_TILES):
+            for _ in range(0, F_SLOTS):
                 logits += tl.load(part_ptr, mask=row_e, other=0.0)
                 part_ptr += stride_lj  # T·E, a 64-bit argument where it passes 2^31
             p, _ = routing.router_probs(logits, offs_e, E, TOP_K, RENORMALIZE)
@@ -473,6 +498,18 @@ def _plan(op: str, T: int, N: int, router, experts, probs, top_k, renormalize, i
         block_e=max(16, triton.next_power_of_2(E)), m_bucket=max(16, triton.next_power_of_2(T)),
         main_precision="ieee" if itemsize == 4 else "tf32",
     )  # fmt: skip
+
+
+def up_f_chunk(T: int, M: int, F: int, E: int, dtype: torch.dtype) -> int:
+    """F_CHUNK of the FFN's up kernel: the columns of F each program owns, so the logit partials have
+    cdiv(F, F_CHUNK) slots whatever tile autotune picks. The plan of :mod:`.mov_ffn`'s up kernel
+    (:func:`.mov_ffn.f_chunk`: a multiple of every BLOCK_F of :data:`UP_CONFIGS`, enough chunks for several waves
+    of programs with the row tiles of the largest BLOCK_M, the partials capped near 1/8 of a [T, F] activation's
+    bytes)."""
+    if F == 0:  # no columns: one (empty) chunk
+        return max(c.kwargs["BLOCK_F"] for c in UP_CONFIGS)
+    pb = Problem(T, M, F, E, str(dtype).removeprefix("torch."), True, ROUTE_SELF, ACTIVATIONS[0])
+    return f_chunk(pb, UP_CONFIGS, triton.cdiv(T, max(c.kwargs["BLOCK_M"] for c in UP_CONFIGS)))
 
 
 def sort_by_adapter(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -612,17 +649,17 @@ def mov_ffn_banked(
     sorted_ids, rows = sort_by_adapter(ids)
     route = pl.routing == ROUTING_TOKEN
     t_bucket = pl.m_bucket
-    # room for the partials of the narrowest F tiling tuning may pick; the scaling sums the ones written
-    narrowest = up_config["BLOCK_F"] if up_config else min(c.kwargs["BLOCK_F"] for c in UP_CONFIGS)
-    shape = (triton.cdiv(F, narrowest), T, pl.E)
-    logits_part = torch.empty(shape, dtype=torch.float32, device=x2d.device) if route else None
+    # one logit partial slot per F chunk (the plan's, whatever tile autotune picks); the scaling sums them all
+    chunk = up_f_chunk(T, M, F, pl.E, x2d.dtype)
+    slots = triton.cdiv(F, chunk)
+    logits_part = torch.empty((slots, T, pl.E), dtype=torch.float32, device=x2d.device) if route else None
     w1 = wi_1 if wi_1 is not None else wi_0
     with launch_device(x2d.device):
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(F, meta["BLOCK_F"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * slots,)  # noqa: E731
         args = [
             x2d, wi_0, w1, router, sorted_ids, rows,
             u, logits_part,
-            T, M, F, pl.E, pl.A, t_bucket,
+            T, M, F, pl.E, pl.A, t_bucket, chunk,
             x2d.stride(0), x2d.stride(1), wi_0.stride(0), wi_0.stride(1), w1.stride(0), w1.stride(1), T * pl.E,
         ]  # fmt: skip
         constexprs = dict(
@@ -630,10 +667,8 @@ def mov_ffn_banked(
             MAIN_PRECISION=pl.main_precision, EPILOGUE_PRECISION=pl.epilogue_precision, BLOCK_E=pl.block_e,
         )  # fmt: skip
         _launch(mov_ffn_banked_up_kernel, grid, args, constexprs, up_config)
-        block_f = up_config["BLOCK_F"] if up_config else mov_ffn_banked_up_kernel.best_config.kwargs["BLOCK_F"]
-        num_f = triton.cdiv(F, block_f)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(F, meta["BLOCK_F"]),)  # noqa: E731
-        args = [logits_part, probs, experts, sorted_ids, rows, u, T, M, F, pl.E, pl.A, t_bucket, num_f, T * pl.E]
+        args = [logits_part, probs, experts, sorted_ids, rows, u, T, M, F, pl.E, pl.A, t_bucket, slots, T * pl.E]
         constexprs = dict(
             ROUTING=pl.routing, TOP_K=pl.top_k, RENORMALIZE=pl.renormalize,
             EPILOGUE_PRECISION=pl.epilogue_precision, BLOCK_E=pl.block_e,

@@ -20,6 +20,7 @@ from pemoe.kernels.triton.mov_banked import (
     mov_candidates,
     mov_ffn_banked_scale_kernel,
     mov_ffn_banked_up_kernel,
+    up_f_chunk,
 )
 
 #: mov / mov_linear shapes: (name, T, K, G, D, E, routing, top_k, renormalize, A). T5-large k/v with a bank of
@@ -101,15 +102,16 @@ def aot_cases(
             block_e, t_bucket = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(T))
             ids = dict(ids_ptr=torch.empty(T, dtype=torch.int32), rows_ptr=torch.empty(T, dtype=torch.int64))
             up_legal = ffn_candidates(UP_CONFIGS, T, F, M, dtype.itemsize, block_e)
-            num_f = triton.cdiv(F, min(c.kwargs["BLOCK_F"] for c in UP_CONFIGS))
-            parts = torch.empty(num_f, T, E) if mode == ROUTING_TOKEN else None
+            chunk = up_f_chunk(T, M, F, E, dtype)  # the launch plan's F chunk: one logit partial slot each
+            slots = triton.cdiv(F, chunk)
+            parts = torch.empty(slots, T, E) if mode == ROUTING_TOKEN else None
             for i, c in enumerate(up_legal if all_configs else up_legal[:1]):
                 args = dict(
                     x_ptr=torch.empty(T, M, dtype=dtype), wi_0_ptr=torch.empty(F, M, dtype=dtype),
                     wi_1_ptr=torch.empty(F, M, dtype=dtype),
                     router_ptr=torch.empty(A, F, E) if mode == ROUTING_TOKEN else None,
                     **ids, u_ptr=torch.empty(T, F, dtype=dtype), logits_part_ptr=parts,
-                    T=T, M=M, F=F, E=E, A=A, T_BUCKET=t_bucket,
+                    T=T, M=M, F=F, E=E, A=A, T_BUCKET=t_bucket, F_CHUNK=chunk,
                     stride_xt=M, stride_xm=1, stride_w0f=M, stride_w0m=1, stride_w1f=M, stride_w1m=1, stride_lj=T * E,
                 )  # fmt: skip
                 constexprs = dict(
@@ -127,7 +129,7 @@ def aot_cases(
                 args = dict(
                     logits_part_ptr=parts, probs_ptr=torch.empty(T, E) if mode == ROUTING_SENTENCE else None,
                     experts_ptr=torch.empty(A, 1, E, F), **ids, u_ptr=torch.empty(T, F, dtype=dtype),
-                    T=T, M=M, F=F, E=E, A=A, T_BUCKET=t_bucket, NUM_F_TILES=num_f, stride_lj=T * E,
+                    T=T, M=M, F=F, E=E, A=A, T_BUCKET=t_bucket, F_SLOTS=slots, stride_lj=T * E,
                 )  # fmt: skip
                 constexprs = dict(
                     ROUTING=mode, TOP_K=top_k, RENORMALIZE=renorm, EPILOGUE_PRECISION="ieee", BLOCK_E=block_e
