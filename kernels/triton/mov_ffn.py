@@ -374,7 +374,8 @@ def _ffn_up_kernel(
     accumulates in registers, in F order, into slot j."""
     pid_m, pid_j = tiles.grouped_ids(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(F, F_CHUNK), GROUP_M)
     # the row tile's offset goes into the base pointers in 64 bits (it passes 2^31 elements at long T); offsets
-    # within the tile stay 32-bit, which keeps the loop's live address registers few
+    # within the tile stay 32-bit, which keeps the loop's live address registers few, except x's rows: x may be a
+    # strided view whose row stride times BLOCK_M alone passes 2^31 elements
     row0 = pid_m.to(tl.int64) * BLOCK_M
     rows = T - row0  # the tile's rows in [0, rows) are tokens
     x_ptr += row0 * stride_xt
@@ -390,7 +391,7 @@ def _ffn_up_kernel(
         # ---- main loop (h0 = x·wi_0ᵀ, g = x·wi_1ᵀ) and activation: a = act(h0), u = a [⊙ g]; columns past the
         # chunk's end read as 0, so a = act(0) = 0 there
         a, _, g = _up_tile(
-            x_ptr, wi_0_ptr, wi_1_ptr, offs_m, offs_f, rows, f_end, M,
+            x_ptr, wi_0_ptr, wi_1_ptr, offs_m.to(tl.int64), offs_f, rows, f_end, M,
             stride_xt, stride_xm, stride_w0f, stride_w0m, stride_w1f, stride_w1m,
             ACTIVATION, GATED, False, DOT_PRECISION, BLOCK_M, BLOCK_F, BLOCK_K,
         )  # fmt: skip
