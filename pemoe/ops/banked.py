@@ -96,7 +96,7 @@ import torch.nn.functional as F
 
 from pemoe import _checks, reference
 from pemoe.ops import _router
-from pemoe.ops.molora import MoLoRAFunction, _shrink_and_logits, expand_into, shrink_operand
+from pemoe.ops.molora import MoLoRAFunction, _adapter_output, _shrink_and_logits, expand_into, shrink_operand
 from pemoe.ops.mov import MoVActFunction, MoVFunction, _routing_weights, _scaling, router_softmax
 
 __all__ = ["AdapterGroups", "token_router_input", "token_sentence_probs", "run_grouped", "run_reference_loop"]
@@ -369,6 +369,16 @@ def _gathered_mov(h2d, ids, router, experts, ri, top_k, renormalize):
     return (h * s).reshape(t, groups * dim).to(h2d.dtype)
 
 
+def _output_from_base(like: torch.Tensor, base: torch.Tensor | None, n: int, owned: bool, pad_row: bool = False):
+    """The [T, n] output the inference forms write the adapters into, starting as the base: ``base`` itself where
+    the caller owns it (``owned``), else :func:`pemoe.ops.molora._adapter_output` (a contiguous copy; zeros like
+    ``like`` without a base); with ``pad_row``, a new tensor with one more zero row, where the batched forms' pad
+    rows land."""
+    if pad_row:
+        return like.new_zeros(like.shape[0] + 1, n) if base is None else F.pad(base, (0, 0, 0, 1))
+    return base if owned and base is not None else _adapter_output(like, base, n)
+
+
 def _batched_mov(h2d, groups, router, experts, ri, top_k, renormalize, owned):
     """mov over the adapters present when autograd records nothing, for the batches the gathered strategy takes,
     in a fixed number of ops: the rows naming an adapter laid out [P, L, G, D] as :meth:`AdapterGroups.padded`
@@ -382,10 +392,7 @@ def _batched_mov(h2d, groups, router, experts, ri, top_k, renormalize, owned):
     num_adapters, groups_, num_experts, dim = experts.shape
     adapters, tokens = present.shape[0], h2d.shape[0]
     cd = reference.compute_dtype(h2d.dtype)
-    if slots is not None:
-        out = F.pad(h2d, (0, 0, 0, 1))
-    else:
-        out = h2d if owned else h2d.clone(memory_format=torch.contiguous_format)
+    out = _output_from_base(h2d, h2d, h2d.shape[1], owned, slots is not None)
     h = out.index_select(0, rows).to(cd).view(adapters, length * groups_, dim)
     ex = experts if adapters == num_adapters else experts.index_select(0, present)
     if router is None:  # (IA)3: s is the one expert vector per group
@@ -559,17 +566,15 @@ def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_
     rows are for some shapes (e.g. 10 output columns: E = 2, r = 4); that broke the tolerance rule at the
     model level on the ill-conditioned tiny T5, which the batched expand passes."""
     n = lora_b.shape[-1]
-    num_adapters, num_experts, k, rank = lora_a.shape
+    num_adapters, num_experts, _, rank = lora_a.shape
     rows, slots, present, length = groups.padded()
     counts = groups.counts
     sizes = [c for c in counts[1:] if c]
     adapters, tokens, er = len(sizes), x2d.shape[0], num_experts * rank
     reads = router if ri is None else None  # the router the shrink GEMM also runs (none: sentence routing)
     ids = [a for a in range(num_adapters) if counts[a + 1]]
-    operands = _shrink_operands(lora_a, reads, x2d.dtype)
-    if operands is None and reads is None and num_experts == 1 and lora_a.dtype == x2d.dtype:
-        operands = lora_a.reshape(num_adapters, k, rank).unbind(0)  # LoRA: A_cat is lora_a[a] itself
-    elif operands is None:
+    operands = _shrink_operands(lora_a, reads, x2d.dtype)  # None: built here (LoRA: a view of lora_a[a])
+    if operands is None:
         operands = {a: shrink_operand(lora_a[a], _pick(reads, a), x2d.dtype) for a in ids}
     cd = reference.compute_dtype(x2d.dtype)
     xs = x2d.index_select(0, groups.perm[counts[0] :])
@@ -592,12 +597,7 @@ def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_
         p = None
     if p is not None:
         u = (u.reshape(adapters, length, num_experts, rank) * p.unsqueeze(-1).to(u.dtype)).view(adapters, length, er)
-    if base2d is None:
-        out = x2d.new_zeros(tokens + (slots is not None), n)
-    elif slots is not None:
-        out = F.pad(base2d, (0, 0, 0, 1))
-    else:
-        out = base2d if base_owned else base2d.clone(memory_format=torch.contiguous_format)
+    out = _output_from_base(x2d, base2d, n, base_owned, slots is not None)
     b_cat = lora_b.to(out.dtype).reshape(num_adapters, er, n)
     if adapters < num_adapters:
         b_cat = b_cat.index_select(0, present)
@@ -641,11 +641,7 @@ def _runs_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, 
     on x[run], routing weights, ``addmm_`` of scale·U′ @ B_cat onto out[run]. Rows of id -1 keep the base.
     The per-run GEMMs have the sorted form's operands on fewer rows where an adapter has several runs (the
     same bits where each adapter has one run, else within float32 GEMM rounding)."""
-    n = lora_b.shape[-1]
-    if base2d is None:
-        out = x2d.new_zeros(x2d.shape[0], n)
-    else:
-        out = base2d if base_owned else base2d.clone(memory_format=torch.contiguous_format)
+    out = _output_from_base(x2d, base2d, lora_b.shape[-1], base_owned)
     operands = _shrink_operands(lora_a, router if ri is None else None, x2d.dtype)
     for start, stop, a in groups.runs:
         if a < 0:
@@ -675,7 +671,7 @@ def _runs_mov(h2d, groups, router, experts, ri, top_k, renormalize, activation, 
     if activation is not None:
         y = reference.ACTIVATIONS[activation](h2d)
     else:
-        y = h2d if owned else h2d.clone(memory_format=torch.contiguous_format)
+        y = _output_from_base(h2d, h2d, h2d.shape[1], owned)
     for start, stop, a in groups.runs:
         if a < 0:
             continue
