@@ -160,7 +160,7 @@ def test_ffn_f_chunks_sum_every_f_tile(monkeypatch, dtype, chunk, t):
     one partial slot per chunk, which the scaling sums: F = 56 in chunks of 16 (4 slots of one tile), 32 (2 and
     2 tiles, the last one partial) or 48 (3 tiles, then one partial tile: the chunk's end cuts the F range, not a
     tile). A skipped F tile or a dropped slot changes the routing and the output."""
-    monkeypatch.setattr(kernel, "f_chunk", lambda pb, configs, programs: chunk)
+    monkeypatch.setattr(kernel, "f_chunk", lambda F, E, itemsize, configs, programs: chunk)
     launched = {}
     launch = kernel._launch
 

@@ -121,7 +121,7 @@ class TestMoVFFNTriton(MoVFFNCases):
         chunk, which (b) / (r) sum: F = 56 in chunks of 16 (4 slots of one tile), 32 (2 and 2 tiles, the last one
         partial) or 48 (3 tiles, then one partial tile: the chunk's end cuts the F range, not a tile). A skipped
         F tile, a dropped slot or a tile read past its chunk's end breaks the output and the gradients."""
-        monkeypatch.setattr(kernels, "f_chunk", lambda pb, configs, programs: chunk)
+        monkeypatch.setattr(kernels, "f_chunk", lambda F, E, itemsize, configs, programs: chunk)
         pb = kernels.plan_problem(t, K, 56, 10, "float32", gated=True, has_router=True, has_probs=False,
                                   activation="gelu_new", top_k=None, renormalize=False)  # fmt: skip
         buffers, launch = kernels.up_launch(pb)

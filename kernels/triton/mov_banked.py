@@ -69,7 +69,7 @@ import triton.language as tl
 from pemoe.kernels.triton import mov_linear, routing, split_dot, tiles
 from pemoe.kernels.triton.autograd import launch_device, refuse_grad
 from pemoe.kernels.triton.interpreter import INTERPRET, do_bench
-from pemoe.kernels.triton.mov_ffn import ROUTE_SELF, Problem, _up_tile, f_chunk
+from pemoe.kernels.triton.mov_ffn import _up_tile, f_chunk
 from pemoe.kernels.triton.mov_linear import _expert_block, _linear_tile, _sentence_probs_tile
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
@@ -500,16 +500,14 @@ def _plan(op: str, T: int, N: int, router, experts, probs, top_k, renormalize, i
     )  # fmt: skip
 
 
-def up_f_chunk(T: int, M: int, F: int, E: int, dtype: torch.dtype) -> int:
+def up_f_chunk(T: int, F: int, E: int, dtype: torch.dtype) -> int:
     """F_CHUNK of the FFN's up kernel: the columns of F each program owns, so the logit partials have
     cdiv(F, F_CHUNK) slots whatever tile autotune picks. The plan of :mod:`.mov_ffn`'s up kernel
     (:func:`.mov_ffn.f_chunk`: a multiple of every BLOCK_F of :data:`UP_CONFIGS`, enough chunks for several waves
     of programs with the row tiles of the largest BLOCK_M, the partials capped near 1/8 of a [T, F] activation's
     bytes)."""
-    if F == 0:  # no columns: one (empty) chunk
-        return max(c.kwargs["BLOCK_F"] for c in UP_CONFIGS)
-    pb = Problem(T, M, F, E, str(dtype).removeprefix("torch."), True, ROUTE_SELF, ACTIVATIONS[0])
-    return f_chunk(pb, UP_CONFIGS, triton.cdiv(T, max(c.kwargs["BLOCK_M"] for c in UP_CONFIGS)))
+    programs = triton.cdiv(T, max(c.kwargs["BLOCK_M"] for c in UP_CONFIGS))
+    return f_chunk(F, E, dtype.itemsize, UP_CONFIGS, programs)
 
 
 def sort_by_adapter(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -650,7 +648,7 @@ def mov_ffn_banked(
     route = pl.routing == ROUTING_TOKEN
     t_bucket = pl.m_bucket
     # one logit partial slot per F chunk (the plan's, whatever tile autotune picks); the scaling sums them all
-    chunk = up_f_chunk(T, M, F, pl.E, x2d.dtype)
+    chunk = up_f_chunk(T, F, pl.E, x2d.dtype)
     slots = triton.cdiv(F, chunk)
     logits_part = torch.empty((slots, T, pl.E), dtype=torch.float32, device=x2d.device) if route else None
     w1 = wi_1 if wi_1 is not None else wi_0

@@ -102,7 +102,7 @@ def aot_cases(
             block_e, t_bucket = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(T))
             ids = dict(ids_ptr=torch.empty(T, dtype=torch.int32), rows_ptr=torch.empty(T, dtype=torch.int64))
             up_legal = ffn_candidates(UP_CONFIGS, T, F, M, dtype.itemsize, block_e)
-            chunk = up_f_chunk(T, M, F, E, dtype)  # the launch plan's F chunk: one logit partial slot each
+            chunk = up_f_chunk(T, F, E, dtype)  # the launch plan's F chunk: one logit partial slot each
             slots = triton.cdiv(F, chunk)
             parts = torch.empty(slots, T, E) if mode == ROUTING_TOKEN else None
             for i, c in enumerate(up_legal if all_configs else up_legal[:1]):

@@ -831,11 +831,12 @@ def row_chunk(pb: Problem, configs) -> int:
     return triton.cdiv(triton.cdiv(pb.T, chunks), align) * align
 
 
-def f_chunk(pb: Problem, configs, programs: int) -> int:
+def f_chunk(F: int, E: int, itemsize: int, configs, programs: int) -> int:
     """Columns of F each program of (a) and (c) owns (a runtime scalar, F_CHUNK): the program loops over the F tiles
     of its chunk and writes one logit / dp partial slot, so those buffers have cdiv(F, F_CHUNK) slots whatever
-    tile autotune picks. ``programs``: the programs along T that each F chunk is paired with ((a): the row tiles
-    of the largest BLOCK_M in ``configs``; (c): its row chunks).
+    tile autotune picks. F columns, E experts, activations of ``itemsize`` bytes; ``programs``: the programs along
+    T that each F chunk is paired with ((a): the row tiles of the largest BLOCK_M in ``configs``; (c): its row
+    chunks). No columns or no programs: one chunk, which sizes the (empty) partial buffers.
 
     A multiple of every BLOCK_F in ``configs`` (F tiles never straddle two chunks). The number of chunks aimed for
     is the fewest that give CHUNK_WAVES waves of programs over NUM_SMS, capped so n·T·E·4 bytes ≤ T·F·itemsize /
@@ -844,23 +845,23 @@ def f_chunk(pb: Problem, configs, programs: int) -> int:
     the widest aligned chunk that fills it.
     """
     align = max(c.kwargs["BLOCK_F"] for c in configs)
-    tiles_f = triton.cdiv(pb.F, align)
-    if programs == 0:  # no rows, no programs: one chunk sizes the (empty) partial buffers
-        return tiles_f * align
+    tiles_f = triton.cdiv(F, align)
+    if programs == 0 or F == 0:
+        return max(tiles_f, 1) * align
     waves = triton.cdiv(CHUNK_WAVES * NUM_SMS, programs)
-    cap = (pb.F * pb.itemsize) // (PARTIAL_SHARE * 4 * pb.E)
-    chunk = triton.cdiv(triton.cdiv(pb.F, max(min(waves, cap), 1)), align) * align
+    cap = (F * itemsize) // (PARTIAL_SHARE * 4 * E)
+    chunk = triton.cdiv(triton.cdiv(F, max(min(waves, cap), 1)), align) * align
     wave = min(triton.cdiv(NUM_SMS, programs), tiles_f)  # chunks that fill one wave (or one tile each)
-    if triton.cdiv(pb.F, chunk) < wave:
+    if triton.cdiv(F, chunk) < wave:
         # cdiv(F, c) >= wave  <=>  (wave - 1)·c < F; (wave - 1)·align < F, so c >= align
-        chunk = (pb.F - 1) // (wave - 1) // align * align
+        chunk = (F - 1) // (wave - 1) // align * align
     return chunk
 
 
 def up_f_chunk(pb: Problem) -> int:
     """F_CHUNK of (a), which (b) needs for its number of logit slots."""
     configs = _ffn_up_kernel.configs
-    return f_chunk(pb, configs, triton.cdiv(pb.T, max(c.kwargs["BLOCK_M"] for c in configs)))
+    return f_chunk(pb.F, pb.E, pb.itemsize, configs, triton.cdiv(pb.T, max(c.kwargs["BLOCK_M"] for c in configs)))
 
 
 def down_backward_chunks(pb: Problem) -> tuple[int, int]:
@@ -868,7 +869,7 @@ def down_backward_chunks(pb: Problem) -> tuple[int, int]:
     for its number of dp slots."""
     configs = _ffn_down_backward_kernel.configs
     rows = row_chunk(pb, configs)
-    return rows, f_chunk(pb, configs, triton.cdiv(pb.T, rows))
+    return rows, f_chunk(pb.F, pb.E, pb.itemsize, configs, triton.cdiv(pb.T, rows))
 
 
 def chunk_grid(pb: Problem, chunk: int, block_cols: str):
