@@ -134,7 +134,7 @@ _FAR_ROWS = textwrap.dedent(
         G, D, E = 2, 16, 4
         w, router, experts = torch.randn(G * D, K).half() / 8, torch.randn(D, E), 1 + torch.randn(G, E, D) / 4
         run = lambda x: mov_linear.mov_linear(x, w, None, router, experts, None, None, False)
-    elif op == "mov_ffn":
+    elif op in ("mov_ffn", "mov_ffn_dy"):
         F, E = 32, 4
         wi_0, wi_1, wo = torch.randn(F, K).half() / 8, torch.randn(F, K).half() / 8, torch.randn(K, F).half() / 8
         router, experts = torch.randn(F, E), 1 + torch.randn(1, E, F) / 4
@@ -144,16 +144,25 @@ _FAR_ROWS = textwrap.dedent(
         w, router = torch.randn(N, K).half() / 8, torch.randn(K, E)
         a, b = torch.randn(E, K, R) / 4, torch.randn(E, R, N) / 4
         run = lambda x: molora_linear.molora_linear(x, w, None, a, b, router, None, 4.0, None, False)
-    got, want = run(x), run(x.contiguous())
+    if op == "mov_ffn_dy":  # the backward's dy [T, K] strided alike (x contiguous): dz = dy·wo reads its rows
+        x = x.contiguous()
+        router.requires_grad_(), experts.requires_grad_()
+        dy = torch.empty((T - 1) * stride + K, dtype=torch.float16).as_strided((T, K), (stride, 1))
+        dy.copy_(torch.randn(T, K).half())
+        grads = lambda dy: torch.cat([g.flatten() for g in torch.autograd.grad(run(x), (router, experts), dy)])
+        got, want = grads(dy), grads(dy.contiguous())
+    else:
+        got, want = run(x), run(x.contiguous())
     print("max-diff", (got.float() - want.float()).abs().max().item())
     """
 )
 
 
-@pytest.mark.parametrize("op", ["mov_linear", "mov_ffn", "molora_linear"])
+@pytest.mark.parametrize("op", ["mov_linear", "mov_ffn", "mov_ffn_dy", "molora_linear"])
 def test_rows_past_2_31_elements_are_addressed_in_64_bits(op):
-    """x strided so that its rows 8..15 start past element 2^31: a kernel computing row · stride in 32 bits
-    reads the wrong memory (or crashes). The result must equal the same rows read contiguously."""
+    """x (mov_ffn_dy: the backward's dy) strided so that its rows 8..15 start past element 2^31: a kernel
+    computing row · stride in 32 bits reads the wrong memory (or crashes). The result (mov_ffn_dy: d router and
+    d experts) must equal the same rows read contiguously."""
     done = subprocess.run(
         [sys.executable, "-c", _FAR_ROWS, op], capture_output=True, text=True, timeout=600, env=_child_env()
     )

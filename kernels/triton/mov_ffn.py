@@ -50,7 +50,8 @@ Backward (base weights frozen; dy [T, M]):
   wave), where a slot per F tile was 630 MB (logits, BLOCK_F = 32) and 1.26 GB (dp, BLOCK_F = 16).
   Offsets: row and column indices are 32-bit (T, F < 2^31); a row tile's or slot's element offset, which
   passes 2^31, goes into scalar base pointers in 64 bits, so the per-element offsets live across the F
-  loop stay 32-bit (64-bit ones cost (a) and (c) spills).
+  loop stay 32-bit (64-bit ones cost (a) and (c) spills) — except the rows of the operands a caller passes
+  with its own strides (x in (a), dy in (c)), whose row stride times BLOCK_M alone can pass 2^31.
   dx = dh0·wi_0 + dg·wi_1 are two plain GEMMs (torch.matmul: the vendor GEMM is the right tool).
 Saved for backward: u [T, F] (the intermediate (a) writes anyway; a plain frozen FFN's autograd
 keeps h0, a and g) and p_soft [T, E] float32. s is recomputed from p (rank-E, cheap), h0 and g
@@ -537,11 +538,12 @@ def _ffn_down_backward_kernel(
             row_ok = offs_m[:, None] < rows
             # ---- main loop over M: dz = dy·wo
             dy_tile = dy_ptr + row0 * stride_dyt
+            offs_m64 = offs_m.to(tl.int64)  # dy may be a strided view: its row stride times BLOCK_M can pass 2^31
             dz = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
             for k0 in range(0, M, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 dy = tl.load(
-                    dy_tile + offs_m[:, None] * stride_dyt + offs_k[None, :] * stride_dym,
+                    dy_tile + offs_m64[:, None] * stride_dyt + offs_k[None, :] * stride_dym,
                     mask=row_ok & (offs_k[None, :] < M),
                     other=0.0,
                 )
