@@ -42,7 +42,7 @@ from pemoe.adapters import (
 )
 from pemoe.layers import MoV, MoVLinear, count_parameters
 from pemoe.models import T5
-from tests.helpers import assert_model_unchanged, snapshot_model
+from tests.helpers import assert_model_unchanged, assert_within_rule, snapshot_model
 from tests.t5_tiny import KINDS, batch, hf_t5, pemoe_t5
 
 MODELS = {"transformers": hf_t5, "pemoe": pemoe_t5}
@@ -341,8 +341,11 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, which, config):
         assert torch.equal(_logits(twin, ids, mask, dec), want)
     other = MODELS["pemoe" if which == "transformers" else "transformers"]("v1.1")
     load_adapter(other, tmp_path / "adapter.safetensors")
+    # the other type sums in other float32 orders, which the tiny T5 amplifies to well past 1e-5 of the
+    # logits (float32 itself errs by ~1e-3 there): the tolerance rule against the float64 model
     with torch.no_grad():
-        _close(_logits(other, ids, mask, dec), want, "other model type")
+        truth = _logits(copy.deepcopy(model).double(), ids, mask, dec)
+        assert_within_rule(_logits(other, ids, mask, dec), want, truth, torch.float32, "other model type")
 
 
 def test_generate_after_injection_transformers():

@@ -84,18 +84,19 @@ def _fused_forward(x, weight, bias, a_cat, router):
 
 
 def shrink_operand(lora_a: torch.Tensor, router: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The shrink GEMM's right operand for x of ``dtype``: A_cat [K, E·r] in ``dtype`` without a router; with one,
-    [A_cat | router] [K, E·r + E] for float32 (or float64) x, and [A_cat | router | 0] in float32, padded to a
-    multiple of :data:`ROUTER_COLUMNS_MULTIPLE` columns, for 16-bit x (:func:`_router_logits`)."""
+    """The shrink GEMM's right operand for x of ``dtype``: [A_cat (| router) | 0] [K, W] in the compute dtype
+    (float32 for 16-bit x, which the router reads in float32: :func:`_router_logits`), zero columns padding
+    W = E·r (+ E) to a multiple of :data:`SHRINK_COLUMNS_MULTIPLE`; for 16-bit x without a router, A_cat
+    [K, E·r] in ``dtype``. The GEMM's first E·r columns are U, the next E the router logits."""
     cd = compute_dtype(dtype)
-    if router is None:
+    if router is None and dtype != cd:
         return _cat_a(lora_a, dtype)
     a_cat = _cat_a(lora_a, cd)
-    if dtype == cd:
-        return torch.cat([a_cat, router.to(cd)], dim=1)
-    k, num_experts = router.shape
-    pad = -(a_cat.shape[1] + num_experts) % ROUTER_COLUMNS_MULTIPLE
-    return torch.cat([a_cat, router.to(cd), router.new_zeros(k, pad, dtype=cd)], dim=1)
+    columns = [a_cat] if router is None else [a_cat, router.to(cd)]
+    pad = -sum(c.shape[1] for c in columns) % SHRINK_COLUMNS_MULTIPLE
+    if pad:
+        columns.append(a_cat.new_zeros(a_cat.shape[0], pad))
+    return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
 
 def _shrink_and_logits(x, lora_a, router, operand=None):
@@ -106,18 +107,21 @@ def _shrink_and_logits(x, lora_a, router, operand=None):
     The float32 copy of x the router needs anyway makes U one more block of the same float32 GEMM.
     ``operand``: :func:`shrink_operand` (lora_a, router, x.dtype) where the caller keeps one, else built here."""
     w = shrink_operand(lora_a, router, x.dtype) if operand is None else operand
-    if router is None:
-        return x @ w, None
     er = lora_a.shape[0] * lora_a.shape[2]
+    if router is None:
+        return (x @ w)[:, :er], None
     if x.dtype == compute_dtype(x.dtype):  # exact: one GEMM for the shrink and the router
         ul = x @ w
-        return ul[:, :er], ul[:, er:].t()
+        return ul[:, :er], ul[:, er : er + router.shape[1]].t()
     return _router_logits(x, w, er, router.shape[1])
 
 
-#: The float32 router GEMM of 16-bit x gets zero columns up to a multiple of this: MKL's sgemm at
-#: [2048, 1024] x [1024, 10] takes 0.73 ms, padded to 16 columns 0.50 ms.
-ROUTER_COLUMNS_MULTIPLE = 16
+#: The shrink GEMM's output width is padded with zero columns to a multiple of this (64-byte rows in float32).
+#: A narrow output runs far below MKL's rate (one thread, [2048, 512] x [512, 4] 1.23 ms, padded to 16
+#: columns 0.48 ms; [2048, 1024] x [1024, 10] 0.73 ms, padded 0.50 ms), and with 64-byte output rows a
+#: batched GEMM over several adapters' operands (``bmm``) sums as each adapter's own GEMM does (the bank's
+#: batched decode, :func:`pemoe.ops.banked._batched_molora`), where unpadded widths change the float32 order.
+SHRINK_COLUMNS_MULTIPLE = 16
 
 
 #: x is converted to float32 for the router in slices of this many tokens, through one reused buffer
