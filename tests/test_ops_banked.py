@@ -566,6 +566,44 @@ class _MoLoRABatched(_Batched):
     )
 
 
+#: every adapter present with 3 rows (the batched shrink's one ``bmm``); adapter 0 with one row, 2 with four
+EVEN_IDS, UNEVEN_IDS = [2, 0, 1, 1, 0, 2, 2, 0, 1], [2, 1, 2, 0, 2, -1, 1, 2, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("e", [1, 3])
+@pytest.mark.parametrize("ids", [EVEN_IDS, UNEVEN_IDS], ids=["even", "uneven"])
+def test_batched_shrink_gives_each_adapters_own_gemm_bits(monkeypatch, ids, e, dtype):
+    """The batched MoLoRA shrink: one ``bmm`` over the kept operands where every adapter has the same rows, else
+    one GEMM per adapter; either way each adapter's block is bitwise its own single-adapter GEMM's (x_a @
+    shrink_operand, which the grouped forms and the single-adapter op run), pad rows zero. 16-bit LoRA's GEMM
+    (no router: 16-bit x) runs per adapter."""
+    torch.manual_seed(0)
+    rank = 2
+    lora_a = torch.randn(A, e, K, rank).requires_grad_()  # parameters: a version counter, operands kept
+    router = torch.randn(A, K, e).requires_grad_() if e > 1 else None
+    x = torch.randn(len(ids), K, dtype=dtype)
+    groups = ops.AdapterGroups.from_ids(torch.tensor(ids), A)
+    each = []
+    shrink_each = banked._shrink_each
+    monkeypatch.setattr(banked, "_shrink_each", lambda *a: each.append(1) or shrink_each(*a))
+    with torch.no_grad():
+        ul = banked._padded_shrink(x, groups, lora_a, router)
+    bmm = ids == EVEN_IDS and not (router is None and dtype == torch.bfloat16)
+    assert len(each) == (0 if bmm else 1)
+    _, _, present, length = groups.padded()
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    for j, a in enumerate(present.tolist()):
+        x_a = x[torch.tensor(ids) == a]
+        if router is not None:
+            x_a = x_a.to(cd)
+        with torch.no_grad():
+            want = x_a @ ops.molora.shrink_operand(lora_a[a], None if router is None else router[a], dtype)
+        assert torch.equal(ul[j, : x_a.shape[0]], want), f"adapter {a}"
+        assert torch.count_nonzero(ul[j, x_a.shape[0] :]) == 0, f"adapter {a}'s pad rows"
+    assert ul.shape == (len(present), length, want.shape[1])
+
+
 class _MoVBatched(_Batched):
     batched, refused, bound, fallback = (
         "_batched_mov",

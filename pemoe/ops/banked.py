@@ -37,18 +37,18 @@ Two implementations, one semantics:
     B_cat would be T copies of K·E·r + E·r·N values).
   - MoLoRA batched over the adapters when autograd records nothing, for batches of at most
     :data:`BATCHED_MAX_TOKENS` tokens that name several ids and whose padding stays within
-    :data:`BATCHED_MAX_PADDING` (decoding: one token per sequence): the shrink GEMM runs per adapter on its
-    rows (one op each: the single-adapter op's GEMM, into its own output), everything after it once for all
-    adapters on the rows laid out [P, L, ·] (each adapter present padded with zero rows to the longest count
-    L): routing weights, U·p, and one batched expand ``baddbmm`` onto the base rows (about ten ops per site
-    whatever the number of adapters, plus one per adapter). Not bitwise the sorted form: a batched GEMM sums
-    in another float32 order than the GEMM for some shapes (output blocks not 64-byte aligned on MKL); the
-    shrink stays per adapter because that reordering there broke the tolerance rule at the model level on
-    the ill-conditioned tiny T5, while the batched expand and the routing laid out as the single-adapter op
-    lays them out ([E, L]: softmax over a contiguous last axis rounds otherwise and broke it on the tiny
-    Llama) pass it. A whole-bank block form (one GEMM over every adapter's [A_cat | router], A-fold FLOPs)
-    measured no faster than the sorted form at 8 adapters of E = 8, r = 4 and differs from the GEMM's bits
-    for more shapes still (the GEMM's sums change with its output width).
+    :data:`BATCHED_MAX_PADDING` (decoding: one token per sequence), in a fixed number of ops on the rows laid
+    out [P, L, ·] (each adapter present padded with zero rows to the longest count L): the shrink and router
+    GEMM (one ``bmm`` over the kept operands where every adapter is present with the same count, else one
+    GEMM per adapter), routing weights, U·p, and one batched expand ``baddbmm_`` onto the base rows. The
+    shrink keeps each adapter's own GEMM's bits: the operands' rows are padded to 64 bytes
+    (:data:`pemoe.ops.molora.SHRINK_COLUMNS_MULTIPLE`), where MKL's batched GEMM sums each block as the
+    GEMM does (unpadded widths changed the float32 order, which broke the tolerance rule at the model level
+    on the ill-conditioned tiny T5). The whole form is not bitwise the sorted one (the batched expand rounds
+    as ``addmm_`` only within the rule; the routing is laid out as the single-adapter op lays it out, [E, L]:
+    softmax over a contiguous last axis rounds otherwise and broke the rule on the tiny Llama). A whole-bank
+    block form (one GEMM over every adapter's [A_cat | router], A-fold FLOPs) measured no faster than the
+    sorted form at 8 adapters of E = 8, r = 4.
   - MoLoRA when autograd records nothing (inference, ``torch.no_grad``), for the batches the batched form
     does not take: grouped by adapter, each segment
     through the single-adapter forward's own steps (shrink and router GEMM, routing weights, ``addmm_`` of
@@ -448,13 +448,14 @@ def _stamp(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride())
 
 
-def _shrink_operands(lora_a, router, dtype) -> list[torch.Tensor] | None:
-    """Each adapter's :func:`pemoe.ops.molora.shrink_operand` ([A_cat (| router)], a re-layout copy of lora_a[a])
-    for x of ``dtype``, built once per bank site and kept while lora_a (and the router) keep their values; the
-    same tensors the single-adapter forward builds at every call, so the same GEMM operands. Only for calls
-    where autograd records nothing (the operands are detached). None where nothing is worth keeping (LoRA:
-    A_cat is a view of lora_a[a]) or the parameters carry no version counter (inference tensors)."""
-    if router is None and lora_a.shape[1] == 1 and lora_a.dtype == dtype:
+def _shrink_operands(lora_a, router, dtype) -> torch.Tensor | None:
+    """Every adapter's :func:`pemoe.ops.molora.shrink_operand` for x of ``dtype``, stacked [A, K, W] (a re-laid,
+    padded copy of lora_a (| router)), built once per bank site and kept while lora_a (and the router) keep
+    their values; adapter a's is ``[a]``, the tensor the single-adapter forward builds at every call (each
+    starts 64-byte aligned: W is a multiple of 16), so the same GEMM operand. Only for calls where autograd
+    records nothing (the operands are detached). None where nothing is worth keeping (16-bit LoRA: A_cat is
+    a view of lora_a[a]) or the parameters carry no version counter (inference tensors)."""
+    if router is None and lora_a.shape[1] == 1 and lora_a.dtype == dtype and dtype != reference.compute_dtype(dtype):
         return None
     if lora_a.is_inference() or (router is not None and router.is_inference()):
         return None
@@ -464,7 +465,7 @@ def _shrink_operands(lora_a, router, dtype) -> list[torch.Tensor] | None:
     hit = per_site.get(key)
     if hit is not None and _same_stamp(hit[0], stamp, router):
         return hit[1]
-    operands = [shrink_operand(lora_a[a], _pick(router, a), dtype) for a in range(lora_a.shape[0])]
+    operands = torch.stack([shrink_operand(lora_a[a], _pick(router, a), dtype) for a in range(lora_a.shape[0])])
     per_site[key] = (stamp, operands)
     return operands
 
@@ -545,26 +546,64 @@ def _padding_ok(groups: AdapterGroups) -> bool:
     return present * max(counts) <= BATCHED_MAX_PADDING * groups.ids.numel()
 
 
+def _padded_shrink(x2d, groups, lora_a, router):
+    """[U | logits | 0] = x_p @ [A_cat | router | 0] per adapter present, laid out [P, L, W] as
+    :meth:`AdapterGroups.padded` (pad rows zero; float32 where a router reads 16-bit x): one ``bmm`` over the
+    kept operands where every adapter of the bank is present with the same count (:func:`_bmm_shrink`),
+    else :func:`_shrink_each`."""
+    cd = reference.compute_dtype(x2d.dtype)
+    counts = groups.counts
+    xs = x2d.index_select(0, groups.perm[counts[0] :])
+    if router is not None and xs.dtype != cd:
+        xs = xs.to(cd)  # the float32 router reads float32 x, and U comes from the same GEMM
+    operands = _shrink_operands(lora_a, router, x2d.dtype)
+    if _bmm_shrink(groups, operands, xs.dtype):
+        _, _, _, length = groups.padded()
+        return torch.bmm(xs.view(lora_a.shape[0], length, -1), operands)
+    return _shrink_each(xs, groups, lora_a, router, operands, x2d.dtype)
+
+
+def _bmm_shrink(groups: AdapterGroups, operands: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the batched shrink runs as one ``bmm``: kept operands in the compute dtype of x (float32 or float64;
+    16-bit x read by a router converted), every adapter present with the same count (no pad rows). There each
+    adapter's block of the ``bmm`` sums as its own GEMM does (MKL: the operands' rows of 64 bytes or more); a
+    padded adapter with fewer than 4 rows would not, nor need a 16-bit GEMM."""
+    counts = groups.counts[1:]
+    if operands is None or operands.dtype != dtype or dtype != reference.compute_dtype(dtype):
+        return False
+    return min(counts) == max(counts) > 0
+
+
+def _shrink_each(xs, groups, lora_a, router, operands, dtype):
+    """The batched shrink one GEMM per adapter present, each on its own rows of ``xs`` (the adapter tokens
+    sorted by adapter) into its own output, as the single-adapter op runs it; concatenated, padded, [P, L, W].
+    ``operands``: the kept ones, or None (built here: 16-bit LoRA's views of lora_a[a], inference tensors)."""
+    counts = groups.counts
+    rows, slots, present, length = groups.padded()
+    ids = [a for a in range(lora_a.shape[0]) if counts[a + 1]]
+    if operands is None:
+        operands = {a: shrink_operand(lora_a[a], _pick(router, a), dtype) for a in ids}
+    sizes = [counts[a + 1] for a in ids]
+    ul = torch.cat([x_a @ operands[a] for a, x_a in zip(ids, xs.split(sizes), strict=True)])
+    if slots is not None:
+        ul = F.pad(ul, (0, 0, 0, 1)).index_select(0, slots)
+    return ul.view(len(ids), length, -1)
+
+
 def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_k, renormalize, base_owned):
-    """MoLoRA over the adapters present when autograd records nothing, batched past the shrink: the single-adapter
-    forward's steps with one op each for every adapter together, except the shrink's one GEMM per adapter.
+    """MoLoRA over the adapters present when autograd records nothing, batched: the single-adapter forward's steps
+    with one op each for every adapter together.
 
-    The tokens naming an adapter are sorted by adapter (one gather of x); each adapter's shrink and router GEMM
-    [U | logits] = x_a @ [A_cat | router] runs on its own rows into its own output (the single-adapter op's
-    GEMM, its operands kept per bank site as :func:`_shrink_operands`; float32 where a router reads 16-bit x),
-    concatenated once. That is laid out [P, L, ·], each adapter's rows padded with zero rows to the longest
-    count L (:meth:`AdapterGroups.padded`; a view when every adapter present has L rows), and the rest runs once
-    for all adapters: routing weights p = top-k(softmax(logits)) over the experts of logits laid out
-    [P, E, L] (the single-adapter op's [E, T]; sentence routing: each token's router-input row and its
-    adapter's router), U′ = U·p rounded to the output's dtype, and y_p = base_p + scale · U′ @ B_cat per
-    adapter (``baddbmm`` on the base rows laid out alike: addmm_'s arithmetic), copied back into the tokens'
-    rows of the output (the base itself where the caller owns it; rows of id -1 keep the base). Pad rows are
-    exact zeros through every step and land in one extra row, dropped.
-
-    The shrink keeps one GEMM per adapter, each into a fresh output, because MKL's GEMM sums in another float32
-    order into an output block that is not 64-byte aligned, as ``bmm``'s later blocks or a shared buffer's
-    rows are for some shapes (e.g. 10 output columns: E = 2, r = 4); that broke the tolerance rule at the
-    model level on the ill-conditioned tiny T5, which the batched expand passes."""
+    The shrink and router GEMM [U | logits | 0] = x_p @ [A_cat | router | 0] runs on the tokens naming an
+    adapter, sorted by adapter and laid out [P, L, ·], each adapter present padded with zero rows to the
+    longest count L (:func:`_padded_shrink`: one ``bmm`` where every adapter is present with L rows, else one
+    GEMM per adapter, each with the single-adapter op's bits). The rest runs once for all adapters: routing
+    weights p = top-k(softmax(logits)) over the experts of logits laid out [P, E, L] (the single-adapter op's
+    [E, T]; sentence routing: each token's router-input row and its adapter's router), U′ = U·p rounded to
+    the output's dtype, and y_p = base_p + scale · U′ @ B_cat per adapter (``baddbmm_`` on the base rows laid
+    out alike: addmm_'s arithmetic), back in token order (where a token names no adapter or an adapter is
+    padded: copied into the tokens' rows of the output, the base itself where the caller owns it; rows of id
+    -1 keep the base). Pad rows are exact zeros through every step and land in one extra row, dropped."""
     n = lora_b.shape[-1]
     num_adapters, num_experts, _, rank = lora_a.shape
     rows, slots, present, length = groups.padded()
@@ -572,19 +611,7 @@ def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_
     sizes = [c for c in counts[1:] if c]
     adapters, tokens, er = len(sizes), x2d.shape[0], num_experts * rank
     reads = router if ri is None else None  # the router the shrink GEMM also runs (none: sentence routing)
-    ids = [a for a in range(num_adapters) if counts[a + 1]]
-    operands = _shrink_operands(lora_a, reads, x2d.dtype)  # None: built here (LoRA: a view of lora_a[a])
-    if operands is None:
-        operands = {a: shrink_operand(lora_a[a], _pick(reads, a), x2d.dtype) for a in ids}
-    cd = reference.compute_dtype(x2d.dtype)
-    xs = x2d.index_select(0, groups.perm[counts[0] :])
-    if reads is not None and xs.dtype != cd:
-        xs = xs.to(cd)  # the float32 router reads float32 x, and U comes from the same GEMM
-    # each adapter's GEMM into its own fresh output: MKL's sums depend on the output's alignment
-    ul = torch.cat([x_a @ operands[a] for a, x_a in zip(ids, xs.split(sizes), strict=True)])
-    if slots is not None:
-        ul = F.pad(ul, (0, 0, 0, 1)).index_select(0, slots)
-    ul = ul.view(adapters, length, -1)
+    ul = _padded_shrink(x2d, groups, lora_a, reads)
     u = ul[..., :er]
     if reads is not None:
         logits = ul[..., er : er + num_experts].transpose(1, 2)
@@ -597,12 +624,17 @@ def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_
         p = None
     if p is not None:
         u = (u.reshape(adapters, length, num_experts, rank) * p.unsqueeze(-1).to(u.dtype)).view(adapters, length, er)
-    out = _output_from_base(x2d, base2d, n, base_owned, slots is not None)
-    b_cat = lora_b.to(out.dtype).reshape(num_adapters, er, n)
+    dtype = x2d.dtype if base2d is None else base2d.dtype
+    b_cat = lora_b.to(dtype).reshape(num_adapters, er, n)
     if adapters < num_adapters:
         b_cat = b_cat.index_select(0, present)
+    if counts[0] == 0 and slots is None:  # the sorted rows are every token's: expand onto them, then unsort
+        base_p = x2d.new_zeros(tokens, n) if base2d is None else base2d.index_select(0, rows)
+        y = base_p.view(adapters, length, n).baddbmm_(u.to(dtype), b_cat, alpha=scale)
+        return y.view(tokens, n).index_select(0, groups.inverse)
+    out = _output_from_base(x2d, base2d, n, base_owned, slots is not None)
     base_p = out.index_select(0, rows).view(adapters, length, n)
-    y = torch.baddbmm(base_p, u.to(out.dtype), b_cat, alpha=scale)
+    y = base_p.baddbmm_(u.to(dtype), b_cat, alpha=scale)
     out.index_copy_(0, rows, y.view(adapters * length, n))
     return out if slots is None else out[:tokens]
 
