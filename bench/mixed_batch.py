@@ -20,6 +20,11 @@ folder and loaded from there. Providers, per method ``m``:
   sequences as a sub-batch: N separate prefills and N separate decodes;
 * ``m-mixed`` — one bank (:func:`pemoe.load_adapters`) runs the whole batch with ``adapter_names=``;
 
+* ``m-matmuls`` (``molora`` and ``lora``) — a yardstick, not the method: the bank with every site running only
+  the products a mixed batch cannot avoid, each adapter's shrink (and router) GEMM and expand over its own
+  parameters on its own tokens (:func:`matmuls_only`: no softmax, no routing, the experts summed unweighted);
+  its throughput against ``m-one`` is what these products alone cost, the floor under ``m-mixed``'s;
+
 and ``peft-lora-mixed``, PEFT's mixed-batch LoRA: a ``PeftModel`` holding the N LoRA adapters (the ``lora``
 ones, exported with :func:`pemoe.peft_interop.export_peft` and loaded with ``PeftModel.from_pretrained`` /
 ``load_adapter``: the same weights), called with ``adapter_names=``; the floor ``llama-frozen`` is the bare
@@ -52,6 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pemoe.bench import harness, llama_step
@@ -67,7 +73,9 @@ METHODS = {
     "molora": ("MoLoRAConfig", {"num_experts": 8, "rank": 4, "alpha": 16}),
     "lora": ("LoRAConfig", {"rank": 4, "alpha": 16}),
 }
-STRATEGIES = ("one", "loop", "mixed")
+STRATEGIES = ("one", "loop", "mixed", "matmuls")
+#: the methods with a ``matmuls`` yardstick (MoV's unavoidable products are the router's and the merge's)
+YARDSTICK_METHODS = ("molora", "lora")
 ADAPTER_COUNTS = (8, 32)
 #: batch B sequences of S prompt tokens, ``new`` greedy decoding steps
 BATCH = {"B": 32, "S": 64, "new": 16}
@@ -91,7 +99,8 @@ def make_inputs(shape: dict[str, int], dtype: torch.dtype, device: torch.device)
 
 
 def provider_names() -> list[str]:
-    return [FLOOR, *(f"{m}-{s}" for m in METHODS for s in STRATEGIES), PEFT]
+    names = [f"{m}-{s}" for m in METHODS for s in STRATEGIES if s != "matmuls" or m in YARDSTICK_METHODS]
+    return [FLOOR, *names, PEFT]
 
 
 def adapter_names(num_adapters: int) -> list[str]:
@@ -134,6 +143,56 @@ def _save_adapters(i: dict[str, torch.Tensor], method: str, folder: pathlib.Path
         paths[name] = folder / f"{method}-{a}"
         save_pretrained(model, paths[name])
     return paths
+
+
+def matmuls_only(bank: nn.Module) -> nn.Module:
+    """Makes every MoLoRA bank site of ``bank`` (in place) a yardstick, not MoLoRA: y = base + scale · Σ_e
+    (x_a A_e) B_e per token with its adapter a's parameters, the experts summed unweighted.
+
+    The matrix products a mixed batch cannot avoid, issued as pemoe's batched decode issues them: the tokens
+    naming an adapter sorted by adapter and laid out [P, L, K] (each adapter present padded to the longest
+    count L), the shrink and router GEMM x_p @ [A_cat | router | 0] as one ``bmm`` over each adapter's padded
+    operand (:func:`pemoe.ops.molora.shrink_operand`, built once here), the expand as one ``baddbmm_`` onto the
+    base rows, back in token order; no softmax, routing or scaling by p, and no argument checks. Its
+    throughput against one adapter for the whole batch is what these products alone cost."""
+    from pemoe.layers import MoLoRALinear
+    from pemoe.ops.molora import shrink_operand
+
+    sites = [m for m in bank.modules() if isinstance(m, MoLoRALinear) and m.banked]
+    if not sites:
+        raise ValueError("matmuls_only needs a model holding a MoLoRA/LoRA adapter bank (pemoe.load_adapters)")
+    for site in sites:
+        with torch.no_grad():
+            a, e, k, r = site.lora_a.shape
+            routers = [None] * a if site.router is None else list(site.router)
+            operands = torch.stack([shrink_operand(site.lora_a[j], routers[j], site.lora_a.dtype) for j in range(a)])
+            b_cat = site.lora_b.detach().reshape(a, e * r, -1)
+        site.forward = _matmuls_forward.__get__(site)
+        site._matmuls_operands = (operands, b_cat)
+    return bank
+
+
+def _matmuls_forward(site: nn.Module, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`matmuls_only`'s site forward."""
+    operands, b_cat = site._matmuls_operands
+    groups = site._adapter_ids(x)
+    base = site.base(x)
+    k, n = x.shape[-1], base.shape[-1]
+    x2d, base2d = x.reshape(-1, k), base.reshape(-1, n)
+    tokens = x2d.shape[0]
+    rows, slots, present, length = groups.padded()
+    if present.shape[0] < operands.shape[0]:
+        operands, b_cat = operands.index_select(0, present), b_cat.index_select(0, present)
+    padded = slots is not None
+    xs = (F.pad(x2d, (0, 0, 0, 1)) if padded else x2d).index_select(0, rows).view(-1, length, k)
+    u = torch.bmm(xs, operands)[..., : b_cat.shape[1]]
+    out = F.pad(base2d, (0, 0, 0, 1)) if padded else base2d
+    y = out.index_select(0, rows).view(-1, length, n).baddbmm_(u, b_cat, alpha=site.scale)
+    if groups.counts[0] == 0 and not padded:
+        return y.view(tokens, n).index_select(0, groups.inverse).view_as(base)
+    out = out if padded else out.clone()
+    out.index_copy_(0, rows, y.view(-1, n))
+    return out[:tokens].view_as(base)
 
 
 @dataclass
@@ -247,6 +306,13 @@ class Setup:
                 bank = _frozen(i)
                 load_adapters(bank, paths)
                 self.served[f"{method}-mixed"] = Served([Part(bank, None, {"adapter_names": self.names})], prompt, new)
+            if "matmuls" in wanted:
+                yardstick = _frozen(i)
+                load_adapters(yardstick, paths)
+                matmuls_only(yardstick)
+                self.served[f"{method}-matmuls"] = Served(
+                    [Part(yardstick, None, {"adapter_names": self.names})], prompt, new
+                )
             if need_peft:
                 singles_for_peft = [single(a) for a in range(n)]
         if singles_for_peft is not None:

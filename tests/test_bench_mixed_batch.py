@@ -102,6 +102,43 @@ def test_loop_runs_one_sub_batch_per_adapter(built):
         assert all(not p.kwargs for p in parts)
 
 
+def test_lora_yardstick_is_the_lora_bank(outputs):
+    """LoRA has no routing: the matmuls-only yardstick's products are the whole op (the same logits, tokens)."""
+    torch.testing.assert_close(outputs["lora-matmuls"][0], outputs["lora-mixed"][0], **CLOSE)
+    assert outputs["lora-matmuls"][1].tolist() == outputs["lora-mixed"][1].tolist()
+
+
+@pytest.mark.parametrize("names", [["adapter-2", "adapter-0", "adapter-2"], ["adapter-1", None, "adapter-1"]])
+def test_molora_yardstick_sums_each_adapters_experts_unweighted(built, names):
+    """A yardstick site: base + scale·Σ_e (x A_e) B_e with each sequence's own adapter (even and padded groups;
+    a base sequence keeps the base), against the formula written out per token."""
+    from pemoe.banks import adapter_batch
+    from pemoe.layers import MoLoRALinear
+
+    _, s = built
+    model = s.served["molora-matmuls"].parts[0].model
+    site = next(m for m in model.modules() if isinstance(m, MoLoRALinear))
+    x = torch.randn(len(names), 3, site.in_features)
+    ids = [None if n is None else int(n.rsplit("-", 1)[1]) for n in names]
+    with torch.no_grad(), adapter_batch(model, names):
+        got = site(x)
+    with torch.no_grad():
+        want = site.base(x)
+        for b, a in enumerate(ids):
+            if a is not None:
+                delta = torch.einsum("tk,ekr,ern->tn", x[b], site.lora_a[a], site.lora_b[a])
+                want[b] += site.scale * delta
+    torch.testing.assert_close(got, want, **CLOSE)
+    assert (got - site.base(x)).abs().max() > 1e-4  # the adapters do something
+
+
+def test_yardsticks_are_molora_and_lora_only():
+    names = mixed_batch.provider_names()
+    assert {n for n in names if n.endswith("-matmuls")} == {"molora-matmuls", "lora-matmuls"}
+    with pytest.raises(ValueError, match="adapter bank"):
+        mixed_batch.matmuls_only(torch.nn.Linear(2, 2))
+
+
 def test_bench_rows_and_table(tmp_path, monkeypatch):
     """``pemoe bench --ops mixed_batch`` (float32 by default): time, tokens/s and the targets' throughput ratios
     for every provider and mode, and the table's columns."""
@@ -124,6 +161,8 @@ def test_bench_rows_and_table(tmp_path, monkeypatch):
             for metric in ("throughput_vs_one", "throughput_vs_loop", "throughput_vs_peft"):
                 assert (f"{method}-mixed", mode, metric) in got, (method, mode, metric)
             assert (f"{method}-loop", mode, "throughput_vs_one") in got
+        for method in mixed_batch.YARDSTICK_METHODS:
+            assert (f"{method}-matmuls", mode, "throughput_vs_one") in got
     # tokens/s is tokens per call over the call's time; the ratio is the baseline's time over the provider's
     p50 = {(r["provider"], r["mode"], r["metric"]): float(r["p50"]) for r in rows}
     for mode, tokens in (("prefill", 3 * 4), ("decode", 3 * 2)):
