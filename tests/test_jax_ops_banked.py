@@ -9,9 +9,10 @@ float64 banked reference. Gradients: every argument the torch ops differentiate 
 router_input, the stacked adapter parameters; the frozen weights get none, SPEC §3), through ``jax.vjp`` with
 one random cotangent, under ``jax.jit`` with the ids a traced argument.
 
-The ``"xla"`` bank has two forms chosen from the shapes (pemoe.jax.xla.bank_form): per-token gathers for
-T <= A and the adapters concatenated as A·E experts for T > A; the cases below cover both (A = 3: T <= 3
-gathers). Token ids: an unsorted cycle over the adapters with -1 (the base alone).
+The ``"xla"`` bank has three forms (pemoe.jax.xla.bank_form picks one from the shapes): per-token gathers,
+the adapters concatenated as A·E experts, and the tokens sorted by adapter with ragged dots. Each is valid for
+any T, so the tests run every case with each form forced (the ``form`` fixture) and check the rule separately.
+Token ids: an unsorted cycle over the adapters with -1 (the base alone).
 """
 
 from __future__ import annotations
@@ -197,8 +198,14 @@ def _id(v) -> str:
     return jnp.dtype(v).name if isinstance(v, type) else str(v)
 
 
-def _form(inputs: dict) -> str:
-    return xla.bank_form(inputs["adapter_ids"].size, A)
+FORMS = ("gather", "concat", "sorted")
+
+
+@pytest.fixture(params=FORMS)
+def form(request, monkeypatch) -> str:
+    """The "xla" bank's form forced for every call (xla.bank_form is read at each call, outside any jit cache)."""
+    monkeypatch.setattr(xla, "bank_form", lambda tokens, num_adapters, backend=None: request.param)
+    return request.param
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,6 +213,7 @@ def _form(inputs: dict) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("form")
 class TestMoVLinear:
     @pytest.mark.parametrize(
         "dtype,t,e",
@@ -213,9 +221,7 @@ class TestMoVLinear:
         ids=_id,
     )
     def test_matches_reference(self, dtype, t, e):
-        inputs = mov_linear_inputs(t, e)
-        assert _form(inputs) == ("gather" if t <= A else "concat")
-        check("mov_linear", inputs, dtype)
+        check("mov_linear", mov_linear_inputs(t, e), dtype)
 
     @pytest.mark.parametrize(
         "dtype,t,top_k,renormalize",
@@ -239,6 +245,7 @@ class TestMoVLinear:
         check("mov_linear", inputs, jnp.float32)
 
 
+@pytest.mark.usefixtures("form")
 class TestMoV:
     @pytest.mark.parametrize("dtype,t,e", [(jnp.float32, 33, 4), (jnp.bfloat16, 2, 1)], ids=_id)
     def test_matches_reference(self, dtype, t, e):
@@ -250,6 +257,7 @@ class TestMoV:
         check("mov", inputs, jnp.float32)
 
 
+@pytest.mark.usefixtures("form")
 class TestMoVFFN:
     @pytest.mark.parametrize(
         "dtype,t,gated,activation,e",
@@ -266,6 +274,7 @@ class TestMoVFFN:
         check("mov_ffn", mov_ffn_inputs(6, 4, top_k=2, renormalize=True, sentence=True), jnp.float32)
 
 
+@pytest.mark.usefixtures("form")
 class TestMoLoRALinear:
     @pytest.mark.parametrize(
         "dtype,t,e,r",
@@ -294,6 +303,7 @@ class TestMoLoRALinear:
         check("molora_linear", molora_inputs(6, 3, a=1, bias=False), jnp.float32)
 
 
+@pytest.mark.usefixtures("form")
 @pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
 def test_eager_call_matches_jit(op):
     """Concrete ids (an eager call, where their range is checked) give what the traced ids give under jit."""
@@ -310,9 +320,10 @@ def test_eager_call_matches_jit(op):
 
 
 @pytest.mark.parametrize("t", [2, 9])
+@pytest.mark.usefixtures("form")
 @pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
 def test_bank_of_one_is_the_single_adapter_op(op, t):
-    """A bank of one adapter with every id 0 gives the single-adapter "xla" op's output, both forms."""
+    """A bank of one adapter with every id 0 gives the single-adapter "xla" op's output."""
     inputs = mov_linear_inputs(t, 4, a=1) if op == "mov_linear" else molora_inputs(t, 4, a=1)
     arrays, frozen, _, static = _split(inputs, jnp.float32)
     ids = jnp.zeros((t,), jnp.int32)
@@ -323,6 +334,7 @@ def test_bank_of_one_is_the_single_adapter_op(op, t):
     np.testing.assert_allclose(np.asarray(bank), np.asarray(single), rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.usefixtures("form")
 @pytest.mark.parametrize("t", [3, 8])
 def test_base_tokens_get_the_frozen_layer_alone(t):
     """Rows of id -1 are exactly x Wᵀ + b (mov_linear) and the FFN without MoV (mov_ffn), computed here."""
@@ -341,7 +353,8 @@ def test_base_tokens_get_the_frozen_layer_alone(t):
     np.testing.assert_allclose(np.asarray(y)[base], np.asarray(h @ frozen["wo"].T)[base], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl,t", [("xla", 3), ("xla", 9), ("reference", 9)])  # "xla": both forms
+@pytest.mark.usefixtures("form")
+@pytest.mark.parametrize("impl,t", [("xla", 3), ("xla", 9), ("reference", 9)])
 def test_traced_out_of_range_ids_give_nan_rows(impl, t):
     """Under jit the ids' values are unknown at trace time: an id outside [-1, A) gives a NaN row (never another
     adapter's or the base's output); the other rows are the usual ones."""
@@ -361,10 +374,11 @@ def _residuals(capsys, f, *args) -> list[str]:
     return [line for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
-def test_concatenated_form_memory(capsys):
+def test_concatenated_form_memory(capsys, monkeypatch):
     """bf16 mov_linear and molora_linear, T > A, adapters trained: nothing of T times an adapter's size is built,
     and the MoV site keeps no float32 copy of the activation (the single-adapter custom_vjp's residuals, with the
     routing weights over A·E)."""
+    monkeypatch.setattr(xla, "bank_form", lambda tokens, num_adapters, backend=None: "concat")
     t, e, n = 123, 10, G * D
     arrays, frozen, ids, static = _split(mov_linear_inputs(t, e), jnp.bfloat16)
     x, bias = arrays.pop("x"), arrays.pop("bias")
@@ -391,6 +405,58 @@ def test_concatenated_form_memory(capsys):
     assert f"[{t},{e},{K},{r}]" not in jaxpr and f"[{t},{e},{r},72]" not in jaxpr and f"[{t},{e},72]" not in jaxpr
 
 
+def test_bank_form_rule():
+    """Gathers for T <= A; for T > A the sorted form on TPU, the concatenated form on CPU (the default here) and
+    GPU."""
+    assert xla.bank_form(3, 3) == "gather" and xla.bank_form(1, 1, "tpu") == "gather"
+    assert xla.bank_form(4, 3) == "concat" and xla.bank_form(4, 3, "cpu") == "concat"
+    assert xla.bank_form(4, 3, "gpu") == "concat" and xla.bank_form(4, 3, "cuda") == "concat"
+    assert xla.bank_form(4, 3, "tpu") == "sorted"
+
+
+def _adapter_step(op: str, t: int, e: int, dtype):
+    """(loss of the adapters, the adapters): op's bank with x, the bias and the frozen weight closed over."""
+    inputs = mov_linear_inputs(t, e) if op == "mov_linear" else molora_inputs(t, e)
+    arrays, frozen, ids, static = _split(inputs, dtype)
+    x, bias = arrays.pop("x"), arrays.pop("bias")
+
+    def loss(adapters):
+        y = getattr(pj, op)(x, frozen["weight"], bias=bias, **adapters, **static, adapter_ids=ids)
+        return y.astype(jnp.float32).sum()
+
+    return loss, arrays
+
+
+@pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
+def test_sorted_form_memory(op, monkeypatch, capsys):
+    """The sorted form runs ragged dots and keeps no tensor over all adapters' experts ([T, A·E], [T, G, A·E]) or
+    of T times anything per adapter ([T, A + 1, ...], [A + 1, T, ...]), and no per-token parameters."""
+    monkeypatch.setattr(xla, "bank_form", lambda tokens, num_adapters, backend=None: "sorted")
+    t, e = 123, 10
+    loss, adapters = _adapter_step(op, t, e, jnp.bfloat16)
+    saved = _residuals(capsys, loss, adapters)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(adapters))
+    assert "ragged_dot" in jaxpr
+    for shape in (f"{t},{A * e}]", f"{t},{G},{A * e}]", f"[{t},{A + 1},", f"[{A + 1},{t},"):  # (G = A here)
+        assert not any(shape in line for line in saved), (shape, saved)
+        assert shape not in jaxpr, shape
+    assert f"[{t},{e},{K}," not in jaxpr and f"[{t},{G},{e},{D}]" not in jaxpr
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("op", ["mov_linear", "molora_linear"])
+def test_sorted_form_exports_ragged_dots(op, platform, monkeypatch):
+    """``jax.export`` of the sorted form's training step (loss and adapter gradients) for TPU and CUDA keeps the
+    per-adapter products as ragged dots (``chlo.ragged_dot``) for the backend to lower, with no dot over a
+    zero-padded [A + 1, T, ·] operand."""
+    monkeypatch.setattr(xla, "bank_form", lambda tokens, num_adapters, backend=None: "sorted")
+    t, e = 37, 4
+    loss, adapters = _adapter_step(op, t, e, jnp.bfloat16)
+    module = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=[platform])(adapters).mlir_module()
+    assert module.count("chlo.ragged_dot") >= 2
+    assert f"tensor<{A + 1}x{t}x" not in module
+
+
 def test_gathered_form_gathers_per_token():
     """T <= A: each token's parameters are gathered ([T, G, E, D] experts), not the adapters concatenated."""
     arrays, frozen, ids, static = _split(mov_linear_inputs(2, 4), jnp.float32)
@@ -398,6 +464,7 @@ def test_gathered_form_gathers_per_token():
     assert f"[2,{G},4,{D}]" in jaxpr and f"[{G},{A * 4},{D}]" not in jaxpr
 
 
+@pytest.mark.usefixtures("form")
 def test_empty_batch():
     """Zero tokens: the empty output, an empty dx and zero parameter gradients."""
     arrays, frozen, _, static = _split(molora_inputs(1, 3), jnp.float32)
