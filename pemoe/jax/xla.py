@@ -588,12 +588,12 @@ def _sorted_molora(x, weight, lora_a, lora_b, router, probs, ids, scale, top_k, 
     [A + 1, E·r, N] as ragged dots (the base / bad ids' group reads a zero adapter), the expand unsorted and
     added to the frozen GEMM in float32, rounded once. Operand dtypes as the concatenated form's."""
     dt, cd = x.dtype, compute_dtype(x.dtype)
-    num_adapters, num_experts, k, rank = lora_a.shape
+    num_adapters, num_experts, _, rank = lora_a.shape
     width = num_experts * rank
     order, inverse, sizes = bank_sort(ids, num_adapters)
     keep = bank_keep(ids, num_adapters, cd)[order]
     xs = x[order]
-    a_cat = lora_a.transpose(0, 2, 1, 3).reshape(num_adapters, k, width)  # [A, K, E·r]
+    a_cat = jax.vmap(_cat_a)(lora_a)  # [A, K, E·r]
     use_router = router is not None and probs is None
     if use_router and dt == cd:  # exact: one ragged dot for the shrink and the router logits
         rhs = _pad_bank(jnp.concatenate([a_cat.astype(cd), router.astype(cd)], axis=2))
