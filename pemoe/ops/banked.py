@@ -142,7 +142,11 @@ class AdapterGroups:
     * ``perm`` / ``inverse`` — the stable permutation sorting the tokens by id and its inverse ([T] int64 on
       the device; made on first use);
     * ``runs`` — the maximal ranges of consecutive rows naming one id, host tuples ``(start, stop, id)`` in
-      row order, or None where unknown without a host sync (built from a tensor of ids).
+      row order, or None where unknown without a host sync (built from a tensor of ids);
+    * ``present`` — how many ids (-1 included) name at least one token; ``adapters_present`` — how many
+      adapters (-1 excluded); ``longest`` — the most tokens one adapter has; ``even`` — whether every adapter
+      of the bank has the same, nonzero, number of tokens (host facts from ``counts``, which every banked call
+      reads to pick its form: computed once here rather than at every site).
 
     It is validated once, when built (ids outside [-1, A) raise ValueError, as for a plain tensor); an op
     given one checks only that it was built for its token count and bank size (``num_adapters``). Build it
@@ -150,7 +154,10 @@ class AdapterGroups:
     known on the host: no sync, the permutation built on the host).
     """
 
-    __slots__ = ("ids", "counts", "num_adapters", "tokens_shape", "runs", "_perm", "_inverse", "_padded")
+    __slots__ = (
+        "ids", "counts", "num_adapters", "tokens_shape", "runs", "present", "adapters_present", "longest", "even",
+        "_perm", "_inverse", "_adapter_rows", "_padded",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -163,7 +170,12 @@ class AdapterGroups:
         self.ids, self.counts, self.tokens_shape = ids, tuple(counts), tuple(tokens_shape)
         self.num_adapters = len(self.counts) - 1
         self.runs = None if runs is None else tuple(runs)
-        self._perm, self._inverse, self._padded = perm, None, None
+        adapter_counts = self.counts[1:]
+        self.adapters_present = sum(1 for n in adapter_counts if n)
+        self.present = self.adapters_present + (1 if self.counts[0] else 0)
+        self.longest = max(adapter_counts, default=0)
+        self.even = self.longest > 0 and min(adapter_counts) == self.longest
+        self._perm, self._inverse, self._adapter_rows, self._padded = perm, None, None, None
 
     @classmethod
     def from_ids(cls, adapter_ids: torch.Tensor, num_adapters: int) -> AdapterGroups:
@@ -218,11 +230,6 @@ class AdapterGroups:
         return cls(ids, counts, tuple(ids.shape) if tokens_shape is None else tokens_shape)
 
     @property
-    def present(self) -> int:
-        """How many ids (-1 included) name at least one token."""
-        return sum(1 for n in self.counts if n)
-
-    @property
     def perm(self) -> torch.Tensor:
         """The stable permutation sorting the tokens by id (-1 first), [T]."""
         if self._perm is None:
@@ -238,6 +245,13 @@ class AdapterGroups:
             self._inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return self._inverse
 
+    @property
+    def adapter_rows(self) -> torch.Tensor:
+        """The tokens naming an adapter, sorted by adapter: ``perm[counts[0]:]``, [T - counts[0]]."""
+        if self._adapter_rows is None:
+            self._adapter_rows = self.perm[self.counts[0] :]
+        return self._adapter_rows
+
     def padded(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
         """The tokens naming an adapter laid out per adapter present, each adapter's rows padded to the longest
         count L: ``(rows, slots, present, L)``. ``rows`` [P·L]: the token of each padded row, pad rows T (one
@@ -247,10 +261,9 @@ class AdapterGroups:
         present, increasing. Built from the host counts and :attr:`perm` on first use; every site of a batch
         shares it."""
         if self._padded is None:
-            counts = self.counts
+            counts, length = self.counts, self.longest
             present = [a for a in range(self.num_adapters) if counts[a + 1]]
-            length = max(counts[a + 1] for a in present)
-            rows, slots = self.perm[counts[0] :], None
+            rows, slots = self.adapter_rows, None
             if any(counts[a + 1] != length for a in present):
                 device, tokens = rows.device, rows.shape[0]
                 filled = [j * length + i for j, a in enumerate(present) for i in range(counts[a + 1])]
@@ -541,9 +554,7 @@ def _use_batched(groups: AdapterGroups) -> bool:
 
 def _padding_ok(groups: AdapterGroups) -> bool:
     """Whether padding every adapter present to the longest one's rows stays within BATCHED_MAX_PADDING."""
-    counts = groups.counts[1:]
-    present = sum(1 for n in counts if n)
-    return present * max(counts) <= BATCHED_MAX_PADDING * groups.ids.numel()
+    return groups.adapters_present * groups.longest <= BATCHED_MAX_PADDING * groups.ids.numel()
 
 
 def _padded_shrink(x2d, groups, lora_a, router):
@@ -552,14 +563,12 @@ def _padded_shrink(x2d, groups, lora_a, router):
     kept operands where every adapter of the bank is present with the same count (:func:`_bmm_shrink`),
     else :func:`_shrink_each`."""
     cd = reference.compute_dtype(x2d.dtype)
-    counts = groups.counts
-    xs = x2d.index_select(0, groups.perm[counts[0] :])
+    xs = x2d.index_select(0, groups.adapter_rows)
     if router is not None and xs.dtype != cd:
         xs = xs.to(cd)  # the float32 router reads float32 x, and U comes from the same GEMM
     operands = _shrink_operands(lora_a, router, x2d.dtype)
     if _bmm_shrink(groups, operands, xs.dtype):
-        _, _, _, length = groups.padded()
-        return torch.bmm(xs.view(lora_a.shape[0], length, -1), operands)
+        return torch.bmm(xs.view(groups.adapters_present, groups.longest, -1), operands)
     return _shrink_each(xs, groups, lora_a, router, operands, x2d.dtype)
 
 
@@ -568,10 +577,9 @@ def _bmm_shrink(groups: AdapterGroups, operands: torch.Tensor | None, dtype: tor
     16-bit x read by a router converted), every adapter present with the same count (no pad rows). There each
     adapter's block of the ``bmm`` sums as its own GEMM does (MKL: the operands' rows of 64 bytes or more); a
     padded adapter with fewer than 4 rows would not, nor need a 16-bit GEMM."""
-    counts = groups.counts[1:]
     if operands is None or operands.dtype != dtype or dtype != reference.compute_dtype(dtype):
         return False
-    return min(counts) == max(counts) > 0
+    return groups.even
 
 
 def _shrink_each(xs, groups, lora_a, router, operands, dtype):
@@ -607,14 +615,12 @@ def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_
     n = lora_b.shape[-1]
     num_adapters, num_experts, _, rank = lora_a.shape
     rows, slots, present, length = groups.padded()
-    counts = groups.counts
-    sizes = [c for c in counts[1:] if c]
-    adapters, tokens, er = len(sizes), x2d.shape[0], num_experts * rank
+    adapters, tokens, er = groups.adapters_present, x2d.shape[0], num_experts * rank
     reads = router if ri is None else None  # the router the shrink GEMM also runs (none: sentence routing)
     ul = _padded_shrink(x2d, groups, lora_a, reads)
-    u = ul[..., :er]
+    u = ul.narrow(2, 0, er)
     if reads is not None:
-        logits = ul[..., er : er + num_experts].transpose(1, 2)
+        logits = ul.narrow(2, er, num_experts).transpose(1, 2)
         p = _router.select(torch.softmax(logits, dim=1), top_k, renormalize, dim=1).transpose(1, 2)
     elif ri is not None:
         rp = (F.pad(ri, (0, 0, 0, 1)) if slots is not None else ri).index_select(0, rows)
@@ -623,18 +629,21 @@ def _batched_molora(x2d, base2d, groups, lora_a, lora_b, router, ri, scale, top_
     else:
         p = None
     if p is not None:
-        u = (u.reshape(adapters, length, num_experts, rank) * p.unsqueeze(-1).to(u.dtype)).view(adapters, length, er)
+        p = p.unsqueeze(-1) if p.dtype == u.dtype else p.unsqueeze(-1).to(u.dtype)
+        u = torch.mul(u.view(adapters, length, num_experts, rank), p).view(adapters, length, er)
     dtype = x2d.dtype if base2d is None else base2d.dtype
-    b_cat = lora_b.to(dtype).reshape(num_adapters, er, n)
+    if u.dtype != dtype:
+        u = u.to(dtype)
+    b_cat = (lora_b if lora_b.dtype == dtype else lora_b.to(dtype)).reshape(num_adapters, er, n)
     if adapters < num_adapters:
         b_cat = b_cat.index_select(0, present)
-    if counts[0] == 0 and slots is None:  # the sorted rows are every token's: expand onto them, then unsort
+    if groups.counts[0] == 0 and slots is None:  # the sorted rows are every token's: expand onto them, unsort
         base_p = x2d.new_zeros(tokens, n) if base2d is None else base2d.index_select(0, rows)
-        y = base_p.view(adapters, length, n).baddbmm_(u.to(dtype), b_cat, alpha=scale)
+        y = base_p.view(adapters, length, n).baddbmm_(u, b_cat, alpha=scale)
         return y.view(tokens, n).index_select(0, groups.inverse)
     out = _output_from_base(x2d, base2d, n, base_owned, slots is not None)
     base_p = out.index_select(0, rows).view(adapters, length, n)
-    y = base_p.baddbmm_(u.to(dtype), b_cat, alpha=scale)
+    y = base_p.baddbmm_(u, b_cat, alpha=scale)
     out.index_copy_(0, rows, y.view(adapters * length, n))
     return out if slots is None else out[:tokens]
 
