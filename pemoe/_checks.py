@@ -53,6 +53,51 @@ check_molora = functools.partial(_shape_checks.check_molora, check_array=check_f
 check_molora_adapter = functools.partial(_shape_checks.check_molora_adapter, check_array=check_float_tensor)
 
 
+# ---------------------------------------------------------------------------------------------
+# signatures that passed: a model calls each op at many sites with the same few argument signatures
+
+#: Signatures (:func:`signature`) of calls whose checks passed; bounded, emptied when full.
+_PASSED: dict[tuple, None] = {}
+PASSED_MAX = 1024
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def signature(*values: object) -> tuple | None:
+    """Everything an op's checks read of its arguments, hashable: per tensor its type, dtype, shape, device and
+    requires_grad, per scalar (None, bool, int, float, str) its type and value, and whether autograd records
+    (:func:`check_frozen` reads it). The checks in this module and :mod:`pemoe._shape_checks` read nothing else
+    (never values: ids are checked apart, :func:`check_adapter_ids`), so a call whose signature passed before
+    passes again, and an op skips its checks for it (:func:`passed`): a model calls every op at many sites with
+    a few signatures per batch, and the checks cost as much as a small op's arithmetic (about 10-20 us per
+    call on the CPU). None, so nothing is remembered, for any other argument and while torch.compile traces
+    (its guards, not this table, say when a graph still fits)."""
+    if torch.compiler.is_compiling():
+        return None
+    parts: list[tuple] = [(torch.is_grad_enabled(),)]
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            parts.append((type(v), v.dtype, v.shape, v.device, v.requires_grad))
+        elif type(v) in _SCALARS:
+            parts.append((type(v), v))
+        else:
+            return None
+    return tuple(parts)
+
+
+def passed(key: tuple | None) -> bool:
+    """Whether a call with this :func:`signature` passed its checks before."""
+    return key is not None and key in _PASSED
+
+
+def remember(key: tuple | None) -> None:
+    """Record that a call with this :func:`signature` passed its checks (call only after every check ran)."""
+    if key is None:
+        return
+    if len(_PASSED) >= PASSED_MAX:
+        _PASSED.clear()
+    _PASSED[key] = None
+
+
 def check_frozen(**weights: torch.Tensor | None) -> None:
     """The frozen base weights must not require grad while autograd records (SPEC §3: no implementation
     computes a weight gradient). Under ``torch.no_grad()`` nothing is recorded, so anything goes."""

@@ -189,8 +189,11 @@ def mov(
     """
     if adapter_ids is not None:
         return _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_input, implementation)
-    _checks.check_mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
-    _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input)
+    key = _checks.signature("mov", h, router, experts, top_k, renormalize, router_input)
+    if not _checks.passed(key):
+        _checks.check_mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
+        _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input)
+        _checks.remember(key)
     impl = resolve_implementation("mov", implementation, h.device)
     if impl == "reference":
         return reference.mov(h, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input)
@@ -218,19 +221,18 @@ def mov_linear(
         return _mov_linear_banked(
             x, weight, bias, router, experts, adapter_ids, top_k, renormalize, router_input, implementation
         )
-    _checks.check_linear(x, weight, bias)
-    _checks.check_mov(
-        x,
-        router,
-        experts,
-        top_k=top_k,
-        renormalize=renormalize,
-        router_input=router_input,
-        h_name="weight output",
-        width=weight.shape[0],
-    )
-    _checks.check_same_device(x=x, weight=weight, bias=bias, router=router, experts=experts, router_input=router_input)
-    _checks.check_frozen(weight=weight)
+    key = _checks.signature("mov_linear", x, weight, bias, router, experts, top_k, renormalize, router_input)
+    if not _checks.passed(key):
+        _checks.check_linear(x, weight, bias)
+        _checks.check_mov(
+            x, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input,
+            h_name="weight output", width=weight.shape[0],
+        )  # fmt: skip
+        _checks.check_same_device(
+            x=x, weight=weight, bias=bias, router=router, experts=experts, router_input=router_input
+        )
+        _checks.check_frozen(weight=weight)
+        _checks.remember(key)
     impl = resolve_implementation("mov_linear", implementation, x.device)
     if impl == "reference":
         return reference.mov_linear(
@@ -245,6 +247,22 @@ def mov_linear(
     else:
         y = MoVFunction.apply(_flat(x), weight, bias, router, experts, probs, top_k, renormalize)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def _check_ffn_weights(x, wi_0, wi_1, wo, activation) -> None:
+    """The FFN's activation and frozen weights: wi_0 (and wi_1) [F, M], wo [M, F], in x's dtype."""
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
+    _checks.check_linear(x, wi_0, None, weight_name="wi_0")
+    if wi_1 is not None:
+        _checks.check_linear(x, wi_1, None, weight_name="wi_1")
+        if wi_1.shape != wi_0.shape:
+            raise ValueError(f"wi_1 must have wi_0's shape {list(wi_0.shape)} ([F, M]), got {list(wi_1.shape)}")
+    _checks.check_float_tensor("wo", wo, ndim=2)
+    if tuple(wo.shape) != (x.shape[-1], wi_0.shape[0]):
+        raise ValueError(f"wo must have shape [M, F] = [{x.shape[-1]}, {wi_0.shape[0]}], got {list(wo.shape)}")
+    if wo.dtype != x.dtype:
+        raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
 
 
 @_autocast_aware("wi_0", "wi_1", "wo")
@@ -268,37 +286,27 @@ def mov_ffn(
     wi_1 given (v1.1 gated-GELU): (mov(act(x wi_0ᵀ)) * (x wi_1ᵀ)) woᵀ; else (v1.0): mov(act(x wi_0ᵀ)) woᵀ.
     x [..., M], wi_0/wi_1 [F, M], wo [M, F], router [F, E], experts [1, E, F].
     """
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
-    _checks.check_linear(x, wi_0, None, weight_name="wi_0")
-    if wi_1 is not None:
-        _checks.check_linear(x, wi_1, None, weight_name="wi_1")
-        if wi_1.shape != wi_0.shape:
-            raise ValueError(f"wi_1 must have wi_0's shape {list(wi_0.shape)} ([F, M]), got {list(wi_1.shape)}")
-    _checks.check_float_tensor("wo", wo, ndim=2)
-    if tuple(wo.shape) != (x.shape[-1], wi_0.shape[0]):
-        raise ValueError(f"wo must have shape [M, F] = [{x.shape[-1]}, {wi_0.shape[0]}], got {list(wo.shape)}")
-    if wo.dtype != x.dtype:
-        raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
+    key = _checks.signature(
+        "mov_ffn", x, wi_0, wi_1, wo, router, experts, activation, top_k, renormalize, router_input,
+        _ids_like(adapter_ids),
+    )  # fmt: skip
+    if not _checks.passed(key):
+        _check_ffn_weights(x, wi_0, wi_1, wo, activation)
     if adapter_ids is not None:
         return _mov_ffn_banked(
             x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize, router_input,
-            implementation,
+            implementation, key,
         )  # fmt: skip
-    _checks.check_mov(
-        x,
-        router,
-        experts,
-        top_k=top_k,
-        renormalize=renormalize,
-        router_input=router_input,
-        h_name="wi_0 output",
-        width=wi_0.shape[0],
-    )
-    _checks.check_same_device(
-        x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, router_input=router_input
-    )
-    _checks.check_frozen(wi_0=wi_0, wi_1=wi_1, wo=wo)
+    if not _checks.passed(key):
+        _checks.check_mov(
+            x, router, experts, top_k=top_k, renormalize=renormalize, router_input=router_input,
+            h_name="wi_0 output", width=wi_0.shape[0],
+        )  # fmt: skip
+        _checks.check_same_device(
+            x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, router_input=router_input
+        )
+        _checks.check_frozen(wi_0=wi_0, wi_1=wi_1, wo=wo)
+        _checks.remember(key)
     impl = resolve_implementation("mov_ffn", implementation, x.device)
     if impl == "reference":
         return reference.mov_ffn(
@@ -356,22 +364,19 @@ def molora_linear(
             "molora_linear", x, weight, bias, None, lora_a, lora_b, router, adapter_ids, scale, top_k, renormalize,
             router_input, implementation,
         )  # fmt: skip
-    _checks.check_molora(
-        x,
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        router,
-        scale=scale,
-        top_k=top_k,
-        renormalize=renormalize,
-        router_input=router_input,
+    key = _checks.signature(
+        "molora_linear", x, weight, bias, lora_a, lora_b, router, scale, top_k, renormalize, router_input
     )
-    _checks.check_same_device(
-        x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, router=router, router_input=router_input
-    )
-    _checks.check_frozen(weight=weight)
+    if not _checks.passed(key):
+        _checks.check_molora(
+            x, weight, bias, lora_a, lora_b, router, scale=scale, top_k=top_k, renormalize=renormalize,
+            router_input=router_input,
+        )  # fmt: skip
+        _checks.check_same_device(
+            x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, router=router, router_input=router_input
+        )
+        _checks.check_frozen(weight=weight)
+        _checks.remember(key)
     impl = resolve_implementation("molora_linear", implementation, x.device)
     if impl == "reference":
         return reference.molora_linear(
@@ -427,10 +432,16 @@ def molora_adapter(
             "molora_adapter", x, None, None, base, lora_a, lora_b, router, adapter_ids, scale, top_k, renormalize,
             router_input, implementation,
         )  # fmt: skip
-    _checks.check_molora_adapter(
-        x, base, lora_a, lora_b, router, scale=scale, top_k=top_k, renormalize=renormalize, router_input=router_input
-    )
-    _checks.check_same_device(x=x, base=base, lora_a=lora_a, lora_b=lora_b, router=router, router_input=router_input)
+    key = _checks.signature("molora_adapter", x, base, lora_a, lora_b, router, scale, top_k, renormalize, router_input)
+    if not _checks.passed(key):
+        _checks.check_molora_adapter(
+            x, base, lora_a, lora_b, router, scale=scale, top_k=top_k, renormalize=renormalize,
+            router_input=router_input,
+        )  # fmt: skip
+        _checks.check_same_device(
+            x=x, base=base, lora_a=lora_a, lora_b=lora_b, router=router, router_input=router_input
+        )
+        _checks.remember(key)
     impl = resolve_implementation("molora_adapter", implementation, x.device)
     if impl == "reference":
         return reference.molora_adapter(
@@ -485,17 +496,31 @@ def _bank_ids(
     return adapter_ids.ids, adapter_ids
 
 
+def _ids_like(adapter_ids: object) -> object:
+    """What a call's :func:`pemoe._checks.signature` records of ``adapter_ids``: the ids tensor of an
+    :class:`AdapterGroups` (its type, shape and device), else the argument itself."""
+    return adapter_ids.ids if isinstance(adapter_ids, banked.AdapterGroups) else adapter_ids
+
+
 def _groups(ids: torch.Tensor, given: banked.AdapterGroups | None, num_adapters: int) -> banked.AdapterGroups:
     """The segments of ``ids`` for the ``"torch"`` implementation: the given groups, else counted now."""
     return given if given is not None else banked.AdapterGroups.of(ids, num_adapters)
 
 
 def _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_input, implementation):
-    a = _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
-    _checks.check_mov(h, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input)
+    key = _checks.signature("mov", h, router, experts, top_k, renormalize, router_input, _ids_like(adapter_ids))
+    known = _checks.passed(key)
+    if not known:
+        _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
+        _checks.check_mov(
+            h, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input
+        )
+    a = experts.shape[0]
     tokens = tuple(h.shape[:-1])
     ids, groups = _bank_ids(adapter_ids, tokens, a)
-    _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input, adapter_ids=ids)
+    if not known:
+        _checks.check_same_device(h=h, router=router, experts=experts, router_input=router_input, adapter_ids=ids)
+        _checks.remember(key)
     impl = _banked_implementation("mov", implementation, h.device)
     ri = banked.token_router_input(router_input, tokens)
     if impl == "triton":
@@ -509,18 +534,26 @@ def _mov_banked(h, router, experts, adapter_ids, top_k, renormalize, router_inpu
 
 
 def _mov_linear_banked(x, weight, bias, router, experts, adapter_ids, top_k, renormalize, router_input, impl):
-    _checks.check_linear(x, weight, bias)
-    a = _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
-    _checks.check_mov(
-        x, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input,
-        h_name="weight output", width=weight.shape[0],
-    )  # fmt: skip
+    key = _checks.signature(
+        "mov_linear", x, weight, bias, router, experts, top_k, renormalize, router_input, _ids_like(adapter_ids)
+    )
+    known = _checks.passed(key)
+    if not known:
+        _checks.check_linear(x, weight, bias)
+        _mov_bank_size(router, experts, "[A, D, E]" if router_input is None else "[A, R, E]")
+        _checks.check_mov(
+            x, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input,
+            h_name="weight output", width=weight.shape[0],
+        )  # fmt: skip
+    a = experts.shape[0]
     tokens = tuple(x.shape[:-1])
     ids, groups = _bank_ids(adapter_ids, tokens, a)
-    _checks.check_same_device(
-        x=x, weight=weight, bias=bias, router=router, experts=experts, router_input=router_input, adapter_ids=ids
-    )
-    _checks.check_frozen(weight=weight)
+    if not known:
+        _checks.check_same_device(
+            x=x, weight=weight, bias=bias, router=router, experts=experts, router_input=router_input, adapter_ids=ids
+        )
+        _checks.check_frozen(weight=weight)
+        _checks.remember(key)
     impl = _banked_implementation("mov_linear", impl, x.device)
     ri = banked.token_router_input(router_input, tokens)
     if impl == "triton":
@@ -540,19 +573,26 @@ def _mov_linear_banked(x, weight, bias, router, experts, adapter_ids, top_k, ren
 
 
 def _mov_ffn_banked(
-    x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize, router_input, impl
+    x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize, router_input, impl, key
 ):
-    a = _mov_bank_size(router, experts, "[A, F, E]" if router_input is None else "[A, R, E]")
-    _checks.check_mov(
-        x, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input,
-        h_name="wi_0 output", width=wi_0.shape[0],
-    )  # fmt: skip
+    """``key``: the call's :func:`pemoe._checks.signature` (its FFN weights are checked by the caller)."""
+    known = _checks.passed(key)
+    if not known:
+        _mov_bank_size(router, experts, "[A, F, E]" if router_input is None else "[A, R, E]")
+        _checks.check_mov(
+            x, _first(router), experts[0], top_k=top_k, renormalize=renormalize, router_input=router_input,
+            h_name="wi_0 output", width=wi_0.shape[0],
+        )  # fmt: skip
+    a = experts.shape[0]
     tokens = tuple(x.shape[:-1])
     ids, groups = _bank_ids(adapter_ids, tokens, a)
-    _checks.check_same_device(
-        x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, router_input=router_input, adapter_ids=ids
-    )
-    _checks.check_frozen(wi_0=wi_0, wi_1=wi_1, wo=wo)
+    if not known:
+        _checks.check_same_device(
+            x=x, wi_0=wi_0, wi_1=wi_1, wo=wo, router=router, experts=experts, router_input=router_input,
+            adapter_ids=ids,
+        )  # fmt: skip
+        _checks.check_frozen(wi_0=wi_0, wi_1=wi_1, wo=wo)
+        _checks.remember(key)
     impl = _banked_implementation("mov_ffn", impl, x.device)
     ri = banked.token_router_input(router_input, tokens)
     if impl == "triton":
@@ -582,19 +622,28 @@ def _molora_banked(
 ):
     """molora_linear (``weight`` given) or molora_adapter (``weight`` None, ``base`` the frozen layer's output)
     with per-token adapters."""
-    a = _molora_bank_size(lora_a, lora_b, router)
-    common = dict(scale=scale, top_k=top_k, renormalize=renormalize, router_input=router_input)
-    if weight is not None:
-        _checks.check_molora(x, weight, bias, lora_a[0], lora_b[0], _first(router), **common)
-    else:
-        _checks.check_molora_adapter(x, base, lora_a[0], lora_b[0], _first(router), **common)
+    key = _checks.signature(
+        op, x, weight, bias, base, lora_a, lora_b, router, scale, top_k, renormalize, router_input,
+        _ids_like(adapter_ids),
+    )  # fmt: skip
+    known = _checks.passed(key)
+    if not known:
+        _molora_bank_size(lora_a, lora_b, router)
+        common = dict(scale=scale, top_k=top_k, renormalize=renormalize, router_input=router_input)
+        if weight is not None:
+            _checks.check_molora(x, weight, bias, lora_a[0], lora_b[0], _first(router), **common)
+        else:
+            _checks.check_molora_adapter(x, base, lora_a[0], lora_b[0], _first(router), **common)
+    a = lora_a.shape[0]
     tokens = tuple(x.shape[:-1])
     ids, groups = _bank_ids(adapter_ids, tokens, a)
-    _checks.check_same_device(
-        x=x, weight=weight, bias=bias, base=base, lora_a=lora_a, lora_b=lora_b, router=router,
-        router_input=router_input, adapter_ids=ids,
-    )  # fmt: skip
-    _checks.check_frozen(weight=weight)
+    if not known:
+        _checks.check_same_device(
+            x=x, weight=weight, bias=bias, base=base, lora_a=lora_a, lora_b=lora_b, router=router,
+            router_input=router_input, adapter_ids=ids,
+        )  # fmt: skip
+        _checks.check_frozen(weight=weight)
+        _checks.remember(key)
     impl = _banked_implementation(op, impl, x.device)
     if impl == "triton":
         _forward_only(op, x=x, bias=bias, base=base, lora_a=lora_a, lora_b=lora_b, router=router,
