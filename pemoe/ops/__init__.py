@@ -12,8 +12,9 @@ Every op takes ``implementation=``:
     ``"torch"`` (plain aten ops);
   * ``"auto"`` — the best available for the inputs' device; the choice is logged on the
     ``pemoe`` logger and returned by :func:`resolve_implementation`.
-Arguments are validated the same way for every implementation (see :mod:`pemoe._checks`), and every
-implementation treats them alike:
+Arguments are validated the same way for every implementation (see :mod:`pemoe._checks`; a call whose argument
+signature, :func:`pemoe._checks.signature`, passed the checks before skips them, since they read nothing
+else), and every implementation treats them alike:
   * adapter parameters (experts, routers, lora_a, lora_b) may be of any floating dtype; the router,
     softmax and expert math runs in float32 (float64 for float64 parameters, except in ``"triton"``,
     which computes in float32) and their gradients come back in their own dtype;
