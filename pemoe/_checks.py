@@ -49,6 +49,7 @@ check_bank_size = _shape_checks.check_bank_size
 check_router = functools.partial(_shape_checks.check_router, check_array=check_float_tensor)
 check_mov = functools.partial(_shape_checks.check_mov, check_array=check_float_tensor)
 check_linear = functools.partial(_shape_checks.check_linear, check_array=check_float_tensor)
+check_ffn_weights = functools.partial(_shape_checks.check_ffn_weights, check_array=check_float_tensor)
 check_molora = functools.partial(_shape_checks.check_molora, check_array=check_float_tensor)
 check_molora_adapter = functools.partial(_shape_checks.check_molora_adapter, check_array=check_float_tensor)
 

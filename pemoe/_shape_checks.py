@@ -164,6 +164,32 @@ def check_linear(
             )
 
 
+def check_ffn_weights(
+    x: Any,
+    wi_0: Any,
+    wi_1: Any,
+    wo: Any,
+    *,
+    activation: str,
+    activations: Any,
+    check_array: ArrayCheck,
+) -> None:
+    """The T5 FFN's activation (one of ``activations``) and frozen weights: wi_0 (and wi_1) [F, M], wo [M, F],
+    each in x's dtype."""
+    if activation not in activations:
+        raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
+    check_linear(x, wi_0, None, weight_name="wi_0", check_array=check_array)
+    if wi_1 is not None:
+        check_linear(x, wi_1, None, weight_name="wi_1", check_array=check_array)
+        if tuple(wi_1.shape) != tuple(wi_0.shape):
+            raise ValueError(f"wi_1 must have wi_0's shape {list(wi_0.shape)} ([F, M]), got {list(wi_1.shape)}")
+    check_array("wo", wo, ndim=2)
+    if tuple(wo.shape) != (x.shape[-1], wi_0.shape[0]):
+        raise ValueError(f"wo must have shape [M, F] = [{x.shape[-1]}, {wi_0.shape[0]}], got {list(wo.shape)}")
+    if wo.dtype != x.dtype:
+        raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
+
+
 def check_molora(
     x: Any,
     weight: Any,

@@ -94,6 +94,8 @@ def test_mov_ffn_rejects():
         ops.mov_ffn(x, wi_0, wo, torch.randn(20, E), torch.ones(1, E, 20), wi_1=torch.randn(21, K))
     with pytest.raises(ValueError, match=r"wi_0 output width must be G\*D = 21"):
         ops.mov_ffn(x, wi_0, wo, torch.randn(21, E), torch.ones(1, E, 21))
+    with pytest.raises(TypeError, match=r"x and wo must share one dtype, got x torch.float32 and wo torch.float64"):
+        ops.mov_ffn(x, wi_0, wo.double(), torch.randn(20, E), torch.ones(1, E, 20))
 
 
 def test_mov_rejects_width_mismatch():

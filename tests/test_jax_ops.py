@@ -568,6 +568,11 @@ BAD_INPUTS = {
     "ffn activation": (lambda: _ffn_call(activation="swish")(), ValueError, "activation must be one of"),
     "ffn wo": (lambda: _ffn_call(wo=jnp.ones((K, 55)))(), ValueError, r"wo must have shape \[M, F\] = \[40, 56\]"),
     "ffn wi_1": (lambda: _ffn_call(wi_1=jnp.ones((55, K)))(), ValueError, "wi_1 must have wi_0's shape"),
+    "ffn wo dtype": (
+        lambda: _ffn_call(wo=jnp.ones((K, 56), jnp.bfloat16))(),
+        TypeError,
+        "x and wo must share one dtype, got x float32 and wo bfloat16",
+    ),
 }
 
 

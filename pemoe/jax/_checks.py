@@ -49,6 +49,7 @@ check_finite_number = _shape_checks.check_finite_number
 check_router = functools.partial(_shape_checks.check_router, check_array=check_float_array)
 check_mov = functools.partial(_shape_checks.check_mov, check_array=check_float_array)
 check_linear = functools.partial(_shape_checks.check_linear, check_array=check_float_array)
+check_ffn_weights = functools.partial(_shape_checks.check_ffn_weights, check_array=check_float_array)
 check_molora = functools.partial(_shape_checks.check_molora, check_array=check_float_array)
 
 

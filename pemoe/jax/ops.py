@@ -277,18 +277,7 @@ def mov_ffn(
     x [..., M], wi_0/wi_1 [F, M], wo [M, F], router [F, E], experts [1, E, F]. With ``adapter_ids``: router
     [A, F, E], experts [A, 1, E, F] (see the module docstring).
     """
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(reference.ACTIVATIONS)}, got {activation!r}")
-    _checks.check_linear(x, wi_0, None, weight_name="wi_0")
-    if wi_1 is not None:
-        _checks.check_linear(x, wi_1, None, weight_name="wi_1")
-        if wi_1.shape != wi_0.shape:
-            raise ValueError(f"wi_1 must have wi_0's shape {list(wi_0.shape)} ([F, M]), got {list(wi_1.shape)}")
-    _checks.check_float_array("wo", wo, ndim=2)
-    if tuple(wo.shape) != (x.shape[-1], wi_0.shape[0]):
-        raise ValueError(f"wo must have shape [M, F] = [{x.shape[-1]}, {wi_0.shape[0]}], got {list(wo.shape)}")
-    if wo.dtype != x.dtype:
-        raise TypeError(f"x and wo must share one dtype, got x {x.dtype} and wo {wo.dtype}")
+    _checks.check_ffn_weights(x, wi_0, wi_1, wo, activation=activation, activations=reference.ACTIVATIONS)
     if adapter_ids is not None:
         return _mov_ffn_banked(
             x, wi_0, wi_1, wo, router, experts, adapter_ids, activation, top_k, renormalize, router_input,
