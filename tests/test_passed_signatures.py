@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from pemoe import _checks, ops
+from tests.test_bad_input import E, K, N, R, T
+from tests.test_bad_input import molora_args as single_args
 
-T, K, N, E, R, A = 6, 16, 12, 3, 2, 4
+A = 4
 
 
 @pytest.fixture(autouse=True)
@@ -21,31 +23,15 @@ def fresh_table():
     _checks._PASSED.clear()
 
 
-def single_args(**over):
-    args = dict(
-        x=torch.randn(T, K),
-        weight=torch.randn(N, K),
-        lora_a=torch.randn(E, K, R),
-        lora_b=torch.randn(E, R, N),
-        router=torch.randn(K, E),
-        scale=2.0,
-    )
-    args.update(over)
-    return args
-
-
 def bank_args(**over):
-    args = dict(
-        x=torch.randn(T, K),
-        weight=torch.randn(N, K),
+    """single_args' call over a bank of A adapters, with an adapter id per token (-1: the base)."""
+    bank = dict(
         lora_a=torch.randn(A, E, K, R),
         lora_b=torch.randn(A, E, R, N),
         router=torch.randn(A, K, E),
-        scale=2.0,
         adapter_ids=torch.tensor([0, 1, 2, 3, -1, 0]),
     )
-    args.update(over)
-    return args
+    return single_args(**{**bank, **over})
 
 
 def mov_bank_args(**over):
