@@ -567,19 +567,17 @@ def _padded_shrink(x2d, groups, lora_a, router):
     if router is not None and xs.dtype != cd:
         xs = xs.to(cd)  # the float32 router reads float32 x, and U comes from the same GEMM
     operands = _shrink_operands(lora_a, router, x2d.dtype)
-    if _bmm_shrink(groups, operands, xs.dtype):
+    if _bmm_shrink(groups, operands, xs.dtype, cd):
         return torch.bmm(xs.view(groups.adapters_present, groups.longest, -1), operands)
     return _shrink_each(xs, groups, lora_a, router, operands, x2d.dtype)
 
 
-def _bmm_shrink(groups: AdapterGroups, operands: torch.Tensor | None, dtype: torch.dtype) -> bool:
-    """Whether the batched shrink runs as one ``bmm``: kept operands in the compute dtype of x (float32 or float64;
-    16-bit x read by a router converted), every adapter present with the same count (no pad rows). There each
-    adapter's block of the ``bmm`` sums as its own GEMM does (MKL: the operands' rows of 64 bytes or more); a
-    padded adapter with fewer than 4 rows would not, nor need a 16-bit GEMM."""
-    if operands is None or operands.dtype != dtype or dtype != reference.compute_dtype(dtype):
-        return False
-    return groups.even
+def _bmm_shrink(groups: AdapterGroups, operands: torch.Tensor | None, dtype: torch.dtype, cd: torch.dtype) -> bool:
+    """Whether the batched shrink runs as one ``bmm``: the sorted x (``dtype``) and the kept operands in the compute
+    dtype ``cd`` (float32 or float64; 16-bit x read by a router converted), every adapter present with the same
+    count (no pad rows). There each adapter's block of the ``bmm`` sums as its own GEMM does (MKL: the operands'
+    rows of 64 bytes or more); a padded adapter with fewer than 4 rows would not, nor need a 16-bit GEMM."""
+    return operands is not None and operands.dtype == dtype == cd and groups.even
 
 
 def _shrink_each(xs, groups, lora_a, router, operands, dtype):
